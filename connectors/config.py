@@ -1,0 +1,236 @@
+"""Configuration: one TOML file plus environment overrides, validated once at the entry point.
+
+Each concern has its own small model. Environment variables override the file:
+`KTO_LOOP_<SECTION>__<KEY>`, e.g. `KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`
+or `KTO_LOOP_EVENTS__USER_HASH_KEY=...`. Secrets (SASL password, the user-hash key)
+belong in the environment, not in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "KTO_LOOP_"
+CONFIG_ENV = "KTO_LOOP_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    """Where the feedback topic lives and how to reach it. Security settings are passed
+    to kafka-python as they are; `client_options` passes any other kafka-python option."""
+
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
+    topic: str = Field("chat-feedback", min_length=1)
+    dlq_topic: str | None = Field(None, description="defaults to '<topic>.dlq'")
+    group_id: str = Field("kto-loop-ingest", min_length=1)
+    client_id: str = "kto-loop"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    create_topics: bool = Field(True, description="create the topic and its DLQ when missing")
+    partitions: int = Field(6, ge=1, description="partitions for topics kto-loop creates")
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(2_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None
+    ) = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    client_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaConfig:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                "heartbeat_interval_ms must be at most a third of session_timeout_ms, got "
+                f"{self.heartbeat_interval_ms} and {self.session_timeout_ms}"
+            )
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection and security options common to kafka-python's clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_plain_username is not None:
+            kwargs["sasl_plain_username"] = self.sasl_plain_username
+        if self.sasl_plain_password is not None:
+            kwargs["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.ssl_password is not None:
+            kwargs["ssl_password"] = self.ssl_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_check_hostname"] = self.ssl_check_hostname
+        kwargs.update(self.client_options)
+        return kwargs
+
+
+class StoreConfig(_Section):
+    """The feedback store: a local directory or any fsspec URL (s3://, gs://, ...).
+    Credentials come from the environment the fsspec backend reads, or storage_options."""
+
+    url: str = Field("./data/store", min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestConfig(_Section):
+    """How the consumer batches, bounds and reports."""
+
+    batch_max_events: int = Field(5000, ge=1)
+    batch_max_seconds: float = Field(5.0, gt=0)
+    max_event_bytes: int = Field(1 << 20, ge=1024)
+    dlq_max_message_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="a dead letter larger than this is truncated on the DLQ topic "
+        "(the store keeps it whole)",
+    )
+    log_interval_seconds: float = Field(30.0, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint; 0 = off")
+    connect_timeout_seconds: float = Field(
+        0.0, ge=0, description="give up when the broker stays away this long; 0 = never"
+    )
+
+
+class EventsConfig(_Section):
+    """How events become labels, and the key of the hash that replaces user ids."""
+
+    rating_desirable_min: int = Field(4, ge=1, le=5)
+    rating_undesirable_max: int = Field(2, ge=1, le=5)
+    user_hash_key: SecretStr | None = Field(
+        None, description="secret key of the user-id hash; set KTO_LOOP_EVENTS__USER_HASH_KEY"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EventsConfig:
+        if self.rating_undesirable_max >= self.rating_desirable_min:
+            raise ValueError(
+                "rating_undesirable_max must be below rating_desirable_min, got "
+                f"{self.rating_undesirable_max} and {self.rating_desirable_min}"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """The whole configuration of kto-loop."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = init_settings.init_kwargs.pop("_toml_file", None)  # type: ignore[attr-defined]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names each bad key and the fix."""
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (or $KTO_LOOP_CONFIG, or nothing), apply environment overrides,
+    validate, and return the settings.
+
+    Raises:
+        ConfigError: naming the file, each bad key as [section] key, and what is wrong.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    where = "defaults and environment"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config PATH")
+        try:
+            with path.open("rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return Settings(_toml_file=path, **overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+
+
+def _describe(exc: ValidationError, where: str) -> str:
+    lines = [f"invalid configuration ({where}):"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "?"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key" + _suggest(loc)
+        elif "input" in err and err["type"] not in ("missing",) and not _secret(loc):
+            message += f" (got {err['input']!r})"
+        env = ENV_PREFIX + "__".join(loc).upper()
+        lines.append(f"  {key}: {message}  [env {env}]")
+    return "\n".join(lines)
+
+
+def _secret(loc: list[str]) -> bool:
+    return any(word in loc[-1] for word in ("password", "key", "secret")) if loc else False
+
+
+def _suggest(loc: list[str]) -> str:
+    known: list[str]
+    if len(loc) == 1:
+        known = list(Settings.model_fields)
+    else:
+        section = Settings.model_fields.get(loc[0])
+        model = section.annotation if section is not None else None
+        known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"

@@ -1,0 +1,204 @@
+"""The `kto-loop` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+
+from connectors.config import ConfigError, Settings, load_settings
+from connectors.ingest import IngestError, Ingestor, IngestStats
+from connectors.kafka_clients import BrokerUnavailable
+from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+
+app = typer.Typer(
+    help="kto-loop: production thumbs up/down -> KTO-trained LoRA adapters in vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (default: $KTO_LOOP_CONFIG)."),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str, rich: bool) -> None:
+    handler: logging.Handler
+    if rich:
+        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+class _StatusLine:
+    """A one-line live view of an ingest process: rate, lag, dead letters."""
+
+    def __init__(self, stats: IngestStats) -> None:
+        self.stats = stats
+        self._samples: deque[tuple[float, int]] = deque(maxlen=10)
+
+    def __rich__(self) -> Text:
+        s = self.stats
+        now = time.monotonic()
+        self._samples.append((now, s.consumed))
+        t0, c0 = self._samples[0]
+        rate = (s.consumed - c0) / (now - t0) if now > t0 else 0.0
+        lag = "?" if s.lag is None else f"{s.lag:,}"
+        return Text.assemble(
+            (f"{s.state:<18}", "bold cyan"),
+            f" consumed {s.consumed:>10,}  ",
+            (f"{rate:>9,.0f}/s", "green"),
+            f"  stored {s.stored:>10,}  lag {lag:>8}  ",
+            (f"dead letters {s.dead_lettered:,}", "yellow" if s.dead_lettered else ""),
+            f"  partitions {len(s.assigned)}",
+        )
+
+
+@app.command()
+def ingest(
+    config: ConfigOption = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="Exit 0 once the assigned partitions have been quiet this many seconds."),
+    ] = None,
+    status: Annotated[bool, typer.Option(help="Show a live status line on a terminal.")] = True,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Consume the feedback topic into the store until SIGTERM or Ctrl-C (finishes the
+    batch, commits, exits 0)."""
+    settings = _settings(config)
+    live = status and err.is_terminal
+    _logging(log_level, rich=live)
+    try:
+        ingestor = Ingestor(settings)
+    except IngestError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("kto_loop").info(
+            "%s: finishing the batch, then exiting", signal.Signals(signum).name
+        )
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if live:
+            with Live(_StatusLine(ingestor.stats), console=err, refresh_per_second=2):
+                stats = ingestor.run(stop, idle_exit_seconds=idle_exit)
+        else:
+            stats = ingestor.run(stop, idle_exit_seconds=idle_exit)
+    except BrokerUnavailable as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(3) from None
+    except IngestError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(
+        json.dumps(
+            {
+                "consumed": stats.consumed,
+                "stored": stats.stored,
+                "dead_lettered": stats.dead_lettered,
+                "batches": stats.batches,
+            }
+        )
+    )
+
+
+@app.command("produce-sample")
+def produce_sample(
+    config: ConfigOption = None,
+    events: Annotated[int, typer.Option(min=0, help="How many valid events.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic users.")] = 0,
+    malformed: Annotated[
+        bool, typer.Option(help="Also send one message of every malformed kind.")
+    ] = False,
+    pad_to: Annotated[int, typer.Option(help="Grow responses to about this many chars.")] = 0,
+) -> None:
+    """Send synthetic feedback events to the feedback topic."""
+    from rich.progress import Progress
+
+    from connectors.produce import produce
+    from pipeline.sample import encode, malformed_samples, sample_events
+
+    settings = _settings(config)
+    _logging("WARNING", rich=False)
+    messages = [encode(e) for e in sample_events(events, seed, pad_to=pad_to)]
+    if malformed:
+        messages += [(b"malformed", raw) for raw in malformed_samples().values()]
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("producing", total=len(messages))
+        sent = produce(settings.kafka, messages, on_sent=lambda n: progress.advance(task, n))
+    typer.echo(json.dumps({"sent": sent, "topic": settings.kafka.topic}))
+
+
+@app.command()
+def store(config: ConfigOption = None) -> None:
+    """Summarise the feedback store: rows, labels, dead letters by kind."""
+    from pipeline import records
+
+    settings = _settings(config)
+    fs = FeedbackStore(settings.store.url, settings.store.storage_options)
+    rows = fs.read(FEEDBACK)
+    dead = fs.read(DEAD_LETTERS)
+    table = Table(title=f"feedback store {settings.store.url}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("feedback rows", f"{len(rows):,}")
+    table.add_row("distinct events", f"{rows[records.EVENT_ID].nunique():,}")
+    for name, count in rows[records.FEEDBACK].value_counts().sort_index().items():
+        table.add_row(f"  {name}", f"{count:,}")
+    table.add_row("dead letters", f"{len(dead):,}")
+    for name, count in dead[records.ERROR_KIND].value_counts().sort_index().items():
+        table.add_row(f"  {name}", f"{count:,}")
+    Console().print(table)
+
+
+@app.command()
+def schema(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of the feedback event, for frontend teams."""
+    from pipeline.events import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,104 @@
+"""Synthetic feedback events for the demo, the tests and the benchmarks.
+
+`sample_events` yields valid schema-1 events, deterministic for a seed: a mix of
+likes, dislikes, 1-5 ratings and retractions over a few hundred conversations, some
+sent as a chat history (`messages`) rather than a flat `prompt`. `malformed_samples`
+gives one raw message per way an event can be wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections.abc import Iterator
+
+_TOPICS = [
+    "reset my password", "export my invoices", "cancel my subscription",
+    "change the billing address", "add a teammate", "enable two-factor login",
+    "find last month's report", "connect the Slack integration",
+]  # fmt: skip
+_STYLES = [
+    "Sure! Here is how to {t}: open Settings, choose the right tab and follow the steps.",
+    "To {t}, go to your account page. If anything fails, contact support with the error.",
+    "I cannot help with that.",
+    "{t}? That depends on many factors, and I would rather not guess.",
+]
+
+
+def sample_events(
+    n: int,
+    seed: int = 0,
+    *,
+    start: dt.datetime | None = None,
+    model: str = "tiny-chat",
+    adapter: str | None = "chat@v1",
+    pad_to: int = 0,
+) -> Iterator[dict]:
+    """Yield n valid events as dicts; pad_to grows the response to about that many
+    characters (benchmarks use ~700-byte events)."""
+    rng = random.Random(seed)
+    start = start or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for i in range(n):
+        conversation = rng.randrange(max(1, n // 4))
+        topic = rng.choice(_TOPICS)
+        style = rng.randrange(len(_STYLES))
+        response = _STYLES[style].format(t=topic)
+        if pad_to and len(response) < pad_to:
+            response += " " + "Details follow." * ((pad_to - len(response)) // 15)
+        event: dict = {
+            "schema": 1,
+            "event_id": f"s{seed}-e{i}",
+            "ts": (start + dt.timedelta(seconds=i)).isoformat().replace("+00:00", "Z"),
+            "conversation_id": f"s{seed}-c{conversation}",
+            "message_id": f"s{seed}-c{conversation}-m{rng.randrange(8)}",
+            "user_id": f"user-{rng.randrange(1000)}",
+            "response": response,
+            "model": model,
+            "adapter": adapter,
+        }
+        question = f"How do I {topic}?"
+        if rng.random() < 0.3:
+            event["messages"] = [
+                {"role": "system", "content": "You are a helpful support assistant."},
+                {"role": "user", "content": question},
+            ]
+        else:
+            event["prompt"] = question
+        roll = rng.random()
+        if roll < 0.15:
+            event["rating"] = rng.randint(1, 5)
+        elif roll < 0.18:
+            event["feedback"] = "retract"
+        else:
+            liked = style < 2 if rng.random() < 0.85 else style >= 2
+            event["feedback"] = "like" if liked else "dislike"
+        yield event
+
+
+def encode(event: dict) -> tuple[bytes, bytes]:
+    """(key, value) of the Kafka message for an event: keyed by conversation."""
+    return event["conversation_id"].encode(), json.dumps(event).encode()
+
+
+def malformed_samples() -> dict[str, bytes]:
+    """One raw message per malformation, named for the dead-letter kind it must get."""
+    good = next(sample_events(1, seed=99))
+    good.pop("rating", None)
+    good["feedback"] = "like"
+
+    def variant(**changes: object) -> bytes:
+        event = {**good, **changes}
+        return json.dumps({k: v for k, v in event.items() if v is not ...}).encode()
+
+    return {
+        "not_json": b"thumbs up!",
+        "invalid_utf8": b'{"schema": 1, "event_id": "\xff\xfe"}',
+        "missing_field": variant(event_id=...),
+        "wrong_type": variant(message_id=42),
+        "unknown_feedback": variant(feedback="meh"),
+        "invalid_value": variant(response="   "),
+        "too_large": variant(response="x" * (5 * 1024 * 1024)),
+        "unsupported_schema": variant(schema=2),
+        "empty": b"",
+    }
