@@ -86,9 +86,9 @@ def main() -> None:
         json.dumps(
             {
                 "events": sent,
-                "stored": int(len(rows)),
+                "stored": len(rows),
                 "distinct_events": int(rows[records.EVENT_ID].nunique()),
-                "dead_lettered": int(len(dead)),
+                "dead_lettered": len(dead),
                 "consumed": stats.consumed,
                 "store": str(run_dir / "store"),
                 "seconds": round(time.monotonic() - started, 1),

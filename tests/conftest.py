@@ -1,0 +1,172 @@
+"""Shared fixtures: one real Kafka-protocol broker per test session, per-test topics,
+config files and ingest processes, and polling with a deadline (never sleeps)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.config import Settings, load_settings
+from deploy.local.broker import Broker, start_broker
+
+HASH_KEY = "test-user-hash-key"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)  # the poll interval of a deadline loop
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    b = start_broker(log_path=log)
+    yield b
+    b.stop()
+
+
+@dataclass
+class KafkaSetup:
+    """A fresh topic, group and store for one test, on the session broker."""
+
+    broker: Broker
+    tmp: Path
+    topic: str
+    group: str
+    partitions: int = 3
+    ingest: dict[str, Any] = field(default_factory=dict)
+
+    def create_topics(self, partitions: int | None = None) -> None:
+        """Create a fresh topic (and its DLQ) with this many partitions. Topics are
+        created before anything is produced: Tansu drops records sent while it
+        auto-creates one."""
+        from connectors.kafka_clients import ensure_topics
+
+        if partitions is not None:
+            self.partitions = partitions
+            self.topic = f"fb-{uuid.uuid4().hex[:8]}"
+        s = self.settings()
+        ensure_topics(s.kafka, [s.kafka.topic, s.kafka.dead_letter_topic])
+
+    def settings(self, **ingest: Any) -> Settings:
+        return load_settings(None, **self.overrides(**ingest))
+
+    def overrides(self, **ingest: Any) -> dict[str, Any]:
+        return {
+            "kafka": {
+                "bootstrap_servers": [self.broker.bootstrap],
+                "topic": self.topic,
+                "group_id": self.group,
+                "partitions": self.partitions,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "store": {"url": str(self.tmp / "store")},
+            "ingest": {"batch_max_events": 500, "batch_max_seconds": 0.5, **self.ingest, **ingest},
+            "events": {"user_hash_key": HASH_KEY},
+        }
+
+    def config_file(self, **ingest: Any) -> Path:
+        o = self.overrides(**ingest)
+        o["events"] = {}  # the key comes from the environment, as in production
+        path = self.tmp / f"kto-loop-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(_toml(o))
+        return path
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for name, body in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def kafka_setup(broker: Broker, tmp_path: Path) -> KafkaSetup:
+    setup = KafkaSetup(broker, tmp_path, f"fb-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}")
+    setup.create_topics()
+    return setup
+
+
+class IngestProcess:
+    """`kto-loop ingest` as a child process, its log in a file."""
+
+    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")  # noqa: SIM115
+        env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "ingest",
+                "--config",
+                str(config),
+                "--no-status",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out.decode()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def ingest_processes() -> Iterator[Callable[..., IngestProcess]]:
+    started: list[IngestProcess] = []
+
+    def start(config: Path, log: Path, *extra: str) -> IngestProcess:
+        p = IngestProcess(config, log, *extra)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()

@@ -1,0 +1,102 @@
+"""Configuration: a TOML file plus environment overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connectors.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kto-loop.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_and_defaults(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, '[kafka]\ntopic = "fb"\n[ingest]\nbatch_max_events = 10\n'))
+    assert (s.kafka.topic, s.kafka.dead_letter_topic) == ("fb", "fb.dlq")
+    assert s.ingest.batch_max_events == 10
+    assert s.ingest.batch_max_seconds == 5.0
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[kafka]\ntopic = "fb"\ngroup_id = "from-file"\n')
+    monkeypatch.setenv("KTO_LOOP_KAFKA__TOPIC", "from-env")
+    monkeypatch.setenv("KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS", '["k1:9092", "k2:9092"]')
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", "s3cret")
+    s = load_settings(path)
+    assert s.kafka.topic == "from-env"
+    assert s.kafka.group_id == "from-file"
+    assert s.kafka.bootstrap_servers == ["k1:9092", "k2:9092"]
+    assert s.events.user_hash_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_errors_name_every_bad_key_and_its_env_variable(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[kafka]\nbootstrap_server = ["a:1"]\n[ingest]\nbatch_max_events = -1\n[stroe]\nurl = "x"\n',
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "[kafka] bootstrap_server: unknown key; did you mean 'bootstrap_servers'?" in text
+    assert "[ingest] batch_max_events: Input should be greater than or equal to 1 (got -1)" in text
+    assert "KTO_LOOP_INGEST__BATCH_MAX_EVENTS" in text
+    assert "stroe: unknown key; did you mean 'store'?" in text
+
+
+def test_bad_environment_value_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KTO_LOOP_INGEST__BATCH_MAX_SECONDS", "soon")
+    with pytest.raises(ConfigError, match=r"\[ingest\] batch_max_seconds: .*'soon'"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_secrets_are_not_echoed_in_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, '[kafka]\nsasl_plain_password = ["hunter2"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "sasl_plain_password" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="heartbeat_interval_ms must be at most a third"):
+        load_settings(
+            write(tmp_path, "[kafka]\nsession_timeout_ms = 3000\nheartbeat_interval_ms = 2000\n")
+        )
+    with pytest.raises(ConfigError, match="needs sasl_mechanism"):
+        load_settings(write(tmp_path, '[kafka]\nsecurity_protocol = "SASL_SSL"\n'))
+    with pytest.raises(ConfigError, match="rating_undesirable_max must be below"):
+        load_settings(
+            write(tmp_path, "[events]\nrating_desirable_min = 3\nrating_undesirable_max = 3\n")
+        )
+
+
+def test_security_settings_pass_through_to_kafka_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "SCRAM-SHA-512"\n'
+        'sasl_plain_username = "svc"\nssl_cafile = "/etc/ca.pem"\n'
+        "client_options = { request_timeout_ms = 45000 }\n",
+    )
+    monkeypatch.setenv("KTO_LOOP_KAFKA__SASL_PLAIN_PASSWORD", "pw")
+    kwargs = load_settings(path).kafka.client_kwargs()
+    assert kwargs["security_protocol"] == "SASL_SSL"
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("svc", "pw")
+    assert kwargs["ssl_cafile"] == "/etc/ca.pem"
+    assert kwargs["request_timeout_ms"] == 45000
+
+
+def test_missing_or_broken_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[kafka\n"))

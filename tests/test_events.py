@@ -1,0 +1,137 @@
+"""The event schema: what is accepted, how it is labelled, and why the rest is refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.events import EventError, RatingPolicy, hash_user, json_schema, parse_event
+from pipeline.sample import malformed_samples, sample_events
+
+KEY = b"k"
+BASE = {
+    "schema": 1,
+    "event_id": "e1",
+    "ts": "2026-03-01T12:00:00+01:00",
+    "conversation_id": "c1",
+    "message_id": "m1",
+    "user_id": "alice@example.com",
+    "prompt": "How do I reset my password?",
+    "response": "Open Settings, then Security.",
+    "feedback": "like",
+    "model": "tiny-chat",
+    "adapter": "chat@v3",
+}
+
+
+def parse(**changes: object) -> object:
+    event = {k: v for k, v in {**BASE, **changes}.items() if v is not ...}
+    return parse_event(json.dumps(event).encode(), user_hash_key=KEY)
+
+
+def test_like_and_dislike_become_labels() -> None:
+    like, dislike = parse(), parse(feedback="dislike")
+    assert (like.feedback, like.desirable) == ("like", True)
+    assert (dislike.feedback, dislike.desirable) == ("dislike", False)
+    assert like.ts == dt.datetime(2026, 3, 1, 11, 0, tzinfo=dt.UTC)
+    assert like.adapter == "chat@v3"
+
+
+@pytest.mark.parametrize(
+    ("rating", "desirable"), [(1, False), (2, False), (3, None), (4, True), (5, True)]
+)
+def test_ratings_split_by_the_default_policy(rating: int, desirable: bool | None) -> None:
+    event = parse(feedback=..., rating=rating)
+    assert (event.feedback, event.rating, event.desirable) == ("rating", rating, desirable)
+
+
+def test_rating_policy_is_configurable_and_checked() -> None:
+    strict = RatingPolicy(desirable_min=5, undesirable_max=3)
+    assert [strict.label(r) for r in range(1, 6)] == [False, False, False, None, True]
+    with pytest.raises(ValueError, match="undesirable_max < desirable_min"):
+        RatingPolicy(desirable_min=3, undesirable_max=3)
+
+
+def test_retraction_needs_only_the_message_it_withdraws() -> None:
+    event = parse(feedback="retract", prompt=..., response=..., model=...)
+    assert (event.feedback, event.desirable, event.response) == ("retract", None, None)
+
+
+def test_user_id_is_stored_only_as_a_keyed_hash() -> None:
+    event = parse()
+    assert event.user_hash == hash_user("alice@example.com", KEY)
+    assert "alice" not in json.dumps(event.__dict__, default=str)
+    assert hash_user("alice@example.com", b"other key") != event.user_hash
+    assert parse(user_id=...).user_hash is None
+
+
+def test_chat_history_is_kept_as_json() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    event = parse(prompt=..., messages=messages)
+    assert event.prompt is None
+    assert json.loads(event.messages_json) == messages
+
+
+@pytest.mark.parametrize(
+    ("changes", "kind", "says"),
+    [
+        ({"feedback": "meh"}, "unknown_feedback", "meh"),
+        ({"feedback": ..., "rating": 7}, "invalid_value", "<= 5"),
+        ({"feedback": ...}, "missing_field", "exactly one of `feedback`"),
+        ({"rating": 4}, "invalid_value", "exactly one of `feedback`"),
+        ({"response": ""}, "invalid_value", "`response` is empty"),
+        ({"response": ...}, "missing_field", "`response` is required"),
+        ({"prompt": ...}, "missing_field", "`prompt` or `messages`"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "invalid_value", "not both"),
+        ({"prompt": ..., "messages": []}, "invalid_value", "empty list"),
+        ({"model": ...}, "missing_field", "`model`"),
+        ({"event_id": ...}, "missing_field", "event_id"),
+        ({"event_id": ""}, "invalid_value", "event_id"),
+        ({"message_id": 3}, "wrong_type", "$.message_id"),
+        ({"ts": "2026-03-01T12:00:00"}, "invalid_value", "timezone"),
+        ({"ts": "yesterday"}, "invalid_value", "$.ts"),
+        ({"schema": 2}, "unsupported_schema", "upgrade kto-loop"),
+        ({"schema": 2, "event_id": 5}, "unsupported_schema", "schema version 2"),
+    ],
+)
+def test_invalid_events_are_refused_with_a_kind_and_reason(
+    changes: dict, kind: str, says: str
+) -> None:
+    with pytest.raises(EventError) as err:
+        parse(**changes)
+    assert err.value.kind == kind
+    assert says in err.value.message
+
+
+def test_every_malformed_sample_gets_its_own_kind() -> None:
+    for kind, raw in malformed_samples().items():
+        with pytest.raises(EventError) as err:
+            parse_event(raw, user_hash_key=KEY)
+        assert err.value.kind == kind, (kind, err.value.message)
+
+
+def test_size_limit_is_checked_before_decoding() -> None:
+    raw = json.dumps({**BASE, "response": "x" * 5000}).encode()
+    with pytest.raises(EventError, match="above the limit of 4096"):
+        parse_event(raw, user_hash_key=KEY, max_bytes=4096)
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    assert parse(client_version="2.3.1").event_id == "e1"
+
+
+def test_sample_events_are_valid_and_deterministic() -> None:
+    a = [parse_event(json.dumps(e).encode(), user_hash_key=KEY) for e in sample_events(300, 5)]
+    b = list(sample_events(300, 5))
+    assert [e.event_id for e in a] == [e["event_id"] for e in b]
+    assert {e.feedback for e in a} == {"like", "dislike", "rating", "retract"}
+
+
+def test_published_json_schema_matches_the_code() -> None:
+    path = Path(__file__).resolve().parent.parent / "pipeline/schema/feedback-event.v1.json"
+    assert json.loads(path.read_text()) == json_schema(), (
+        "pipeline/schema/feedback-event.v1.json is stale: run `kto-loop schema --out` on it"
+    )
