@@ -3,17 +3,23 @@
 The loop, per batch (closed by count or by time):
 
     poll -> parse each message (pipeline.events) -> rows or dead letters
-    -> dead letters acknowledged by the DLQ topic -> dead-letter files -> feedback files
-    -> commit offset+1 per partition
+    -> [writer thread] dead letters acknowledged by the DLQ topic
+       -> dead-letter files -> feedback files
+    -> commit offset+1 per partition, once the writer says the batch is durable
 
-Offsets are committed only after the batch is durable, so a crash at any point
-re-delivers at most the uncommitted batch. Re-delivery cannot duplicate rows: when
-a partition is assigned, the store is asked which offsets it already holds
-(`FeedbackStore.recover_partition`) and the consumer seeks past them.
+One batch is in flight on the writer thread while the next one is consumed, so
+Parquet encoding, fsync and the DLQ round trip overlap with fetching. Offsets are
+committed only after their batch is durable, so a crash at any point re-delivers
+at most the uncommitted batches. Re-delivery cannot duplicate rows: when a
+partition is assigned, the store is asked which offsets it already holds
+(`FeedbackStore.recover_partition`) and the consumer seeks past them; so the
+store, not the committed offset, is the record of what is done.
 
-Rebalance callbacks run on kafka-python's IO thread; they only record what changed,
-and the consuming thread acts on it after poll returns (discarding the unstored
-batch of a revoked partition, which its next owner reads again).
+Rebalance callbacks run on kafka-python's IO thread. On revocation the callback
+waits for the batch in flight to be durable (so the partition's next owner finds
+it in the store); everything else is recorded and acted on by the consuming
+thread after poll returns (discarding the unstored batch of a revoked partition,
+which its next owner reads again).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
@@ -37,13 +45,20 @@ from connectors import kafka_clients
 from connectors.config import Settings
 from connectors.dead_letters import DeadLetterError, DeadLetterTopic
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore, StoreError
-from pipeline.events import EventError, RatingPolicy, parse_event
+from pipeline.events import EventError, EventParser, RatingPolicy
 from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
 
 log = logging.getLogger(__name__)
 
 # Produce requests must fit the largest dead letter plus its headers.
 _PRODUCE_OVERHEAD = 64 * 1024
+# A revocation waits this long for the batch in flight; the store write has its own
+# retries, and kafka-python's heartbeats pause meanwhile.
+_REVOKE_WAIT_SECONDS = 60.0
+# Drain everything fetched in one poll: kafka-python sends the next fetch only once
+# its buffer is empty, so the fetch then runs while this poll's records are parsed
+# instead of after. The fetch size bounds what one poll brings.
+_POLL_RECORDS = 1_000_000
 
 
 class IngestError(RuntimeError):
@@ -61,31 +76,49 @@ class IngestStats:
     skipped_already_stored: int = 0
     lag: int | None = None
     assigned: tuple[str, ...] = ()
+    # time.monotonic() when partitions were last assigned to this process.
+    assigned_at: float | None = None
     state: str = "starting"
     started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
+class _InFlight:
+    """A batch on the writer thread, and what to commit once it is durable."""
+
+    future: Future
+    positions: dict[TopicPartition, int]
+    stored: int
+    dead: int
+
+
 class _PartitionBatch:
-    first: int
-    last: int = -1
-    rows: FeedbackRows = field(default_factory=FeedbackRows)
-    dead: DeadLetterRows = field(default_factory=DeadLetterRows)
-    dead_letters: list = field(default_factory=list)
+    def __init__(self, tp: TopicPartition, first: int) -> None:
+        self.first = first
+        self.last = -1
+        self.rows = FeedbackRows(tp.topic, tp.partition)
+        self.dead = DeadLetterRows()
+        self.dead_letters: list[tuple] = []
 
 
 class _RebalanceLog(ConsumerRebalanceListener):
-    """Records assignment changes from kafka-python's IO thread, in order."""
+    """Records assignment changes from kafka-python's IO thread, in order; a
+    revocation first waits for the batch in flight to be durable."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait_in_flight: Callable[[], None], stats: IngestStats) -> None:
         self._lock = threading.Lock()
         self._changes: list[tuple[str, set[TopicPartition]]] = []
+        self._wait_in_flight = wait_in_flight
+        self._stats = stats
 
     def on_partitions_revoked(self, revoked):  # type: ignore[override]
+        self._wait_in_flight()
         with self._lock:
             self._changes.append(("revoked", set(revoked)))
 
     def on_partitions_assigned(self, assigned):  # type: ignore[override]
+        if assigned:
+            self._stats.assigned_at = time.monotonic()
         with self._lock:
             self._changes.append(("assigned", set(assigned)))
 
@@ -121,10 +154,14 @@ class Ingestor:
         self.store = store or FeedbackStore(settings.store.url, settings.store.storage_options)
         self.stats = IngestStats()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._key = events.user_hash_key.get_secret_value().encode()
-        self._policy = RatingPolicy(events.rating_desirable_min, events.rating_undesirable_max)
-        self._max_bytes = settings.ingest.max_event_bytes
-        self._rebalances = _RebalanceLog()
+        self._parse = EventParser(
+            events.user_hash_key.get_secret_value().encode(),
+            RatingPolicy(events.rating_desirable_min, events.rating_undesirable_max),
+            settings.ingest.max_event_bytes,
+        )
+        self._rebalances = _RebalanceLog(self._wait_in_flight, self.stats)
+        self._writer: ThreadPoolExecutor  # made by run()
+        self._in_flight: _InFlight | None = None
         self._batches: dict[TopicPartition, _PartitionBatch] = {}
         self._batch_started: float | None = None
         self._next: dict[TopicPartition, int] = {}
@@ -134,10 +171,14 @@ class Ingestor:
     # -- the loop ---------------------------------------------------------------
 
     def run(
-        self, stop: threading.Event | None = None, idle_exit_seconds: float | None = None
+        self,
+        stop: threading.Event | None = None,
+        idle_exit_seconds: float | None = None,
+        until: Callable[[IngestStats], bool] | None = None,
     ) -> IngestStats:
-        """Consume until `stop` is set (or, with idle_exit_seconds, until the assigned
-        partitions have been quiet that long), store the last batch, commit, close.
+        """Consume until `stop` is set, or `until(stats)` (asked after every poll, on
+        this thread) is true, or with idle_exit_seconds until the assigned partitions
+        have been quiet that long; then store the last batch, commit, close.
 
         Raises:
             BrokerUnavailable: the broker stayed away past [ingest] connect_timeout_seconds.
@@ -148,11 +189,14 @@ class Ingestor:
         if cfg.ingest.metrics_port:
             start_http_server(cfg.ingest.metrics_port, registry=self._metrics.registry)
         self.stats.state = "waiting for broker"
-        wait = {"timeout_seconds": cfg.ingest.connect_timeout_seconds, "should_stop": stop.is_set}
+        patience = {
+            "timeout_seconds": cfg.ingest.connect_timeout_seconds,
+            "should_stop": stop.is_set,
+        }
         if cfg.kafka.create_topics:
             topics = [cfg.kafka.topic, cfg.kafka.dead_letter_topic]
             kafka_clients.wait_for_broker(
-                lambda: kafka_clients.ensure_topics(cfg.kafka, topics), cfg.kafka, **wait
+                lambda: kafka_clients.ensure_topics(cfg.kafka, topics), cfg.kafka, **patience
             )
         consumer = kafka_clients.wait_for_broker(
             lambda: kafka_clients.consumer(
@@ -161,7 +205,7 @@ class Ingestor:
                 fetch_max_bytes=max(64 << 20, 2 * cfg.ingest.max_event_bytes),
             ),
             cfg.kafka,
-            **wait,
+            **patience,
         )
         producer = kafka_clients.producer(
             cfg.kafka, max_request_size=cfg.ingest.dlq_max_message_bytes + _PRODUCE_OVERHEAD
@@ -173,15 +217,23 @@ class Ingestor:
             "ingesting %s (group %s) into %s; dead letters to %s",
             cfg.kafka.topic, cfg.kafka.group_id, self.store.url, dlq.topic,
         )  # fmt: skip
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kto-loop-store")
         try:
             consumer.subscribe([cfg.kafka.topic], listener=self._rebalances)
             self.stats.state = "joining group"
-            self._consume(consumer, dlq, stop, idle_exit_seconds)
+            self._consume(consumer, dlq, stop, idle_exit_seconds, until)
             self.stats.state = "stopping"
-            self._flush(consumer, dlq)
+            self._close_batch(consumer, dlq)
+            self._finish_in_flight(consumer)
         finally:
+            in_flight, self._in_flight = self._in_flight, None
+            if in_flight is not None:
+                # Failing out: let the write end so no file lands after we return,
+                # but commit nothing more.
+                wait([in_flight.future], timeout=60)
             consumer.close(autocommit=False)
             producer.close(timeout=10)
+            self._writer.shutdown(wait=True)
             self.stats.state = "stopped"
         log.info(
             "stopped: consumed=%d stored=%d dead_lettered=%d batches=%d",
@@ -195,28 +247,39 @@ class Ingestor:
         dlq: DeadLetterTopic,
         stop: threading.Event,
         idle_exit_seconds: float | None,
+        until: Callable[[IngestStats], bool] | None,
     ) -> None:
         cfg = self.settings.ingest
         last_activity = time.monotonic()
         next_log = time.monotonic() + cfg.log_interval_seconds
         next_lag = 0.0
-        while not stop.is_set():
-            timeout = 0.5
+        while not stop.is_set() and not (until is not None and until(self.stats)):
+            # Short polls while a batch is in flight, so its commit follows promptly.
+            timeout = 0.5 if self._in_flight is None else 0.02
             if self._batch_started is not None:
                 left = self._batch_started + cfg.batch_max_seconds - time.monotonic()
                 timeout = max(0.0, min(timeout, left))
-            polled = consumer.poll(timeout_ms=int(timeout * 1000), max_records=cfg.batch_max_events)
+            polled = consumer.poll(timeout_ms=int(timeout * 1000), max_records=_POLL_RECORDS)
             if self._apply_rebalances(consumer):
                 last_activity = time.monotonic()
             for tp, messages in polled.items():
-                self._add(tp, messages)
                 last_activity = time.monotonic()
+                # A poll may bring more than a batch: cut it at the batch size.
+                start = 0
+                while start < len(messages):
+                    end = start + max(1, cfg.batch_max_events - self._pending())
+                    self._add(tp, messages[start:end])
+                    start = end
+                    if self._pending() >= cfg.batch_max_events:
+                        self._close_batch(consumer, dlq)
+            if self._in_flight is not None and self._in_flight.future.done():
+                self._finish_in_flight(consumer)
             now = time.monotonic()
             if self._batches and (
                 self._pending() >= cfg.batch_max_events
                 or now - (self._batch_started or now) >= cfg.batch_max_seconds
             ):
-                self._flush(consumer, dlq)
+                self._close_batch(consumer, dlq)
             if now >= next_lag:
                 self._update_lag(consumer)
                 next_lag = now + 1.0
@@ -227,6 +290,7 @@ class Ingestor:
                 idle_exit_seconds is not None
                 and self._owned
                 and not self._batches
+                and self._in_flight is None
                 and now - last_activity >= idle_exit_seconds
             ):
                 log.info("no new events for %.1f s; exiting as asked", idle_exit_seconds)
@@ -239,46 +303,83 @@ class Ingestor:
             return
         floor = self._next.get(tp, -1)
         batch = self._batches.get(tp)
-        key, policy, max_bytes = self._key, self._policy, self._max_bytes
+        parse = self._parse
         for m in messages:
             offset = m.offset
             if offset < floor:
                 self.stats.skipped_already_stored += 1
                 continue
             if batch is None:
-                batch = self._batches[tp] = _PartitionBatch(first=offset)
+                batch = self._batches[tp] = _PartitionBatch(tp, offset)
                 if self._batch_started is None:
                     self._batch_started = time.monotonic()
-            source = Provenance(tp.topic, tp.partition, offset, m.timestamp)
             try:
-                event = parse_event(
-                    m.value, user_hash_key=key, rating_policy=policy, max_bytes=max_bytes
-                )
+                event = parse(m.value)
             except EventError as exc:
-                headers = list(m.headers or [])
-                batch.dead.append(
-                    source, m.key, m.value, _headers_json(headers), exc.kind, exc.message
-                )
-                batch.dead_letters.append((source, m.key, m.value, headers, exc.kind, exc.message))
+                self._dead_letter(batch, tp, m, exc)
             else:
-                batch.rows.append(event, source)
+                batch.rows.append(event, offset, m.timestamp)
             batch.last = offset
         if batch is not None and batch.last >= 0:
+            batch.rows.seal()
             self._next[tp] = batch.last + 1
         self.stats.consumed += len(messages)
         self._metrics.consumed.inc(len(messages))
+
+    @staticmethod
+    def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, exc: EventError) -> None:
+        source = Provenance(tp.topic, tp.partition, m.offset, m.timestamp)
+        headers = list(m.headers or [])
+        batch.dead.append(source, m.key, m.value, _headers_json(headers), exc.kind, exc.message)
+        batch.dead_letters.append((source, m.key, m.value, headers, exc.kind, exc.message))
 
     def _pending(self) -> int:
         return sum(b.last - b.first + 1 for b in self._batches.values())
 
     # -- durability ---------------------------------------------------------------
 
-    def _flush(self, consumer: KafkaConsumer, dlq: DeadLetterTopic) -> None:
+    def _close_batch(self, consumer: KafkaConsumer, dlq: DeadLetterTopic) -> None:
+        """Hand the open batch to the writer thread, after the one before it is
+        durable and committed (at most one batch in flight bounds memory)."""
         batches = {tp: b for tp, b in self._batches.items() if b.last >= b.first}
+        self._batches = {}
+        self._batch_started = None
         if not batches:
-            self._batches.clear()
-            self._batch_started = None
             return
+        self._finish_in_flight(consumer)
+        future = self._writer.submit(self._make_durable_with_retries, batches, dlq)
+        self._in_flight = _InFlight(
+            future,
+            {tp: b.last + 1 for tp, b in batches.items()},
+            sum(len(b.rows) for b in batches.values()),
+            sum(len(b.dead) for b in batches.values()),
+        )
+
+    def _finish_in_flight(self, consumer: KafkaConsumer) -> None:
+        """Wait for the batch in flight to be durable, then commit it."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        in_flight.future.result()  # raises IngestError; run() then commits nothing more
+        self._in_flight = None
+        owned = {tp: pos for tp, pos in in_flight.positions.items() if tp in self._owned}
+        if owned:
+            self._commit(consumer, owned)
+        self.stats.stored += in_flight.stored
+        self.stats.dead_lettered += in_flight.dead
+        self.stats.batches += 1
+        self._metrics.stored.inc(in_flight.stored)
+        self._metrics.dead.inc(in_flight.dead)
+        self._metrics.batches.inc()
+
+    def _wait_in_flight(self) -> None:
+        in_flight = self._in_flight
+        if in_flight is not None:
+            wait([in_flight.future], timeout=_REVOKE_WAIT_SECONDS)
+
+    def _make_durable_with_retries(
+        self, batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic
+    ) -> None:
         retrying = Retrying(
             retry=retry_if_exception_type((StoreError, DeadLetterError, OSError, KafkaError)),
             wait=wait_exponential(multiplier=0.5, max=10),
@@ -296,17 +397,6 @@ class Ingestor:
                 "restarting re-reads it. Check the store URL and credentials and the "
                 "dead-letter topic."
             ) from exc
-        self._commit(consumer, {tp: b.last + 1 for tp, b in batches.items()})
-        stored = sum(len(b.rows) for b in batches.values())
-        dead = sum(len(b.dead) for b in batches.values())
-        self.stats.stored += stored
-        self.stats.dead_lettered += dead
-        self.stats.batches += 1
-        self._metrics.stored.inc(stored)
-        self._metrics.dead.inc(dead)
-        self._metrics.batches.inc()
-        self._batches.clear()
-        self._batch_started = None
 
     def _make_durable(
         self, batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic

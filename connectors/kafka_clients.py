@@ -4,6 +4,7 @@ clear, retried wait for a broker that is not there yet."""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -38,6 +39,22 @@ class BrokerUnavailable(RuntimeError):
     """No broker answered within the configured time."""
 
 
+class _NoListener(OSError):
+    """No bootstrap server accepts TCP connections."""
+
+
+def _any_listening(servers: list[str], timeout: float = 2.0) -> None:
+    errors = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{server}: {exc}")
+    raise _NoListener("; ".join(errors))
+
+
 def wait_for_broker(
     connect: Callable[[], T],
     kafka: KafkaConfig,
@@ -47,6 +64,10 @@ def wait_for_broker(
 ) -> T:
     """Call `connect` until the broker answers, backing off from 0.5 s to 10 s and
     logging each miss. timeout_seconds=0 waits forever (or until should_stop()).
+
+    A TCP probe runs first: kafka-python 3.0 leaves a network thread behind for
+    every client whose bootstrap fails, so clients are built only once a bootstrap
+    server listens.
 
     Raises:
         BrokerUnavailable: when timeout_seconds passes, or should_stop() turns true.
@@ -58,7 +79,7 @@ def wait_for_broker(
             "Kafka broker not reachable at %s (%s); retrying in %.1f s. Check "
             "[kafka] bootstrap_servers and that the broker is up.",
             ",".join(kafka.bootstrap_servers),
-            type(exc).__name__ if exc else "?",
+            exc if isinstance(exc, _NoListener) else type(exc).__name__,
             state.next_action.sleep if state.next_action else 0.0,
         )
 
@@ -67,8 +88,12 @@ def wait_for_broker(
             return True
         return (stop_after_delay(timeout_seconds) if timeout_seconds else stop_never)(state)
 
+    def attempt() -> T:
+        _any_listening(kafka.bootstrap_servers)
+        return connect()
+
     retrying = Retrying(
-        retry=retry_if_exception_type(KafkaTimeoutError),
+        retry=retry_if_exception_type((KafkaTimeoutError, _NoListener)),
         wait=wait_exponential(multiplier=0.5, min=0.5, max=10),
         stop=stop,
         before_sleep=before_sleep,
@@ -76,8 +101,8 @@ def wait_for_broker(
     )
     started = time.monotonic()
     try:
-        return retrying(connect)
-    except KafkaTimeoutError:
+        return retrying(attempt)
+    except (KafkaTimeoutError, _NoListener):
         raise BrokerUnavailable(
             f"no Kafka broker reachable at {','.join(kafka.bootstrap_servers)} after "
             f"{time.monotonic() - started:.0f} s; check [kafka] bootstrap_servers, the network "

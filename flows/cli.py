@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -42,8 +42,12 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
+
+
+def _fail(exc: Exception, code: int) -> NoReturn:
+    err.print(str(exc), style="red", markup=False, highlight=False)
+    raise typer.Exit(code) from None
 
 
 def _logging(level: str, rich: bool) -> None:
@@ -100,8 +104,7 @@ def ingest(
     try:
         ingestor = Ingestor(settings)
     except IngestError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -120,11 +123,9 @@ def ingest(
         else:
             stats = ingestor.run(stop, idle_exit_seconds=idle_exit)
     except BrokerUnavailable as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(3) from None
+        _fail(exc, 3)
     except IngestError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     typer.echo(
         json.dumps(
             {

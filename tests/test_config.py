@@ -100,3 +100,11 @@ def test_missing_or_broken_file_is_reported(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[kafka\n"))
+
+
+def test_the_example_config_in_deploy_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy/kto-loop.example.toml"
+    monkeypatch.setenv("KTO_LOOP_KAFKA__SASL_PLAIN_PASSWORD", "pw")
+    s = load_settings(example)
+    assert s.kafka.security_protocol == "SASL_SSL"
+    assert s.store.url.startswith("s3://")

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pipeline.events import EventError, RatingPolicy, hash_user, json_schema, parse_event
@@ -63,7 +64,7 @@ def test_retraction_needs_only_the_message_it_withdraws() -> None:
 def test_user_id_is_stored_only_as_a_keyed_hash() -> None:
     event = parse()
     assert event.user_hash == hash_user("alice@example.com", KEY)
-    assert "alice" not in json.dumps(event.__dict__, default=str)
+    assert "alice" not in json.dumps(msgspec.structs.asdict(event), default=str)
     assert hash_user("alice@example.com", b"other key") != event.user_hash
     assert parse(user_id=...).user_hash is None
 

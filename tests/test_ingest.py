@@ -198,12 +198,14 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_going(
     letters: dict[str, object] = {}
     try:
         wait_until(
-            lambda: [
-                letters.update({dict(m.headers)["kto.error.kind"].decode(): m})
-                for batch in consumer.poll(500).values()
-                for m in batch
-            ]
-            and len(letters) == len(bad),
+            lambda: (
+                [
+                    letters.update({dict(m.headers)["kto.error.kind"].decode(): m})
+                    for batch in consumer.poll(500).values()
+                    for m in batch
+                ]
+                and len(letters) == len(bad)
+            ),
             60,
             "every dead letter on the DLQ topic",
         )
@@ -316,7 +318,9 @@ def test_broker_down_at_start_is_logged_retried_then_consumed(
     late = start_broker(port, log_path=tmp_path / "late-broker.log")
     try:
         setup.broker = late
-        wait_until(lambda: "assigned partitions: fb-late" in proc.log(), 120, "the consumer to join")
+        wait_until(
+            lambda: "assigned partitions: fb-late" in proc.log(), 120, "the consumer to join"
+        )
         send_events(setup, 200, seed=6)
         store = FeedbackStore(str(tmp_path / "store"))
         wait_until(lambda: store.count() >= 200, 60, "200 stored rows")

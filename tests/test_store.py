@@ -13,7 +13,7 @@ import pytest
 
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline import records
-from pipeline.events import parse_event
+from pipeline.events import FeedbackEvent, parse_event
 from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
 from pipeline.sample import sample_events
 
@@ -22,10 +22,10 @@ NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 
 def feedback_range(first: int, last: int) -> pa.Table:
     events = list(sample_events(last + 1))
-    rows = FeedbackRows()
+    rows = FeedbackRows("fb", 0)
     for offset in range(first, last + 1):
         parsed = parse_event(json.dumps(events[offset]).encode(), user_hash_key=b"k")
-        rows.append(parsed, Provenance("fb", 0, offset, None))
+        rows.append(parsed, offset, 1_767_225_600_000 + offset)
     return rows.to_table(NOW, "test")
 
 
@@ -60,6 +60,11 @@ def test_rows_round_trip(tmp_path: Path) -> None:
     assert back.equals(table)
     df = store.read()
     assert df[records.EVENT_ID].is_unique and len(df) == 50
+
+
+def test_event_fields_are_feedback_columns() -> None:
+    assert set(FeedbackEvent.__struct_fields__) <= set(records.FEEDBACK_SCHEMA.names)
+    assert FeedbackRows("fb", 0).to_table(NOW, "x").schema.equals(records.FEEDBACK_SCHEMA)
 
 
 def test_empty_store_reads_as_empty_tables(tmp_path: Path) -> None:
