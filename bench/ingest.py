@@ -1,6 +1,6 @@
 """Ingest throughput: our Kafka -> Parquet path against a bare kafka-python consume loop.
 
-    python -m bench.ingest --events 100000 [--repeats 3]
+    python -m bench.ingest --events 100000 [--repeats 5]
 
 Starts a local Tansu broker, creates a 6-partition topic, produces N synthetic events of
 about 700 bytes, then measures in alternating order, each round in a fresh consumer group:
@@ -296,7 +296,7 @@ def write_chart(path: Path, raw: list[float], ours: list[float], title: str) -> 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="paired rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--event-bytes", type=int, default=700, help="target average value size")
     parser.add_argument(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from kafka.errors import KafkaError
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
@@ -156,12 +157,18 @@ def produce_sample(
 
     settings = _settings(config)
     _logging("WARNING", rich=False)
+    # A failure is reported once below; kafka-python's per-retry lines add nothing.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     messages = [encode(e) for e in sample_events(events, seed, pad_to=pad_to)]
     if malformed:
         messages += [(b"malformed", raw) for raw in malformed_samples().values()]
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("producing", total=len(messages))
-        sent = produce(settings.kafka, messages, on_sent=lambda n: progress.advance(task, n))
+        try:
+            sent = produce(settings.kafka, messages, on_sent=lambda n: progress.advance(task, n))
+        except KafkaError as exc:
+            servers = ",".join(settings.kafka.bootstrap_servers)
+            _fail(RuntimeError(f"could not send to {settings.kafka.topic} at {servers}: {exc}"), 3)
     typer.echo(json.dumps({"sent": sent, "topic": settings.kafka.topic}))
 
 
