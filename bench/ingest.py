@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
 import resource
 import secrets
@@ -52,7 +51,7 @@ from connectors.produce import produce
 from connectors.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import running_broker
 from pipeline import records
-from pipeline.sample import encode, sample_events
+from pipeline.sample import encode, sample_events, sample_messages
 
 TOPIC = "bench-feedback"
 PARTITIONS = 6
@@ -73,7 +72,7 @@ class Run:
     """One consume of all N events, timed from the partitions' assignment."""
 
     seconds: float
-    timed: int
+    events: int
     batches: int = 0
     # From the N-th record consumed to all N stored and committed (ours only).
     tail_seconds: float = 0.0
@@ -82,10 +81,10 @@ class Run:
 
     @property
     def rate(self) -> float:
-        return self.timed / self.seconds if self.timed else math.nan
+        return self.events / self.seconds
 
     def describe(self) -> str:
-        text = f"{self.rate:>7,.0f}/s ({self.timed:,} in {self.seconds:.2f} s"
+        text = f"{self.rate:>7,.0f}/s ({self.events:,} in {self.seconds:.2f} s"
         text += f", join {self.join_seconds:.1f} s"
         if self.batches:
             text += f", {self.batches} batches, tail {self.tail_seconds:.2f} s"
@@ -107,10 +106,6 @@ def choose_pad_to(target_bytes: int, n: int, seed: int) -> int:
 def _avg_value_bytes(events: Iterable[dict]) -> float:
     sizes = [len(encode(e)[1]) for e in events]
     return sum(sizes) / len(sizes)
-
-
-def make_messages(n: int, seed: int, pad_to: int) -> list[tuple[bytes, bytes]]:
-    return [encode(e) for e in sample_events(n, seed, pad_to=pad_to)]
 
 
 def produce_events(kafka: KafkaConfig, messages: list[tuple[bytes, bytes]]) -> None:
@@ -261,9 +256,8 @@ def verify_store(store: FeedbackStore, n: int, dead_lettered: int) -> None:
 # -- reporting ------------------------------------------------------------------
 
 
-def _rounded(x: float, digits: int | None = None) -> float | None:
-    # NaN (a run too short to time) is not JSON: report it as null.
-    return None if math.isnan(x) else round(x, digits)
+def _rounded(x: float, digits: int | None = None) -> float:
+    return round(x, digits)
 
 
 def peak_rss_mb() -> float:
@@ -277,12 +271,11 @@ def write_chart(path: Path, raw: list[float], ours: list[float], title: str) -> 
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     medians = [statistics.median(raw), statistics.median(ours)]
-    bars = ax.bar([0, 1], [0 if math.isnan(m) else m for m in medians], color=["#888", "#2a7"])
+    bars = ax.bar([0, 1], medians, color=["#888", "#2a7"])
     for x, rates in enumerate((raw, ours)):
-        timed = [r for r in rates if not math.isnan(r)]
-        ax.scatter([x] * len(timed), timed, color="black", s=12, zorder=3)
+        ax.scatter([x] * len(rates), rates, color="black", s=12, zorder=3)
     ax.set_xticks([0, 1], ["raw kafka-python", "kto-loop ingest"])
-    labels = ["n/a" if math.isnan(m) else f"{m:,.0f}/s" for m in medians]
+    labels = [f"{m:,.0f}/s" for m in medians]
     ax.bar_label(bars, labels=labels, label_type="center", color="white", fontweight="bold")
     ax.set_ylabel("messages / s (median; dots = rounds)")
     ax.set_title(title, fontsize=9)
@@ -358,7 +351,7 @@ def main() -> None:
     started = time.monotonic()
 
     pad_to = choose_pad_to(args.event_bytes, n, args.seed)
-    messages = make_messages(n, args.seed, pad_to)
+    messages = sample_messages(n, args.seed, pad_to=pad_to)
     avg_bytes = sum(len(v) for _, v in messages) / n
     console.print(f"{n:,} events, {avg_bytes:.0f} B on average (pad_to={pad_to})")
 

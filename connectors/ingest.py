@@ -25,7 +25,6 @@ which its next owner reads again).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
@@ -52,9 +51,9 @@ log = logging.getLogger(__name__)
 
 # Produce requests must fit the largest dead letter plus its headers.
 _PRODUCE_OVERHEAD = 64 * 1024
-# A revocation waits this long for the batch in flight; the store write has its own
-# retries, and kafka-python's heartbeats pause meanwhile.
-_REVOKE_WAIT_SECONDS = 60.0
+# A revocation (or a failing run) waits this long for the batch in flight; the store
+# write has its own retries, and kafka-python's heartbeats pause meanwhile.
+_IN_FLIGHT_WAIT_SECONDS = 60.0
 # Drain everything fetched in one poll: kafka-python sends the next fetch only once
 # its buffer is empty, so the fetch then runs while this poll's records are parsed
 # instead of after. The fetch size bounds what one poll brings.
@@ -79,7 +78,6 @@ class IngestStats:
     # time.monotonic() when partitions were last assigned to this process.
     assigned_at: float | None = None
     state: str = "starting"
-    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -97,7 +95,7 @@ class _PartitionBatch:
         self.first = first
         self.last = -1
         self.rows = FeedbackRows(tp.topic, tp.partition)
-        self.dead = DeadLetterRows()
+        # (source, key, value, headers, kind, reason): for the DLQ topic and the table.
         self.dead_letters: list[tuple] = []
 
 
@@ -230,14 +228,15 @@ class Ingestor:
             if in_flight is not None:
                 # Failing out: let the write end so no file lands after we return,
                 # but commit nothing more.
-                wait([in_flight.future], timeout=60)
+                wait([in_flight.future], timeout=_IN_FLIGHT_WAIT_SECONDS)
             consumer.close(autocommit=False)
             producer.close(timeout=10)
             self._writer.shutdown(wait=True)
             self.stats.state = "stopped"
+        s = self.stats
         log.info(
-            "stopped: consumed=%d stored=%d dead_lettered=%d batches=%d",
-            self.stats.consumed, self.stats.stored, self.stats.dead_lettered, self.stats.batches,
+            "stopped: consumed=%d stored=%d dead_lettered=%d batches=%d skipped_already_stored=%d",
+            s.consumed, s.stored, s.dead_lettered, s.batches, s.skipped_already_stored,
         )  # fmt: skip
         return self.stats
 
@@ -330,7 +329,6 @@ class Ingestor:
     def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, exc: EventError) -> None:
         source = Provenance(tp.topic, tp.partition, m.offset, m.timestamp)
         headers = list(m.headers or [])
-        batch.dead.append(source, m.key, m.value, _headers_json(headers), exc.kind, exc.message)
         batch.dead_letters.append((source, m.key, m.value, headers, exc.kind, exc.message))
 
     def _pending(self) -> int:
@@ -352,7 +350,7 @@ class Ingestor:
             future,
             {tp: b.last + 1 for tp, b in batches.items()},
             sum(len(b.rows) for b in batches.values()),
-            sum(len(b.dead) for b in batches.values()),
+            sum(len(b.dead_letters) for b in batches.values()),
         )
 
     def _finish_in_flight(self, consumer: KafkaConsumer) -> None:
@@ -375,7 +373,7 @@ class Ingestor:
     def _wait_in_flight(self) -> None:
         in_flight = self._in_flight
         if in_flight is not None:
-            wait([in_flight.future], timeout=_REVOKE_WAIT_SECONDS)
+            wait([in_flight.future], timeout=_IN_FLIGHT_WAIT_SECONDS)
 
     def _make_durable_with_retries(
         self, batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic
@@ -408,8 +406,11 @@ class Ingestor:
                 dlq.add(*letter)
         dlq.flush()
         for tp, b in batches.items():
-            if len(b.dead):
-                table = b.dead.to_table(now, self.name)
+            if b.dead_letters:
+                dead = DeadLetterRows()
+                for letter in b.dead_letters:
+                    dead.append(*letter)
+                table = dead.to_table(now, self.name)
                 self.store.write_batch(DEAD_LETTERS, tp.topic, tp.partition, b.first, b.last, table)
         # Feedback files last: their presence marks the whole batch durable.
         for tp, b in batches.items():
@@ -495,7 +496,3 @@ class Ingestor:
             "consumed=%d stored=%d dead_lettered=%d batches=%d lag=%s partitions=%s",
             s.consumed, s.stored, s.dead_lettered, s.batches, s.lag, ",".join(s.assigned),
         )  # fmt: skip
-
-
-def _headers_json(headers: list[tuple[str, bytes]]) -> str:
-    return json.dumps([[k, v.decode("utf-8", "replace") if v else None] for k, v in headers])

@@ -153,15 +153,13 @@ def produce_sample(
     from rich.progress import Progress
 
     from connectors.produce import produce
-    from pipeline.sample import encode, malformed_samples, sample_events
+    from pipeline.sample import sample_messages
 
     settings = _settings(config)
     _logging("WARNING", rich=False)
     # A failure is reported once below; kafka-python's per-retry lines add nothing.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    messages = [encode(e) for e in sample_events(events, seed, pad_to=pad_to)]
-    if malformed:
-        messages += [(b"malformed", raw) for raw in malformed_samples().values()]
+    messages = sample_messages(events, seed, pad_to=pad_to, malformed=malformed)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("producing", total=len(messages))
         try:

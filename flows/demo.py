@@ -29,7 +29,7 @@ from connectors.store import DEAD_LETTERS, FEEDBACK
 from deploy.local.broker import running_broker
 from flows.cli import _StatusLine
 from pipeline import records
-from pipeline.sample import encode, malformed_samples, sample_events
+from pipeline.sample import sample_messages
 
 
 def main() -> None:
@@ -60,9 +60,7 @@ def main() -> None:
             store={"url": str(run_dir / "store")},
             ingest={"batch_max_seconds": 1.0},
         )
-        messages = [encode(e) for e in sample_events(args.events, args.seed, pad_to=350)]
-        malformed = malformed_samples()
-        messages += [(b"malformed", raw) for raw in malformed.values()]
+        messages = sample_messages(args.events, args.seed, pad_to=350, malformed=True)
         with console.status(f"producing {len(messages):,} events"):
             sent = produce(settings.kafka, messages)
 

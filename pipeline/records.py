@@ -8,6 +8,7 @@ idempotent: an offset is stored in exactly one file.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import operator
 from dataclasses import dataclass, field
 
@@ -148,20 +149,13 @@ class FeedbackRows:
     def to_table(self, ingested_at: dt.datetime, ingested_by: str) -> pa.Table:
         self.seal()
         rows = pa.Table.from_batches(self._chunks, schema=_CHUNK_SCHEMA)
-        n = len(rows)
         constants = {
             KAFKA_TOPIC: self.topic,
             KAFKA_PARTITION: self.partition,
             INGESTED_AT: ingested_at,
             INGESTED_BY: ingested_by,
         }
-        arrays = [
-            pa.repeat(pa.scalar(constants[f.name], type=f.type), n)
-            if f.name in constants
-            else rows[f.name]
-            for f in FEEDBACK_SCHEMA
-        ]
-        return pa.Table.from_arrays(arrays, schema=FEEDBACK_SCHEMA)
+        return _assemble(FEEDBACK_SCHEMA, {n: rows[n] for n in rows.column_names}, constants)
 
 
 @dataclass
@@ -180,7 +174,7 @@ class DeadLetterRows:
         source: Provenance,
         key: bytes | None,
         value: bytes | None,
-        headers_json: str,
+        headers: list[tuple[str, bytes]],
         error_kind: str,
         reason: str,
     ) -> None:
@@ -188,12 +182,15 @@ class DeadLetterRows:
         _append_provenance(cols, source)
         cols[KEY].append(key)
         cols[VALUE].append(value)
-        cols[HEADERS_JSON].append(headers_json)
+        cols[HEADERS_JSON].append(
+            json.dumps([[k, v.decode("utf-8", "replace") if v else None] for k, v in headers])
+        )
         cols[ERROR_KIND].append(error_kind)
         cols[REASON].append(reason)
 
     def to_table(self, ingested_at: dt.datetime, ingested_by: str) -> pa.Table:
-        return _finish(self.columns, DEAD_LETTER_SCHEMA, ingested_at, ingested_by)
+        constants = {INGESTED_AT: ingested_at, INGESTED_BY: ingested_by}
+        return _assemble(DEAD_LETTER_SCHEMA, self.columns, constants)
 
 
 def _append_provenance(cols: dict[str, list], source: Provenance) -> None:
@@ -203,16 +200,20 @@ def _append_provenance(cols: dict[str, list], source: Provenance) -> None:
     cols[KAFKA_TIMESTAMP].append(source.timestamp_ms)
 
 
-def _finish(
-    cols: dict[str, list], schema: pa.Schema, ingested_at: dt.datetime, ingested_by: str
-) -> pa.Table:
-    n = len(cols[KAFKA_OFFSET])
-    arrays = []
-    for f in schema:
-        if f.name == INGESTED_AT:
-            arrays.append(pa.repeat(pa.scalar(ingested_at, type=f.type), n))
-        elif f.name == INGESTED_BY:
-            arrays.append(pa.repeat(pa.scalar(ingested_by, type=f.type), n))
-        else:
-            arrays.append(pa.array(cols[f.name], type=f.type))
+def _assemble(schema: pa.Schema, columns: dict, constants: dict[str, object]) -> pa.Table:
+    """A table of `schema` from per-row columns (lists or Arrow arrays, with a
+    kafka_offset column) and values that are the same on every row."""
+    n = len(columns[KAFKA_OFFSET])
+    arrays = [
+        pa.repeat(pa.scalar(constants[f.name], type=f.type), n)
+        if f.name in constants
+        else _as_arrow(columns[f.name], f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _as_arrow(values: object, type_: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return values
+    return pa.array(values, type=type_)

@@ -81,6 +81,19 @@ def encode(event: dict) -> tuple[bytes, bytes]:
     return event["conversation_id"].encode(), json.dumps(event).encode()
 
 
+def sample_messages(
+    n: int, seed: int = 0, *, pad_to: int = 0, malformed: bool = False
+) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) messages of n sample events, then optionally one message of every
+    malformed kind (keyed b"malformed")."""
+    messages: list[tuple[bytes | None, bytes | None]] = [
+        encode(e) for e in sample_events(n, seed, pad_to=pad_to)
+    ]
+    if malformed:
+        messages += [(b"malformed", raw) for raw in malformed_samples().values()]
+    return messages
+
+
 def malformed_samples() -> dict[str, bytes]:
     """One raw message per malformation, named for the dead-letter kind it must get."""
     good = next(sample_events(1, seed=99))

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class KafkaSetup:
     topic: str
     group: str
     partitions: int = 3
-    ingest: dict[str, Any] = field(default_factory=dict)
 
     def create_topics(self, partitions: int | None = None) -> None:
         """Create a fresh topic (and its DLQ) with this many partitions. Topics are
@@ -79,7 +78,7 @@ class KafkaSetup:
                 "heartbeat_interval_ms": 1000,
             },
             "store": {"url": str(self.tmp / "store")},
-            "ingest": {"batch_max_events": 500, "batch_max_seconds": 0.5, **self.ingest, **ingest},
+            "ingest": {"batch_max_events": 500, "batch_max_seconds": 0.5, **ingest},
             "events": {"user_hash_key": HASH_KEY},
         }
 

@@ -32,7 +32,7 @@ def feedback_range(first: int, last: int) -> pa.Table:
 def dead_letters(offsets: list[int]) -> pa.Table:
     rows = DeadLetterRows()
     for offset in offsets:
-        rows.append(Provenance("fb", 0, offset, None), b"k", b"oops", "[]", "not_json", "bad")
+        rows.append(Provenance("fb", 0, offset, None), b"k", b"oops", [], "not_json", "bad")
     return rows.to_table(NOW, "test")
 
 
