@@ -55,3 +55,15 @@ def test_status_line_shows_rate_lag_and_dead_letters() -> None:
     assert "lag      345" in text
     assert "dead letters 7" in text
     assert "partitions 2" in text
+
+
+def test_produce_sample_to_an_absent_broker_exits_3_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deploy.local.broker import free_port
+
+    port = free_port()
+    monkeypatch.setenv("KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS", f'["127.0.0.1:{port}"]')
+    result = runner.invoke(app, ["produce-sample", "--events", "3"])
+    assert result.exit_code == 3
+    assert f"127.0.0.1:{port}" in result.output
