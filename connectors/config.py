@@ -22,6 +22,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
+from pipeline.snapshot import SnapshotOptions, TiePolicy
+
 ENV_PREFIX = "KTO_LOOP_"
 CONFIG_ENV = "KTO_LOOP_CONFIG"
 
@@ -144,6 +147,47 @@ class EventsConfig(_Section):
         return self
 
 
+class SnapshotConfig(_Section):
+    """How feedback becomes a training snapshot, and where snapshots are written."""
+
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of conversations held out for evaluation"
+    )
+    split_seed: str = Field(
+        "kto-loop", min_length=1, description="salt of the split hash; changing it reshuffles"
+    )
+    tie_policy: TiePolicy = Field(
+        "drop", description="an example with as many likes as dislikes: dropped or labelled"
+    )
+    out_dir: str = Field("./data/snapshots", min_length=1, description="a local directory")
+
+    def options(self) -> SnapshotOptions:
+        """The pipeline's options for building a snapshot."""
+        return SnapshotOptions(self.heldout_fraction, self.split_seed, self.tie_policy)
+
+
+class BalanceConfig(_Section):
+    """How the KTO class weights are chosen, and when a run has too little data."""
+
+    target_ratio: float = Field(
+        7 / 6,
+        ge=BAND_LOW,
+        le=BAND_HIGH,
+        description="(lambda_D n_D) / (lambda_U n_U) for imbalanced data, in [1, 4/3]",
+    )
+    min_examples: int = Field(32, ge=1, description="fewer training examples skip the run")
+    min_per_class: int = Field(
+        8, ge=1, description="a class present with fewer examples skips the run"
+    )
+    max_weight: float = Field(10.0, ge=1, description="cap on the minority class's lambda")
+
+    def options(self) -> BalanceOptions:
+        """The pipeline's options for choosing class weights."""
+        return BalanceOptions(
+            self.target_ratio, self.min_examples, self.min_per_class, self.max_weight
+        )
+
+
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -158,6 +202,8 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
 
     @classmethod
     def settings_customise_sources(

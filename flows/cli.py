@@ -193,6 +193,82 @@ def store(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def snapshot(
+    config: ConfigOption = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="A TRL unpaired/paired .jsonl, .json or .parquet file (or a snapshot) "
+            "instead of the feedback store.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Snapshot directory (default: snapshot.out_dir).")
+    ] = None,
+) -> None:
+    """Freeze the store's feedback (or a TRL dataset) into a content-addressed training
+    snapshot; the last line of stdout is its JSON summary."""
+    from connectors.snapshots import load_training_data, write_snapshot
+    from connectors.store import StoreError
+    from pipeline.snapshot import SnapshotError, build_snapshot
+
+    settings = _settings(config)
+    options = settings.snapshot.options()
+    out_dir = out or Path(settings.snapshot.out_dir)
+    try:
+        if data is None:
+            fs = FeedbackStore(settings.store.url, settings.store.storage_options)
+            snap = build_snapshot(fs.read(FEEDBACK), options)
+            source = settings.store.url
+        else:
+            snap = load_training_data(data, options)
+            source = str(data)
+    except SnapshotError as exc:
+        _fail(exc, 2)
+    except (StoreError, OSError) as exc:
+        _fail(RuntimeError(f"could not read {data or settings.store.url}: {exc}"), 1)
+    try:
+        path = write_snapshot(snap, out_dir)
+    except OSError as exc:
+        _fail(RuntimeError(f"could not write the snapshot under {out_dir}: {exc}"), 1)
+
+    c, s = snap.counts, snap.stats
+    table = Table(title=f"snapshot {snap.id} from {source}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for label, value in [
+        ("rows read", s.rows_read),
+        ("  duplicates (counted once)", s.duplicates),
+        ("  superseded by a later vote", s.superseded),
+        ("  retracted", s.retracted),
+        ("  unlabelled (neutral rating)", s.unlabelled),
+        ("votes counted", s.votes),
+        ("  tied examples", s.ties),
+        ("  ties dropped", s.ties_dropped),
+        ("train desirable", c.train_desirable),
+        ("train undesirable", c.train_undesirable),
+        ("heldout desirable", c.heldout_desirable),
+        ("heldout undesirable", c.heldout_undesirable),
+    ]:
+        table.add_row(label, f"{value:,}")
+    Console().print(table)
+    typer.echo(
+        json.dumps(
+            {
+                "snapshot": snap.id,
+                "path": str(path),
+                "examples": c.total,
+                "train_desirable": c.train_desirable,
+                "train_undesirable": c.train_undesirable,
+                "heldout_desirable": c.heldout_desirable,
+                "heldout_undesirable": c.heldout_undesirable,
+            }
+        )
+    )
+
+
+@app.command()
 def schema(
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:

@@ -1,4 +1,5 @@
-"""The stored tables: feedback rows and dead letters, their columns and Arrow schemas.
+"""The stored tables: feedback rows, dead letters and training snapshots, their columns
+and Arrow schemas.
 
 Every column name used anywhere in kto-loop is defined here once. Rows carry their
 Kafka provenance (topic, partition, offset), which is what makes the store
@@ -44,6 +45,18 @@ VALUE = "value"
 HEADERS_JSON = "headers_json"
 ERROR_KIND = "error_kind"
 REASON = "reason"
+# Training-snapshot columns (besides prompt, messages_json, desirable, conversation_id
+# and adapter above): one row per (prompt, completion) with its majority label.
+COMPLETION = "completion"
+SPLIT = "split"
+VOTES_DESIRABLE = "votes_desirable"
+VOTES_UNDESIRABLE = "votes_undesirable"
+SOURCE = "source"
+# TRL's dataset columns: unpaired KTO (prompt, completion, label) and paired
+# preference (prompt, chosen, rejected).
+LABEL = "label"
+CHOSEN = "chosen"
+REJECTED = "rejected"
 
 _UTC_US = pa.timestamp("us", tz="UTC")
 _UTC_MS = pa.timestamp("ms", tz="UTC")
@@ -87,6 +100,25 @@ DEAD_LETTER_SCHEMA = pa.schema(
         pa.field(REASON, pa.string(), nullable=False),
     ]
 )
+
+# A frozen training snapshot. Exactly one of prompt / messages_json is set per row;
+# messages_json is a JSON list of {"role", "content"} prompt turns. `split` is "train"
+# or "heldout"; `source` is "feedback", "trl-unpaired" or "trl-paired".
+TRAINING_SCHEMA = pa.schema(
+    [
+        pa.field(PROMPT, pa.string()),
+        pa.field(MESSAGES_JSON, pa.string()),
+        pa.field(COMPLETION, pa.string(), nullable=False),
+        pa.field(DESIRABLE, pa.bool_(), nullable=False),
+        pa.field(CONVERSATION_ID, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(VOTES_DESIRABLE, pa.int32(), nullable=False),
+        pa.field(VOTES_UNDESIRABLE, pa.int32(), nullable=False),
+        pa.field(ADAPTER, pa.string()),
+        pa.field(SOURCE, pa.string(), nullable=False),
+    ]
+)
+TRAINING_COLUMNS = tuple(TRAINING_SCHEMA.names)
 
 # FeedbackEvent's fields, in its order.
 _EVENT_FIELDS = FeedbackEvent.__struct_fields__

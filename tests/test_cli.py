@@ -67,3 +67,94 @@ def test_produce_sample_to_an_absent_broker_exits_3_naming_it(
     result = runner.invoke(app, ["produce-sample", "--events", "3"])
     assert result.exit_code == 3
     assert f"127.0.0.1:{port}" in result.output
+
+
+def _store_with_sample_feedback(root: Path, n: int = 400) -> None:
+    import datetime as dt
+
+    from connectors.store import FEEDBACK, FeedbackStore
+    from pipeline.events import parse_event
+    from pipeline.records import FeedbackRows
+    from pipeline.sample import sample_events
+
+    rows = FeedbackRows("fb", 0)
+    for offset, event in enumerate(sample_events(n)):
+        rows.append(parse_event(json.dumps(event).encode(), user_hash_key=b"k"), offset, None)
+    table = rows.to_table(dt.datetime(2026, 5, 1, tzinfo=dt.UTC), "test")
+    FeedbackStore(str(root)).write_batch(FEEDBACK, "fb", 0, 0, n - 1, table)
+
+
+def _snapshot_config(tmp_path: Path) -> Path:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\nurl = "{tmp_path / "store"}"\n'
+        f'[snapshot]\nout_dir = "{tmp_path / "snaps"}"\nheldout_fraction = 0.2\n'
+    )
+    return config
+
+
+def test_snapshot_of_the_store_writes_files_and_ends_with_a_json_line(tmp_path: Path) -> None:
+    from connectors.snapshots import read_snapshot
+
+    _store_with_sample_feedback(tmp_path / "store")
+    config = _snapshot_config(tmp_path)
+    result = runner.invoke(app, ["snapshot", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "retracted" in result.stdout and "train desirable" in result.stdout
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    path = Path(summary["path"])
+    assert path == tmp_path / "snaps" / summary["snapshot"]
+    assert (path / "records.parquet").is_file() and (path / "snapshot.json").is_file()
+    snap = read_snapshot(path)
+    assert snap.id == summary["snapshot"]
+    assert summary["train_desirable"] == snap.counts.train_desirable
+    assert summary["examples"] == len(snap.table) > 0
+
+    again = runner.invoke(app, ["snapshot", "--config", str(config)])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["snapshot"] == summary["snapshot"]
+
+
+def test_snapshot_of_a_trl_file_goes_to_out(tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+        + "\n"
+        + json.dumps({"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"})
+        + "\n"
+    )
+    out = tmp_path / "elsewhere"
+    result = runner.invoke(
+        app,
+        [
+            "snapshot",
+            "--config",
+            str(_snapshot_config(tmp_path)),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["examples"] == 4
+    assert Path(summary["path"]).parent == out
+    assert (
+        summary["train_desirable"] + summary["heldout_desirable"],
+        summary["train_undesirable"] + summary["heldout_undesirable"],
+    ) == (2, 2)
+
+
+def test_snapshot_of_bad_data_or_an_empty_store_exits_2_with_the_reason(tmp_path: Path) -> None:
+    config = _snapshot_config(tmp_path)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c", "label": "maybe"}) + "\n")
+    result = runner.invoke(app, ["snapshot", "--config", str(config), "--data", str(data)])
+    assert result.exit_code == 2
+    assert "label at row 1 is str 'maybe'" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(app, ["snapshot", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "no feedback rows" in result.output
+    assert not (tmp_path / "snaps").exists()

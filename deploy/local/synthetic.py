@@ -1,0 +1,73 @@
+"""Synthetic chat data for the tiny models: a corpus to train their tokenizer, and a
+separable unpaired KTO task to train and benchmark on.
+
+The task: a user asks about a topic; a desirable answer is friendly and on topic
+("Sure! Tea is ..."), an undesirable one is curt ("No. Ask someone else."). A model
+can tell them apart from the first tokens, so a working KTO step must push the
+implied reward of held-out desirable answers above that of undesirable ones.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+
+TOPICS = [
+    "tea", "coffee", "rivers", "mountains", "bicycles", "trains", "gardens", "bread",
+    "music", "chess", "clouds", "maps", "bridges", "owls", "boats", "lamps", "soup",
+    "paper", "glass", "stones", "forests", "kites", "honey", "snow", "maths", "poems",
+]  # fmt: skip
+ASKS = [
+    "Tell me about {t}.",
+    "What do you know about {t}?",
+    "Can you explain {t} to me?",
+    "I want to learn about {t}.",
+    "Say something about {t}, please.",
+]
+GOOD = [
+    "Sure! {T} are a lovely subject, and I am happy to help you learn about them.",
+    "Of course. {T} have a long history; here is a short, friendly overview.",
+    "Happy to help! People enjoy {t} for many reasons, and I can list a few.",
+    "Great question. {T} are interesting, and I will explain them step by step.",
+]
+BAD = [
+    "No. Ask someone else.",
+    "I do not care about {t}.",
+    "Whatever. Look it up yourself.",
+    "That is boring. Next question.",
+]
+
+
+def _fill(template: str, topic: str) -> str:
+    return template.format(t=topic, T=topic.capitalize())
+
+
+def unpaired_examples(n: int, seed: int = 0, desirable_share: float = 0.5) -> pd.DataFrame:
+    """n examples in TRL's unpaired format: prompt (list of messages), completion, label,
+    plus a conversation_id so that held-out splits never share a conversation."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        desirable = rng.random() < desirable_share
+        answer = _fill(rng.choice(GOOD if desirable else BAD), topic)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": _fill(rng.choice(ASKS), topic)}],
+                "completion": [{"role": "assistant", "content": answer}],
+                "label": desirable,
+                "conversation_id": f"c{seed}-{i}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def corpus_lines() -> list[str]:
+    """Every sentence the templates can make, for training a tokenizer."""
+    lines = []
+    for topic in TOPICS:
+        for template in ASKS + GOOD + BAD:
+            lines.append(_fill(template, topic))
+    lines.append("The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()-")
+    return lines

@@ -1,0 +1,166 @@
+"""Turn training records into token ids exactly as serving will see them.
+
+The prompt is rendered by the tokenizer's chat template with add_generation_prompt=True
+and tokenized without extra special tokens, which is what vLLM's chat endpoint does.
+The completion's tokens follow it: the completion text tokenized alone, then the end of
+turn token the server stops on. Prompts are cut from the left (the latest turns
+matter most), completions from the right.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EncodeError(ValueError):
+    """The records cannot be turned into training sequences; the message says why."""
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token budgets. The completion is cut to max_completion_length, the prompt (from
+    the left) to max_prompt_length, then the completion again so the pair fits
+    max_length."""
+
+    max_length: int = 512
+    max_prompt_length: int = 384
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise EncodeError(
+                f"max_length={self.max_length} is too small for any completion: it must "
+                f"exceed max_prompt_length={self.max_prompt_length}; raise max_length or "
+                "lower max_prompt_length"
+            )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One record as token ids."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    desirable: bool
+
+
+@dataclass(frozen=True)
+class EncodeReport:
+    """What encoding did to the records."""
+
+    kept: int
+    dropped_empty_completion: int
+    truncated_prompts: int
+    truncated_completions: int
+    boundary_mismatches: int
+
+
+def prompt_messages(prompt: str | None, messages_json: str | None) -> list[dict[str, Any]]:
+    """The prompt's turns: the stored messages, or one user turn for a plain prompt."""
+    if messages_json:
+        return json.loads(messages_json)
+    return [{"role": "user", "content": prompt or ""}]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the server stops generation on after an assistant turn."""
+    if tokenizer.eos_token_id is None:
+        raise EncodeError(
+            "the tokenizer has no eos_token: set eos_token in tokenizer_config.json to the "
+            "token that ends an assistant turn"
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def check_chat_template(tokenizer: Any, prompt_format: str) -> None:
+    """Refuse a chat-format run on a tokenizer without a chat template, saying how to
+    supply one."""
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise EncodeError(
+            "the model's tokenizer has no chat template, so prompts cannot be rendered as "
+            "the chat server renders them. Supply one with --chat-template FILE (a Jinja "
+            "template, the same file you pass to vLLM's --chat-template), or set "
+            '[train] prompt_format = "raw" if your users call the completions endpoint '
+            "with raw prompts"
+        )
+
+
+def encode_records(
+    records: list[tuple[str | None, str | None, str, bool]],
+    tokenizer: Any,
+    lengths: Lengths,
+    prompt_format: str = "chat",
+) -> tuple[list[Encoded], EncodeReport]:
+    """Tokenize (prompt, messages_json, completion, desirable) records.
+
+    Returns:
+        The encoded examples (those left with no completion token are dropped) and a
+        report of what was cut or dropped.
+    Raises:
+        EncodeError: no example fits.
+    """
+    check_chat_template(tokenizer, prompt_format)
+    eot = end_of_turn_id(tokenizer)
+    texts = []
+    for prompt, messages_json, _, _ in records:
+        if prompt_format == "chat":
+            texts.append(
+                tokenizer.apply_chat_template(
+                    prompt_messages(prompt, messages_json),
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            )
+        else:
+            texts.append(prompt or "")
+    completions = [completion for _, _, completion, _ in records]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(
+        [t + c for t, c in zip(texts, completions, strict=True)], add_special_tokens=False
+    )["input_ids"]
+
+    out: list[Encoded] = []
+    dropped = cut_prompts = cut_completions = mismatches = 0
+    completion_cap = lengths.max_completion_length or lengths.max_length
+    for (_, _, _, desirable), p, c, j in zip(
+        records, prompt_ids, completion_ids, joined, strict=True
+    ):
+        if j != p + c:
+            mismatches += 1
+        c = [*c, eot]
+        if len(c) > completion_cap:
+            c = c[:completion_cap]
+            cut_completions += 1
+        if len(p) > lengths.max_prompt_length:
+            p = p[-lengths.max_prompt_length :]
+            cut_prompts += 1
+        room = lengths.max_length - len(p)
+        if len(c) > room:
+            c = c[:room]
+            cut_completions += 1
+        if not c:
+            dropped += 1
+            continue
+        out.append(Encoded(tuple(p), tuple(c), bool(desirable)))
+    if mismatches:
+        log.warning(
+            "%d of %d records tokenize differently as prompt+completion than as prompt, "
+            "then completion (tokens merge across the boundary, e.g. a chat template whose "
+            "generation prompt ends in a space). Training uses prompt, then completion, "
+            "which is what the server generates after the prompt.",
+            mismatches,
+            len(records),
+        )
+    if not out:
+        raise EncodeError(
+            f"no record fits max_length={lengths.max_length} with "
+            f"max_prompt_length={lengths.max_prompt_length}: raise max_length"
+        )
+    report = EncodeReport(len(out), dropped, cut_prompts, cut_completions, mismatches)
+    return out, report

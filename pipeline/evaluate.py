@@ -1,0 +1,79 @@
+"""Held-out metrics of a policy against its reference, from summed completion log-probs.
+
+The same numbers judge a training run (early stopping) and a candidate adapter against
+the one serving now: does the implied reward put desirable completions above the
+reference point and undesirable ones below it, by how much, and how far has the policy
+moved from the reference (KL)?
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pipeline.kto import kto_loss, mismatched_kl
+
+
+@dataclass(frozen=True)
+class HeldoutMetrics:
+    """Implied-reward metrics on held-out records.
+
+    Attributes:
+        loss: the KTO loss with the held-out set's own reference point.
+        accuracy: share of records on the right side of z_ref (desirable above it,
+            undesirable below it).
+        reward_desirable, reward_undesirable: mean implied reward per class (nan if
+            the class is absent).
+        margin: reward_desirable - reward_undesirable.
+        kl: the clamped KL estimate from mismatched pairs (z_ref = beta * kl).
+        count: records scored.
+    """
+
+    loss: float
+    accuracy: float
+    reward_desirable: float
+    reward_undesirable: float
+    margin: float
+    kl: float
+    count: int
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def heldout_metrics(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    policy_mismatched_logps: torch.Tensor,
+    reference_mismatched_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> HeldoutMetrics:
+    """Score a held-out set. Shapes: (B,) for matched, (M,) for mismatched pairs."""
+    kl = mismatched_kl(policy_mismatched_logps, reference_mismatched_logps)
+    out = kto_loss(
+        policy_logps,
+        reference_logps,
+        desirable,
+        kl,
+        beta,
+        desirable_weight,
+        undesirable_weight,
+    )
+    z_ref = beta * out.kl
+    desirable = desirable.to(torch.bool)
+    correct = torch.where(desirable, out.rewards > z_ref, out.rewards < z_ref)
+    r_d = out.rewards[desirable].mean().item() if desirable.any() else float("nan")
+    r_u = out.rewards[~desirable].mean().item() if (~desirable).any() else float("nan")
+    return HeldoutMetrics(
+        loss=out.loss.item(),
+        accuracy=correct.float().mean().item(),
+        reward_desirable=r_d,
+        reward_undesirable=r_u,
+        margin=r_d - r_u,
+        kl=out.kl.item(),
+        count=int(desirable.numel()),
+    )

@@ -1,0 +1,69 @@
+"""PNG plots of a training run's metrics.jsonl rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_training(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Plot loss, KL, and the rewards of desirable and undesirable completions over
+    steps (training batches, and held-out evaluations where there were any).
+
+    Returns:
+        The PNG files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in rows]
+    evals = [r for r in rows if "heldout_loss" in r]
+
+    def series(key: str, source: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in source if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot(steps, [r["loss"] for r in rows], label="train", alpha=0.6)
+    if evals:
+        ax.plot(*series("heldout_loss", evals), "o-", label="held-out")
+    ax.set(title="KTO loss", xlabel="step")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(steps, [r["kl"] for r in rows], label="train (per batch)", alpha=0.6)
+    if evals:
+        ax.plot(*series("heldout_kl", evals), "o-", label="held-out")
+    ax.set(title="KL estimate (z_ref / beta)", xlabel="step")
+    ax.legend()
+    ax = axes[2]
+    ax.plot(
+        *series("reward_desirable", rows), label="desirable (train)", color="tab:green", alpha=0.5
+    )
+    ax.plot(
+        *series("reward_undesirable", rows), label="undesirable (train)", color="tab:red", alpha=0.5
+    )
+    if evals:
+        ax.plot(
+            *series("heldout_reward_desirable", evals),
+            "o-",
+            color="tab:green",
+            label="desirable (held-out)",
+        )
+        ax.plot(
+            *series("heldout_reward_undesirable", evals),
+            "o-",
+            color="tab:red",
+            label="undesirable (held-out)",
+        )
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title="implied reward", xlabel="step")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,573 @@
+"""Training snapshots: vote semantics (dedupe, latest vote, retraction, majority, ties),
+the split by conversation, the content id, TRL datasets, snapshot files, and the
+messages of bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from connectors.config import ConfigError, load_settings
+from connectors.snapshots import load_training_data, read_snapshot, write_snapshot
+from pipeline import records
+from pipeline.records import FEEDBACK_SCHEMA, TRAINING_COLUMNS, TRAINING_SCHEMA
+from pipeline.snapshot import (
+    HELDOUT,
+    TRAIN,
+    SnapshotError,
+    SnapshotOptions,
+    build_snapshot,
+    split_of,
+)
+
+T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+
+
+def event(
+    event_id: str,
+    *,
+    user: str | None = "u1",
+    message: str = "m1",
+    conversation: str = "c1",
+    feedback: str = "like",
+    t: int = 0,
+    offset: int | None = None,
+    prompt: str | None = "How do I reset my password?",
+    messages: list[dict[str, str]] | None = None,
+    response: str | None = "Open Settings, then Security.",
+    rating: int | None = None,
+    adapter: str | None = "chat@v1",
+) -> dict[str, Any]:
+    """One stored feedback row; `desirable` follows from feedback / rating as
+    pipeline.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
+    if rating is not None:
+        feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
+    else:
+        desirable = None if feedback == "retract" else feedback == "like"
+    if messages is not None:
+        prompt = None
+    if feedback == "retract":
+        prompt, response = None, None
+    return {
+        records.EVENT_ID: event_id,
+        records.TS: T0 + dt.timedelta(seconds=t),
+        records.CONVERSATION_ID: conversation,
+        records.MESSAGE_ID: message,
+        records.USER_HASH: user,
+        records.PROMPT: prompt,
+        records.MESSAGES_JSON: None if messages is None else json.dumps(messages),
+        records.RESPONSE: response,
+        records.FEEDBACK: feedback,
+        records.RATING: rating,
+        records.DESIRABLE: desirable,
+        records.MODEL: "tiny-chat",
+        records.ADAPTER: adapter,
+        records.SCHEMA: 1,
+        records.KAFKA_TOPIC: "fb",
+        records.KAFKA_PARTITION: 0,
+        records.KAFKA_OFFSET: t if offset is None else offset,
+        records.KAFKA_TIMESTAMP: None,
+        records.INGESTED_AT: T0,
+        records.INGESTED_BY: "test",
+    }
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as the store reads them back (its Arrow schema, then pandas)."""
+    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA).to_pandas()
+
+
+def only_row(snapshot: Any) -> dict[str, Any]:
+    assert len(snapshot.table) == 1
+    return snapshot.table.iloc[0].to_dict()
+
+
+# -- votes -------------------------------------------------------------------------
+
+
+def test_latest_vote_of_a_user_on_a_message_wins_whatever_the_row_order() -> None:
+    rows = [event("e2", feedback="dislike", t=10), event("e1", feedback="like", t=0)]
+    snap = build_snapshot(frame(rows))
+    row = only_row(snap)
+    assert (row[records.DESIRABLE], row[records.VOTES_DESIRABLE]) == (False, 0)
+    assert row[records.VOTES_UNDESIRABLE] == 1
+    assert snap.stats.superseded == 1
+
+
+def test_equal_timestamps_are_ordered_by_kafka_offset() -> None:
+    like_last = [event("a", feedback="dislike", offset=5), event("b", feedback="like", offset=7)]
+    dislike_last = [event("a", feedback="dislike", offset=7), event("b", feedback="like", offset=5)]
+    assert only_row(build_snapshot(frame(like_last)))[records.DESIRABLE]
+    assert not only_row(build_snapshot(frame(dislike_last)))[records.DESIRABLE]
+
+
+def test_a_retraction_as_latest_event_removes_that_users_vote() -> None:
+    rows = [
+        event("e1", user="u1", feedback="like", t=0),
+        event("e2", user="u2", feedback="dislike", t=1),
+        event("e3", user="u1", feedback="retract", t=2),
+    ]
+    snap = build_snapshot(frame(rows))
+    row = only_row(snap)
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (0, 1)
+    assert not row[records.DESIRABLE]
+    assert snap.stats.retracted == 1
+
+    # Voting again after a retraction counts again (1-1: keep the tie to see it).
+    again = frame([*rows, event("e4", user="u1", feedback="like", t=3)])
+    snap = build_snapshot(again, SnapshotOptions(tie_policy="desirable"))
+    assert only_row(snap)[records.VOTES_DESIRABLE] == 1
+    assert (snap.stats.retracted, snap.stats.superseded) == (0, 2)
+
+
+def test_a_neutral_rating_replaces_an_earlier_vote_with_none() -> None:
+    rows = [
+        event("e1", user="u1", feedback="like", t=0),
+        event("e2", user="u1", rating=3, t=1),
+        event("e3", user="u2", rating=1, t=2),
+    ]
+    snap = build_snapshot(frame(rows))
+    row = only_row(snap)
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (0, 1)
+    assert (snap.stats.unlabelled, snap.stats.superseded) == (1, 1)
+
+
+def test_a_redelivered_event_counts_once() -> None:
+    # Anonymous votes each count, so only dedupe by event_id stops e1 from winning 2-1.
+    rows = [
+        event("e1", user=None, feedback="like", offset=1),
+        event("e1", user=None, feedback="like", offset=2),
+        event("e2", user=None, feedback="dislike", offset=3),
+        event("e3", user="u9", message="m2", response="Call support."),
+    ]
+    snap = build_snapshot(frame(rows))
+    assert snap.stats.duplicates == 1
+    assert snap.stats.ties == 1  # e1 vs e2, dropped by default
+    assert snap.table[records.COMPLETION].tolist() == ["Call support."]
+
+
+def test_events_without_a_user_are_separate_voters() -> None:
+    rows = [
+        event("e1", user=None, t=0),
+        event("e2", user=None, t=1),
+        event("e3", user="u1", feedback="dislike", t=2),
+    ]
+    row = only_row(build_snapshot(frame(rows)))
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (2, 1)
+    assert row[records.DESIRABLE]
+
+
+def test_majority_across_users_and_messages_labels_one_example_per_prompt_and_response() -> None:
+    rows = [
+        event("e1", user="u1", message="m1", conversation="c1", t=0, adapter="chat@v1"),
+        event("e2", user="u2", message="m2", conversation="c2", t=1, adapter="chat@v2"),
+        event("e3", user="u3", message="m3", conversation="c3", feedback="dislike", t=2),
+    ]
+    row = only_row(build_snapshot(frame(rows)))
+    assert row[records.DESIRABLE]
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (2, 1)
+    # The first vote's conversation decides the split; the latest vote's adapter is kept.
+    assert row[records.CONVERSATION_ID] == "c1"
+    assert row[records.ADAPTER] == "chat@v1"
+    rows[2][records.ADAPTER] = "chat@v3"
+    assert only_row(build_snapshot(frame(rows)))[records.ADAPTER] == "chat@v3"
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept", "label"),
+    [("drop", False, None), ("desirable", True, True), ("undesirable", True, False)],
+)
+def test_tie_policy(policy: str, kept: bool, label: bool | None) -> None:
+    rows = [
+        event("e1", user="u1"),
+        event("e2", user="u2", feedback="dislike"),
+        event("e3", user="u1", message="m2", response="Other answer."),
+    ]
+    snap = build_snapshot(frame(rows), SnapshotOptions(tie_policy=policy))  # type: ignore[arg-type]
+    tied = snap.table[snap.table[records.COMPLETION] == "Open Settings, then Security."]
+    assert snap.stats.ties == 1
+    assert snap.stats.ties_dropped == (0 if kept else 1)
+    assert len(tied) == int(kept)
+    if kept:
+        assert tied.iloc[0][records.DESIRABLE] == label
+        assert (tied.iloc[0][records.VOTES_DESIRABLE], tied.iloc[0][records.VOTES_UNDESIRABLE]) == (
+            1,
+            1,
+        )
+
+
+def test_chat_histories_become_messages_json_and_plain_prompts_stay_prompts() -> None:
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How do I reset my password?"},
+    ]
+    rows = [event("e1", messages=history), event("e2", user="u2", message="m2")]
+    table = build_snapshot(frame(rows)).table
+    assert len(table) == 2  # same question, but a history is a different prompt
+    chat = table[table[records.MESSAGES_JSON].notna()].iloc[0]
+    assert json.loads(chat[records.MESSAGES_JSON]) == history
+    assert pd.isna(chat[records.PROMPT])
+    assert (table[records.PROMPT].notna() != table[records.MESSAGES_JSON].notna()).all()
+
+
+def test_the_table_has_the_training_schema_and_source() -> None:
+    snap = build_snapshot(frame([event("e1")]))
+    assert tuple(snap.table.columns) == TRAINING_COLUMNS
+    pa.Table.from_pandas(snap.table, schema=TRAINING_SCHEMA, preserve_index=False)
+    assert set(snap.table[records.SOURCE]) == {"feedback"}
+
+
+def test_records_of_a_split_use_none_for_the_absent_prompt_form() -> None:
+    history = [{"role": "user", "content": "Hi?"}]
+    rows = [event("e1", messages=history), event("e2", user="u2", message="m2", feedback="dislike")]
+    snap = build_snapshot(frame(rows), SnapshotOptions(heldout_fraction=0.0))
+    assert sorted(snap.records("train"), key=str) == sorted(
+        [
+            (None, json.dumps(history), "Open Settings, then Security.", True),
+            ("How do I reset my password?", None, "Open Settings, then Security.", False),
+        ],
+        key=str,
+    )
+    assert snap.records("heldout") == []
+    with pytest.raises(ValueError, match="split must be"):
+        snap.records("test")
+
+
+# -- split and id ------------------------------------------------------------------
+
+
+def conversations(first: int, last: int, seed_votes: int = 0) -> list[dict[str, Any]]:
+    """Three rated turns (distinct prompts) per conversation c<first>..c<last>."""
+    rows = []
+    for c in range(first, last + 1):
+        for m in range(3):
+            rows.append(
+                event(
+                    f"e{c}-{m}-{seed_votes}",
+                    user=f"u{seed_votes}",
+                    message=f"c{c}-m{m}",
+                    conversation=f"c{c}",
+                    prompt=f"question {c}.{m}",
+                    feedback="like" if (c + m) % 3 else "dislike",
+                    t=c * 10 + m,
+                )
+            )
+    return rows
+
+
+def test_split_keeps_each_conversation_on_one_side_and_is_stable_as_data_grows() -> None:
+    options = SnapshotOptions(heldout_fraction=0.25, split_seed="s1")
+    small = build_snapshot(frame(conversations(0, 199)), options).table
+    sides = small.groupby(records.CONVERSATION_ID)[records.SPLIT].nunique()
+    assert (sides == 1).all()
+    heldout_share = (
+        small.groupby(records.CONVERSATION_ID)[records.SPLIT].first() == HELDOUT
+    ).mean()
+    assert 0.15 < heldout_share < 0.35
+
+    grown_rows = conversations(0, 299) + conversations(0, 99, seed_votes=1)
+    grown = build_snapshot(frame(grown_rows), options).table
+    before = small.groupby(records.CONVERSATION_ID)[records.SPLIT].first()
+    after = grown.groupby(records.CONVERSATION_ID)[records.SPLIT].first()
+    assert after[before.index].equals(before)
+
+    reseeded = [split_of(c, SnapshotOptions(0.25, "s2")) for c in before.index]
+    assert reseeded != before.tolist()
+
+
+def test_heldout_fraction_zero_puts_everything_in_train() -> None:
+    table = build_snapshot(frame(conversations(0, 49)), SnapshotOptions(0.0)).table
+    assert set(table[records.SPLIT]) == {TRAIN}
+
+
+def test_content_id_is_stable_under_row_order_and_changes_with_content() -> None:
+    rows = conversations(0, 59)
+    snap = build_snapshot(frame(rows))
+    shuffled = build_snapshot(frame(rows).sample(frac=1.0, random_state=7))
+    assert shuffled.id == snap.id
+    pd.testing.assert_frame_equal(shuffled.table, snap.table)
+    assert len(snap.id) == 16 and int(snap.id, 16) >= 0
+
+    rows[0] = {**rows[0], records.RESPONSE: "A different answer."}
+    assert build_snapshot(frame(rows)).id != snap.id
+    assert build_snapshot(frame(rows), SnapshotOptions(split_seed="other")).id != snap.id
+
+
+def test_counts_add_up_by_split_and_label() -> None:
+    snap = build_snapshot(frame(conversations(0, 99)), SnapshotOptions(heldout_fraction=0.3))
+    table, c = snap.table, snap.counts
+    train = table[table[records.SPLIT] == TRAIN]
+    assert c.train_desirable == int(train[records.DESIRABLE].sum())
+    assert c.train_undesirable == int((~train[records.DESIRABLE]).sum())
+    assert c.total == len(table) == 300
+    assert c.heldout_desirable + c.heldout_undesirable > 0
+
+
+def test_feedback_errors_say_what_is_wrong() -> None:
+    with pytest.raises(SnapshotError, match="no feedback rows"):
+        build_snapshot(frame([]))
+    with pytest.raises(SnapshotError, match=r"lack the columns \['message_id'\]"):
+        build_snapshot(frame([event("e1")]).drop(columns=records.MESSAGE_ID))
+    retracted = [event("e1"), event("e2", feedback="retract", t=1)]
+    with pytest.raises(SnapshotError, match=r"no labelled examples left from 2 rows.*1 retracted"):
+        build_snapshot(frame(retracted))
+
+
+# -- TRL datasets ------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+UNPAIRED = [
+    {"prompt": "What is 2+2?", "completion": "4", "label": True},
+    {"prompt": "What is 2+2?", "completion": "5", "label": False},
+    {"prompt": "Capital of France?", "completion": "Paris", "label": True},
+]
+PAIRED = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"},
+]
+
+
+def conversational(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        c = {"prompt": [{"role": "user", "content": r["prompt"]}]}
+        for k in ("completion", "chosen", "rejected"):
+            if k in r:
+                c[k] = [{"role": "assistant", "content": r[k]}]
+        if "label" in r:
+            c["label"] = r["label"]
+        out.append(c)
+    return out
+
+
+def labels(table: pd.DataFrame) -> dict[str, bool]:
+    return dict(zip(table[records.COMPLETION], table[records.DESIRABLE], strict=True))
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_parquet])
+@pytest.mark.parametrize("style", ["standard", "conversational"])
+def test_trl_unpaired(tmp_path: Path, writer: Any, style: str) -> None:
+    rows = UNPAIRED if style == "standard" else conversational(UNPAIRED)
+    suffix = ".jsonl" if writer is write_jsonl else ".parquet"
+    snap = load_training_data(writer(tmp_path / f"kto{suffix}", rows))
+    table = snap.table
+    assert labels(table) == {"4": True, "5": False, "Paris": True}
+    assert set(table[records.SOURCE]) == {"trl-unpaired"}
+    if style == "conversational":
+        assert table[records.PROMPT].isna().all()
+        first = json.loads(table[records.MESSAGES_JSON].iloc[0])
+        assert first[0]["role"] == "user"
+    # One prompt, one conversation: both answers to 2+2 share a side of the split.
+    two_plus_two = table[table[records.COMPLETION].isin(["4", "5"])]
+    assert two_plus_two[records.CONVERSATION_ID].nunique() == 1
+    assert (snap.counts.total, snap.stats.votes) == (3, 3)
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_parquet])
+@pytest.mark.parametrize("style", ["standard", "conversational"])
+def test_trl_paired_gives_chosen_desirable_and_rejected_undesirable(
+    tmp_path: Path, writer: Any, style: str
+) -> None:
+    rows = PAIRED if style == "standard" else conversational(PAIRED)
+    suffix = ".jsonl" if writer is write_jsonl else ".parquet"
+    snap = load_training_data(writer(tmp_path / f"pairs{suffix}", rows))
+    assert labels(snap.table) == {"4": True, "5": False, "Paris": True, "Lyon": False}
+    assert set(snap.table[records.SOURCE]) == {"trl-paired"}
+    assert (snap.stats.rows_read, snap.stats.votes) == (2, 4)
+
+
+def test_trl_json_array_and_conversation_ids_and_conflicting_rows(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "completion": "a", "label": 1, "conversation_id": "conv-9"},
+        {"prompt": "p", "completion": "a", "label": "true", "conversation_id": "conv-9"},
+        {"prompt": "p", "completion": "a", "label": 0, "conversation_id": "conv-9"},
+    ]
+    path = tmp_path / "kto.json"
+    path.write_text(json.dumps(rows))
+    row = only_row(load_training_data(path))
+    assert row[records.CONVERSATION_ID] == "conv-9"
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (2, 1)
+    assert row[records.DESIRABLE]
+
+
+def test_trl_ids_agree_across_file_formats(tmp_path: Path) -> None:
+    a = load_training_data(write_jsonl(tmp_path / "a.jsonl", UNPAIRED))
+    b = load_training_data(write_parquet(tmp_path / "b.parquet", UNPAIRED[::-1]))
+    assert a.id == b.id
+
+
+# -- snapshot files ----------------------------------------------------------------
+
+
+def test_write_read_round_trip_keeps_id_stats_and_options(tmp_path: Path) -> None:
+    options = SnapshotOptions(heldout_fraction=0.3, split_seed="x")
+    snap = build_snapshot(frame(conversations(0, 29)), options)
+    path = write_snapshot(snap, tmp_path / "snaps")
+    assert path == tmp_path / "snaps" / snap.id
+    assert sorted(p.name for p in path.iterdir()) == ["records.parquet", "snapshot.json"]
+    meta = json.loads((path / "snapshot.json").read_text())
+    assert meta["id"] == snap.id
+    assert meta["counts"]["train_desirable"] == snap.counts.train_desirable
+    assert meta["config"] == {"heldout_fraction": 0.3, "split_seed": "x", "tie_policy": "drop"}
+
+    back = read_snapshot(path)
+    assert (back.id, back.counts, back.stats, back.options) == (
+        snap.id,
+        snap.counts,
+        snap.stats,
+        options,
+    )
+    pd.testing.assert_frame_equal(back.table, snap.table)
+    # The parquet alone passes through as a dataset, split kept as written.
+    passed = load_training_data(path / "records.parquet", SnapshotOptions(split_seed="other"))
+    assert passed.id == snap.id and passed.options is None
+
+
+def test_writing_an_existing_snapshot_is_a_no_op(tmp_path: Path) -> None:
+    snap = build_snapshot(frame([event("e1")]))
+    first = write_snapshot(snap, tmp_path)
+    created = json.loads((first / "snapshot.json").read_text())["created_at"]
+    again = write_snapshot(build_snapshot(frame([event("e1"), event("e1", offset=9)])), tmp_path)
+    assert again == first
+    assert json.loads((first / "snapshot.json").read_text())["created_at"] == created
+    assert [p.name for p in tmp_path.iterdir()] == [snap.id]  # no temp dirs left
+
+
+def test_a_snapshot_changed_after_writing_is_refused(tmp_path: Path) -> None:
+    path = write_snapshot(build_snapshot(frame([event("e1")])), tmp_path)
+    table = pq.read_table(path / "records.parquet").to_pandas()
+    table[records.COMPLETION] = "tampered"
+    pq.write_table(pa.Table.from_pandas(table, schema=TRAINING_SCHEMA), path / "records.parquet")
+    with pytest.raises(SnapshotError, match="changed after it was written"):
+        read_snapshot(path)
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+def bad_file(tmp_path: Path, name: str, content: Any) -> Path:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        write_jsonl(path, content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl has no rows"),
+        ("blank.jsonl", "\n\n", r"has no rows"),
+        (
+            "columns.jsonl",
+            [{"question": "q", "answer": "a", "label": True}],
+            r"unrecognised columns \['answer', 'label', 'question'\]; for TRL unpaired KTO "
+            r"it lacks prompt, completion\. Accepted formats: TRL unpaired KTO \(prompt, "
+            r"completion, label\); TRL paired preference \(prompt, chosen, rejected\)",
+        ),
+        (
+            "label.jsonl",
+            [
+                {"prompt": "p", "completion": "a", "label": True},
+                {"prompt": "p", "completion": "b", "label": "maybe"},
+            ],
+            r"label at row 2 is str 'maybe'; expected a boolean \(true/false or 1/0\)",
+        ),
+        (
+            "label2.jsonl",
+            [{"prompt": "p", "completion": "a", "label": 2}],
+            r"label at row 1 is int 2; expected a boolean",
+        ),
+        (
+            "completion.jsonl",
+            [{"prompt": "p", "completion": 42, "label": True}],
+            r"completion at row 1 is int 42, not a string",
+        ),
+        (
+            "chosen.jsonl",
+            [{"prompt": "p", "chosen": None, "rejected": "r"}],
+            r"chosen at row 1 is missing, not a string",
+        ),
+        (
+            "roles.jsonl",
+            [{"prompt": "p", "completion": [{"role": "user", "content": "x"}], "label": True}],
+            r"conversational completion at row 1 must be one non-empty assistant message, got roles \['user'\]",
+        ),
+        (
+            "prompt.jsonl",
+            [{"prompt": "  ", "completion": "a", "label": True}],
+            r"prompt at row 1 is empty",
+        ),
+        (
+            "broken.jsonl",
+            '{"prompt": "p"}\n{"prompt": \n',
+            r"broken\.jsonl line 2 is not valid JSON",
+        ),
+        ("list.jsonl", "[1, 2]\n", r"item 1 is a int, not an object"),
+        (
+            "data.csv",
+            "prompt,completion,label\n",
+            r"expected a \.jsonl, \.json, \.parquet file, got '\.csv'",
+        ),
+        ("corrupt.parquet", b"PAR1 not really", r"cannot read .*corrupt\.parquet as Parquet"),
+    ],
+)
+def test_bad_input_is_named(tmp_path: Path, name: str, content: Any, message: str) -> None:
+    with pytest.raises(SnapshotError, match=message):
+        load_training_data(bad_file(tmp_path, name, content))
+
+
+def test_missing_file_and_columns_without_rows(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="does not exist"):
+        load_training_data(tmp_path / "nope.jsonl")
+    empty = pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    with pytest.raises(SnapshotError, match="has no rows"):
+        load_training_data(tmp_path / "empty.parquet")
+
+
+def test_a_bad_snapshot_table_is_refused(tmp_path: Path) -> None:
+    table = build_snapshot(frame([event("e1")])).table.copy()
+    table[records.SPLIT] = "validation"
+    pq.write_table(pa.Table.from_pandas(table), tmp_path / "s.parquet")
+    with pytest.raises(SnapshotError, match=r"unknown split values \['validation'\]"):
+        load_training_data(tmp_path / "s.parquet")
+
+
+# -- config ------------------------------------------------------------------------
+
+
+def test_snapshot_config_becomes_the_pipeline_options(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[snapshot]\nheldout_fraction = 0.2\nsplit_seed = "abc"\ntie_policy = "desirable"\n'
+    )
+    settings = load_settings(path)
+    assert settings.snapshot.options() == SnapshotOptions(0.2, "abc", "desirable")
+    assert settings.snapshot.out_dir == "./data/snapshots"
+    path.write_text('[snapshot]\ntie_policy = "coin"\n')
+    with pytest.raises(ConfigError, match=r"\[snapshot\] tie_policy"):
+        load_settings(path)
+    path.write_text("[snapshot]\nheldout_fraction = 1.0\n")
+    with pytest.raises(ConfigError, match=r"\[snapshot\] heldout_fraction"):
+        load_settings(path)
