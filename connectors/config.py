@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
 from pipeline.snapshot import SnapshotOptions, TiePolicy
+from pipeline.train_options import LoraOptions, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
 CONFIG_ENV = "KTO_LOOP_CONFIG"
@@ -188,6 +189,90 @@ class BalanceConfig(_Section):
         )
 
 
+class TrainConfig(_Section):
+    """How the KTO trainer runs. Defaults suit a LoRA on a small or mid-size chat model;
+    see the README's training section for how they were chosen."""
+
+    beta: float = Field(
+        0.1, gt=0, description="reward scale; higher keeps the policy nearer the reference"
+    )
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(
+        8, ge=1, description="per device; z_ref rests on this many mismatched pairs"
+    )
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="cap on optimizer steps (default: the epochs)"
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=2, description="prompt + completion tokens")
+    max_prompt_length: int = Field(384, ge=1, description="prompts are cut from the left to this")
+    max_completion_length: int | None = Field(
+        None, ge=1, description="completions are cut from the right"
+    )
+    prompt_format: Literal["chat", "raw"] = Field(
+        "chat",
+        description="chat: render prompts with the chat template, as vLLM's chat endpoint does",
+    )
+    seed: int = 0
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of an NLL term on desirable completions"
+    )
+    length_bucketing: bool = True
+    eval_every: int = Field(
+        0, ge=0, description="optimizer steps between held-out evaluations; 0 = a tenth of the run"
+    )
+    early_stopping_patience: int = Field(
+        3, ge=0, description="evaluations without a better held-out loss before stopping; 0 = never"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation"
+    )
+    max_general_nll_increase: float | None = Field(
+        None,
+        gt=0,
+        description="fail the run when the general held-out NLL rises by more than this share",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that has it"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a completion after "
+                f"max_prompt_length={self.max_prompt_length}; raise max_length or lower "
+                "max_prompt_length"
+            )
+        return self
+
+    def options(self, **overrides: Any) -> TrainOptions:
+        """The pipeline's training options, with command-line overrides."""
+        return TrainOptions(
+            **(self.model_dump() | {k: v for k, v in overrides.items() if v is not None})
+        )
+
+
+class LoraConfig(_Section):
+    """The LoRA adapter's shape. rank must not exceed the server's --max-lora-rank."""
+
+    r: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        8, description="a rank vLLM accepts: 1, 8, 16, 32, 64, 128, 256, 320 or 512"
+    )
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    def options(self) -> LoraOptions:
+        return LoraOptions(self.r, self.alpha, self.dropout, tuple(self.target_modules))
+
+
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -204,6 +289,8 @@ class Settings(BaseSettings):
     events: EventsConfig = Field(default_factory=EventsConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -269,6 +269,170 @@ def snapshot(
 
 
 @app.command()
+def train(
+    base_model: Annotated[
+        Path,
+        typer.Option("--base-model", help="Local directory of the causal LM that vLLM serves."),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="A snapshot (directory or records.parquet), or a TRL .jsonl/.parquet file.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the adapter and its reports.")],
+    config: ConfigOption = None,
+    init_adapter: Annotated[
+        Path | None,
+        typer.Option("--init-adapter", help="Warm start from this adapter (the served one)."),
+    ] = None,
+    reference_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference-adapter", help="Reference = this adapter (continual rounds), not the base."
+        ),
+    ] = None,
+    general: Annotated[
+        Path | None,
+        typer.Option(
+            "--general", help="General held-out records whose NLL is reported before and after."
+        ),
+    ] = None,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option("--chat-template", help="Jinja chat template for a tokenizer without one."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Override [train] max_steps.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override [train] seed.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
+    ] = False,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Train a LoRA adapter with KTO; the last line of stdout is a JSON summary.
+
+    Exit codes: 0 trained (or skipped for too little data: see "status"), 1 the run
+    failed (diverged, general-ability bound), 2 bad input.
+    """
+    from connectors.snapshots import load_training_data
+    from pipeline.balance import choose_weights
+    from pipeline.encode import EncodeError
+    from pipeline.snapshot import SnapshotError
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    settings = _settings(config)
+    try:
+        snap = load_training_data(data, settings.snapshot.options())
+        general_records = []
+        if general is not None:
+            g = load_training_data(general, settings.snapshot.options())
+            general_records = g.records("train") + g.records("heldout")
+        template = chat_template.read_text() if chat_template is not None else None
+    except SnapshotError as exc:
+        _fail(exc, 2)
+    except OSError as exc:
+        _fail(RuntimeError(f"could not read input: {exc}"), 2)
+    c = snap.counts
+    balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
+    err.print(balance.explanation, markup=False, highlight=False)
+    if balance.skip_reason is not None:
+        typer.echo(
+            json.dumps({"status": "skipped", "reason": balance.skip_reason, "snapshot": snap.id})
+        )
+        return
+
+    from pipeline.trainer import DivergedError, GeneralAbilityError, TrainError, TrainInputs
+    from pipeline.trainer import train as run_training
+
+    _init_distributed()
+    inputs = TrainInputs(
+        base_model=base_model,
+        train=snap.records("train"),
+        heldout=snap.records("heldout"),
+        general=general_records,
+        out_dir=out,
+        desirable_weight=balance.lambda_desirable,
+        undesirable_weight=balance.lambda_undesirable,
+        balance_explanation=balance.explanation,
+        snapshot_id=snap.id,
+        init_adapter=init_adapter,
+        reference_adapter=reference_adapter,
+        chat_template=template,
+        resume=resume,
+        progress=True,
+    )
+    try:
+        result = run_training(
+            inputs, settings.train.options(max_steps=max_steps, seed=seed), settings.lora.options()
+        )
+    except (DivergedError, GeneralAbilityError) as exc:
+        _fail(exc, 1)
+    except (TrainError, EncodeError) as exc:
+        _fail(exc, 2)
+    m = result.manifest
+    if result.adapter_dir is None:
+        typer.echo(json.dumps({"status": "paused", **m}))
+        return
+    before = m["metrics"]["heldout_before"] or {}
+    after = m["metrics"]["heldout_after"] or {}
+    table = Table(title=f"adapter {out}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in ("loss", "accuracy", "reward_desirable", "reward_undesirable", "margin", "kl"):
+        table.add_row(f"held-out {key}", _num(before.get(key)), _num(after.get(key)))
+    general_nll = (m["metrics"]["general_nll_before"], m["metrics"]["general_nll_after"])
+    if general_nll[0] is not None:
+        table.add_row("general NLL / token", _num(general_nll[0]), _num(general_nll[1]))
+    Console(stderr=True).print(table)
+    for warning in m["warnings"]:
+        err.print(f"warning: {warning}", style="yellow", markup=False)
+    typer.echo(
+        json.dumps(
+            {
+                "status": "trained",
+                "adapter": str(out),
+                "snapshot": snap.id,
+                "steps": m["steps"],
+                "best_step": m["best_step"],
+                "lambda_desirable": balance.lambda_desirable,
+                "lambda_undesirable": balance.lambda_undesirable,
+                "heldout_accuracy_before": before.get("accuracy"),
+                "heldout_accuracy_after": after.get("accuracy"),
+                "heldout_margin_after": after.get("margin"),
+                "heldout_kl_after": after.get("kl"),
+                "general_nll_before": general_nll[0],
+                "general_nll_after": general_nll[1],
+                "seconds": m["seconds"],
+            }
+        )
+    )
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
+    point: NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+
+
+@app.command()
 def schema(
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:

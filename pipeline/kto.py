@@ -72,7 +72,8 @@ def kto_loss(
 
     Args:
         policy_logps: (B,) summed completion log-probs under the policy (with gradient).
-        reference_logps: (B,) the same under the reference (no gradient needed).
+        reference_logps: (B,) the same under the reference; a constant of the loss
+            (detached here, as pi_ref is fixed).
         desirable: (B,) bool labels.
         kl: scalar raw KL estimate (from `mismatched_kl`, averaged across ranks); it is
             clamped at 0 here and detached.
@@ -87,6 +88,7 @@ def kto_loss(
             f"{tuple(reference_logps.shape)}, desirable {tuple(desirable.shape)}"
         )
     kl = kl.detach()
+    reference_logps = reference_logps.detach()
     clamped = bool(kl < 0)
     kl = kl.clamp(min=0)
     logratios = policy_logps - reference_logps

@@ -1,0 +1,81 @@
+"""Records become the token ids serving sees: the chat template's rendering with the
+generation prompt, then the completion and the end-of-turn token."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from pipeline.encode import EncodeError, Lengths, encode_records
+from pipeline.trainer import load_tokenizer
+
+MESSAGES = json.dumps([{"role": "user", "content": "Tell me about tea."}])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_prompt_is_rendered_as_the_chat_server_renders_it(tokenizer):
+    [encoded], report = encode_records(
+        [(None, MESSAGES, "Sure! Tea is nice.", True)], tokenizer, Lengths()
+    )
+    rendered = tokenizer.apply_chat_template(
+        json.loads(MESSAGES), add_generation_prompt=True, tokenize=False
+    )
+    assert rendered.endswith("<|assistant|>\n")
+    assert list(encoded.prompt_ids) == tokenizer(rendered, add_special_tokens=False).input_ids
+    assert tokenizer.decode(encoded.completion_ids) == "Sure! Tea is nice.<|end|>"
+    assert encoded.completion_ids[-1] == tokenizer.eos_token_id
+    assert report.kept == 1 and report.boundary_mismatches == 0
+
+
+def test_plain_prompt_becomes_one_user_turn(tokenizer):
+    [a], _ = encode_records([("Tell me about tea.", None, "Yes.", True)], tokenizer, Lengths())
+    [b], _ = encode_records([(None, MESSAGES, "Yes.", True)], tokenizer, Lengths())
+    assert a == b
+
+
+def test_prompt_is_cut_from_the_left_and_completion_from_the_right(tokenizer):
+    long_prompt = json.dumps([{"role": "user", "content": "tea " * 200}])
+    long_answer = "coffee " * 200
+    lengths = Lengths(max_length=64, max_prompt_length=40, max_completion_length=30)
+    [e], report = encode_records([(None, long_prompt, long_answer, False)], tokenizer, lengths)
+    full_prompt = tokenizer(
+        tokenizer.apply_chat_template(
+            json.loads(long_prompt), add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    ).input_ids
+    full_answer = tokenizer(long_answer, add_special_tokens=False).input_ids
+    assert list(e.prompt_ids) == full_prompt[-40:]  # the generation prompt survives
+    assert list(e.completion_ids) == full_answer[:24]  # 64 - 40 tokens of room
+    assert report.truncated_prompts == 1 and report.truncated_completions == 2
+
+
+def test_lengths_that_leave_no_room_for_a_completion_are_refused():
+    with pytest.raises(EncodeError, match="too small for any completion"):
+        Lengths(max_length=32, max_prompt_length=32)
+
+
+def test_boundary_merge_is_warned(tokenizer, caplog):
+    # A generation prompt ending in a space: byte-level BPE glues the space to the next
+    # word, so prompt+completion tokenizes differently from prompt, then completion.
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} Answer: "
+    with caplog.at_level(logging.WARNING, logger="pipeline.encode"):
+        _, report = encode_records([(None, MESSAGES, "tea is nice", True)], tokenizer, Lengths())
+    assert report.boundary_mismatches == 1
+    assert "tokenize differently" in caplog.text
+
+
+def test_raw_prompts_need_no_chat_template(tokenizer):
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    with pytest.raises(EncodeError, match="no chat template"):
+        encode_records([("Q:", None, "A", True)], tokenizer, Lengths())
+    [e], _ = encode_records([("Q:", None, "A", True)], tokenizer, Lengths(), prompt_format="raw")
+    assert list(e.prompt_ids) == tokenizer("Q:", add_special_tokens=False).input_ids

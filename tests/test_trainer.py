@@ -1,0 +1,305 @@
+"""The KTO trainer on a tiny Llama-style model built in a fixture: it learns a
+separable task, writes an adapter that peft loads, leaves the base untouched,
+resumes on the same trajectory, and refuses bad input before writing anything."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.local.synthetic import unpaired_examples
+from pipeline.encode import EncodeError
+from pipeline.train_options import TrainOptions
+from pipeline.trainer import (
+    ADAPTER_FILES,
+    CHECKPOINT,
+    MANIFEST,
+    METRICS,
+    DivergedError,
+    GeneralAbilityError,
+    TrainError,
+    TrainInputs,
+    train,
+)
+
+pytestmark = pytest.mark.integration
+
+# Large enough to move the tiny model in a few dozen steps.
+FAST = TrainOptions(
+    learning_rate=2e-3,
+    batch_size=8,
+    max_length=96,
+    max_prompt_length=64,
+    eval_every=5,
+    early_stopping_patience=0,
+    seed=0,
+)
+
+
+def records(n: int, seed: int, desirable_share: float = 0.5, flip: bool = False) -> list[tuple]:
+    frame = unpaired_examples(n, seed=seed, desirable_share=desirable_share)
+    return [
+        (None, json.dumps(r.prompt), r.completion[0]["content"], bool(r.label) != flip)
+        for r in frame.itertuples()
+    ]
+
+
+TRAIN = records(240, seed=1)
+HELDOUT = records(48, seed=2)
+
+
+def inputs(model: Path, out: Path, **changes) -> TrainInputs:
+    base = TrainInputs(model, TRAIN, out, heldout=HELDOUT, progress=False)
+    return replace(base, **changes)
+
+
+def digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def no_adapter(out: Path) -> bool:
+    return not any((out / name).exists() for name in (*ADAPTER_FILES, MANIFEST))
+
+
+def test_learns_a_separable_task_and_writes_a_complete_adapter(tiny_model_dir, tmp_path):
+    out = tmp_path / "adapter"
+    result = train(inputs(tiny_model_dir, out), replace(FAST, epochs=2))
+
+    after = result.manifest["metrics"]["heldout_after"]
+    assert after["reward_desirable"] > after["reward_undesirable"]
+    assert after["accuracy"] > 0.75
+    for name in (*ADAPTER_FILES, MANIFEST, METRICS, "plots/training.png"):
+        assert (out / name).is_file(), name
+    assert not (out / CHECKPOINT).exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["counts"]["train_desirable"] + manifest["counts"]["train_undesirable"] == 240
+    assert manifest["beta"] == FAST.beta
+    assert manifest["lambdas"]["desirable"] == 1.0
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"][
+        "torch"
+    ].startswith(torch.__version__.split("+")[0])
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, manifest["steps"] + 1))
+    assert {"loss", "kl", "reward_desirable", "reward_undesirable", "lr"} <= rows[0].keys()
+    assert any("heldout_loss" in r for r in rows)
+
+
+def test_saved_adapter_loads_with_peft_changes_outputs_and_leaves_base_untouched(
+    tiny_model_dir, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    before = digest(tiny_model_dir)
+    out = tmp_path / "adapter"
+    train(inputs(tiny_model_dir, out), FAST)
+    assert digest(tiny_model_dir) == before
+
+    ids = torch.tensor([[1, 4, 200, 201, 202, 2, 5]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=ids).logits
+        with tuned.disable_adapter():
+            disabled_logits = tuned(input_ids=ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    torch.testing.assert_close(base_logits, disabled_logits)
+
+
+def test_trains_on_dislikes_only(tiny_model_dir, tmp_path):
+    only_bad = [r for r in TRAIN if not r[3]]
+    out = tmp_path / "adapter"
+    result = train(inputs(tiny_model_dir, out, train=only_bad), FAST)
+
+    assert (out / MANIFEST).is_file()
+    after = result.manifest["metrics"]["heldout_after"]
+    assert result.manifest["counts"]["train_desirable"] == 0
+    # Pushed the disliked style down against the reference point.
+    assert after["reward_undesirable"] < 0
+    assert result.manifest["diagnostics"]["one_class_rate"] == 1.0
+    assert any("one class" in w for w in result.manifest["warnings"])
+
+
+def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
+    options = replace(FAST, max_steps=8, checkpoint_every=2, eval_every=4)
+    straight = train(inputs(tiny_model_dir, tmp_path / "straight"), options)
+
+    out = tmp_path / "interrupted"
+    paused = train(inputs(tiny_model_dir, out), replace(options, stop_after_steps=3))
+    assert paused.adapter_dir is None and paused.manifest["status"] == "paused"
+    assert (out / CHECKPOINT / "state.pt").is_file()
+    assert no_adapter(out)
+    with pytest.raises(TrainError, match="--resume"):
+        train(inputs(tiny_model_dir, out), options)
+    resumed = train(inputs(tiny_model_dir, out, resume=True), options)
+
+    assert resumed.manifest["steps"] == straight.manifest["steps"] == 8
+
+    def losses(path: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (path / METRICS).read_text().splitlines()]
+
+    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / ADAPTER_FILES[0])
+    b = load_file(out / ADAPTER_FILES[0])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(tiny_model_dir, tmp_path):
+    out = tmp_path / "adapter"
+    options = replace(FAST, max_steps=6, checkpoint_every=2)
+    train(inputs(tiny_model_dir, out), replace(options, stop_after_steps=2))
+    with pytest.raises(TrainError, match="other data"):
+        train(inputs(tiny_model_dir, out, train=TRAIN[:-8], resume=True), options)
+    assert no_adapter(out)
+
+
+def test_early_stopping_keeps_the_best_step(tiny_model_dir, tmp_path):
+    # Held-out labels flipped: the better the model learns the task, the worse the
+    # held-out loss, so it must stop and keep an early step.
+    options = replace(FAST, epochs=3, eval_every=2, early_stopping_patience=2)
+    flipped = records(48, seed=2, flip=True)
+    result = train(inputs(tiny_model_dir, tmp_path / "a", heldout=flipped), options)
+
+    m = result.manifest
+    assert m["stopped_early"]
+    assert m["steps"] < m["planned_steps"]
+    assert m["best_step"] <= m["steps"] - 2 * options.eval_every
+    assert (
+        m["metrics"]["heldout_after"]["loss"]
+        <= min(
+            json.loads(line).get("heldout_loss", 9) for line in (tmp_path / "a" / METRICS).open()
+        )
+        + 1e-6
+    )
+
+
+def test_sft_term_is_reported_and_lowers_desirable_nll(tiny_model_dir, tmp_path):
+    general = [r for r in HELDOUT if r[3]]
+    plain = train(
+        inputs(tiny_model_dir, tmp_path / "plain", general=general), replace(FAST, max_steps=10)
+    )
+    sft = train(
+        inputs(tiny_model_dir, tmp_path / "sft", general=general),
+        replace(FAST, max_steps=10, sft_weight=1.0),
+    )
+    rows = [json.loads(line) for line in (tmp_path / "sft" / METRICS).open()]
+    assert all(r["sft"] > 0 for r in rows)
+    assert (
+        sft.manifest["metrics"]["general_nll_after"]
+        < plain.manifest["metrics"]["general_nll_after"]
+    )
+
+
+def test_general_nll_bound_fails_the_run_without_an_adapter(tiny_model_dir, tmp_path):
+    general = records(16, seed=5)
+    out = tmp_path / "adapter"
+    with pytest.raises(GeneralAbilityError, match="general held-out NLL rose"):
+        train(
+            inputs(tiny_model_dir, out, general=general, train=[r for r in TRAIN if not r[3]]),
+            replace(FAST, learning_rate=2e-2, max_steps=10, max_general_nll_increase=1e-6),
+        )
+    assert no_adapter(out)
+
+
+def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_path):
+    out = tmp_path / "adapter"
+    with pytest.raises(DivergedError, match="diverged"):
+        train(
+            inputs(tiny_model_dir, out),
+            replace(FAST, learning_rate=1e38, max_grad_norm=1e38, max_steps=20),
+        )
+    assert no_adapter(out)
+
+
+def test_continual_round_uses_the_previous_adapter_as_reference(tiny_model_dir, tmp_path):
+    first = tmp_path / "v1"
+    train(inputs(tiny_model_dir, first), replace(FAST, max_steps=6))
+    second = train(
+        inputs(tiny_model_dir, tmp_path / "v2", init_adapter=first, reference_adapter=first),
+        replace(FAST, max_steps=4),
+    )
+    # Warm-started from the reference itself: before training, policy == reference.
+    before = second.manifest["metrics"]["heldout_before"]
+    assert before["kl"] == pytest.approx(0, abs=1e-6)
+    assert before["margin"] == pytest.approx(0, abs=1e-6)
+    assert second.manifest["reference_adapter"] == str(first)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"train": []}, TrainError, "no training records"),
+        ({"base_model": Path("/nonexistent/model")}, TrainError, "does not exist"),
+    ],
+)
+def test_bad_inputs_are_refused_before_anything_is_written(
+    tiny_model_dir, tmp_path, change, error, match
+):
+    out = tmp_path / "adapter"
+    with pytest.raises(error, match=match):
+        train(inputs(tiny_model_dir, out, **change), FAST)
+    assert no_adapter(out)
+
+
+def test_model_without_a_chat_template_says_how_to_supply_one(tmp_path_factory, tmp_path):
+    from deploy.local.tiny_model import CHAT_TEMPLATE, build_tiny_model
+
+    model = build_tiny_model(tmp_path_factory.mktemp("no-template"), chat_template=False)
+    out = tmp_path / "adapter"
+    with pytest.raises(EncodeError, match="--chat-template"):
+        train(inputs(model, out), replace(FAST, max_steps=2))
+    assert no_adapter(out)
+    result = train(inputs(model, out, chat_template=CHAT_TEMPLATE), replace(FAST, max_steps=2))
+    assert result.adapter_dir == out
+
+
+def test_max_length_too_small_for_any_completion(tiny_model_dir, tmp_path):
+    out = tmp_path / "adapter"
+    with pytest.raises(EncodeError, match="too small for any completion"):
+        train(inputs(tiny_model_dir, out), replace(FAST, max_length=16, max_prompt_length=16))
+    assert no_adapter(out)
+
+
+def test_cli_train_prints_a_json_summary_and_exits_nonzero_on_bad_input(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    unpaired_examples(200, seed=7).to_json(data, orient="records", lines=True)
+    out = tmp_path / "adapter"
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--base-model", str(tiny_model_dir)]
+    ok = subprocess.run(
+        [*cmd, "--data", str(data), "--out", str(out), "--max-steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "trained" and summary["steps"] == 3
+    assert summary["lambda_desirable"] >= 1 and summary["lambda_undesirable"] >= 1
+    assert (out / MANIFEST).is_file()
+
+    bad = subprocess.run(
+        [*cmd, "--data", str(data), "--out", str(tmp_path / "again"), "--max-steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"KTO_LOOP_TRAIN__MAX_LENGTH": "8", "PATH": "/usr/bin:/bin"},
+    )
+    assert bad.returncode == 2
+    assert "max_length" in bad.stderr and "Traceback" not in bad.stderr
