@@ -177,11 +177,3 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinyModelSpec())
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama chat model and its tokenizer, built once per session."""
-    from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinyModelSpec())
