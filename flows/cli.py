@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -373,6 +374,8 @@ def train(
     except (TrainError, EncodeError) as exc:
         _fail(exc, 2)
     m = result.manifest
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     if result.adapter_dir is None:
         typer.echo(json.dumps({"status": "paused", **m}))
         return
@@ -419,8 +422,6 @@ def _num(value: float | None) -> str:
 def _init_distributed() -> None:
     """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
     point: NCCL on GPUs, gloo on CPUs."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch

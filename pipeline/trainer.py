@@ -556,6 +556,9 @@ def train(
 
     if state.best_weights is not None:
         _load_adapter_state(model, state.best_weights)
+    if world > 1:
+        # Ranks that drifted apart would each evaluate a different adapter: say which.
+        log.info("rank %d of %d: adapter checksum %s", rank, world, _checksum(model))
     after = evaluate()
     general_after = (
         _mean_nll(causal_lm, general_ex, pad_id, device, autocast) if general_ex else None
@@ -869,6 +872,14 @@ def _adapter_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _checksum(model: Any) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(_adapter_state(model).items()):
+        h.update(name.encode())
+        h.update(tensor.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:

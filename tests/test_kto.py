@@ -290,6 +290,27 @@ def _set_adapter(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * LORA_SCALE)
 
 
+def _raise_mismatched_likelihood(trainer: Any, batch: dict[str, torch.Tensor]) -> None:
+    """A few Adam steps on the mismatched completions' log-likelihood. A random adapter
+    on a near-uniform model almost always lowers the log-probs of given text, so the raw
+    KL estimate is negative; after these steps it is positive and the clamp stays off."""
+    causal_lm = trainer.model.get_base_model()
+    pad = trainer.processing_class.pad_token_id
+    prompts, completions = _split(
+        batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
+    )
+    prompt_batch = collate_prompts(prompts, pad)
+    conts = collate_continuations(prompt_batch, list(range(len(prompts))), completions, pad)
+    params = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        _, logps = run_prompts_with_completions(causal_lm, prompt_batch, conts)
+        (-logps.mean()).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _trl_batch(trainer: Any, index: int) -> dict[str, torch.Tensor]:
     rows = [trainer.train_dataset[i] for i in range(index * BATCH, (index + 1) * BATCH)]
     return trainer.data_collator(rows)
@@ -385,8 +406,11 @@ def test_loss_kl_and_rewards_match_trl(
     _set_adapter(trl_trainer.model, seed)
     batch = _trl_batch(trl_trainer, index)
     assert batch["label"].tolist() == labels
+    _raise_mismatched_likelihood(trl_trainer, batch)
 
-    _assert_parity(trl_trainer, batch, *weights)
+    ours = _assert_parity(trl_trainer, batch, *weights)
+    assert ours.kl_clamped is False
+    assert ours.kl.item() > 1e-3
 
 
 def test_clamped_kl_matches_trl(trl_trainer: Any) -> None:
