@@ -28,6 +28,13 @@ class HeldoutMetrics:
         margin: reward_desirable - reward_undesirable.
         kl: the clamped KL estimate from mismatched pairs (z_ref = beta * kl).
         count: records scored.
+        eos_logratio: mean log(pi_theta / pi_ref) of the end-of-turn token that closes
+            each desirable completion; well below 0 means the policy is losing the
+            habit of stopping where liked answers stop, the usual first sign of a
+            collapse (None if not measured or no desirable record). Undesirable
+            completions are left out: lowering their end-of-turn token along with the
+            rest of them is what training on them does.
+        general_nll: mean per-token NLL of the general held-out set, if there is one.
     """
 
     loss: float
@@ -37,9 +44,22 @@ class HeldoutMetrics:
     margin: float
     kl: float
     count: int
+    eos_logratio: float | None = None
+    general_nll: float | None = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def eos_logratio(
+    policy_last: torch.Tensor, reference_last: torch.Tensor, ends_turn: torch.Tensor
+) -> float | None:
+    """Mean log-ratio of the completions' final end-of-turn token, over the completions
+    selected by `ends_turn` (desirable ones that end with one: a completion cut at the
+    length limit does not). Shapes: (B,)."""
+    if not ends_turn.any():
+        return None
+    return (policy_last - reference_last)[ends_turn].mean().item()
 
 
 def heldout_metrics(

@@ -158,6 +158,8 @@ class Continuations:
         attention_mask: (K, P + W) the prompt's mask, then the completion's.
         position_ids: (K, W) positions after the prompt's.
         rows, cols, targets: (N,) the later tokens and the hidden states predicting them.
+        last: (K,) where each completion's last token is in the first-then-later order
+            (first tokens 0..K-1, then the N later ones).
     """
 
     prompt_rows: torch.Tensor
@@ -168,6 +170,7 @@ class Continuations:
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
+    last: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -204,7 +207,7 @@ def collate_continuations(
     rows_t = torch.tensor(prompt_rows, dtype=torch.long)
     prompt_lengths = prompts.attention_mask.sum(1)[rows_t]
     position_ids = prompt_lengths.unsqueeze(1) + torch.arange(width).unsqueeze(0)
-    rows, cols, targets = [], [], []
+    rows, cols, targets, last = [], [], [], []
     for i, c in enumerate(completions):
         rest = len(c) - 1
         if rest:
@@ -213,6 +216,7 @@ def collate_continuations(
             rows.extend([i] * rest)
             cols.extend(range(rest))
             targets.extend(c[1:])
+        last.append(k + len(targets) - 1 if rest else i)
     return Continuations(
         prompt_rows=rows_t,
         first_targets=torch.tensor([c[0] for c in completions], dtype=torch.long),
@@ -222,6 +226,7 @@ def collate_continuations(
         rows=torch.tensor(rows, dtype=torch.long),
         cols=torch.tensor(cols, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
+        last=torch.tensor(last, dtype=torch.long),
     )
 
 
@@ -286,8 +291,18 @@ def continuation_logps(
     The prompt state's cache is not modified, so several sets of continuations can
     follow the same prompts.
     """
+    return continuation_logps_and_last(causal_lm, state, conts)[0]
+
+
+def continuation_logps_and_last(
+    causal_lm: torch.nn.Module, state: PromptState, conts: Continuations
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each completion (K,), and the log-prob of its last token (K,):
+    the end-of-turn token, whose probability falling is how a collapsing policy that
+    no longer stops shows up."""
     if conts.input_ids.shape[1] == 0:
-        return head_logps(causal_lm, state.last_hidden[conts.prompt_rows], conts.first_targets)
+        first = head_logps(causal_lm, state.last_hidden[conts.prompt_rows], conts.first_targets)
+        return first, first
     identity = conts.size == state.last_hidden.shape[0] and bool(
         (conts.prompt_rows == torch.arange(conts.size, device=conts.prompt_rows.device)).all()
     )
@@ -305,7 +320,7 @@ def continuation_logps(
         torch.cat([state.last_hidden[conts.prompt_rows], hidden[conts.rows, conts.cols]]),
         torch.cat([conts.first_targets, conts.targets]),
     )
-    return logps[:n].index_add(0, conts.rows, logps[n:])
+    return logps[:n].index_add(0, conts.rows, logps[n:]), logps[conts.last]
 
 
 def _cache_arg() -> str:

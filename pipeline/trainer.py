@@ -28,19 +28,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.encode import Encoded, encode_records
-from pipeline.evaluate import HeldoutMetrics, heldout_metrics
+from pipeline.encode import Encoded, encode_records, end_of_turn_id
+from pipeline.evaluate import HeldoutMetrics, eos_logratio, heldout_metrics
 from pipeline.kto import kto_loss, mismatched_kl
 from pipeline.logps import (
     collate_continuations,
     collate_prompts,
     continuation_logps,
+    continuation_logps_and_last,
     run_prompts,
     run_prompts_with_completions,
 )
@@ -261,8 +262,12 @@ def plan_batches(
             f"{world} ranks); lower batch_size or collect more feedback"
         )
     rng = random.Random(options.seed)
+    epochs = options.epochs
+    if options.max_steps is not None:
+        # max_steps overrides epochs, as in transformers: as many passes as it needs.
+        epochs = math.ceil(options.max_steps * options.grad_accum / (n // per_step))
     global_batches: list[list[int]] = []
-    for _ in range(options.epochs):
+    for _ in range(epochs):
         order = list(range(n))
         rng.shuffle(order)
         order = order[: n - n % per_step]
@@ -290,12 +295,7 @@ def plan_batches(
         global_batches += epoch
     steps = len(global_batches) // options.grad_accum
     if options.max_steps is not None:
-        steps = min(steps, options.max_steps) if options.max_steps > 0 else steps
-        if options.max_steps > len(global_batches) // options.grad_accum:
-            # More steps than one pass of the epochs: cycle the plan.
-            while len(global_batches) < options.max_steps * options.grad_accum:
-                global_batches += global_batches[: options.max_steps * options.grad_accum]
-            steps = options.max_steps
+        steps = min(steps, options.max_steps)
     if steps < 1:
         raise TrainError(
             f"{n} records make {len(global_batches)} batches, fewer than grad_accum="
@@ -317,15 +317,19 @@ def _score_pairs(
     pad_id: int,
     device: torch.device,
     autocast: torch.dtype | None,
-) -> dict[tuple[int, int], float]:
+    progress: str | None = None,
+    with_last: bool = False,
+) -> dict[tuple[int, int], Any]:
     """Summed completion log-probs of (prompt index, completion index) pairs, without
     gradient: each prompt runs once, in batches of prompts of similar length, and all
-    its completions follow it."""
+    its completions follow it. `progress` names a progress bar to show. With
+    `with_last`, each value is (summed log-prob, last token's log-prob)."""
     by_prompt: dict[int, list[int]] = {}
     for i, j in pairs:
         by_prompt.setdefault(i, []).append(j)
     prompts = sorted(by_prompt, key=lambda i: len(examples[i].prompt_ids))
     out: dict[tuple[int, int], float] = {}
+    bar = _progress(len(pairs), 0, progress is not None, progress or "", "pair")
     for s in range(0, len(prompts), REFERENCE_BATCH):
         chunk = prompts[s : s + REFERENCE_BATCH]
         batch = collate_prompts([examples[i].prompt_ids for i in chunk], pad_id)
@@ -338,8 +342,11 @@ def _score_pairs(
         conts = collate_continuations(batch, rows, completions, pad_id)
         with torch.inference_mode(), _autocast(device, autocast):
             state = run_prompts(model, batch.to(device))
-            values = continuation_logps(model, state, conts.to(device)).tolist()
+            sums, last = continuation_logps_and_last(model, state, conts.to(device))
+        values = zip(sums.tolist(), last.tolist(), strict=True) if with_last else sums.tolist()
         out.update(zip(keys, values, strict=True))
+        bar.update(len(keys))
+    bar.close()
     return out
 
 
@@ -437,37 +444,85 @@ def train(
 
     # The reference never changes: score every pair the run will use, once.
     with _reference(model):
-        ref = _score_pairs(causal_lm, train_ex, sorted(plan.pairs()), pad_id, device, autocast)
+        ref = _score_pairs(
+            causal_lm,
+            train_ex,
+            sorted(plan.pairs()),
+            pad_id,
+            device,
+            autocast,
+            "reference" if inputs.progress and rank == 0 else None,
+        )
     ev_matched, ev_mismatched = _eval_pairs(len(heldout_ex), options.batch_size)
+    ev_pairs = ev_matched + ev_mismatched
     if heldout_ex:
         with _reference(model):
             ev_ref = _score_pairs(
-                causal_lm, heldout_ex, ev_matched + ev_mismatched, pad_id, device, autocast
+                causal_lm, heldout_ex, ev_pairs, pad_id, device, autocast, with_last=True
             )
+    eot = end_of_turn_id(tokenizer)
+    ends_turn = torch.tensor(
+        [e.desirable and e.completion_ids[-1] == eot for e in heldout_ex], dtype=torch.bool
+    )
+
+    def general_nll() -> float | None:
+        return _mean_nll(causal_lm, general_ex, pad_id, device, autocast) if general_ex else None
 
     def evaluate() -> HeldoutMetrics | None:
+        """Held-out metrics of the adapter as it is now (and the general NLL)."""
         if not heldout_ex:
             return None
         model.eval()
         pol = _score_pairs(
-            causal_lm, heldout_ex, ev_matched + ev_mismatched, pad_id, device, autocast
+            causal_lm, heldout_ex, ev_pairs, pad_id, device, autocast, with_last=True
         )
+        general = general_nll()
         model.train()
-        t = lambda d, ps: torch.tensor([d[p] for p in ps], dtype=torch.float64)  # noqa: E731
-        return heldout_metrics(
+
+        def t(d: dict, ps: list, k: int = 0) -> torch.Tensor:
+            if not ps:
+                return torch.zeros(1, dtype=torch.float64)
+            return torch.tensor([d[p][k] for p in ps], dtype=torch.float64)
+
+        metrics = heldout_metrics(
             t(pol, ev_matched),
             t(ev_ref, ev_matched),
-            t(pol, ev_mismatched) if ev_mismatched else torch.zeros(1, dtype=torch.float64),
-            t(ev_ref, ev_mismatched) if ev_mismatched else torch.zeros(1, dtype=torch.float64),
+            t(pol, ev_mismatched),
+            t(ev_ref, ev_mismatched),
             torch.tensor([e.desirable for e in heldout_ex]),
             options.beta,
             inputs.desirable_weight,
             inputs.undesirable_weight,
         )
+        eos = eos_logratio(t(pol, ev_matched, 1), t(ev_ref, ev_matched, 1), ends_turn)
+        return replace(metrics, eos_logratio=eos, general_nll=general)
 
-    general_before = (
-        _mean_nll(causal_lm, general_ex, pad_id, device, autocast) if general_ex else None
-    )
+    def turned(metrics: HeldoutMetrics) -> str | None:
+        """Why the run has turned for the worse, if it has."""
+        if (
+            options.eos_guard > 0
+            and metrics.eos_logratio is not None
+            and metrics.eos_logratio < math.log(1 - options.eos_guard)
+        ):
+            return (
+                f"the held-out end-of-turn probability fell to "
+                f"{math.exp(metrics.eos_logratio):.0%} of the reference's (eos_guard="
+                f"{options.eos_guard:g}): the policy is losing the habit of stopping"
+            )
+        if (
+            options.max_general_nll_increase is not None
+            and general_before is not None
+            and metrics.general_nll is not None
+            and metrics.general_nll > general_before * (1 + options.max_general_nll_increase)
+        ):
+            return (
+                f"the general held-out NLL rose from {general_before:.4f} to "
+                f"{metrics.general_nll:.4f}, past max_general_nll_increase="
+                f"{options.max_general_nll_increase:g}"
+            )
+        return None
+
+    general_before = general_nll()
 
     optimizer = torch.optim.AdamW(
         trainable, lr=options.learning_rate, weight_decay=options.weight_decay
@@ -484,7 +539,11 @@ def train(
         metrics_path.write_text("")
     before = evaluate() if state.step == 0 else None
     if before is not None:
+        # The starting point is a candidate too: a run that only gets worse on the
+        # held-out set ends where it began.
         state.heldout_before = before.as_dict()
+        state.best_loss, state.best_step = before.loss, 0
+        state.best_weights = _adapter_state(model)
 
     eval_every = options.eval_every or max(1, plan.steps // 10)
     checkpoint_every = options.checkpoint_every or eval_every
@@ -524,16 +583,29 @@ def train(
 
         if state.step % eval_every == 0 or state.step == plan.steps:
             metrics = evaluate()
+            reason = turned(metrics) if metrics is not None else None
             if metrics is not None:
                 row.update(metrics.as_dict("heldout_"))
-                if state.best_loss is None or metrics.loss < state.best_loss - 1e-6:
+                if reason is None and (
+                    state.best_loss is None or metrics.loss < state.best_loss - 1e-6
+                ):
                     state.best_loss, state.best_step, state.stale = metrics.loss, state.step, 0
                     state.best_weights = _adapter_state(model)
                 else:
                     state.stale += 1
+            if reason is not None:
+                log.warning(
+                    "stopping at step %d and keeping step %d: %s",
+                    state.step,
+                    state.best_step,
+                    reason,
+                )
+                state.stopped_early, state.stop_reason = True, reason
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if state.stopped_early:
+            break
         if options.early_stopping_patience and state.stale >= options.early_stopping_patience:
             log.warning(
                 "held-out KTO loss has not improved for %d evaluations; stopping at step %d "
@@ -543,6 +615,7 @@ def train(
                 state.best_step,
             )
             state.stopped_early = True
+            state.stop_reason = "held-out KTO loss stopped improving"
             break
         if state.step % checkpoint_every == 0 and rank == 0 and state.step < plan.steps:
             _save_checkpoint(out_dir, run_id, model, optimizer, scheduler, state)
@@ -560,9 +633,7 @@ def train(
         # Ranks that drifted apart would each evaluate a different adapter: say which.
         log.info("rank %d of %d: adapter checksum %s", rank, world, _checksum(model))
     after = evaluate()
-    general_after = (
-        _mean_nll(causal_lm, general_ex, pad_id, device, autocast) if general_ex else None
-    )
+    general_after = after.general_nll if after is not None else general_nll()
     warnings = state.diagnostics.warnings(options.batch_size * world)
     for w in warnings:
         log.warning(w)
@@ -588,6 +659,7 @@ def train(
         "planned_steps": plan.steps,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
+        "stop_reason": state.stop_reason,
         "world_size": world,
         "device": str(device),
         "precision": str(autocast or torch.float32),
@@ -814,6 +886,7 @@ class _State:
     best_weights: dict[str, torch.Tensor] | None = None
     stale: int = 0
     stopped_early: bool = False
+    stop_reason: str | None = None
     heldout_before: dict[str, float] | None = None
     diagnostics: _Diagnostics = field(default_factory=_Diagnostics)
 
@@ -851,10 +924,12 @@ def _schedule(options: TrainOptions, steps: int):
     return factor
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
+def _progress(
+    total: int, initial: int, enabled: bool, desc: str = "KTO", unit: str = "step"
+) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="KTO", unit="step")
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:

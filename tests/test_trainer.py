@@ -51,6 +51,7 @@ def records(n: int, seed: int, desirable_share: float = 0.5, flip: bool = False)
 
 TRAIN = records(240, seed=1)
 HELDOUT = records(48, seed=2)
+DISLIKES = [r for r in TRAIN if not r[3]]
 
 
 def inputs(model: Path, out: Path, **changes) -> TrainInputs:
@@ -118,9 +119,13 @@ def test_saved_adapter_loads_with_peft_changes_outputs_and_leaves_base_untouched
 
 
 def test_trains_on_dislikes_only(tiny_model_dir, tmp_path):
-    only_bad = [r for r in TRAIN if not r[3]]
     out = tmp_path / "adapter"
-    result = train(inputs(tiny_model_dir, out, train=only_bad), FAST)
+    # The guard is off: on this random model, pushing dislikes down at this rate also
+    # lowers the liked answers' end-of-turn token (test_eos_guard_... covers that).
+    heldout = [r for r in HELDOUT if not r[3]]
+    result = train(
+        inputs(tiny_model_dir, out, train=DISLIKES, heldout=heldout), replace(FAST, eos_guard=0)
+    )
 
     assert (out / MANIFEST).is_file()
     after = result.manifest["metrics"]["heldout_after"]
@@ -204,15 +209,51 @@ def test_sft_term_is_reported_and_lowers_desirable_nll(tiny_model_dir, tmp_path)
     )
 
 
-def test_general_nll_bound_fails_the_run_without_an_adapter(tiny_model_dir, tmp_path):
+def test_general_nll_guard_stops_early_and_keeps_a_step_within_the_bound(tiny_model_dir, tmp_path):
     general = records(16, seed=5)
+    bound = 0.01
+    result = train(
+        inputs(tiny_model_dir, tmp_path / "a", general=general, train=DISLIKES),
+        replace(
+            FAST,
+            learning_rate=2e-2,
+            max_steps=20,
+            eval_every=2,
+            max_general_nll_increase=bound,
+            eos_guard=0,
+        ),
+    )
+    m = result.manifest
+    assert m["stopped_early"] and "general held-out NLL" in m["stop_reason"]
+    before, after = m["metrics"]["general_nll_before"], m["metrics"]["general_nll_after"]
+    assert after <= before * (1 + bound)
+    rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
+    assert any(r.get("heldout_general_nll", 0) > before * (1 + bound) for r in rows)
+
+
+def test_general_nll_bound_without_a_heldout_set_fails_the_run(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     with pytest.raises(GeneralAbilityError, match="general held-out NLL rose"):
         train(
-            inputs(tiny_model_dir, out, general=general, train=[r for r in TRAIN if not r[3]]),
+            inputs(tiny_model_dir, out, general=records(16, seed=5), heldout=(), train=DISLIKES),
             replace(FAST, learning_rate=2e-2, max_steps=10, max_general_nll_increase=1e-6),
         )
     assert no_adapter(out)
+
+
+def test_eos_guard_stops_a_policy_that_stops_ending_its_turns(tiny_model_dir, tmp_path):
+    # Pushed hard on dislikes only, the liked answers' end-of-turn token drifts down
+    # too, which a guard this tight catches at an early evaluation.
+    result = train(
+        inputs(tiny_model_dir, tmp_path / "a", train=DISLIKES),
+        replace(FAST, learning_rate=2e-2, max_steps=20, eval_every=2, eos_guard=1e-3),
+    )
+    m = result.manifest
+    assert m["stopped_early"] and "end-of-turn" in m["stop_reason"]
+    assert m["steps"] < 20
+    rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
+    assert rows[-1]["heldout_eos_logratio"] < 0
+    assert m["best_step"] < m["steps"]
 
 
 def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_path):
