@@ -238,11 +238,11 @@ class TrainConfig(_Section):
         description="fail the run when the general held-out NLL rises by more than this share",
     )
     eos_guard: float = Field(
-        0.2,
+        0.1,
         ge=0,
         lt=1,
-        description="stop (keeping the best step) when the held-out end-of-turn probability "
-        "falls by more than this share; 0 = off",
+        description="stop (keeping the best step) when the share of sampled held-out "
+        "answers that end their turn falls this far below the reference's; 0 = off",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that has it"

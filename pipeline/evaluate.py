@@ -35,6 +35,8 @@ class HeldoutMetrics:
             completions are left out: lowering their end-of-turn token along with the
             rest of them is what training on them does.
         general_nll: mean per-token NLL of the general held-out set, if there is one.
+        sampled_end_rate: share of answers sampled for held-out prompts that end their
+            turn within twice the longest held-out completion (None if not checked).
     """
 
     loss: float
@@ -46,6 +48,7 @@ class HeldoutMetrics:
     count: int
     eos_logratio: float | None = None
     general_nll: float | None = None
+    sampled_end_rate: float | None = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}

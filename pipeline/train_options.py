@@ -44,7 +44,7 @@ class TrainOptions:
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
     max_general_nll_increase: float | None = None
-    eos_guard: float = 0.2
+    eos_guard: float = 0.1
     precision: str = "auto"
     device: str = "auto"
 

@@ -55,6 +55,10 @@ CHECKPOINT = "checkpoint"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Fewer mismatched pairs than this per step make z_ref a noisy estimate.
 MIN_KL_PAIRS = 4
+# Held-out prompts whose sampled answers are checked for ending their turn, and the
+# answers sampled per prompt.
+END_CHECK_PROMPTS = 32
+END_CHECK_SAMPLES = 2
 # Sequences per no-grad forward when scoring the reference up front.
 REFERENCE_BATCH = 16
 
@@ -370,6 +374,38 @@ def _eval_pairs(n: int, batch_size: int) -> tuple[list[tuple[int, int]], list[tu
     return matched, mismatched
 
 
+def _sampled_end_rate(
+    model: Any,
+    prompts: Sequence[tuple[int, ...]],
+    max_new_tokens: int,
+    eot: int,
+    pad_id: int,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """Share of answers sampled (temperature 1) for the prompts that end with the
+    end-of-turn token within max_new_tokens. Seeded apart from the training RNG."""
+    batch = collate_prompts(prompts, pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=END_CHECK_SAMPLES,
+            eos_token_id=eot,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+    new = out[:, batch.input_ids.shape[1] :]
+    return (new == eot).any(dim=1).float().mean().item()
+
+
 def _mean_nll(
     model: Any, examples: Sequence[Encoded], pad_id: int, device: torch.device, autocast: Any
 ) -> float:
@@ -465,6 +501,26 @@ def train(
         [e.desirable and e.completion_ids[-1] == eot for e in heldout_ex], dtype=torch.bool
     )
 
+    # The collapse KTO is known for shows when sampling, not in teacher-forced scores:
+    # probability pushed off disliked answers goes to text that never ends its turn.
+    # So a few answers to held-out prompts are sampled at each evaluation.
+    check_prompts = list(dict.fromkeys(e.prompt_ids for e in heldout_ex))[:END_CHECK_PROMPTS]
+    check_tokens = min(
+        2 * max((len(e.completion_ids) for e in heldout_ex), default=1),
+        options.max_length - max((len(p) for p in check_prompts), default=0),
+    )
+
+    def sampled_end_rate() -> float | None:
+        if not check_prompts or check_tokens < 1:
+            return None
+        was_training = model.training
+        model.eval()
+        rate = _sampled_end_rate(
+            model, check_prompts, check_tokens, eot, pad_id, device, options.seed
+        )
+        model.train(was_training)
+        return rate
+
     def general_nll() -> float | None:
         return _mean_nll(causal_lm, general_ex, pad_id, device, autocast) if general_ex else None
 
@@ -495,18 +551,19 @@ def train(
             inputs.undesirable_weight,
         )
         eos = eos_logratio(t(pol, ev_matched, 1), t(ev_ref, ev_matched, 1), ends_turn)
-        return replace(metrics, eos_logratio=eos, general_nll=general)
+        end_rate = sampled_end_rate() if options.eos_guard > 0 else None
+        return replace(metrics, eos_logratio=eos, general_nll=general, sampled_end_rate=end_rate)
 
     def turned(metrics: HeldoutMetrics) -> str | None:
         """Why the run has turned for the worse, if it has."""
         if (
             options.eos_guard > 0
-            and metrics.eos_logratio is not None
-            and metrics.eos_logratio < math.log(1 - options.eos_guard)
+            and metrics.sampled_end_rate is not None
+            and metrics.sampled_end_rate < reference_end_rate * (1 - options.eos_guard)
         ):
             return (
-                f"the held-out end-of-turn probability fell to "
-                f"{math.exp(metrics.eos_logratio):.0%} of the reference's (eos_guard="
+                f"{metrics.sampled_end_rate:.0%} of answers sampled for held-out prompts end "
+                f"their turn, against {reference_end_rate:.0%} from the reference (eos_guard="
                 f"{options.eos_guard:g}): the policy is losing the habit of stopping"
             )
         if (
@@ -523,6 +580,10 @@ def train(
         return None
 
     general_before = general_nll()
+    reference_end_rate = 0.0
+    if options.eos_guard > 0 and heldout_ex:
+        with _reference(model):
+            reference_end_rate = sampled_end_rate() or 0.0
 
     optimizer = torch.optim.AdamW(
         trainable, lr=options.learning_rate, weight_decay=options.weight_decay

@@ -177,3 +177,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model briefly fine-tuned on the synthetic chat corpus: its sampled
+    answers mix liked and disliked styles and end their turn. Built once."""
+    from deploy.local.chat_model import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("chat-model"), steps=150)

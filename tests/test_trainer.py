@@ -241,19 +241,23 @@ def test_general_nll_bound_without_a_heldout_set_fails_the_run(tiny_model_dir, t
     assert no_adapter(out)
 
 
-def test_eos_guard_stops_a_policy_that_stops_ending_its_turns(tiny_model_dir, tmp_path):
-    # Pushed hard on dislikes only, the liked answers' end-of-turn token drifts down
-    # too, which a guard this tight catches at an early evaluation.
+def test_end_of_turn_guard_stops_a_collapsing_policy_and_keeps_an_earlier_step(
+    chat_model_dir, tmp_path
+):
+    # The chat model ends its sampled answers; pushed hard on dislikes only, the
+    # probability taken off them goes to text that never ends its turn.
     result = train(
-        inputs(tiny_model_dir, tmp_path / "a", train=DISLIKES),
-        replace(FAST, learning_rate=2e-2, max_steps=20, eval_every=2, eos_guard=1e-3),
+        inputs(chat_model_dir, tmp_path / "a", train=DISLIKES),
+        replace(FAST, learning_rate=3e-2, max_steps=30, eval_every=3),
     )
     m = result.manifest
-    assert m["stopped_early"] and "end-of-turn" in m["stop_reason"]
-    assert m["steps"] < 20
-    rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
-    assert rows[-1]["heldout_eos_logratio"] < 0
+    assert m["stopped_early"] and "end their turn" in m["stop_reason"], m["stop_reason"]
+    assert m["steps"] < 30
     assert m["best_step"] < m["steps"]
+    rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
+    checked = [r["heldout_sampled_end_rate"] for r in rows if "heldout_sampled_end_rate" in r]
+    assert checked[-1] < 0.9 * m["metrics"]["heldout_before"]["sampled_end_rate"]
+    assert m["metrics"]["heldout_after"]["sampled_end_rate"] > checked[-1]
 
 
 def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_path):
