@@ -30,6 +30,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.ingest --events 100000
+	$(PY) -m bench.train_vs_trl
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -80,6 +80,7 @@ def run_ours(model: Path, n: int, steps: int) -> dict:
                 max_steps=steps,
                 seed=SEED,
                 early_stopping_patience=0,
+                sft_weight=0.0,  # TRL's loss has no SFT term
             ),
         )
         seconds = time.perf_counter() - start

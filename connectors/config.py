@@ -196,7 +196,7 @@ class TrainConfig(_Section):
     beta: float = Field(
         0.1, gt=0, description="reward scale; higher keeps the policy nearer the reference"
     )
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(
         8, ge=1, description="per device; z_ref rests on this many mismatched pairs"
     )
@@ -220,7 +220,7 @@ class TrainConfig(_Section):
     )
     seed: int = 0
     sft_weight: float = Field(
-        0.0, ge=0, description="weight of an NLL term on desirable completions"
+        1.0, ge=0, description="weight of an NLL term on desirable completions"
     )
     length_bucketing: bool = True
     eval_every: int = Field(

@@ -23,7 +23,7 @@ class TrainOptions:
     """Hyper-parameters of one run. See deploy/kto-loop.example.toml for each."""
 
     beta: float = 0.1
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     batch_size: int = 8
     grad_accum: int = 1
     epochs: int = 1
@@ -37,7 +37,7 @@ class TrainOptions:
     max_completion_length: int | None = None
     prompt_format: str = "chat"
     seed: int = 0
-    sft_weight: float = 0.0
+    sft_weight: float = 1.0
     length_bucketing: bool = True
     eval_every: int = 0
     early_stopping_patience: int = 3

@@ -37,6 +37,7 @@ FAST = TrainOptions(
     max_prompt_length=64,
     eval_every=5,
     early_stopping_patience=0,
+    sft_weight=0.0,
     seed=0,
 )
 
@@ -377,3 +378,14 @@ def test_two_ranks_under_torchrun_average_kl_and_gradients(tiny_model_dir, tmp_p
     checksums = dict(re.findall(r"rank (\d) of 2: adapter checksum (\w+)", proc.stderr))
     assert set(checksums) == {"0", "1"}
     assert checksums["0"] == checksums["1"]
+
+
+def test_gradient_accumulation_makes_one_step_of_several_batches(tiny_model_dir, tmp_path):
+    result = train(
+        inputs(tiny_model_dir, tmp_path / "a"),
+        replace(FAST, batch_size=4, grad_accum=3, max_steps=4, eval_every=2),
+    )
+    rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
+    assert result.manifest["steps"] == 4 and len(rows) == 4
+    # Each step saw three batches of four.
+    assert all(r["n_desirable"] + r["n_undesirable"] == 12 for r in rows)
