@@ -381,6 +381,8 @@ def main() -> None:
     parser.add_argument(
         "--sft", type=float, nargs="+", default=[SFT_WEIGHT], help="sft_weight rows to add"
     )
+    parser.add_argument("--betas", type=float, nargs="+", default=[BETA])
+    parser.add_argument("--tag", default="", help="results go to kto_defaults[_TAG].json/.png")
     parser.add_argument(
         "--sft-only", action="store_true", help="add the largest sft_weight without KTO"
     )
@@ -407,7 +409,7 @@ def main() -> None:
                 f"feedback liked {s.feedback_liked:.1%}; base liked {s.base.liked:.1%}, EOS "
                 f"{s.base.eos:.1%}, repetition {s.base.repetition:.1%}"
             )
-        grid = [Config(lr, epochs=args.epochs) for lr in args.lrs]
+        grid = [Config(lr, beta=beta, epochs=args.epochs) for lr in args.lrs for beta in args.betas]
         if not args.no_es_rows:
             grid += [
                 Config(
@@ -425,17 +427,20 @@ def main() -> None:
         moved = max(summaries, key=lambda s: (s["gain_min"] is not None, s["gain_min"] or 0))
         lr = moved["learning_rate"]
         for weight in args.sft:
-            sft = Config(lr, sft_weight=weight, epochs=args.epochs)
+            sft = Config(lr, beta=moved["beta"], sft_weight=weight, epochs=args.epochs)
             summaries.append(summarise(sft, [run_one(s, sft, work) for s in seeds]))
             _progress(console, summaries[-1], started)
         if args.sft_only:
-            alone = Config(lr, sft_weight=max(args.sft), epochs=args.epochs, kto=False)
+            alone = Config(
+                lr, beta=moved["beta"], sft_weight=max(args.sft), epochs=args.epochs, kto=False
+            )
             summaries.append(summarise(alone, [run_one(s, alone, work) for s in seeds]))
             _progress(console, summaries[-1], started)
 
     recommended = recommend(summaries)
     print_table(Console(width=200), seeds, summaries)
-    png = RESULTS / "kto_defaults.png"
+    stem = "kto_defaults" + (f"_{args.tag}" if args.tag else "")
+    png = RESULTS / f"{stem}.png"
     plot(seeds, summaries, png)
     report = {
         "bench": "kto_defaults",
@@ -455,7 +460,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "plot": str(png.relative_to(RESULTS.parent.parent)),
     }
-    (RESULTS / "kto_defaults.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
 
 

@@ -194,7 +194,7 @@ class TrainConfig(_Section):
     see the README's training section for how they were chosen."""
 
     beta: float = Field(
-        0.1, gt=0, description="reward scale; higher keeps the policy nearer the reference"
+        2.0, gt=0, description="reward scale; higher keeps the policy nearer the reference"
     )
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(

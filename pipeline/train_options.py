@@ -22,7 +22,7 @@ class LoraOptions:
 class TrainOptions:
     """Hyper-parameters of one run. See deploy/kto-loop.example.toml for each."""
 
-    beta: float = 0.1
+    beta: float = 2.0
     learning_rate: float = 1e-4
     batch_size: int = 8
     grad_accum: int = 1

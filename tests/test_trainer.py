@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 # Large enough to move the tiny model in a few dozen steps.
 FAST = TrainOptions(
+    beta=0.1,
     learning_rate=2e-3,
     batch_size=8,
     max_length=96,
