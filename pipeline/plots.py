@@ -8,7 +8,8 @@ from typing import Any
 
 def plot_training(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Plot loss, KL, and the rewards of desirable and undesirable completions over
-    steps (training batches, and held-out evaluations where there were any).
+    steps (training batches, and held-out evaluations where there were any), and the
+    guards' view: held-out accuracy and the share of sampled answers ending their turn.
 
     Returns:
         The PNG files written.
@@ -26,7 +27,7 @@ def plot_training(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         pts = [(r["step"], r[key]) for r in source if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
     ax.plot(steps, [r["loss"] for r in rows], label="train", alpha=0.6)
     if evals:
@@ -61,6 +62,16 @@ def plot_training(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(title="implied reward", xlabel="step")
+    ax.legend()
+    ax = axes[3]
+    if evals:
+        ax.plot(*series("heldout_accuracy", evals), "o-", label="held-out accuracy")
+        ax.plot(
+            *series("heldout_sampled_end_rate", evals),
+            "s-",
+            label="sampled answers ending their turn",
+        )
+    ax.set(title="guards", xlabel="step", ylim=(-0.02, 1.02))
     ax.legend()
     fig.tight_layout()
     path = out_dir / "training.png"
