@@ -151,6 +151,10 @@ def _spawn(kind: str, model: Path, n: int, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _rate(res: dict) -> float:
+    return res["examples"] / res["seconds"]
+
+
 def _plot(summary: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -158,20 +162,16 @@ def _plot(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(9, 3.5))
     FigureCanvasAgg(fig)
     names = ["ours", "trl", "trl_precompute"]
-    ax = fig.add_subplot(1, 2, 1)
-    ax.bar(
-        names,
-        [summary[f"{k}_examples_per_s"] for k in names],
-        color=["tab:green", "tab:grey", "tab:blue"],
-    )
-    ax.set(title="examples / s (higher is better)")
-    ax = fig.add_subplot(1, 2, 2)
-    ax.bar(
-        names,
-        [summary[f"{k}_peak_rss_mb"] for k in names],
-        color=["tab:green", "tab:grey", "tab:blue"],
-    )
-    ax.set(title="peak RSS, MB (lower is better)")
+    panels = [("examples_per_s", "examples / s (higher is better)"),
+              ("peak_rss_mb", "peak RSS, MB (lower is better)")]  # fmt: skip
+    for i, (key, title) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, 2, i)
+        ax.bar(
+            names,
+            [summary[f"{k}_{key}"] for k in names],
+            color=["tab:green", "tab:grey", "tab:blue"],
+        )
+        ax.set(title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -206,13 +206,10 @@ def main() -> None:
                 with console.status(f"round {r + 1}/{args.rounds}: {kind}"):
                     res = _spawn(kind, model, n, args.steps)
                 results[kind].append(res)
-                rate = res["examples"] / res["seconds"]
                 console.print(
-                    f"round {r + 1} {kind}: {rate:.1f} examples/s, peak {res['peak_rss_mb']:.0f} MB"
+                    f"round {r + 1} {kind}: {_rate(res):.1f} examples/s, "
+                    f"peak {res['peak_rss_mb']:.0f} MB"
                 )
-
-    def rate(res: dict) -> float:
-        return res["examples"] / res["seconds"]
 
     summary: dict = {
         "bench": "train_vs_trl",
@@ -222,21 +219,12 @@ def main() -> None:
         "rounds": args.rounds,
     }
     for kind, runs in results.items():
-        summary[f"{kind}_examples_per_s"] = round(statistics.median(rate(x) for x in runs), 1)
+        summary[f"{kind}_examples_per_s"] = round(statistics.median(_rate(x) for x in runs), 1)
         summary[f"{kind}_peak_rss_mb"] = round(max(x["peak_rss_mb"] for x in runs), 1)
-    summary["speedup"] = round(
-        statistics.median(
-            rate(o) / rate(t) for o, t in zip(results["ours"], results["trl"], strict=True)
-        ),
-        3,
-    )
-    summary["speedup_vs_precompute"] = round(
-        statistics.median(
-            rate(o) / rate(t)
-            for o, t in zip(results["ours"], results["trl_precompute"], strict=True)
-        ),
-        3,
-    )
+    for key, peer in (("speedup", "trl"), ("speedup_vs_precompute", "trl_precompute")):
+        # Paired within a round: both runs saw the same machine speed.
+        pairs = zip(results["ours"], results[peer], strict=True)
+        summary[key] = round(statistics.median(_rate(o) / _rate(t) for o, t in pairs), 3)
     RESULTS.mkdir(exist_ok=True)
     _plot(summary, RESULTS / "train_vs_trl.png")
     (RESULTS / "train_vs_trl.json").write_text(json.dumps(summary) + "\n")

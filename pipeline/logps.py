@@ -48,17 +48,7 @@ class SequenceBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> SequenceBatch:
-        return SequenceBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
-
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.input_ids,
-            self.attention_mask,
-            self.rows,
-            self.cols,
-            self.targets,
-            self.lengths,
-        )
+        return SequenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> SequenceBatch:

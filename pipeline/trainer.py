@@ -470,7 +470,8 @@ def train(
         world,
     )
     out_dir = inputs.out_dir
-    run_id = _run_fingerprint(inputs, options, lora, train_ex)
+    base_fingerprint = _fingerprint(inputs.base_model)
+    run_id = _run_fingerprint(base_fingerprint, options, lora, train_ex)
     if rank == 0:
         _prepare_out_dir(out_dir, inputs.resume)
 
@@ -702,7 +703,7 @@ def train(
     manifest = {
         "kind": "kto-loop.adapter",
         "base_model": str(inputs.base_model),
-        "base_model_fingerprint": _fingerprint(inputs.base_model),
+        "base_model_fingerprint": base_fingerprint,
         "snapshot_id": inputs.snapshot_id,
         "init_adapter": str(inputs.init_adapter) if inputs.init_adapter else None,
         "reference_adapter": str(inputs.reference_adapter) if inputs.reference_adapter else None,
@@ -859,6 +860,7 @@ def _aggregate(
         else None,
         "n_desirable": n_d,
         "n_undesirable": n_u,
+        "micro_batches": n,
         "one_class_batches": sum(
             1 for a in accum if a["n_desirable"] == 0 or a["n_undesirable"] == 0
         ),
@@ -890,15 +892,13 @@ class _Diagnostics:
     one_class: int = 0
     micro_batches: int = 0
     min_pairs: int | None = None
-    pairs_total: int = 0
     last: dict[str, Any] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
         self.steps += 1
         self.clamped += row["kl_clamped"]
         self.one_class += row["one_class_batches"]
-        self.micro_batches += 1
-        self.pairs_total += row["kl_pairs"]
+        self.micro_batches += row["micro_batches"]
         self.min_pairs = (
             row["kl_pairs"] if self.min_pairs is None else min(self.min_pairs, row["kl_pairs"])
         )
@@ -1025,15 +1025,16 @@ def _load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
 
 
 def _run_fingerprint(
-    inputs: TrainInputs, options: TrainOptions, lora: LoraOptions, examples: Sequence[Encoded]
+    base_fingerprint: str, options: TrainOptions, lora: LoraOptions, examples: Sequence[Encoded]
 ) -> str:
+    """What a checkpoint must match to be resumed: options, adapter shape, base, data."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
             [asdict(options) | {"stop_after_steps": None}, asdict(lora)], sort_keys=True
         ).encode()
     )
-    h.update(_fingerprint(inputs.base_model).encode())
+    h.update(base_fingerprint.encode())
     for e in examples:
         h.update(repr((e.prompt_ids, e.completion_ids, e.desirable)).encode())
     return h.hexdigest()[:16]
