@@ -280,6 +280,51 @@ class LoraConfig(_Section):
         return LoraOptions(self.r, self.alpha, self.dropout, tuple(self.target_modules))
 
 
+class RegistryConfig(_Section):
+    """Where adapter versions and alias histories are kept: a local directory or any
+    fsspec URL. Servers must be able to read the version directories (see [serving]
+    path_map)."""
+
+    url: str = Field("./data/adapters", min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    keep_last: int = Field(5, ge=1, description="newest versions `adapters gc` always keeps")
+
+
+class ServingConfig(_Section):
+    """The vLLM replicas an alias is published to, all or nothing."""
+
+    replicas: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        min_length=1,
+        description="base URLs of every vLLM replica serving the alias",
+    )
+    api_key: SecretStr | None = Field(None, description="vLLM's --api-key; use the environment")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        8, description="the servers' --max-lora-rank; higher-rank adapters are refused"
+    )
+    base_model: str | None = Field(
+        None,
+        description="the served base model's directory as the pipeline sees it; enables "
+        "the base-model checks (module shapes, fingerprint) before publishing",
+    )
+    path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="registry path prefix (pipeline's view) -> the same directory as the "
+        "servers see it, for a shared filesystem mounted in different places",
+    )
+    timeout_seconds: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=1, description="attempts for calls that are safe to repeat")
+    smoke_prompt: str = Field("Hello", min_length=1)
+    smoke_max_tokens: int = Field(8, ge=1)
+
+    def server_path(self, local: str) -> str:
+        """Translate a registry path to the servers' view with the longest matching prefix."""
+        for prefix in sorted(self.path_map, key=len, reverse=True):
+            if local == prefix or local.startswith(prefix.rstrip("/") + "/"):
+                return self.path_map[prefix].rstrip("/") + local[len(prefix.rstrip("/")) :]
+        return local
+
+
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -298,6 +343,8 @@ class Settings(BaseSettings):
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -449,3 +449,81 @@ def schema(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def register(
+    adapter_dir: Annotated[Path, typer.Argument(help="A trained adapter directory.")],
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="The version it was trained from.")
+    ] = None,
+    note: Annotated[str, typer.Option("--note", help="Free text kept with the version.")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Copy an adapter into the registry as the next version (immutable from then on)."""
+    from flows import serving_cli
+
+    serving_cli.register(_settings(config), adapter_dir, parent, note)
+
+
+@app.command()
+def publish(
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="A registry version (v7), or an adapter directory.")
+    ],
+    alias: Annotated[str, typer.Option("--alias", help="The model name clients call.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the alias history.")] = "",
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Serve a version as ALIAS on every replica, all or nothing, without a restart."""
+    from flows import serving_cli
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.publish(_settings(config), adapter, alias, reason)
+
+
+@app.command()
+def rollback(
+    alias: Annotated[str, typer.Option("--alias", help="The model name clients call.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the alias history.")] = "",
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Serve the version before the current one again, on every replica."""
+    from flows import serving_cli
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.rollback(_settings(config), alias, reason)
+
+
+@app.command()
+def sync(
+    alias: Annotated[str, typer.Option("--alias", help="The model name clients call.")],
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Make every replica serve the alias's recorded version (a restarted or new replica)."""
+    from flows import serving_cli
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.sync(_settings(config), alias)
+
+
+@app.command()
+def adapters(config: ConfigOption = None) -> None:
+    """List versions with their lineage, the aliases, and what each replica serves."""
+    from flows import serving_cli
+
+    serving_cli.adapters(_settings(config))
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete old versions no alias serves, no rollback needs and no server still reads."""
+    from flows import serving_cli
+
+    serving_cli.gc(_settings(config), dry_run)

@@ -36,6 +36,7 @@ import torch
 
 from pipeline.encode import Encoded, encode_records, end_of_turn_id
 from pipeline.evaluate import HeldoutMetrics, eos_logratio, heldout_metrics
+from pipeline.fingerprint import model_fingerprint
 from pipeline.kto import kto_loss, mismatched_kl
 from pipeline.logps import (
     collate_continuations,
@@ -164,19 +165,6 @@ def _check_model_dir(path: Path) -> None:
             f"{path} holds no config.json: point --base-model at a transformers model "
             "directory (the one you serve with vLLM)"
         )
-
-
-def _fingerprint(path: Path) -> str:
-    """A cheap identity of a model directory: its config and the names and sizes of its
-    files (hashing gigabytes of weights on every run is not worth it)."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.name in ("config.json", "adapter_config.json", "tokenizer_config.json"):
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _load_model(inputs: TrainInputs, lora: LoraOptions, device: torch.device, dtype: Any) -> Any:
@@ -470,7 +458,7 @@ def train(
         world,
     )
     out_dir = inputs.out_dir
-    base_fingerprint = _fingerprint(inputs.base_model)
+    base_fingerprint = model_fingerprint(inputs.base_model)
     run_id = _run_fingerprint(base_fingerprint, options, lora, train_ex)
     if rank == 0:
         _prepare_out_dir(out_dir, inputs.resume)

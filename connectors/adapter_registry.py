@@ -1,0 +1,275 @@
+"""Adapter versions and alias histories on a local directory or any fsspec URL.
+
+    <root>/versions/v7/adapter_model.safetensors   the weights, as trained
+    <root>/versions/v7/adapter_config.json
+    <root>/versions/v7/trainer_manifest.json       the trainer's manifest, when there is one
+    <root>/versions/v7/version.json                lineage, base model, snapshot, metrics
+    <root>/aliases/chat.json                       every promotion and rollback of "chat"
+
+A version is written under a temporary name and renamed into place (locally), or written
+with version.json last (object stores, which have no rename; a directory without it is
+ignored), and is never modified afterwards: servers read these files for as long as they
+serve the version, and may read them again whenever they reload an evicted adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from filelock import FileLock
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.registry import (
+    AliasHistory,
+    RegistryError,
+    check_alias,
+    next_version,
+    version_number,
+)
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TRAINER_MANIFEST = "manifest.json"
+VERSION_FILE = "version.json"
+_KEPT_TRAINER_MANIFEST = "trainer_manifest.json"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class AdapterRegistry:
+    """Versioned adapters and per-alias histories under `url`."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- versions -------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        """Every complete version, oldest first."""
+        base = self._join("versions")
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for entry in self.fs.ls(base, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("v") and self.fs.exists(f"{entry}/{VERSION_FILE}"):
+                with contextlib.suppress(RegistryError):
+                    version_number(name)
+                    found.append(name)
+        return sorted(found, key=version_number)
+
+    def path(self, version: str) -> str:
+        """Where the version's files are, as this machine sees them (a path or a URL)."""
+        version_number(version)
+        return self._join("versions", version)
+
+    def info(self, version: str) -> dict[str, Any]:
+        """The version's version.json."""
+        path = f"{self.path(version)}/{VERSION_FILE}"
+        if not self.fs.exists(path):
+            known = ", ".join(self.versions()[-5:]) or "none yet"
+            raise RegistryError(
+                f"no version {version} in {self.url} (latest: {known}); "
+                "register an adapter directory with `kto-loop register DIR`"
+            )
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
+
+    @contextlib.contextmanager
+    def local_copy(self, version: str) -> Iterator[Path]:
+        """The version's files as a local directory (the directory itself when local)."""
+        if self.local:
+            yield Path(self.path(version))
+            return
+        with tempfile.TemporaryDirectory(prefix=f"kto-loop-{version}-") as tmp:
+            for name in (*ADAPTER_FILES, VERSION_FILE):
+                self.fs.get(f"{self.path(version)}/{name}", str(Path(tmp) / name))
+            yield Path(tmp)
+
+    def add(
+        self,
+        adapter_dir: str | Path,
+        *,
+        parent: str | None = None,
+        snapshot_id: str | None = None,
+        note: str = "",
+    ) -> dict[str, Any]:
+        """Copy a trained adapter directory in as the next version; return its version.json.
+
+        Lineage, base model, snapshot id and metrics come from the trainer's manifest.json
+        when the directory has one; `snapshot_id` overrides it.
+        """
+        src = Path(adapter_dir)
+        missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+        if missing:
+            raise RegistryError(
+                f"{src} is not a LoRA adapter directory: {', '.join(missing)} missing "
+                "(point at the directory `kto-loop train --out` wrote)"
+            )
+        if parent is not None:
+            self.info(parent)
+        trainer: dict[str, Any] = {}
+        if (src / TRAINER_MANIFEST).is_file():
+            trainer = json.loads((src / TRAINER_MANIFEST).read_text())
+        adapter_config = json.loads((src / "adapter_config.json").read_text())
+        record = {
+            "parent": parent,
+            "created_at": now_iso(),
+            "source": str(src.resolve()),
+            "sha256": _sha256(src / "adapter_model.safetensors"),
+            "base_model": trainer.get("base_model")
+            or adapter_config.get("base_model_name_or_path"),
+            "base_model_fingerprint": trainer.get("base_model_fingerprint"),
+            "snapshot_id": snapshot_id or trainer.get("snapshot_id"),
+            "metrics": trainer.get("metrics", {}),
+            "lora": {
+                "r": adapter_config.get("r"),
+                "alpha": adapter_config.get("lora_alpha"),
+                "target_modules": adapter_config.get("target_modules"),
+            },
+            "note": note,
+        }
+        files = [src / f for f in ADAPTER_FILES]
+        if trainer:
+            files.append(src / TRAINER_MANIFEST)
+        return self._write_version(files, record)
+
+    def _write_version(self, files: list[Path], record: dict[str, Any]) -> dict[str, Any]:
+        def dest_name(f: Path) -> str:
+            return _KEPT_TRAINER_MANIFEST if f.name == TRAINER_MANIFEST else f.name
+
+        if self.local:
+            versions = Path(self.root) / "versions"
+            versions.mkdir(parents=True, exist_ok=True)
+            tmp = versions / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir()
+            try:
+                for f in files:
+                    shutil.copyfile(f, tmp / dest_name(f))
+                for _ in range(100):
+                    version = next_version(self.versions())
+                    full = {"version": version, **record}
+                    (tmp / VERSION_FILE).write_text(json.dumps(full, indent=2))
+                    for f in tmp.iterdir():
+                        f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                        with f.open("rb") as fh:
+                            os.fsync(fh.fileno())
+                    try:
+                        # A rename onto an existing version fails: two writers cannot
+                        # both get the same number, and a written version never changes.
+                        tmp.rename(versions / version)
+                    except OSError:
+                        (tmp / VERSION_FILE).chmod(stat.S_IRUSR | stat.S_IWUSR)
+                        continue
+                    fd = os.open(versions, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    return full
+                raise RegistryError(f"could not allocate a version number in {versions}")
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, onerror=_make_writable)
+        version = next_version(self.versions())
+        target = self.path(version)
+        if self.fs.exists(target):
+            raise RegistryError(
+                f"{target} exists without {VERSION_FILE} (an interrupted write?): remove it "
+                "after checking no server reads it, then register again"
+            )
+        record = {"version": version, **record}
+        for f in files:
+            self.fs.put_file(str(f), f"{target}/{dest_name(f)}")
+        with self.fs.open(f"{target}/{VERSION_FILE}", "w") as out:
+            out.write(json.dumps(record, indent=2))
+        return record
+
+    def delete(self, version: str) -> None:
+        """Remove a version's files (only `retention` decides which may go)."""
+        target = self.path(version)
+        if self.local:
+            shutil.rmtree(target, onerror=_make_writable)
+        else:
+            self.fs.rm(target, recursive=True)
+
+    # -- aliases --------------------------------------------------------------------------
+
+    def history(self, alias: str) -> AliasHistory:
+        """The alias's events (empty before its first promotion)."""
+        path = self._join("aliases", f"{check_alias(alias)}.json")
+        if not self.fs.exists(path):
+            return AliasHistory(alias)
+        with self.fs.open(path, "r") as f:
+            return AliasHistory.from_dict(json.load(f))
+
+    def aliases(self) -> list[str]:
+        base = self._join("aliases")
+        if not self.fs.exists(base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+        return sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
+
+    def save_history(self, history: AliasHistory) -> None:
+        """Replace the alias's history in one step (rename locally, one PUT remotely)."""
+        body = json.dumps(history.as_dict(), indent=2)
+        path = self._join("aliases", f"{check_alias(history.alias)}.json")
+        if self.local:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            with tmp.open("w") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(target)
+        else:
+            with self.fs.open(path, "w") as f:
+                f.write(body)
+
+    @contextlib.contextmanager
+    def lock(self, alias: str, timeout_s: float = 600.0) -> Iterator[None]:
+        """Hold the alias: publishes and rollbacks of one alias run one at a time.
+
+        A file lock on a local registry; a remote registry has no lock here, so run one
+        publisher per alias (the scheduled flow's concurrency limit does that).
+        """
+        if not self.local:
+            yield
+            return
+        locks = Path(self.root) / "aliases"
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f".{check_alias(alias)}.lock"), timeout=timeout_s):
+            yield
+
+
+def _make_writable(func: Any, path: str, exc_info: Any) -> None:
+    os.chmod(path, stat.S_IRWXU)
+    func(path)

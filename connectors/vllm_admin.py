@@ -1,0 +1,240 @@
+"""HTTP client for one vLLM replica: models, LoRA load/unload, our swap routes, completions.
+
+vLLM answers expected failures with a JSON error and a status; those become exceptions
+whose message says what to do. Only calls that are safe to repeat are retried (reads, and
+the swap, which sets the alias to a target and so means the same the second time); a
+load is checked against the server's state instead of being sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+log = logging.getLogger(__name__)
+
+SWAP_PREFIX = "/v1/kto-loop"
+
+
+class VllmError(Exception):
+    """A replica refused or failed a call; `replica` is its URL."""
+
+    def __init__(self, replica: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{replica}: {message}")
+        self.replica = replica
+        self.status = status
+
+
+class ServerUnreachable(VllmError):
+    """No answer from the replica (down, wrong URL, or a timeout)."""
+
+
+class AdapterNotFound(VllmError):
+    """The server cannot read the adapter (path) or does not know the name."""
+
+
+class PluginMissing(VllmError):
+    """The replica lacks the kto-loop swap routes."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    model: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+
+
+_RETRYABLE = (ServerUnreachable,)
+
+
+def _hint(status: int, path: str, message: str) -> str:
+    if status == 401:
+        return (
+            "the server wants an API key: set [serving] api_key or KTO_LOOP_SERVING__API_KEY "
+            "to the value given to vLLM's --api-key"
+        )
+    if path.endswith("load_lora_adapter"):
+        if status == 404:
+            return (
+                f"{message} The server cannot read that adapter directory: put the registry on "
+                "a filesystem the server mounts and set [serving] path_map from the "
+                "pipeline's path to the server's"
+            )
+        if "max_lora_rank" in message or "rank" in message.lower():
+            return f"{message} Raise vLLM's --max-lora-rank or train with a smaller [lora] r"
+        if status == 400:
+            return message
+        return f"{message} (the server failed to load it: see its log)"
+    if status == 404 and path.startswith(SWAP_PREFIX):
+        if "not loaded" in message:
+            return message
+        return (
+            "the server has no kto-loop swap routes: install deploy/vllm/plugin into vLLM's "
+            "environment and start vLLM with VLLM_PLUGINS=kto_loop_swap"
+        )
+    if status == 404 and path.endswith("load_lora_adapter") is False and "/v1/" in path:
+        if "does not exist" in message or "not found" in message.lower():
+            return message
+        return (
+            f"{message} (is VLLM_ALLOW_RUNTIME_LORA_UPDATING=True set on the server, and "
+            "vLLM started with --enable-lora?)"
+        )
+    return message
+
+
+class VllmAdmin:
+    """One replica's admin and completion endpoints.
+
+    Args:
+        url: the server's base URL, e.g. http://10.0.0.5:8000.
+        api_key: the value given to vLLM's --api-key, or None.
+        timeout_s: per-call timeout; loads of large adapters take longer than reads.
+        retries: attempts for idempotent calls.
+        transport: an httpx transport (tests inject faults with it).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout_s, transport=transport
+        )
+        self._retrying = retry(
+            retry=retry_if_exception_type(_RETRYABLE),
+            stop=stop_after_attempt(max(1, retries)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> VllmAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, json=json)
+        except httpx.TransportError as e:
+            raise ServerUnreachable(
+                self.url, f"no answer to {method} {path} ({type(e).__name__}: {e})"
+            ) from e
+        if response.status_code >= 400:
+            message = _error_message(response)
+            hint = _hint(response.status_code, path, message)
+            status = response.status_code
+            if status == 404 and path.startswith(SWAP_PREFIX) and "not loaded" not in message:
+                raise PluginMissing(self.url, hint, status)
+            if status == 404:
+                raise AdapterNotFound(self.url, hint, status)
+            if status in (502, 503, 504):
+                raise ServerUnreachable(self.url, f"{method} {path}: {status} {hint}", status)
+            raise VllmError(self.url, f"{method} {path}: {status} {hint}", status)
+        return response
+
+    def _idempotent(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        return self._retrying(self._call)(method, path, json)
+
+    def health(self) -> bool:
+        """True when the server answers /health with 200."""
+        try:
+            return self._client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def models(self) -> list[str]:
+        """Every model name the server accepts (base, aliases, loaded versions)."""
+        data = self._idempotent("GET", "/v1/models").json()
+        return [m["id"] for m in data.get("data", [])]
+
+    def swap_state(self) -> dict[str, Any]:
+        """The swap plugin's view: aliases, loaded adapters, retirements, engine ids."""
+        return self._idempotent("GET", f"{SWAP_PREFIX}/aliases").json()
+
+    def load(self, name: str, path: str) -> None:
+        """Load the adapter at `path` (the server's view) under `name`.
+
+        Loading is not repeated blindly: if the name is already loaded from the same path
+        (an earlier attempt that timed out), that counts as done; from another path, it is
+        an error, since vLLM would serve the old weights under that name.
+        """
+        state = self.swap_state()
+        for a in state["adapters"]:
+            if a["name"] == name:
+                if a["path"] == path:
+                    return
+                raise VllmError(
+                    self.url,
+                    f"{name} is already loaded from {a['path']}, not {path}: a version's "
+                    "name must always mean the same files",
+                )
+        self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    def unload(self, name: str) -> None:
+        """vLLM's own unload: forgets the name (the engine keeps the adapter's slot)."""
+        self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+    def swap(self, alias: str, target: str, keep: list[str]) -> dict[str, Any]:
+        """Point `alias` at the loaded version `target`; keep `keep` loaded as well."""
+        return self._idempotent(
+            "POST", f"{SWAP_PREFIX}/aliases/{alias}", {"target": target, "keep": keep}
+        ).json()
+
+    def retire(self, name: str) -> None:
+        """Retire a loaded version once no request uses it (no-op if not loaded)."""
+        try:
+            self._idempotent("DELETE", f"{SWAP_PREFIX}/adapters/{name}")
+        except AdapterNotFound:
+            return
+
+    def complete(
+        self, model: str, prompt: str | list[int], max_tokens: int = 16, **params: Any
+    ) -> Completion:
+        """A greedy completion (temperature 0 unless given) from `model`."""
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "return_token_ids": True,
+            **params,
+        }
+        data = self._call("POST", "/v1/completions", body).json()
+        choice = data["choices"][0]
+        return Completion(
+            text=choice.get("text") or "",
+            model=data.get("model", model),
+            token_ids=tuple(choice.get("token_ids") or ()),
+            finish_reason=choice.get("finish_reason"),
+        )
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)

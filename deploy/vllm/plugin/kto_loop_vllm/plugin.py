@@ -1,0 +1,311 @@
+"""Routes added to vLLM's own server: switch an alias between loaded LoRA versions.
+
+vLLM's runtime LoRA endpoints cannot replace a served adapter safely (see
+deploy/vllm/README.md for what each built-in way does wrong). This plugin adds the missing
+step. Every version is loaded with vLLM's own `/v1/load_lora_adapter` under a unique name
+(`chat@v3`) and its own path; then
+
+    POST /v1/kto-loop/aliases/{alias}   {"target": "chat@v3", "keep": ["chat@v2"]}
+
+points the alias's entry in the server's name table at that version's request object in
+one assignment, under the alias's lock. The alias never disappears (no request 404s), the
+engine sees a new name and path (no stale prefix-cache blocks, no re-read on every step),
+and a long generation still running on the old version keeps its own name and id.
+
+Versions the alias left, apart from `keep`, are retired: removed from the name table and
+from the engine (which `/v1/unload_lora_adapter` does not do, so slots and memory would
+pile up), once no request has looked them up for `KTO_LOOP_RETIRE_GRACE_S` seconds and
+none in flight uses them. Retiring a version still in use kills vLLM's worker.
+
+    GET /v1/kto-loop/aliases            what each alias serves, what is loaded and in use
+
+The routes sit under /v1 so that `--api-key` guards them. They read vLLM internals (the
+serving-models name table, its per-name locks, the output processor's request states),
+so the plugin refuses to attach to a vLLM it was not tested with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("kto_loop_vllm")
+
+PLUGIN_NAME = "kto_loop_swap"
+TESTED_VLLM = ("0.32.",)
+SEPARATOR = "@"
+PREFIX = "/v1/kto-loop"
+
+
+class SwapRequest(BaseModel):
+    target: str = Field(description="a loaded adapter name, e.g. chat@v3")
+    keep: list[str] = Field(
+        default_factory=list,
+        description="loaded versions of this alias to keep (the rollback target)",
+    )
+
+
+class LookupTable(dict):
+    """vLLM's name -> LoRARequest table, remembering when each adapter was last looked up.
+
+    The serving handlers fetch a request's adapter with `table[model]`; a lookup means a
+    request may reach the engine with that adapter a moment later, so a retirement waits
+    until no lookup happened for the grace period.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_lookup: dict[str, float] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        self.last_lookup[value.lora_name] = time.monotonic()
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        return default
+
+
+class SwapState:
+    """What the routes share: the serving models object, the engine and the retirements."""
+
+    def __init__(self, models: Any, engine: Any, grace_s: float) -> None:
+        self.models = models
+        self.engine = engine
+        self.grace_s = grace_s
+        self.retiring: dict[str, Any] = {}  # name -> LoRARequest waiting to be retired
+        self.retired: list[str] = []
+        self.retire_task: asyncio.Task | None = None
+        self.served_by_alias: dict[str, set[str]] = {}
+        self.swaps = 0
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests the engine is working on, by adapter name."""
+        counts: dict[str, int] = {}
+        for state in list(self.engine.output_processor.request_states.values()):
+            name = getattr(state, "lora_name", None)
+            if name:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    async def retire_idle(self) -> None:
+        """Retire every waiting version that is idle; loop while some still wait."""
+        while self.retiring:
+            try:
+                await self._retire_pass()
+            except Exception:  # keep retiring later rather than leave versions loaded forever
+                log.exception("retiring LoRA adapters")
+            await asyncio.sleep(min(0.25, self.grace_s / 4 or 0.05))
+
+    async def _retire_pass(self) -> None:
+        now = time.monotonic()
+        busy = self.in_flight()
+        table: LookupTable = self.models.lora_requests
+        for name, request in list(self.retiring.items()):
+            if any(k != name and v is request for k, v in dict.items(table)):
+                # An alias went back to it (a rollback): it stays.
+                del self.retiring[name]
+                continue
+            last = table.last_lookup.get(name, 0.0)
+            if busy.get(name) or now - last < self.grace_s:
+                continue
+            async with self.models.lora_resolver_lock[name]:
+                if any(v is request for k, v in dict.items(table) if k != name):
+                    del self.retiring[name]  # swapped back to while we waited
+                    continue
+                if dict.get(table, name) is request:
+                    dict.__delitem__(table, name)
+            del self.retiring[name]
+            try:
+                await self.engine.remove_lora(request.lora_int_id)
+            except Exception:  # the engine already dropped it: nothing left to free
+                log.exception("removing %s (id %d) from the engine", name, request.lora_int_id)
+            self.retired.append(name)
+            log.info("retired LoRA adapter %s (id %d)", name, request.lora_int_id)
+
+    def schedule_retirement(self, requests: dict[str, Any]) -> None:
+        """Retire these (name -> LoRARequest) once idle."""
+        self.retiring.update(requests)
+        if self.retiring and (self.retire_task is None or self.retire_task.done()):
+            self.retire_task = asyncio.get_running_loop().create_task(self.retire_idle())
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": "KtoLoopSwapError", "code": status}},
+    )
+
+
+router = APIRouter()
+
+
+def _state(request: Request) -> SwapState | None:
+    return getattr(request.app.state, "kto_loop_swap", None)
+
+
+@router.post(PREFIX + "/aliases/{alias}")
+async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
+    """Point `alias` at the loaded adapter `body.target` in one assignment."""
+    state = _state(request)
+    if state is None:
+        return _error(503, "the kto-loop swap plugin has no engine on this server")
+    models = state.models
+    table: LookupTable = models.lora_requests
+    if models.is_base_model(alias):
+        return _error(400, f"{alias!r} is a served base model name; choose another alias")
+    if SEPARATOR in alias:
+        return _error(400, f"{alias!r} contains {SEPARATOR!r}, which marks version names")
+    if not body.target.startswith(alias + SEPARATOR):
+        return _error(400, f"target {body.target!r} is not a version of {alias!r} ({alias}@vN)")
+    if body.target not in table:
+        return _error(
+            404,
+            f"adapter {body.target!r} is not loaded on this server: load it first with "
+            "POST /v1/load_lora_adapter",
+        )
+    async with models.lora_resolver_lock[alias]:
+        target = dict.__getitem__(table, body.target)
+        previous = dict.get(table, alias)
+        table[alias] = target  # the one step clients can observe
+        state.swaps += 1
+    # Only versions this alias served before are retired: a version loaded for the next
+    # publish, or under another alias, is not this swap's to drop.
+    served_before = state.served_by_alias.setdefault(alias, set())
+    if previous is not None:
+        served_before.add(previous.lora_name)
+    keep = {body.target, *body.keep}
+    stale = {n: dict.get(table, n) for n in served_before if n not in keep}
+    if previous is not None and previous.lora_name in stale:
+        # Loaded under the bare alias name, its only entry was just overwritten.
+        stale[previous.lora_name] = previous
+    served_before.difference_update(stale)
+    served_before.add(body.target)
+    state.schedule_retirement({n: r for n, r in stale.items() if r is not None})
+    log.info("alias %s -> %s (was %s)", alias, body.target, previous and previous.lora_name)
+    return JSONResponse(
+        {
+            "alias": alias,
+            "target": body.target,
+            "path": target.lora_path,
+            "previous": previous.lora_name if previous is not None else None,
+            "retiring": sorted(state.retiring),
+        }
+    )
+
+
+@router.delete(PREFIX + "/adapters/{name}")
+async def retire(name: str, request: Request) -> JSONResponse:
+    """Retire a loaded version once idle (a version loaded for a publish that was abandoned).
+
+    Refused while an alias points at it: swap the alias away first.
+    """
+    state = _state(request)
+    if state is None:
+        return _error(503, "the kto-loop swap plugin has no engine on this server")
+    table = state.models.lora_requests
+    entry = dict.get(table, name)
+    if entry is None or entry.lora_name != name:
+        return _error(404, f"adapter {name!r} is not loaded on this server")
+    users = [k for k, v in dict.items(table) if v is entry and k != name]
+    if users:
+        return _error(409, f"{name!r} is served as {users}: swap that alias away from it first")
+    state.schedule_retirement({name: entry})
+    return JSONResponse({"name": name, "retiring": sorted(state.retiring)})
+
+
+@router.get(PREFIX + "/aliases")
+async def aliases(request: Request) -> JSONResponse:
+    """What each alias serves, every loaded adapter, and what the engine holds."""
+    state = _state(request)
+    if state is None:
+        return _error(503, "the kto-loop swap plugin has no engine on this server")
+    table = state.models.lora_requests
+    busy = state.in_flight()
+    out_aliases = {
+        k: {"target": v.lora_name, "path": v.lora_path, "id": v.lora_int_id}
+        for k, v in dict.items(table)
+        if k != v.lora_name
+    }
+    adapters = [
+        {
+            "name": k,
+            "id": v.lora_int_id,
+            "path": v.lora_path,
+            "in_flight": busy.get(k, 0),
+            "retiring": k in state.retiring,
+        }
+        for k, v in dict.items(table)
+        if k == v.lora_name
+    ]
+    engine_ids = sorted(await state.engine.list_loras())
+    return JSONResponse(
+        {
+            "aliases": out_aliases,
+            "adapters": adapters,
+            "retiring": sorted(state.retiring),
+            "retired": len(state.retired),
+            "engine_lora_ids": engine_ids,
+            "swaps": state.swaps,
+            "grace_s": state.grace_s,
+        }
+    )
+
+
+@router.get("/v1/models")
+async def models_with_aliases(request: Request) -> JSONResponse:
+    """vLLM's model list, with each alias listed under its own name.
+
+    vLLM lists adapters by their internal names, so an alias would show only as the
+    version it points at; clients discover the names they may call here.
+    """
+    models = request.app.state.openai_serving_models
+    listing = await models.show_available_models()
+    data = listing.model_dump()
+    table = models.lora_requests
+    for card, (key, lora) in zip(
+        data["data"][len(models.base_model_paths) :], dict.items(table), strict=False
+    ):
+        if key != lora.lora_name:
+            card["id"] = key
+    return JSONResponse(content=data)
+
+
+class SwapPlugin:
+    """The `vllm.endpoint_plugins` entry point (enable with VLLM_PLUGINS=kto_loop_swap)."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+        if not version.startswith(TESTED_VLLM) and not os.environ.get(
+            "KTO_LOOP_PLUGIN_ALLOW_UNTESTED"
+        ):
+            raise RuntimeError(
+                f"kto-loop swap plugin is tested on vLLM {TESTED_VLLM} and this is {version}: "
+                "it reads vLLM internals, so run its tests against this vLLM, then set "
+                "KTO_LOOP_PLUGIN_ALLOW_UNTESTED=1"
+            )
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        if engine_client is None or getattr(state, "openai_serving_models", None) is None:
+            return
+        models = state.openai_serving_models
+        models.lora_requests = LookupTable(models.lora_requests)
+        grace = float(os.environ.get("KTO_LOOP_RETIRE_GRACE_S", "10"))
+        state.kto_loop_swap = SwapState(models, engine_client, grace)
+        log.info("kto-loop swap plugin ready (retire grace %.1f s)", grace)

@@ -1,0 +1,180 @@
+"""`kto-loop register / publish / rollback / sync / adapters / gc`: the registry and serving.
+
+Each command prints a table or progress on stderr and ends with one JSON line on stdout.
+Exit codes: 0 done, 1 a server failed (nothing changed), 2 bad input (a refused adapter,
+an unknown version, a bad config).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from connectors.adapter_registry import AdapterRegistry
+from connectors.config import Settings
+from connectors.publish import Publisher, PublishError
+from connectors.vllm_admin import VllmError
+from pipeline.adapter_check import AdapterRefused
+from pipeline.registry import RegistryError, parse_served_name, retention
+
+err = Console(stderr=True)
+
+
+def _registry(settings: Settings) -> AdapterRegistry:
+    return AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+
+
+def _publisher(settings: Settings) -> Publisher:
+    return Publisher(
+        _registry(settings),
+        settings.serving,
+        progress=lambda line: err.print(line, markup=False, highlight=False),
+    )
+
+
+def _fail(exc: Exception, code: int) -> None:
+    err.print(str(exc), style="red", markup=False, highlight=False)
+    raise typer.Exit(code) from None
+
+
+def register(settings: Settings, adapter_dir: Path, parent: str | None, note: str) -> None:
+    try:
+        info = _registry(settings).add(adapter_dir, parent=parent, note=note)
+    except RegistryError as e:
+        _fail(e, 2)
+    typer.echo(json.dumps({"status": "registered", **info}))
+
+
+def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
+    publisher = _publisher(settings)
+    try:
+        version = adapter
+        if Path(adapter).is_dir():
+            version = publisher.registry.add(Path(adapter), note="registered by publish")["version"]
+            err.print(f"registered {adapter} as {version}", markup=False, highlight=False)
+        result = publisher.publish(alias, version, reason)
+    except (AdapterRefused, RegistryError) as e:
+        _fail(e, 2)
+    except (PublishError, VllmError) as e:
+        _fail(e, 1)
+    typer.echo(json.dumps({"status": "published", **result.as_dict()}))
+
+
+def rollback(settings: Settings, alias: str, reason: str) -> None:
+    try:
+        result = _publisher(settings).rollback(alias, reason)
+    except RegistryError as e:
+        _fail(e, 2)
+    except (PublishError, VllmError) as e:
+        _fail(e, 1)
+    typer.echo(json.dumps({"status": "rolled_back", **result.as_dict()}))
+
+
+def sync(settings: Settings, alias: str) -> None:
+    try:
+        result = _publisher(settings).sync(alias)
+    except RegistryError as e:
+        _fail(e, 2)
+    except (PublishError, VllmError) as e:
+        _fail(e, 1)
+    typer.echo(json.dumps({"status": "synced", **result.as_dict()}))
+
+
+def _served_versions(state: dict[str, Any] | str) -> dict[str, str]:
+    """alias -> version a replica serves, from its swap-plugin state."""
+    if isinstance(state, str):
+        return {}
+    out = {}
+    for alias, entry in state.get("aliases", {}).items():
+        parsed = parse_served_name(entry["target"])
+        out[alias] = parsed[1] if parsed else entry["target"]
+    return out
+
+
+def adapters(settings: Settings) -> None:
+    publisher = _publisher(settings)
+    registry = publisher.registry
+    served = publisher.served()
+    histories = {a: registry.history(a) for a in registry.aliases()}
+
+    table = Table(title=f"adapter versions in {registry.url}")
+    for col in ("version", "parent", "created", "snapshot", "rank", "held-out acc", "serving"):
+        table.add_column(col)
+    versions = registry.versions()
+    rows = []
+    for v in versions:
+        info = registry.info(v)
+        after = (info.get("metrics") or {}).get("heldout_after") or {}
+        roles = [f"{a} (current)" for a, h in histories.items() if h.current == v]
+        roles += [f"{a} (rollback)" for a, h in histories.items() if h.rollback_target == v]
+        acc = after.get("accuracy")
+        table.add_row(
+            v,
+            info.get("parent") or "-",
+            info.get("created_at", "")[:19],
+            (info.get("snapshot_id") or "-")[:12],
+            str((info.get("lora") or {}).get("r", "-")),
+            "-" if acc is None else f"{acc:.3f}",
+            ", ".join(roles) or "-",
+        )
+        rows.append({"version": v, "parent": info.get("parent"), "roles": roles})
+    err.print(table)
+
+    replicas = Table(title="replicas")
+    for col in ("replica", "serves", "loaded", "retiring"):
+        replicas.add_column(col)
+    replica_rows = {}
+    for url, state in served.items():
+        if isinstance(state, str):
+            replicas.add_row(url, f"[red]{state}[/red]", "", "")
+            replica_rows[url] = {"error": state}
+            continue
+        serves = _served_versions(state)
+        replicas.add_row(
+            url,
+            ", ".join(f"{a}={v}" for a, v in serves.items()) or "-",
+            ", ".join(a["name"] for a in state["adapters"]) or "-",
+            ", ".join(state["retiring"]) or "-",
+        )
+        replica_rows[url] = {"serves": serves, "loaded": [a["name"] for a in state["adapters"]]}
+    err.print(replicas)
+    summary = {
+        "versions": rows,
+        "aliases": {
+            a: {"current": h.current, "rollback_target": h.rollback_target, "events": len(h.events)}
+            for a, h in histories.items()
+        },
+        "replicas": replica_rows,
+    }
+    typer.echo(json.dumps(summary))
+
+
+def gc(settings: Settings, dry_run: bool) -> None:
+    publisher = _publisher(settings)
+    registry = publisher.registry
+    names: list[str] | None = []
+    for url, state in publisher.served().items():
+        if isinstance(state, str):
+            err.print(f"{url} could not be asked ({state}): keeping every version", style="yellow")
+            names = None
+            break
+        assert names is not None
+        names += [a["name"] for a in state["adapters"]] + [
+            e["target"] for e in state["aliases"].values()
+        ]
+    plan = retention(
+        registry.versions(),
+        [registry.history(a) for a in registry.aliases()],
+        names,
+        settings.registry.keep_last,
+    )
+    for v in plan.delete:
+        if not dry_run:
+            registry.delete(v)
+        err.print(f"{'would delete' if dry_run else 'deleted'} {v}", markup=False)
+    typer.echo(json.dumps({"deleted": list(plan.delete), "dry_run": dry_run, "kept": plan.keep}))
