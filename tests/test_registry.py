@@ -1,0 +1,197 @@
+"""The registry's rules, its storage, and the adapter checks (no server needed)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from connectors.adapter_files import base_weight_shapes, read_adapter
+from connectors.adapter_registry import AdapterRegistry
+from connectors.config import ServingConfig
+from pipeline.adapter_check import AdapterRefused, ServingLimits, check_adapter
+from pipeline.registry import (
+    AliasHistory,
+    RegistryError,
+    next_version,
+    parse_served_name,
+    retention,
+    served_name,
+)
+
+T = "2026-01-01T00:00:00Z"
+
+
+def test_versions_are_numbered_after_the_highest() -> None:
+    assert next_version([]) == "v1"
+    assert next_version(["v1", "v10", "v9"]) == "v11"
+    with pytest.raises(RegistryError, match="v1, v2"):
+        next_version(["latest"])
+
+
+def test_served_names_round_trip_and_refuse_bad_aliases() -> None:
+    assert served_name("chat", "v3") == "chat@v3"
+    assert parse_served_name("chat@v3") == ("chat", "v3")
+    assert parse_served_name("chat") is None
+    assert parse_served_name("base") is None
+    with pytest.raises(RegistryError, match="not usable"):
+        served_name("chat@x", "v1")
+    with pytest.raises(RegistryError, match="not a version"):
+        served_name("chat", "3")
+
+
+def test_rollback_walks_back_the_promotions() -> None:
+    h = AliasHistory("chat")
+    assert h.current is None and h.rollback_target is None
+    with pytest.raises(RegistryError, match="no earlier version"):
+        h.rolled_back(T, "", [])
+    for v in ("v1", "v2", "v3"):
+        h = h.promoted(v, T, f"train {v}", ["r1"])
+    assert (h.current, h.rollback_target) == ("v3", "v2")
+    h = h.rolled_back(T, "bad answers", ["r1"])
+    assert (h.current, h.rollback_target) == ("v2", "v1")
+    assert h.events[-1].action == "rollback" and h.events[-1].previous == "v3"
+    h = h.rolled_back(T, "", [])
+    assert (h.current, h.rollback_target) == ("v1", None)
+    h = h.promoted("v4", T, "", [])
+    assert (h.current, h.rollback_target) == ("v4", "v1")
+    with pytest.raises(RegistryError, match="already serves"):
+        h.promoted("v4", T, "", [])
+    assert AliasHistory.from_dict(json.loads(json.dumps(h.as_dict()))) == h
+
+
+def test_retention_keeps_what_is_served_rolled_back_to_loaded_or_recent() -> None:
+    h = AliasHistory("chat").promoted("v2", T, "", []).promoted("v5", T, "", [])
+    plan = retention(
+        [f"v{i}" for i in range(1, 9)], [h], server_names=["chat@v3", "base", "chat"], keep_last=2
+    )
+    assert plan.delete == ("v1", "v4", "v6")
+    assert plan.keep["v5"] == "served as chat"
+    assert plan.keep["v2"] == "rollback target of chat"
+    assert plan.keep["v3"].startswith("loaded on a server")
+    assert set(plan.keep) == {"v2", "v3", "v5", "v7", "v8"}
+    # A server that could not be asked may still read any version.
+    assert retention(["v1", "v2"], [h], server_names=None, keep_last=1).delete == ()
+
+
+def test_path_map_translates_to_the_servers_view() -> None:
+    s = ServingConfig(path_map={"/mnt/reg": "/adapters", "/mnt/reg/special": "/x"})
+    assert s.server_path("/mnt/reg/versions/v1") == "/adapters/versions/v1"
+    assert s.server_path("/mnt/reg/special/v1") == "/x/v1"
+    assert s.server_path("/mnt/registry/v1") == "/mnt/registry/v1"
+    assert s.server_path("/elsewhere/v1") == "/elsewhere/v1"
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from deploy.local.adapters import make_random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_random_adapter(tiny_model_dir, root / f"a{s}", seed=s) for s in (1, 2)]
+
+
+def test_a_registered_version_is_immutable_with_its_lineage(
+    adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    v1 = reg.add(adapter_dirs[0], note="first")
+    v2 = reg.add(adapter_dirs[1], parent="v1")
+    assert (v1["version"], v2["version"], v2["parent"]) == ("v1", "v2", "v1")
+    assert reg.versions() == ["v1", "v2"]
+    weights = Path(reg.path("v1")) / "adapter_model.safetensors"
+    assert weights.read_bytes() == (adapter_dirs[0] / "adapter_model.safetensors").read_bytes()
+    assert weights.stat().st_mode & 0o222 == 0  # read-only (root could still write)
+    with pytest.raises(RegistryError, match="no version v7"):
+        reg.add(adapter_dirs[0], parent="v7")
+    with pytest.raises(RegistryError, match=r"adapter_config\.json missing"):
+        reg.add(tmp_path)
+    # No temporary directory is left behind, and deleting works despite read-only files.
+    assert sorted(p.name for p in (tmp_path / "reg/versions").iterdir()) == ["v1", "v2"]
+    reg.delete("v1")
+    assert reg.versions() == ["v2"]
+
+
+def test_concurrent_registrations_get_distinct_versions(
+    adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    got: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(reg.add(adapter_dirs[0])["version"]))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [f"v{i}" for i in range(1, 7)]
+    assert reg.versions() == sorted(got, key=lambda v: int(v[1:]))
+
+
+def test_alias_history_is_saved_whole(tmp_path: Path) -> None:
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    assert reg.history("chat").current is None
+    h = AliasHistory("chat").promoted("v1", T, "first", ["r"])
+    reg.save_history(h)
+    assert reg.history("chat") == h
+    assert reg.aliases() == ["chat"]
+    assert not [p for p in (tmp_path / "reg/aliases").iterdir() if p.name.startswith(".chat")]
+
+
+def test_a_memory_fsspec_registry_works_without_rename(adapter_dirs: list[Path]) -> None:
+    reg = AdapterRegistry("memory://kto-loop-test-reg")
+    info = reg.add(adapter_dirs[0])
+    assert reg.versions() == [info["version"]]
+    with reg.local_copy(info["version"]) as local:
+        config, tensors = read_adapter(local)
+    assert config["r"] == 8 and tensors
+    reg.save_history(AliasHistory("chat").promoted(info["version"], T, "", []))
+    assert reg.history("chat").current == info["version"]
+
+
+def _limits(**kw: object) -> ServingLimits:
+    return ServingLimits(max_lora_rank=8, **kw)  # type: ignore[arg-type]
+
+
+def test_a_good_adapter_passes_every_check(adapter_dirs: list[Path], tiny_model_dir: Path) -> None:
+    config, tensors = read_adapter(adapter_dirs[0])
+    assert check_adapter(config, tensors, base_weight_shapes(tiny_model_dir), _limits()) == []
+
+
+def test_bad_adapters_are_refused_with_every_reason(
+    adapter_dirs: list[Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config, tensors = read_adapter(adapter_dirs[0])
+    shapes = base_weight_shapes(tiny_model_dir)
+    nan = dict(tensors)
+    key = sorted(nan)[0]
+    nan[key] = nan[key].clone()
+    nan[key][0, 0] = float("nan")
+    problems = check_adapter({**config, "r": 16}, nan, shapes, _limits())
+    assert any("rank 16" in p and "--max-lora-rank 8" in p for p in problems)
+    assert any("NaN or inf" in p for p in problems)
+
+    wider = {
+        k: torch.zeros(t.shape[0] + (k.endswith("lora_B.weight") * 32), t.shape[1])
+        for k, t in tensors.items()
+    }
+    assert any("do not fit" in p for p in check_adapter(config, wider, shapes, _limits()))
+    renamed = {k.replace("q_proj", "query_key_value"): t for k, t in tensors.items()}
+    assert any("do not exist" in p for p in check_adapter(config, renamed, shapes, _limits()))
+    assert any(
+        "fingerprint" in p
+        for p in check_adapter(
+            config, tensors, None, _limits(base_fingerprint="aaaa"), adapter_base_fingerprint="bbbb"
+        )
+    )
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "adapter_config.json").write_text(json.dumps(config))
+    data = (adapter_dirs[0] / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterRefused, match="truncated or corrupt"):
+        read_adapter(truncated)

