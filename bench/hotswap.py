@@ -197,9 +197,9 @@ def plot(ours: dict, peer: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swaps", type=int, default=10)
-    parser.add_argument("--window", type=float, default=15.0, help="seconds per throughput window")
+    parser.add_argument("--window", type=float, default=20.0, help="seconds per throughput window")
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between swaps")
-    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of load first")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
     parser.add_argument("--max-loras", type=int, default=4, help="vLLM's --max-loras")
     parser.add_argument("--no-peer", action="store_true", help="skip the load_inplace phase")
     args = parser.parse_args()
@@ -239,7 +239,8 @@ def main() -> None:
                         {"lora_name": "peer", "lora_path": registry.path(v), "load_inplace": True},
                     )
 
-                inplace(versions[0])
+                # Loaded the usual way first, as a server starts; then swapped in place.
+                admin.load("peer", registry.path(versions[0]))
                 peer = run_phase(
                     server.url,
                     "peer",

@@ -31,6 +31,7 @@ import fsspec
 from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 
+from connectors.store import fsync_dir, write_local_atomic
 from pipeline.registry import (
     AliasHistory,
     RegistryError,
@@ -188,11 +189,7 @@ class AdapterRegistry:
                     except OSError:
                         (tmp / VERSION_FILE).chmod(stat.S_IRUSR | stat.S_IWUSR)
                         continue
-                    fd = os.open(versions, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_dir(versions)
                     return full
                 raise RegistryError(f"could not allocate a version number in {versions}")
             finally:
@@ -242,14 +239,7 @@ class AdapterRegistry:
         body = json.dumps(history.as_dict(), indent=2)
         path = self._join("aliases", f"{check_alias(history.alias)}.json")
         if self.local:
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-            with tmp.open("w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(target)
+            write_local_atomic(path, body.encode())
         else:
             with self.fs.open(path, "w") as f:
                 f.write(body)

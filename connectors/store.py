@@ -86,7 +86,7 @@ class FeedbackStore:
         data = sink.getvalue().to_pybytes()
         try:
             if self._local:
-                _write_local_atomic(path, data)
+                write_local_atomic(path, data)
             else:
                 # One PUT: object stores make it visible whole or not at all.
                 self.fs.pipe_file(path, data)
@@ -189,7 +189,7 @@ class FeedbackStore:
         return dataset.to_table()
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+def write_local_atomic(path: str, data: bytes) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -203,6 +203,11 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or a new file in `directory` durable."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -55,41 +55,55 @@ class Completion:
 
 
 _RETRYABLE = (ServerUnreachable,)
+_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
-def _hint(status: int, path: str, message: str) -> str:
+def _as_error(url: str, method: str, path: str, status: int, message: str) -> VllmError:
+    """The exception for a vLLM error answer, with what to do about it."""
+    where = f"{method} {path}: {status}"
+    route_missing = message in ("Not Found", "Method Not Allowed")
     if status == 401:
-        return (
-            "the server wants an API key: set [serving] api_key or KTO_LOOP_SERVING__API_KEY "
-            "to the value given to vLLM's --api-key"
+        return VllmError(
+            url,
+            f"{where}: the server wants an API key: set KTO_LOOP_SERVING__API_KEY (or "
+            "[serving] api_key) to the value of vLLM's --api-key",
+            status,
         )
-    if path.endswith("load_lora_adapter"):
-        if status == 404:
-            return (
-                f"{message} The server cannot read that adapter directory: put the registry on "
-                "a filesystem the server mounts and set [serving] path_map from the "
-                "pipeline's path to the server's"
-            )
-        if "max_lora_rank" in message or "rank" in message.lower():
-            return f"{message} Raise vLLM's --max-lora-rank or train with a smaller [lora] r"
-        if status == 400:
-            return message
-        return f"{message} (the server failed to load it: see its log)"
-    if status == 404 and path.startswith(SWAP_PREFIX):
-        if "not loaded" in message:
-            return message
-        return (
-            "the server has no kto-loop swap routes: install deploy/vllm/plugin into vLLM's "
-            "environment and start vLLM with VLLM_PLUGINS=kto_loop_swap"
+    if route_missing and path.startswith(SWAP_PREFIX):
+        return PluginMissing(
+            url,
+            f"{where}: the server has no kto-loop swap routes: install deploy/vllm/plugin "
+            "into vLLM's environment and start vLLM with VLLM_PLUGINS=kto_loop_swap",
+            status,
         )
-    if status == 404 and path.endswith("load_lora_adapter") is False and "/v1/" in path:
-        if "does not exist" in message or "not found" in message.lower():
-            return message
-        return (
-            f"{message} (is VLLM_ALLOW_RUNTIME_LORA_UPDATING=True set on the server, and "
-            "vLLM started with --enable-lora?)"
+    if route_missing and path in _LORA_ROUTES:
+        return VllmError(
+            url,
+            f"{where}: runtime LoRA updates are off: start vLLM with --enable-lora and "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+            status,
         )
-    return message
+    if status == 404 and path == "/v1/load_lora_adapter":
+        return AdapterNotFound(
+            url,
+            f"{where}: {message} The server cannot read that directory: put the registry "
+            "where the servers mount it and map the path with [serving] path_map",
+            status,
+        )
+    if status == 404:
+        return AdapterNotFound(url, f"{where}: {message}", status)
+    if path == "/v1/load_lora_adapter" and "rank" in message.lower():
+        return VllmError(
+            url,
+            f"{where}: {message} Train with a smaller [lora] r or raise vLLM's "
+            "--max-lora-rank (and [serving] max_lora_rank)",
+            status,
+        )
+    if status in (502, 503, 504):
+        return ServerUnreachable(url, f"{where}: {message}", status)
+    if status >= 500:
+        return VllmError(url, f"{where}: {message} (the server's log says more)", status)
+    return VllmError(url, f"{where}: {message}", status)
 
 
 class VllmAdmin:
@@ -141,15 +155,7 @@ class VllmAdmin:
             ) from e
         if response.status_code >= 400:
             message = _error_message(response)
-            hint = _hint(response.status_code, path, message)
-            status = response.status_code
-            if status == 404 and path.startswith(SWAP_PREFIX) and "not loaded" not in message:
-                raise PluginMissing(self.url, hint, status)
-            if status == 404:
-                raise AdapterNotFound(self.url, hint, status)
-            if status in (502, 503, 504):
-                raise ServerUnreachable(self.url, f"{method} {path}: {status} {hint}", status)
-            raise VllmError(self.url, f"{method} {path}: {status} {hint}", status)
+            raise _as_error(self.url, method, path, response.status_code, message)
         return response
 
     def _idempotent(self, method: str, path: str, json: Any = None) -> httpx.Response:
@@ -234,7 +240,9 @@ def _error_message(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.text.strip()[:500] or response.reason_phrase
-    error = body.get("error", body) if isinstance(body, dict) else body
+    if not isinstance(body, dict):
+        return str(body)
+    error = body.get("error", body)
     if isinstance(error, dict):
-        return str(error.get("message") or error)
+        return str(error.get("message") or error.get("detail") or error)
     return str(error)

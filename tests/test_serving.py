@@ -17,6 +17,7 @@ What these prove against the vLLM we pin, trap by trap (deploy/vllm/README.md):
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -28,6 +29,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ServingConfig
@@ -35,11 +37,13 @@ from connectors.publish import Publisher, PublishError
 from connectors.vllm_admin import ServerUnreachable, VllmAdmin, VllmError
 from deploy.local.adapters import make_random_adapter, poison_adapter
 from deploy.local.broker import free_port
+from flows.cli import app
 from pipeline.adapter_check import AdapterRefused
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
+runner = CliRunner()
 SHORT = [5, 17, 42, 99, 7, 300, 12, 64]
 LONG = [(i * 37 + 11) % 480 + 20 for i in range(200)]
 
@@ -450,3 +454,89 @@ def test_a_replica_failing_mid_publish_switches_the_others_back(
 def test_calls_without_the_api_key_are_refused_with_what_to_set(vllm_server: Any) -> None:
     with VllmAdmin(vllm_server.url) as anonymous, pytest.raises(VllmError, match="API key"):
         anonymous.swap_state()
+
+
+def _cli_config(tmp_path: Path, registry: AdapterRegistry, url: str, model: Path) -> Path:
+    config = tmp_path / "kto-loop.toml"
+    config.write_text(
+        f'[registry]\nurl = "{registry.url}"\nkeep_last = 1\n'
+        f'[serving]\nreplicas = ["{url}"]\nbase_model = "{model}"\nretries = 1\n'
+        "timeout_seconds = 5\n"
+    )
+    return config
+
+
+def _last_json(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_cli_publish_rollback_and_adapters_with_exit_codes(
+    registry: AdapterRegistry,
+    adapters: list[Path],
+    vllm_server: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    config = _cli_config(tmp_path, registry, vllm_server.url, tiny_model_dir)
+    c = ["--config", str(config)]
+    first = runner.invoke(app, ["publish", "--adapter", str(adapters[0]), "--alias", "cli", *c])
+    assert first.exit_code == 0, first.output
+    v1 = _last_json(first.stdout)["version"]
+    second = runner.invoke(app, ["register", str(adapters[1]), "--parent", v1, *c])
+    v2 = _last_json(second.stdout)["version"]
+    assert runner.invoke(app, ["publish", "--adapter", v2, "--alias", "cli", *c]).exit_code == 0
+    listing = _last_json(runner.invoke(app, ["adapters", *c]).stdout)
+    assert listing["aliases"]["cli"] == {"current": v2, "rollback_target": v1, "events": 2}
+    assert listing["replicas"][vllm_server.url]["serves"]["cli"] == v2
+    assert {"version": v2, "parent": v1, "roles": ["cli (current)"]} in listing["versions"]
+
+    back = runner.invoke(app, ["rollback", "--alias", "cli", "--reason", "worse", *c])
+    assert back.exit_code == 0 and _last_json(back.stdout)["version"] == v1
+    refused = runner.invoke(app, ["rollback", "--alias", "cli", *c])
+    assert refused.exit_code == 2 and "no earlier version" in refused.output
+    unknown = runner.invoke(app, ["publish", "--adapter", "v999", "--alias", "cli", *c])
+    assert unknown.exit_code == 2 and "no version v999" in unknown.output
+
+    monkeypatch.setenv("KTO_LOOP_SERVING__REPLICAS", f'["http://127.0.0.1:{free_port()}"]')
+    down = runner.invoke(app, ["publish", "--adapter", v2, "--alias", "cli", *c])
+    assert down.exit_code == 1 and "stays on " + v1 in down.output
+    assert registry.history("cli").current == v1
+
+
+def test_gc_deletes_only_what_no_server_reads(
+    registry: AdapterRegistry,
+    publisher: Publisher,
+    admin: VllmAdmin,
+    adapters: list[Path],
+    vllm_server: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Versions numbered past the ones other tests have loaded under their own aliases.
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(26)]
+    for v in versions[-3:]:
+        publisher.publish("gcx", v)
+    wait_until(
+        lambda: f"gcx@{versions[-3]}" not in [a["name"] for a in admin.swap_state()["adapters"]],
+        30,
+        "the first published version to be retired",
+    )
+    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    config = _cli_config(tmp_path, registry, vllm_server.url, tiny_model_dir)
+
+    monkeypatch.setenv("KTO_LOOP_SERVING__REPLICAS", f'["http://127.0.0.1:{free_port()}"]')
+    blind = runner.invoke(app, ["gc", "--config", str(config)])
+    assert blind.exit_code == 0 and _last_json(blind.stdout)["deleted"] == []
+    monkeypatch.delenv("KTO_LOOP_SERVING__REPLICAS")
+
+    loaded = {a["name"].rpartition("@")[2] for a in admin.swap_state()["adapters"]}
+    result = _last_json(runner.invoke(app, ["gc", "--config", str(config)]).stdout)
+    deleted = set(result["deleted"])
+    assert versions[-3] in deleted
+    assert {versions[-2], versions[-1]}.isdisjoint(deleted)
+    assert not deleted & loaded, "a version a server may read was deleted"
+    assert set(registry.versions()) == set(versions) - deleted
+    assert all(not Path(registry.path(v)).exists() for v in deleted)
