@@ -496,6 +496,9 @@ def test_cli_publish_rollback_and_adapters_with_exit_codes(
     assert back.exit_code == 0 and _last_json(back.stdout)["version"] == v1
     refused = runner.invoke(app, ["rollback", "--alias", "cli", *c])
     assert refused.exit_code == 2 and "no earlier version" in refused.output
+    synced = runner.invoke(app, ["sync", "--alias", "cli", *c])
+    assert synced.exit_code == 0 and _last_json(synced.stdout)["action"] == "sync"
+    assert registry.history("cli").current == v1 and len(registry.history("cli").events) == 3
     unknown = runner.invoke(app, ["publish", "--adapter", "v999", "--alias", "cli", *c])
     assert unknown.exit_code == 2 and "no version v999" in unknown.output
 
