@@ -89,7 +89,8 @@ class AdapterRegistry:
     def path(self, version: str) -> str:
         """Where the version's files are, as this machine sees them (a path or a URL)."""
         version_number(version)
-        return self._join("versions", version)
+        path = self._join("versions", version)
+        return path if self.local else self.fs.unstrip_protocol(path)
 
     def info(self, version: str) -> dict[str, Any]:
         """The version's version.json."""

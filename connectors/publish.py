@@ -115,7 +115,15 @@ class Publisher:
             raise AdapterRefused(version, problems)
 
     def server_path(self, version: str) -> str:
-        return self.serving.server_path(self.registry.path(version))
+        """The version's directory as the servers see it ([serving] path_map applied)."""
+        path = self.serving.server_path(self.registry.path(version))
+        if "://" in path:
+            raise RegistryError(
+                f"servers load adapters from their own filesystem, and {path} is a URL: mount "
+                "the registry on the servers and set [serving] path_map from "
+                f"{self.registry.url!r} to the mount point"
+            )
+        return path
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -125,6 +133,7 @@ class Publisher:
             history = self.registry.history(alias)
             self.registry.info(version)
             after = history.promoted(version, now_iso(), reason, self._urls())
+            self.server_path(version)
             self.validate(version)
             self.progress(f"{version}: files checked")
             return self._switch(history, after)

@@ -142,6 +142,15 @@ def adapters(settings: Settings) -> None:
             ", ".join(state["retiring"]) or "-",
         )
         replica_rows[url] = {"serves": serves, "loaded": [a["name"] for a in state["adapters"]]}
+        for alias, h in histories.items():
+            if h.current and serves.get(alias) != h.current:
+                # A restarted or new replica knows no aliases until it is told again.
+                err.print(
+                    f"{url} serves {alias} as {serves.get(alias) or 'nothing'}, the history "
+                    f"says {h.current}: run `kto-loop sync --alias {alias}`",
+                    style="yellow",
+                    markup=False,
+                )
     err.print(replicas)
     summary = {
         "versions": rows,

@@ -195,3 +195,25 @@ def test_bad_adapters_are_refused_with_every_reason(
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterRefused, match="truncated or corrupt"):
         read_adapter(truncated)
+
+
+def test_a_remote_registry_needs_a_path_map_before_any_server_is_asked(
+    adapter_dirs: list[Path],
+) -> None:
+    from connectors.publish import Publisher
+
+    reg = AdapterRegistry("memory://kto-loop-remote-reg")
+    v = reg.add(adapter_dirs[0])["version"]
+    assert reg.path(v) == f"memory:///kto-loop-remote-reg/versions/{v}"
+    unmapped = Publisher(reg, ServingConfig(replicas=["http://127.0.0.1:9"]))
+    with pytest.raises(RegistryError, match=r"set \[serving\] path_map"):
+        unmapped.publish("chat", v)
+    mapped = Publisher(
+        reg,
+        ServingConfig(
+            replicas=["http://127.0.0.1:9"],
+            path_map={"memory:///kto-loop-remote-reg": "/mnt/adapters"},
+        ),
+    )
+    assert mapped.server_path(v) == f"/mnt/adapters/versions/{v}"
+    assert reg.history("chat").events == ()
