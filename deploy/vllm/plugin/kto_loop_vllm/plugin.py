@@ -37,7 +37,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-log = logging.getLogger("kto_loop_vllm")
+# A child of "vllm": its lines go wherever vLLM sends its own.
+log = logging.getLogger("vllm.kto_loop_swap")
 
 PLUGIN_NAME = "kto_loop_swap"
 TESTED_VLLM = ("0.32.",)
