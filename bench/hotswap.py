@@ -11,8 +11,10 @@ apart, another window.
 - ours: `Publisher.publish` of each next version. Swap latency is the time from the
   publish call to the first completion served by the new version (vLLM reports the
   version's own name in each response). Throughput is the alias's completion tokens/s in
-  the windows before and after a round's swaps; the ratio is after/before, paired within
-  a round (this machine's speed drifts between minutes), median over the rounds.
+  the window before a round's swaps and in the one after them, which starts once the
+  versions they replaced are retired (the state a swap leaves behind). The ratio is
+  after/before, paired within a round (this machine's speed drifts between minutes),
+  median over the rounds.
 - peer: the same load on another alias, loaded the usual way and then switched with
   vLLM's built-in `/v1/load_lora_adapter` with `"load_inplace": true` to each version's
   path, the obvious way to change what a name serves without a plugin.
@@ -137,9 +139,11 @@ def run_phase(
     versions: list[str],
     swap: Callable[[str], None],
     served_as: Callable[[str], str | None],
+    settle: Callable[[], None],
     args: argparse.Namespace,
 ) -> dict:
-    """Rounds of: a window, `args.swaps` swaps, a window; on one continuous load."""
+    """Rounds of: a window, `args.swaps` swaps, `settle()`, a window; on one continuous
+    load."""
     latencies: list[float] = []
     calls: list[float] = []  # how long the publish call itself took
     swap_times: list[float] = []
@@ -159,6 +163,7 @@ def run_phase(
                 if name is not None:
                     latencies.append(load.first_served(name, started))
                 _wait(args.gap)
+            settle()
             t1 = time.monotonic()
             _wait(args.window)
             rounds.append((before, load.tokens_per_s(t1, time.monotonic())))
@@ -229,17 +234,25 @@ def main() -> None:
             serving = ServingConfig(replicas=[server.url], base_model=str(model))
             publisher = Publisher(registry, serving, progress=lambda line: None)
             publisher.publish("chat", versions[0])
+            admin = VllmAdmin(server.url)
+
+            def settle() -> None:
+                # The state a swap leaves: once the versions it replaced are retired.
+                deadline = time.monotonic() + 120
+                while admin.swap_state()["retiring"] and time.monotonic() < deadline:
+                    time.sleep(0.2)  # the poll interval of a deadline loop
+
             ours = run_phase(
                 server.url,
                 "chat",
                 versions[1:],
                 lambda v: publisher.publish("chat", v),
                 lambda v: f"chat@{v}",
+                settle,
                 args,
             )
             peer = None
             if not args.no_peer:
-                admin = VllmAdmin(server.url)
 
                 def inplace(v: str) -> None:
                     admin._call(
@@ -256,6 +269,7 @@ def main() -> None:
                     versions[1:],
                     inplace,
                     lambda v: None,  # one name for every version: answers do not say which
+                    settle,
                     args,
                 )
         finally:
