@@ -255,11 +255,7 @@ def main() -> None:
             if not args.no_peer:
 
                 def inplace(v: str) -> None:
-                    admin._call(
-                        "POST",
-                        "/v1/load_lora_adapter",
-                        {"lora_name": "peer", "lora_path": registry.path(v), "load_inplace": True},
-                    )
+                    admin.load_inplace("peer", registry.path(v))
 
                 # Loaded the usual way first, as a server starts; then swapped in place.
                 admin.load("peer", registry.path(versions[0]))

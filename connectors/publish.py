@@ -131,7 +131,6 @@ class Publisher:
         """Serve `version` as `alias` on every replica (steps 1-4 above)."""
         with self.registry.lock(alias):
             history = self.registry.history(alias)
-            self.registry.info(version)
             after = history.promoted(version, now_iso(), reason, self._urls())
             self.server_path(version)
             self.validate(version)

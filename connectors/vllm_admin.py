@@ -196,6 +196,15 @@ class VllmAdmin:
                 )
         self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
+    def load_inplace(self, name: str, path: str) -> None:
+        """vLLM's own in-place reload of `name` from `path`. kto-loop never uses it (it
+        re-reads the adapter on every step afterwards); the hot-swap bench measures it."""
+        self._call(
+            "POST",
+            "/v1/load_lora_adapter",
+            {"lora_name": name, "lora_path": path, "load_inplace": True},
+        )
+
     def unload(self, name: str) -> None:
         """vLLM's own unload: forgets the name (the engine keeps the adapter's slot)."""
         self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})

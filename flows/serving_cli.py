@@ -8,6 +8,7 @@ an unknown version, a bad config).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from connectors.adapter_registry import AdapterRegistry
 from connectors.config import Settings
-from connectors.publish import Publisher, PublishError
+from connectors.publish import Publisher, PublishError, PublishResult
 from connectors.vllm_admin import VllmError
 from pipeline.adapter_check import AdapterRefused
 from pipeline.registry import RegistryError, parse_served_name, retention
@@ -42,6 +43,18 @@ def _fail(exc: Exception, code: int) -> None:
     raise typer.Exit(code) from None
 
 
+def _report(status: str, switch: Callable[[], PublishResult]) -> None:
+    """Run a switch of an alias; print its JSON line, or exit 2 (bad input) or 1 (a
+    server failed, nothing changed)."""
+    try:
+        result = switch()
+    except (AdapterRefused, RegistryError) as e:
+        _fail(e, 2)
+    except (PublishError, VllmError) as e:
+        _fail(e, 1)
+    typer.echo(json.dumps({"status": status, **result.as_dict()}))
+
+
 def register(settings: Settings, adapter_dir: Path, parent: str | None, note: str) -> None:
     try:
         info = _registry(settings).add(adapter_dir, parent=parent, note=note)
@@ -52,37 +65,23 @@ def register(settings: Settings, adapter_dir: Path, parent: str | None, note: st
 
 def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
     publisher = _publisher(settings)
-    try:
+
+    def switch() -> PublishResult:
         version = adapter
         if Path(adapter).is_dir():
             version = publisher.registry.add(Path(adapter), note="registered by publish")["version"]
             err.print(f"registered {adapter} as {version}", markup=False, highlight=False)
-        result = publisher.publish(alias, version, reason)
-    except (AdapterRefused, RegistryError) as e:
-        _fail(e, 2)
-    except (PublishError, VllmError) as e:
-        _fail(e, 1)
-    typer.echo(json.dumps({"status": "published", **result.as_dict()}))
+        return publisher.publish(alias, version, reason)
+
+    _report("published", switch)
 
 
 def rollback(settings: Settings, alias: str, reason: str) -> None:
-    try:
-        result = _publisher(settings).rollback(alias, reason)
-    except RegistryError as e:
-        _fail(e, 2)
-    except (PublishError, VllmError) as e:
-        _fail(e, 1)
-    typer.echo(json.dumps({"status": "rolled_back", **result.as_dict()}))
+    _report("rolled_back", lambda: _publisher(settings).rollback(alias, reason))
 
 
 def sync(settings: Settings, alias: str) -> None:
-    try:
-        result = _publisher(settings).sync(alias)
-    except RegistryError as e:
-        _fail(e, 2)
-    except (PublishError, VllmError) as e:
-        _fail(e, 1)
-    typer.echo(json.dumps({"status": "synced", **result.as_dict()}))
+    _report("synced", lambda: _publisher(settings).sync(alias))
 
 
 def _served_versions(state: dict[str, Any] | str) -> dict[str, str]:

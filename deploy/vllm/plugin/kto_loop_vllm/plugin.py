@@ -85,7 +85,7 @@ class SwapState:
         self.engine = engine
         self.grace_s = grace_s
         self.retiring: dict[str, Any] = {}  # name -> LoRARequest waiting to be retired
-        self.retired: list[str] = []
+        self.retired = 0
         self.retire_task: asyncio.Task | None = None
         self.served_by_alias: dict[str, set[str]] = {}
         self.swaps = 0
@@ -114,7 +114,7 @@ class SwapState:
         table: LookupTable = self.models.lora_requests
         for name, request in list(self.retiring.items()):
             if any(k != name and v is request for k, v in dict.items(table)):
-                # An alias went back to it (a rollback): it stays.
+                # An alias went back to it (a rollback): it stays, and stops waiting.
                 del self.retiring[name]
                 continue
             last = table.last_lookup.get(name, 0.0)
@@ -122,7 +122,7 @@ class SwapState:
                 continue
             async with self.models.lora_resolver_lock[name]:
                 if any(v is request for k, v in dict.items(table) if k != name):
-                    del self.retiring[name]  # swapped back to while we waited
+                    del self.retiring[name]  # swapped back to while we waited for the lock
                     continue
                 if dict.get(table, name) is request:
                     dict.__delitem__(table, name)
@@ -131,7 +131,7 @@ class SwapState:
                 await self.engine.remove_lora(request.lora_int_id)
             except Exception:  # the engine already dropped it: nothing left to free
                 log.exception("removing %s (id %d) from the engine", name, request.lora_int_id)
-            self.retired.append(name)
+            self.retired += 1
             log.info("retired LoRA adapter %s (id %d)", name, request.lora_int_id)
 
     def schedule_retirement(self, requests: dict[str, Any]) -> None:
@@ -255,7 +255,7 @@ async def aliases(request: Request) -> JSONResponse:
             "aliases": out_aliases,
             "adapters": adapters,
             "retiring": sorted(state.retiring),
-            "retired": len(state.retired),
+            "retired": state.retired,
             "engine_lora_ids": engine_ids,
             "swaps": state.swaps,
             "grace_s": state.grace_s,
