@@ -104,6 +104,15 @@ class AdapterRegistry:
         with self.fs.open(path, "r") as f:
             return json.load(f)
 
+    def find(self, adapter_dir: str | Path) -> str | None:
+        """The newest version whose weights are byte-identical to this directory's (a run
+        resumed after registering must not register its adapter twice), or None."""
+        digest = _sha256(Path(adapter_dir) / "adapter_model.safetensors")
+        for version in reversed(self.versions()):
+            if self.info(version).get("sha256") == digest:
+                return version
+        return None
+
     @contextlib.contextmanager
     def local_copy(self, version: str) -> Iterator[Path]:
         """The version's files as a local directory (the directory itself when local)."""

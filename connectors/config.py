@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
+from pipeline.gate import GateOptions
 from pipeline.snapshot import SnapshotOptions, TiePolicy
 from pipeline.train_options import LoraOptions, TrainOptions
 
@@ -325,6 +326,73 @@ class ServingConfig(_Section):
         return local
 
 
+class CycleConfig(_Section):
+    """The alignment cycle: which alias it feeds, when it runs, when it has enough new
+    feedback to bother, and where it keeps its working state (local disk)."""
+
+    alias: str = Field("chat", min_length=1, description="the served alias a cycle trains for")
+    cron: str = Field("0 2 * * *", min_length=1, description="when `kto-loop schedule` runs it")
+    timezone: str = Field("UTC", min_length=1, description="the cron's time zone (IANA name)")
+    min_new_votes: int = Field(
+        50, ge=1, description="counted votes the store must have gained since the last trained run"
+    )
+    work_dir: str = Field(
+        "./data/cycles",
+        min_length=1,
+        description="local directory: per alias, the candidate being trained, run records "
+        "and reports, and the lock that keeps one run at a time",
+    )
+    lock_wait_seconds: float = Field(
+        0.0, ge=0, description="how long a run waits for a running one of the same alias"
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file, for a base model whose tokenizer has none"
+    )
+    general_data: str | None = Field(
+        None, description="general held-out records (TRL file) whose NLL is watched in training"
+    )
+
+
+class GateConfig(_Section):
+    """What a candidate adapter must show on the held-out records, against the adapter
+    serving now, before it is published."""
+
+    min_accuracy_gain: float = Field(
+        0.0, ge=-1, le=1, description="candidate - serving implied-reward accuracy, at least"
+    )
+    min_margin_gain: float = Field(0.0, description="candidate - serving reward margin, at least")
+    max_kl: float = Field(5.0, gt=0, description="the candidate's KL to the base, at most")
+    min_heldout: int = Field(8, ge=1, description="fewer held-out records: refused, too few")
+    scorer: str | None = Field(
+        None,
+        description='"module:function" scoring (prompt, answer) -> float; enables the '
+        "generation check through vLLM",
+    )
+    generation_prompts: int = Field(16, ge=1, description="held-out prompts the check asks")
+    generation_max_tokens: int = Field(64, ge=1)
+    min_score_gain: float = Field(
+        0.0, description="candidate - serving mean score of the generation check, at least"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GateConfig:
+        if self.scorer is not None and ":" not in self.scorer:
+            raise ValueError(
+                f'scorer must be "module:function", got {self.scorer!r}, e.g. '
+                '"my_team.scoring:politeness"'
+            )
+        return self
+
+    def options(self) -> GateOptions:
+        return GateOptions(
+            self.min_accuracy_gain,
+            self.min_margin_gain,
+            self.max_kl,
+            self.min_heldout,
+            self.min_score_gain,
+        )
+
+
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -345,6 +413,8 @@ class Settings(BaseSettings):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    cycle: CycleConfig = Field(default_factory=CycleConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -447,10 +447,6 @@ def schema(
         out.write_text(text)
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command()
 def register(
     adapter_dir: Annotated[Path, typer.Argument(help="A trained adapter directory.")],
@@ -527,3 +523,67 @@ def gc(
     from flows import serving_cli
 
     serving_cli.gc(_settings(config), dry_run)
+
+
+AliasOption = Annotated[
+    str | None, typer.Option("--alias", help="The alias to run for (default: [cycle] alias).")
+]
+
+
+@app.command()
+def run(
+    config: ConfigOption = None, alias: AliasOption = None, log_level: LogLevel = "INFO"
+) -> None:
+    """Run one alignment cycle now: snapshot, train, gate, register, publish, report.
+
+    Exit codes: 0 completed (published, or skipped with the reason), 1 failed, 2 bad config.
+    """
+    from flows import cycle_cli
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    cycle_cli.run(_settings(config), config, alias)
+
+
+@app.command()
+def schedule(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML config file.")],
+    alias: AliasOption = None,
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Override [cycle] cron, e.g. '0 3 * * *'.")
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option("--interval", help="Run every N seconds instead of a cron.")
+    ] = None,
+    start_server: Annotated[
+        bool,
+        typer.Option(
+            "--start-server/--no-start-server",
+            help="Start a local Prefect server when PREFECT_API_URL is not set.",
+        ),
+    ] = True,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Serve the nightly cycle as a Prefect deployment (one run at a time) until stopped."""
+    from flows import cycle_cli
+
+    _logging(log_level, rich=sys.stderr.isatty())
+    cycle_cli.schedule(_settings(config), config, alias, cron, interval, start_server)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="Aliases to show (default: all).")
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Runs to show per alias.")] = 10,
+) -> None:
+    """The last cycles and their decisions, what each alias serves, and the liked share
+    each adapter version earned in production."""
+    from flows import cycle_cli
+
+    cycle_cli.status(_settings(config), alias or [], runs)
+
+
+if __name__ == "__main__":
+    app()

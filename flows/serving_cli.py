@@ -84,7 +84,7 @@ def sync(settings: Settings, alias: str) -> None:
     _report("synced", lambda: _publisher(settings).sync(alias))
 
 
-def _served_versions(state: dict[str, Any] | str) -> dict[str, str]:
+def served_versions(state: dict[str, Any] | str) -> dict[str, str]:
     """alias -> version a replica serves, from its swap-plugin state."""
     if isinstance(state, str):
         return {}
@@ -133,7 +133,7 @@ def adapters(settings: Settings) -> None:
             replicas.add_row(url, f"[red]{state}[/red]", "", "")
             replica_rows[url] = {"error": state}
             continue
-        serves = _served_versions(state)
+        serves = served_versions(state)
         replicas.add_row(
             url,
             ", ".join(f"{a}={v}" for a, v in serves.items()) or "-",

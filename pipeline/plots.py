@@ -78,3 +78,32 @@ def plot_training(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+def plot_gate(checks: list[dict[str, Any]], serving_name: str, promote: bool, path: Path) -> Path:
+    """Bar pairs, candidate against the serving adapter, for each check the gate made
+    (accuracy, margin, KL, and the generation score when there was one), each bar pair
+    titled with what was required and coloured by whether it passed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(1, len(checks))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+    for ax, check in zip(axes[0], checks, strict=False):
+        serving = check["serving"]
+        values = [serving if serving is not None else 0.0, check["candidate"]]
+        colours = ["tab:grey", "tab:green" if check["passed"] else "tab:red"]
+        ax.bar([serving_name, "candidate"], values, color=colours)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{check['name']}\nneeds {check['required']}", fontsize=10)
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=9)
+    verdict = "promoted" if promote else "refused"
+    fig.suptitle(f"gate: candidate {verdict} (against {serving_name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -18,6 +18,9 @@
 and paired preference (prompt, chosen, rejected) datasets, standard or
 conversational, and passes a snapshot table through unchanged.
 
+`latest_votes` is steps 1 and 2 on their own, for measures that count votes rather
+than examples (pipeline/production.py).
+
 The snapshot id is a sha256 of a canonical serialisation of the sorted rows, not of
 Parquet bytes (those change with library versions): the same examples give the same
 id on any machine. Reading and writing files is connectors/snapshots.py's job.
@@ -84,6 +87,9 @@ _FEEDBACK_COLUMNS = (
     ADAPTER,
 )
 _KAFKA_ORDER = (KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET)
+# The columns `latest_votes` needs: those deciding which votes count, and the adapter
+# each vote was given on.
+_VOTE_COLUMNS = (EVENT_ID, TS, MESSAGE_ID, USER_HASH, FEEDBACK, DESIRABLE, ADAPTER)
 _FORMATS = {
     "TRL unpaired KTO": (PROMPT, COMPLETION, LABEL),
     "TRL paired preference": (PROMPT, CHOSEN, REJECTED),
@@ -216,19 +222,9 @@ def build_snapshot(feedback: pd.DataFrame, options: SnapshotOptions | None = Non
     if feedback.empty:
         raise SnapshotError("no feedback rows to build a snapshot from; ingest feedback first")
 
-    order = [TS, *(c for c in _KAFKA_ORDER if c in feedback.columns), EVENT_ID]
-    events = feedback.sort_values(order, kind="mergesort")
-    # The first delivery of an event is kept; a redelivery is the same event.
-    events = events.drop_duplicates(EVENT_ID, keep="first")
-    duplicates = len(feedback) - len(events)
-
-    voter = events[USER_HASH].where(events[USER_HASH].notna(), "event:" + events[EVENT_ID])
-    latest_mask = ~events.assign(_voter=voter).duplicated(["_voter", MESSAGE_ID], keep="last")
-    latest = events[latest_mask]
-    retracted = latest[FEEDBACK] == "retract"
-    has_text = (latest[PROMPT].notna() | latest[MESSAGES_JSON].notna()) & latest[RESPONSE].notna()
-    unlabelled = ~retracted & (latest[DESIRABLE].isna() | ~has_text)
-    counted = latest[~retracted & ~unlabelled]
+    voted, stats = latest_votes(feedback)
+    has_text = (voted[PROMPT].notna() | voted[MESSAGES_JSON].notna()) & voted[RESPONSE].notna()
+    counted = voted[has_text]
 
     votes = pd.DataFrame(
         {
@@ -241,15 +237,56 @@ def build_snapshot(feedback: pd.DataFrame, options: SnapshotOptions | None = Non
             ADAPTER: counted[ADAPTER],
         }
     )
+    # A vote on a message whose text is not in the row has nothing to train on.
+    stats = replace(stats, unlabelled=stats.unlabelled + int((~has_text).sum()), votes=len(votes))
+    return _from_votes(votes, SOURCE_FEEDBACK, options, stats)
+
+
+def latest_votes(feedback: pd.DataFrame) -> tuple[pd.DataFrame, SnapshotStats]:
+    """The votes that count in the feedback store's rows (records.FEEDBACK_SCHEMA),
+    with what was left out on the way.
+
+    A redelivered event counts once; per (user, message) only the latest event counts,
+    ordered by ts, then Kafka position (when its columns are present), then event_id;
+    an event without a user is its own voter. A retraction as the latest event
+    withdraws the vote; a neutral rating carries no label. A vote counts whether or not
+    its row holds the prompt and response text: filter on those to train on it.
+
+    Returns:
+        The counted votes: the input rows (all their columns) of the latest labelled,
+        non-retracted event per (voter, message), oldest first, with `desirable` set;
+        and stats with rows_read, duplicates, superseded, retracted, unlabelled
+        (neutral ratings only) and votes filled in.
+
+    Raises:
+        SnapshotError: a column needed to resolve votes is missing.
+    """
+    missing = [c for c in _VOTE_COLUMNS if c not in feedback.columns]
+    if missing:
+        raise SnapshotError(
+            f"feedback rows lack the columns {missing} (found {sorted(feedback.columns)}); "
+            "pass the store's feedback table as read by FeedbackStore.read()"
+        )
+    order = [TS, *(c for c in _KAFKA_ORDER if c in feedback.columns), EVENT_ID]
+    events = feedback.sort_values(order, kind="mergesort")
+    # The first delivery of an event is kept; a redelivery is the same event.
+    events = events.drop_duplicates(EVENT_ID, keep="first")
+
+    voter = events[USER_HASH].where(events[USER_HASH].notna(), "event:" + events[EVENT_ID])
+    latest_mask = ~events.assign(_voter=voter).duplicated(["_voter", MESSAGE_ID], keep="last")
+    latest = events[latest_mask]
+    retracted = latest[FEEDBACK] == "retract"
+    unlabelled = ~retracted & latest[DESIRABLE].isna()
+    counted = latest[~retracted & ~unlabelled]
     stats = SnapshotStats(
         rows_read=len(feedback),
-        duplicates=duplicates,
+        duplicates=len(feedback) - len(events),
         superseded=int((~latest_mask).sum()),
         retracted=int(retracted.sum()),
         unlabelled=int(unlabelled.sum()),
-        votes=len(votes),
+        votes=len(counted),
     )
-    return _from_votes(votes, SOURCE_FEEDBACK, options, stats)
+    return counted, stats
 
 
 # -- TRL datasets and snapshot tables -------------------------------------------------

@@ -113,7 +113,7 @@ class TrainResult:
 # ---------------------------------------------------------------- setup helpers
 
 
-def _device(options: TrainOptions) -> torch.device:
+def resolve_device(options: TrainOptions) -> torch.device:
     if options.device != "auto":
         return torch.device(options.device)
     if torch.cuda.is_available():
@@ -122,7 +122,7 @@ def _device(options: TrainOptions) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast_dtype(options: TrainOptions, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(options: TrainOptions, device: torch.device) -> torch.dtype | None:
     if options.precision == "fp32":
         return None
     if options.precision == "bf16":
@@ -157,7 +157,7 @@ def load_tokenizer(base_model: Path, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
-def _check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path) -> None:
     if not path.is_dir():
         raise TrainError(f"base model directory {path} does not exist; pass --base-model DIR")
     if not (path / "config.json").is_file():
@@ -302,7 +302,7 @@ def plan_batches(
 # ---------------------------------------------------------------- scoring
 
 
-def _score_pairs(
+def score_pairs(
     model: Any,
     examples: Sequence[Encoded],
     pairs: Sequence[tuple[int, int]],
@@ -351,7 +351,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]
             yield
 
 
-def _eval_pairs(n: int, batch_size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def eval_pairs(n: int, batch_size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Matched pairs of a held-out set and mismatched ones within fixed batches."""
     matched = [(i, i) for i in range(n)]
     mismatched = []
@@ -398,7 +398,7 @@ def _mean_nll(
     model: Any, examples: Sequence[Encoded], pad_id: int, device: torch.device, autocast: Any
 ) -> float:
     """Mean per-token negative log-likelihood of the completions."""
-    scores = _score_pairs(
+    scores = score_pairs(
         model, examples, [(i, i) for i in range(len(examples))], pad_id, device, autocast
     )
     tokens = sum(len(e.completion_ids) for e in examples)
@@ -421,11 +421,11 @@ def train(
     lora = lora or LoraOptions()
     started = time.monotonic()
     _validate(options)
-    _check_model_dir(inputs.base_model)
+    check_model_dir(inputs.base_model)
     rank, world = _dist()
     _seed_everything(options.seed)
-    device = _device(options)
-    autocast = _autocast_dtype(options, device)
+    device = resolve_device(options)
+    autocast = autocast_dtype(options, device)
 
     tokenizer = load_tokenizer(inputs.base_model, inputs.chat_template)
     if not inputs.train:
@@ -469,7 +469,7 @@ def train(
 
     # The reference never changes: score every pair the run will use, once.
     with _reference(model):
-        ref = _score_pairs(
+        ref = score_pairs(
             causal_lm,
             train_ex,
             sorted(plan.pairs()),
@@ -478,11 +478,11 @@ def train(
             autocast,
             "reference" if inputs.progress and rank == 0 else None,
         )
-    ev_matched, ev_mismatched = _eval_pairs(len(heldout_ex), options.batch_size)
+    ev_matched, ev_mismatched = eval_pairs(len(heldout_ex), options.batch_size)
     ev_pairs = ev_matched + ev_mismatched
     if heldout_ex:
         with _reference(model):
-            ev_ref = _score_pairs(
+            ev_ref = score_pairs(
                 causal_lm, heldout_ex, ev_pairs, pad_id, device, autocast, with_last=True
             )
     eot = end_of_turn_id(tokenizer)
@@ -518,9 +518,7 @@ def train(
         if not heldout_ex:
             return None
         model.eval()
-        pol = _score_pairs(
-            causal_lm, heldout_ex, ev_pairs, pad_id, device, autocast, with_last=True
-        )
+        pol = score_pairs(causal_lm, heldout_ex, ev_pairs, pad_id, device, autocast, with_last=True)
         general = general_nll()
         model.train()
 
@@ -587,6 +585,7 @@ def train(
         log.info("resuming at step %d of %d", state.step, plan.steps)
     elif rank == 0:
         metrics_path.write_text("")
+    resumed_from_step = state.step if state.step > 0 else None
     before = evaluate() if state.step == 0 else None
     if before is not None:
         # The starting point is a candidate too: a run that only gets worse on the
@@ -707,6 +706,7 @@ def train(
         "lora": asdict(lora),
         "steps": state.step,
         "planned_steps": plan.steps,
+        "resumed_from_step": resumed_from_step,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "stop_reason": state.stop_reason,

@@ -20,6 +20,8 @@ from connectors.config import Settings, load_settings
 from deploy.local.broker import Broker, start_broker
 
 HASH_KEY = "test-user-hash-key"
+# Prefect's telemetry errors on a locked SQLite database offline (DESIGN.md).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -9,7 +9,9 @@ implied reward of held-out desirable answers above that of undesirable ones.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -71,3 +73,38 @@ def corpus_lines() -> list[str]:
             lines.append(_fill(template, topic))
     lines.append("The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()-")
     return lines
+
+
+def feedback_events(
+    n: int,
+    seed: int = 0,
+    *,
+    adapter: str | None = None,
+    flip: Callable[[str], bool] | None = None,
+    start: dt.datetime | None = None,
+) -> list[dict]:
+    """n schema-1 feedback events on the separable task: one vote per conversation, a
+    like for a friendly answer and a dislike for a curt one. `flip(conversation_id)`
+    true inverts that vote (poisoned or contrary feedback); `adapter` is the served
+    name that wrote the answers."""
+    start = start or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    events = []
+    for i, row in enumerate(unpaired_examples(n, seed=seed).itertuples()):
+        conversation = f"fb{seed}-{row.conversation_id}"
+        liked = bool(row.label) != bool(flip and flip(conversation))
+        events.append(
+            {
+                "schema": 1,
+                "event_id": f"{conversation}-vote",
+                "ts": (start + dt.timedelta(seconds=i)).isoformat(),
+                "conversation_id": conversation,
+                "message_id": f"{conversation}-m1",
+                "user_id": f"user-{seed}-{i % 97}",
+                "messages": row.prompt,
+                "response": row.completion[0]["content"],
+                "feedback": "like" if liked else "dislike",
+                "model": "tiny-chat",
+                "adapter": adapter,
+            }
+        )
+    return events

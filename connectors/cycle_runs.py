@@ -1,0 +1,163 @@
+"""The alignment cycle's local state, per alias: run records, reports, the candidate
+being trained, and the lock that lets one run at a time.
+
+    <work_dir>/<alias>/
+        runs/<run_id>.json        one record per run, replaced atomically as it goes
+        reports/<run_id>/         report.md and the plots beside it
+        candidate/                the adapter in training (its checkpoint survives a crash)
+        candidate/cycle.json      which snapshot the candidate is being trained on
+        lock, lock.json           the run lock and who holds it
+
+The lock is an OS file lock (flock): the kernel releases it when its process dies, so
+a crashed run never leaves the alias locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from connectors.store import write_local_atomic
+from pipeline.registry import check_alias
+
+CANDIDATE_MARKER = "cycle.json"
+
+
+class CycleBusy(RuntimeError):
+    """Another run of the same alias holds the lock."""
+
+
+class CycleRuns:
+    """Run records and working directories of one alias's cycles."""
+
+    def __init__(self, work_dir: str | Path, alias: str) -> None:
+        self.alias = check_alias(alias)
+        self.root = Path(work_dir) / self.alias
+        self.runs_dir = self.root / "runs"
+        self.candidate_dir = self.root / "candidate"
+
+    # -- records ----------------------------------------------------------------------
+
+    def save(self, record: dict[str, Any]) -> None:
+        """Write (or replace) a run's record in one step."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(record, indent=2, default=str).encode()
+        write_local_atomic(str(self.runs_dir / f"{record['run_id']}.json"), body)
+
+    def recent(self, n: int = 10) -> list[dict[str, Any]]:
+        """The newest n run records, newest first (records that cannot be read are
+        reported as such rather than hidden)."""
+        if not self.runs_dir.is_dir():
+            return []
+        records = []
+        for path in self.runs_dir.glob("*.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                records.append(
+                    {
+                        "run_id": path.stem,
+                        "started_at": "",
+                        "status": "unreadable",
+                        "reason": str(exc),
+                    }
+                )
+        records.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]), reverse=True)
+        return records[:n]
+
+    def mark_crashed(self, current_run_id: str) -> list[str]:
+        """Mark runs still recorded as running, other than the current one, as crashed:
+        whoever holds the lock knows no other run is alive. Returns their ids."""
+        marked = []
+        for record in self.recent(n=10_000):
+            if record.get("status") == "running" and record["run_id"] != current_run_id:
+                record["status"] = "crashed"
+                record["reason"] = (
+                    f"its process died before it finished; run {current_run_id} found it "
+                    "and took over its candidate"
+                )
+                self.save(record)
+                marked.append(record["run_id"])
+        return marked
+
+    def last_trained(self) -> dict[str, Any] | None:
+        """The newest run that finished training (published or refused by the gate)."""
+        for record in self.recent(n=10_000):
+            if record.get("trained"):
+                return record
+        return None
+
+    def report_dir(self, run_id: str) -> Path:
+        path = self.root / "reports" / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- the candidate ----------------------------------------------------------------
+
+    def candidate_snapshot(self) -> str | None:
+        """The snapshot the candidate directory holds a run of, if any."""
+        marker = self.candidate_dir / CANDIDATE_MARKER
+        if not marker.is_file():
+            return None
+        try:
+            return json.loads(marker.read_text()).get("snapshot_id")
+        except ValueError:
+            return None
+
+    def fresh_candidate(self, snapshot_id: str, run_id: str) -> Path:
+        """An empty candidate directory marked for this snapshot."""
+        self.clear_candidate()
+        self.candidate_dir.mkdir(parents=True)
+        marker = {"snapshot_id": snapshot_id, "run_id": run_id}
+        write_local_atomic(str(self.candidate_dir / CANDIDATE_MARKER), json.dumps(marker).encode())
+        return self.candidate_dir
+
+    def clear_candidate(self) -> None:
+        shutil.rmtree(self.candidate_dir, ignore_errors=True)
+
+    # -- one run at a time --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, run_id: str, wait_s: float = 0.0) -> Iterator[None]:
+        """Hold the alias for one run; raise CycleBusy naming the holder after wait_s."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        holder_file = self.root / "lock.json"
+        lock = FileLock(str(self.root / "lock"), timeout=wait_s, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CycleBusy(
+                f"another run of alias {self.alias!r} is in progress ({_describe(holder_file)}); "
+                "this one did not start"
+            ) from None
+        try:
+            holder = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}
+            write_local_atomic(str(holder_file), json.dumps(holder).encode())
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                holder_file.unlink()
+            lock.release()
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now, as it wrote itself down (None when free)."""
+        try:
+            return json.loads((self.root / "lock.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def _describe(holder_file: Path) -> str:
+    try:
+        h = json.loads(holder_file.read_text())
+    except (OSError, ValueError):
+        return "holder unknown"
+    return f"run {h.get('run_id')}, pid {h.get('pid')} on {h.get('host')}"

@@ -1,0 +1,481 @@
+"""The alignment cycle as a Prefect flow, one alias at a time:
+
+    snapshot the store -> enough new feedback since the last trained run? -> class
+    weights -> train a LoRA adapter with KTO -> gate it against the adapter serving
+    now -> register -> (generation check) -> publish to every vLLM replica -> report
+
+The flow only wires; each step's logic lives in pipeline/ or connectors/. Reading the
+store and publishing retry (both are safe to repeat); training never retries: a run
+that dies mid-training leaves a checkpoint that the next run on the same snapshot
+resumes, or discards when the snapshot has changed.
+
+Final states: Completed (a version was published), Completed named "Skipped" with the
+reason as its message (another run holds the alias, too little new feedback, the gate
+said no), or Failed with the cause. Every run leaves a record and a markdown report
+(also a Prefect artifact) with its plots beside it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+
+from connectors.adapter_registry import AdapterRegistry, now_iso
+from connectors.config import Settings, load_settings
+from connectors.cycle_runs import CycleBusy, CycleRuns
+from connectors.publish import Publisher
+from connectors.snapshots import load_training_data, write_snapshot
+from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.vllm_admin import ServerUnreachable, VllmError
+from flows.report import render_report
+from pipeline.balance import Balance, choose_weights
+from pipeline.gate import GateDecision, GenerationScores, judge
+from pipeline.registry import served_name
+from pipeline.snapshot import Snapshot, SnapshotError, build_snapshot
+
+log = logging.getLogger("kto_loop.cycle")
+
+PUBLISHED, SKIPPED, FAILED = "published", "skipped", "failed"
+
+
+@dataclass
+class RunRecord:
+    """What a run did, saved as it goes (runs/<run_id>.json) and reported at the end."""
+
+    run_id: str
+    alias: str
+    started_at: str
+    flow_run_id: str | None = None
+    status: str = "running"
+    reason: str = ""
+    finished_at: str | None = None
+    seconds: float | None = None
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    new_votes: int | None = None
+    balance: dict[str, Any] = field(default_factory=dict)
+    trained: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+    version: str | None = None
+    previous: str | None = None
+    published: dict[str, Any] | None = None
+    report: str | None = None
+    plots: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class _Skip(Exception):
+    """The run ends Completed, named Skipped, for this reason."""
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _only_io_errors(exceptions: tuple[type[BaseException], ...]) -> Callable[..., bool]:
+    def retry(task: Any, task_run: Any, state: State) -> bool:
+        try:
+            state.result()
+        except exceptions:
+            return True
+        except BaseException:
+            return False
+        return False
+
+    return retry
+
+
+@task(
+    name="snapshot-store",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_only_io_errors((StoreError, OSError)),
+    cache_policy=NO_CACHE,
+)
+def snapshot_store(settings: Settings) -> tuple[Snapshot, Path]:
+    """Freeze the store's feedback into a snapshot (content-addressed, so a retry
+    writes the same one)."""
+    fs = FeedbackStore(settings.store.url, settings.store.storage_options)
+    if fs.count(FEEDBACK) == 0:
+        raise _Skip(f"no feedback in the store {settings.store.url} yet")
+    snap = build_snapshot(fs.read(FEEDBACK), settings.snapshot.options())
+    return snap, write_snapshot(snap, Path(settings.snapshot.out_dir))
+
+
+@task(name="train-candidate", retries=0, cache_policy=NO_CACHE)
+def train_candidate(
+    settings: Settings, runs: CycleRuns, snap: Snapshot, balance: Balance, run_id: str
+) -> dict[str, Any]:
+    """Train the candidate; resume the checkpoint a crashed run left on this snapshot,
+    or reuse the adapter it finished; start afresh on any other snapshot."""
+    from pipeline.trainer import MANIFEST, TrainError, TrainInputs, train
+
+    cycle = settings.cycle
+    out = runs.candidate_dir
+    resume = runs.candidate_snapshot() == snap.id
+    if resume and (out / MANIFEST).is_file():
+        log.info("reusing the candidate a previous run finished on snapshot %s", snap.id)
+        return json.loads((out / MANIFEST).read_text())
+    if not resume:
+        runs.fresh_candidate(snap.id, run_id)
+    general = []
+    if cycle.general_data:
+        g = load_training_data(cycle.general_data, settings.snapshot.options())
+        general = g.records("train") + g.records("heldout")
+    inputs = TrainInputs(
+        base_model=_base_model(settings),
+        train=snap.records("train"),
+        heldout=snap.records("heldout"),
+        general=general,
+        out_dir=out,
+        desirable_weight=balance.lambda_desirable,
+        undesirable_weight=balance.lambda_undesirable,
+        balance_explanation=balance.explanation,
+        snapshot_id=snap.id,
+        chat_template=_chat_template(settings),
+        resume=resume,
+        progress=sys.stderr.isatty(),
+    )
+    options, lora = settings.train.options(), settings.lora.options()
+    try:
+        result = train(inputs, options, lora)
+    except TrainError as exc:
+        if not resume or "belongs to a run with other data" not in str(exc):
+            raise
+        # Same snapshot, other options or base model: the checkpoint is of no use.
+        log.warning("discarding the candidate checkpoint: %s", exc)
+        runs.fresh_candidate(snap.id, run_id)
+        result = train(replace(inputs, resume=False), options, lora)
+    return result.manifest
+
+
+@task(name="gate", retries=0, cache_policy=NO_CACHE)
+def gate_candidate(
+    settings: Settings, registry: AdapterRegistry, alias: str, candidate: Path, snap: Snapshot
+) -> GateDecision:
+    """Score the candidate and the serving version on the held-out split; judge."""
+    from pipeline.compare import score_adapters
+
+    heldout = snap.records("heldout")
+    options = settings.gate.options()
+    serving = registry.history(alias).current
+    serving_name = served_name(alias, serving) if serving else "the base model"
+    if len(heldout) < options.min_heldout:
+        reason = (
+            f"only {len(heldout)} held-out records, fewer than gate.min_heldout="
+            f"{options.min_heldout}: too few to judge. Collect more feedback or raise "
+            "snapshot.heldout_fraction"
+        )
+        return GateDecision(False, reason, (), None, None, serving_name)
+    with _local_version(registry, serving) as serving_dir:
+        scores = score_adapters(
+            _base_model(settings),
+            {"serving": serving_dir, "candidate": candidate},
+            heldout,
+            settings.train.options(),
+            _chat_template(settings),
+        )
+    return judge(scores["candidate"], scores["serving"], options, serving_name)
+
+
+@task(name="register", retries=0, cache_policy=NO_CACHE)
+def register_candidate(
+    registry: AdapterRegistry, candidate: Path, parent: str | None, snapshot_id: str, run_id: str
+) -> str:
+    """Register the candidate, or find it registered by an earlier attempt."""
+    existing = registry.find(candidate)
+    if existing is not None:
+        log.info("the candidate is already registered as %s", existing)
+        return existing
+    record = registry.add(candidate, parent=parent, snapshot_id=snapshot_id, note=f"cycle {run_id}")
+    return record["version"]
+
+
+@task(
+    name="generation-check",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_only_io_errors((ServerUnreachable,)),
+    cache_policy=NO_CACHE,
+)
+def generation_check(
+    settings: Settings, publisher: Publisher, alias: str, version: str, snap: Snapshot
+) -> GenerationScores:
+    """Ask the first replica the held-out prompts, once through the alias (what serves
+    now; the base model when nothing does) and once through the candidate loaded under
+    its own name, and score both sets of answers with the configured scorer."""
+    gate = settings.gate
+    scorer = load_scorer(gate.scorer or "")
+    admin = publisher.admins[0]
+    candidate = served_name(alias, version)
+    admin.load(candidate, publisher.server_path(version))
+    current = publisher.registry.history(alias).current
+    serving_model = alias if current else admin.models()[0]
+    prompts = _prompts(snap, gate.generation_prompts)
+    if not prompts:
+        raise _Skip("no held-out prompts for the generation check")
+    totals = {"candidate": 0.0, "serving": 0.0}
+    for prompt in prompts:
+        for side, model in (("candidate", candidate), ("serving", serving_model)):
+            answer = admin.chat(model, prompt, max_tokens=gate.generation_max_tokens).text
+            totals[side] += float(scorer(prompt, answer))
+    n = len(prompts)
+    return GenerationScores(totals["candidate"] / n, totals["serving"] / n, n)
+
+
+@task(
+    name="publish",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_only_io_errors((ServerUnreachable,)),
+    cache_policy=NO_CACHE,
+)
+def publish_version(publisher: Publisher, alias: str, version: str, run_id: str) -> dict[str, Any]:
+    """Publish on every replica, all or nothing (a retry starts from the old state)."""
+    if publisher.registry.history(alias).current == version:
+        return {"alias": alias, "version": version, "action": "already served"}
+    return publisher.publish(alias, version, reason=f"alignment cycle {run_id}").as_dict()
+
+
+# ---------------------------------------------------------------- the flow
+
+
+@flow(name="kto-loop-alignment", log_prints=False, validate_parameters=True)
+def alignment_cycle(config: str | None = None, alias: str | None = None) -> State:
+    """One alignment cycle for `alias` (default: [cycle] alias) with the settings in
+    `config` (a TOML file; default $KTO_LOOP_CONFIG, then defaults and environment)."""
+    settings = load_settings(config)
+    alias = alias or settings.cycle.alias
+    runs = CycleRuns(settings.cycle.work_dir, alias)
+    started = time.monotonic()
+    run = RunRecord(
+        run_id=dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
+        alias=alias,
+        started_at=now_iso(),
+        flow_run_id=_flow_run_id(),
+    )
+    try:
+        with runs.lock(run.run_id, settings.cycle.lock_wait_seconds):
+            runs.save(run.as_dict())
+            for crashed in runs.mark_crashed(run.run_id):
+                log.warning("run %s died before it finished; this run takes over", crashed)
+            _cycle(settings, alias, runs, run)
+    except (_Skip, CycleBusy) as exc:
+        run.status, run.reason = SKIPPED, str(exc)
+    except Exception as exc:
+        run.status, run.reason = FAILED, f"{type(exc).__name__}: {exc}"
+        _finish(runs, run, started)
+        raise
+    _finish(runs, run, started)
+    if run.status == SKIPPED:
+        return Completed(name="Skipped", message=f"skipped: {run.reason}", data=run.as_dict())
+    return Completed(message=run.reason, data=run.as_dict())
+
+
+def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
+    try:
+        snap, snap_path = snapshot_store(settings)
+    except SnapshotError as exc:
+        if "no labelled examples" in str(exc) or "no feedback rows" in str(exc):
+            raise _Skip(str(exc)) from None
+        raise
+    c = snap.counts
+    run.snapshot = {
+        "id": snap.id,
+        "path": str(snap_path),
+        "votes": snap.stats.votes,
+        "rows_read": snap.stats.rows_read,
+        **{k: getattr(c, k) for k in vars(c)},
+    }
+    last = runs.last_trained()
+    run.new_votes = snap.stats.votes - (last["snapshot"]["votes"] if last else 0)
+    if last and last["snapshot"].get("id") == snap.id:
+        run.new_votes = 0
+    if run.new_votes < settings.cycle.min_new_votes:
+        since = f"since run {last['run_id']}" if last else "in the store"
+        raise _Skip(
+            f"{max(run.new_votes, 0)} new votes {since}, fewer than cycle.min_new_votes="
+            f"{settings.cycle.min_new_votes}"
+        )
+
+    balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
+    run.balance = {
+        "lambda_desirable": balance.lambda_desirable,
+        "lambda_undesirable": balance.lambda_undesirable,
+        "explanation": balance.explanation,
+    }
+    if balance.skip_reason is not None:
+        raise _Skip(balance.skip_reason)
+
+    manifest = train_candidate(settings, runs, snap, balance, run.run_id)
+    run.trained = True
+    run.training = {
+        k: manifest.get(k)
+        for k in ("steps", "planned_steps", "best_step", "stopped_early", "stop_reason")
+    } | {
+        "resumed_from_step": manifest.get("resumed_from_step"),
+        "seconds": manifest.get("seconds"),
+        "heldout_before": manifest["metrics"]["heldout_before"],
+        "heldout_after": manifest["metrics"]["heldout_after"],
+        "warnings": manifest.get("warnings", []),
+    }
+    report_dir = runs.report_dir(run.run_id)
+    for plot in manifest.get("plots", []):
+        shutil.copyfile(runs.candidate_dir / plot, report_dir / Path(plot).name)
+        run.plots.append(str(report_dir / Path(plot).name))
+    runs.save(run.as_dict())
+
+    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    decision = gate_candidate(settings, registry, alias, runs.candidate_dir, snap)
+    run.previous = registry.history(alias).current
+    _record_gate(run, decision, report_dir)
+    if not decision.promote:
+        runs.clear_candidate()
+        raise _Skip(decision.reason)
+
+    version = register_candidate(registry, runs.candidate_dir, run.previous, snap.id, run.run_id)
+    run.version = version
+    runs.save(run.as_dict())
+    publisher = Publisher(registry, settings.serving)
+    if settings.gate.scorer:
+        scores = generation_check(settings, publisher, alias, version, snap)
+        decision = judge(
+            decision.candidate,
+            decision.serving,
+            settings.gate.options(),
+            decision.serving_name,
+            scores,
+        )
+        _record_gate(run, decision, report_dir)
+        if not decision.promote:
+            _retire_quietly(publisher, served_name(alias, version))
+            runs.clear_candidate()
+            raise _Skip(decision.reason)
+
+    run.published = publish_version(publisher, alias, version, run.run_id)
+    runs.clear_candidate()
+    run.status = PUBLISHED
+    run.reason = f"published {served_name(alias, version)} as {alias}"
+
+
+def _record_gate(run: RunRecord, decision: GateDecision, report_dir: Path) -> None:
+    from pipeline.plots import plot_gate
+
+    run.gate = decision.as_dict()
+    if decision.checks:
+        path = plot_gate(
+            run.gate["checks"], decision.serving_name, decision.promote, report_dir / "gate.png"
+        )
+        if str(path) not in run.plots:
+            run.plots.append(str(path))
+
+
+def _finish(runs: CycleRuns, run: RunRecord, started: float) -> None:
+    run.finished_at = now_iso()
+    run.seconds = round(time.monotonic() - started, 3)
+    report_dir = runs.report_dir(run.run_id)
+    markdown = render_report(run.as_dict())
+    (report_dir / "report.md").write_text(markdown)
+    run.report = str(report_dir / "report.md")
+    runs.save(run.as_dict())
+    _artifact(markdown, run.alias)
+
+
+def _artifact(markdown: str, alias: str) -> None:
+    """The report as a Prefect markdown artifact, keyed by alias so that the UI shows
+    each alias's runs as one artifact's history."""
+    from prefect.artifacts import create_markdown_artifact
+
+    key = "kto-loop-" + "".join(ch if ch.isalnum() else "-" for ch in alias.lower())
+    try:
+        create_markdown_artifact(markdown, key=key, description=f"alignment cycle of {alias}")
+    except Exception:
+        log.exception("could not create the Prefect artifact (the report is on disk)")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _base_model(settings: Settings) -> Path:
+    if not settings.serving.base_model:
+        raise ValueError(
+            "[serving] base_model is not set: a cycle trains on the served base model, so "
+            "set it to that model's directory as this machine sees it"
+        )
+    return Path(settings.serving.base_model)
+
+
+def _chat_template(settings: Settings) -> str | None:
+    path = settings.cycle.chat_template
+    return Path(path).read_text() if path else None
+
+
+def _local_version(registry: AdapterRegistry, version: str | None) -> Any:
+    import contextlib
+
+    if version is None:
+        return contextlib.nullcontext(None)
+    return registry.local_copy(version)
+
+
+def _prompts(snap: Snapshot, n: int) -> list[list[dict[str, str]]]:
+    """Up to n distinct held-out prompts, as chat messages."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for prompt, messages_json, _, _ in snap.records("heldout"):
+        messages = (
+            json.loads(messages_json) if messages_json else [{"role": "user", "content": prompt}]
+        )
+        out.setdefault(json.dumps(messages, sort_keys=True), messages)
+        if len(out) == n:
+            break
+    return list(out.values())
+
+
+def load_scorer(spec: str) -> Callable[[Any, str], float]:
+    """The user's scorer named "module:function"; it takes (messages, answer)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        scorer = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot load the scorer {spec!r} ([gate] scorer): {exc}; it must be an "
+            "importable module and a function in it"
+        ) from None
+    if not callable(scorer):
+        raise ValueError(f"the scorer {spec!r} is not callable")
+    return scorer
+
+
+def _retire_quietly(publisher: Publisher, name: str) -> None:
+    try:
+        publisher.admins[0].retire(name)
+    except VllmError:
+        log.exception("could not retire %s after the generation check refused it", name)
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    value = flow_run.id
+    return str(value) if value else None
+
+
+def run_cycle(config: str | None = None, alias: str | None = None) -> State:
+    """Run one cycle now (ephemeral Prefect unless PREFECT_API_URL points at a server);
+    return its final state."""
+    return alignment_cycle(config=config, alias=alias, return_state=True)

@@ -1,0 +1,334 @@
+"""`kto-loop run / schedule / status`: the alignment cycle from the command line.
+
+`run` runs one cycle now; `schedule` serves the nightly deployment (starting a local
+Prefect server when PREFECT_API_URL names none); `status` shows the last runs and their
+decisions, what each alias serves, and the liked share each adapter version earned in
+production. Each prints tables on stderr and ends with one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from connectors.adapter_registry import AdapterRegistry
+from connectors.config import Settings
+from connectors.cycle_runs import CycleRuns
+from connectors.publish import Publisher
+from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from flows.serving_cli import served_versions
+from pipeline.registry import parse_served_name
+
+err = Console(stderr=True)
+
+# Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def run(settings: Settings, config: Path | None, alias: str | None) -> None:
+    """Run one cycle; exit 0 when it completed (published or skipped), 1 when it failed."""
+    from flows.alignment import FAILED, run_cycle
+
+    alias = alias or settings.cycle.alias
+    state = run_cycle(str(config) if config else None, alias)
+    record = _record_of(settings, alias, state)
+    _print_run(record)
+    line = {
+        "status": record.get("status", FAILED),
+        "alias": alias,
+        "run_id": record.get("run_id"),
+        "reason": record.get("reason") or state.message,
+        "version": record.get("version"),
+        "snapshot": (record.get("snapshot") or {}).get("id"),
+        "gate": (record.get("gate") or {}).get("promote"),
+        "seconds": record.get("seconds"),
+        "report": record.get("report"),
+        "prefect_state": state.name,
+    }
+    typer.echo(json.dumps(line))
+    if state.is_failed() or state.is_crashed():
+        raise typer.Exit(1)
+
+
+def _record_of(settings: Settings, alias: str, state: Any) -> dict[str, Any]:
+    flow_run_id = str(state.state_details.flow_run_id)
+    for record in CycleRuns(settings.cycle.work_dir, alias).recent(20):
+        if record.get("flow_run_id") == flow_run_id:
+            return record
+    return {"status": "failed", "reason": state.message}
+
+
+def _print_run(record: dict[str, Any]) -> None:
+    table = Table(title=f"alignment cycle {record.get('run_id', '?')}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    snap = record.get("snapshot") or {}
+    gate = record.get("gate") or {}
+    training = record.get("training") or {}
+    after = training.get("heldout_after") or {}
+    for what, value in [
+        ("status", record.get("status")),
+        ("reason", record.get("reason")),
+        ("snapshot", f"{snap.get('id', '-')[:12]} ({snap.get('votes', 0)} votes)"),
+        ("new votes", record.get("new_votes")),
+        ("lambdas", _lambdas(record.get("balance") or {})),
+        ("steps", training.get("steps")),
+        ("held-out accuracy after", after.get("accuracy")),
+        ("gate", gate.get("reason")),
+        ("version", record.get("version")),
+        ("report", record.get("report")),
+    ]:
+        if value not in (None, ""):
+            table.add_row(what, str(value))
+    err.print(table)
+
+
+def _lambdas(balance: dict[str, Any]) -> str | None:
+    if not balance:
+        return None
+    return f"D {balance['lambda_desirable']:.3f} / U {balance['lambda_undesirable']:.3f}"
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def schedule(
+    settings: Settings,
+    config: Path,
+    alias: str | None,
+    cron: str | None,
+    interval: float | None,
+    start_server: bool,
+) -> None:
+    """Serve the cycle as a Prefect deployment on the configured cron (or an interval),
+    one run at a time, until interrupted."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron, Interval
+
+    from flows.alignment import alignment_cycle
+
+    alias = alias or settings.cycle.alias
+    when = (
+        Interval(interval)
+        if interval is not None
+        else Cron(cron or settings.cycle.cron, timezone=settings.cycle.timezone)
+    )
+    with _prefect_api(settings, start_server) as api:
+        err.print(
+            f"serving {alias}'s alignment cycle ({_describe(when)}) on {api}; Ctrl-C stops",
+            markup=False,
+        )
+        alignment_cycle.serve(
+            name=f"{alias}-cycle",
+            schedule=when,
+            parameters={"config": str(config.resolve()), "alias": alias},
+            global_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            ),
+            tags=["kto-loop", alias],
+            print_starting_message=False,
+        )
+
+
+def _describe(when: Any) -> str:
+    if getattr(when, "cron", None):
+        return f"cron {when.cron} {when.timezone or ''}".strip()
+    return f"every {when.interval}"
+
+
+@contextlib.contextmanager
+def _prefect_api(settings: Settings, start_server: bool) -> Iterator[str]:
+    """The Prefect API to serve against: PREFECT_API_URL if set, else a local server
+    started here (its database under the cycle work dir) and stopped on the way out."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    if not start_server:
+        raise typer.BadParameter(
+            "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
+            "--no-start-server to start a local one"
+        )
+    home = Path(settings.cycle.work_dir).resolve() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    log = (home / "server.log").open("ab")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(url, server, home / "server.log")
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the local Prefect server exited ({server.returncode}):\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)  # the poll interval of a deadline loop
+    raise RuntimeError(f"the local Prefect server did not answer {url}/health in {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------- status
+
+
+def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
+    """Print the last runs, what each alias serves, and liked share per version."""
+    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    names = aliases or sorted({settings.cycle.alias, *registry.aliases()})
+    served = Publisher(registry, settings.serving).served()
+    summary: dict[str, Any] = {"aliases": {}, "liked_share": None}
+
+    for alias in names:
+        runs = CycleRuns(settings.cycle.work_dir, alias)
+        records = runs.recent(n_runs)
+        running = _running(runs)
+        table = Table(title=f"last runs of {alias}" + (" (one running now)" if running else ""))
+        for col in ("started", "status", "version", "new votes", "gate", "reason", "s"):
+            table.add_column(col)
+        for r in records:
+            gate = r.get("gate")
+            table.add_row(
+                (r.get("started_at") or "")[:19],
+                r.get("status", "?"),
+                r.get("version") or "-",
+                str(r.get("new_votes", "-")),
+                "-" if not gate else ("promote" if gate["promote"] else "refuse"),
+                (r.get("reason") or "")[:80],
+                str(r.get("seconds") or "-"),
+            )
+        err.print(table)
+        history = registry.history(alias)
+        replicas = {}
+        for url, state in served.items():
+            if isinstance(state, str):
+                replicas[url] = {"error": state}
+                continue
+            replicas[url] = {"serves": served_versions(state).get(alias)}
+        summary["aliases"][alias] = {
+            "current": history.current,
+            "rollback_target": history.rollback_target,
+            "replicas": replicas,
+            "running": running,
+            "runs": [
+                {
+                    k: r.get(k)
+                    for k in ("run_id", "started_at", "status", "reason", "version", "seconds")
+                }
+                | {"promote": (r.get("gate") or {}).get("promote")}
+                for r in records
+            ],
+        }
+        serving = Table(title=f"{alias} serves")
+        for col in ("history", "rollback target", *served):
+            serving.add_column(col)
+        serving.add_row(
+            history.current or "-",
+            history.rollback_target or "-",
+            *(v.get("serves") or v.get("error", "-")[:60] for v in replicas.values()),
+        )
+        err.print(serving)
+
+    summary["liked_share"] = _liked_share(settings, registry, names)
+    typer.echo(json.dumps(summary, default=str))
+
+
+def _running(runs: CycleRuns) -> dict[str, Any] | None:
+    """The run holding the lock, when its process is alive on this machine."""
+    holder = runs.holder()
+    if holder is None:
+        return None
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            return None  # left by a run that crashed
+    return holder
+
+
+def _liked_share(
+    settings: Settings, registry: AdapterRegistry, aliases: list[str]
+) -> list[dict[str, Any]] | dict[str, str]:
+    from pipeline.production import liked_share_by_adapter
+
+    try:
+        frame = liked_share_by_adapter(
+            FeedbackStore(settings.store.url, settings.store.storage_options).read(FEEDBACK)
+        )
+    except (StoreError, OSError) as exc:
+        err.print(f"could not read the store {settings.store.url}: {exc}", style="red")
+        return {"error": str(exc)}
+    current = {registry.history(a).current: a for a in aliases}
+    table = Table(title="liked share in production, per adapter version")
+    for col in ("adapter", "votes", "liked", "liked share", "first vote", "last vote", "role"):
+        table.add_column(col)
+    rows = []
+    for r in frame.itertuples(index=False):
+        parsed = parse_served_name(r.adapter)
+        role = "serving now" if parsed and current.get(parsed[1]) == parsed[0] else ""
+        table.add_row(
+            r.adapter,
+            f"{r.votes:,}",
+            f"{r.liked:,}",
+            f"{r.liked_share:.1%}",
+            str(r.first_vote_ts)[:19],
+            str(r.last_vote_ts)[:19],
+            role,
+        )
+        rows.append(
+            {
+                "adapter": r.adapter,
+                "votes": int(r.votes),
+                "liked": int(r.liked),
+                "liked_share": round(float(r.liked_share), 4),
+            }
+        )
+    err.print(table)
+    return rows

@@ -1,0 +1,365 @@
+"""The alignment cycle end to end, under Prefect (a test harness server), with feedback
+from a real broker, the tiny model, and the session's real vLLM server: Kafka events to
+a new adapter answering in vLLM; too little data skipped; a worse candidate refused with
+serving unchanged; a second run refused while one trains; a killed run resumed with no
+half-registered version; and the schedule firing runs on a local Prefect server.
+
+Each test uses its own alias on the shared server, so tests do not see each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from connectors.adapter_registry import AdapterRegistry
+from connectors.cycle_runs import CycleRuns
+from connectors.ingest import Ingestor
+from connectors.produce import produce
+from connectors.vllm_admin import VllmAdmin
+from deploy.local.synthetic import feedback_events
+from flows.alignment import alignment_cycle
+from flows.cli import app
+from pipeline.sample import encode
+from pipeline.snapshot import SnapshotOptions, split_of
+from tests.conftest import HASH_KEY, KafkaSetup, _toml, wait_until
+from tests.test_serving import Greedy
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+# Large enough to move the tiny model in a few dozen steps (as in test_trainer.py).
+TRAIN = {
+    "beta": 0.1,
+    "learning_rate": 2e-3,
+    "batch_size": 8,
+    "max_length": 96,
+    "max_prompt_length": 64,
+    "eval_every": 5,
+    "early_stopping_patience": 0,
+    "sft_weight": 0.0,
+    "eos_guard": 0.0,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def greedy(tiny_model_dir: Path) -> Greedy:
+    return Greedy(tiny_model_dir)
+
+
+class Cycle:
+    """One test's alias, store, registry and work dir, and its config files."""
+
+    def __init__(self, setup: KafkaSetup, vllm: Any, model: Path, tmp: Path) -> None:
+        self.setup, self.vllm, self.model, self.tmp = setup, vllm, model, tmp
+        self.alias = f"cyc-{uuid.uuid4().hex[:6]}"
+        self.registry = AdapterRegistry(str(tmp / "adapters"))
+        self.runs = CycleRuns(tmp / "cycles", self.alias)
+
+    def config(self, store: str = "store", **sections: dict[str, Any]) -> Path:
+        base: dict[str, dict[str, Any]] = {
+            **self.setup.overrides(),
+            "store": {"url": str(self.tmp / store)},
+            "snapshot": {"heldout_fraction": 0.2, "out_dir": str(self.tmp / "snapshots")},
+            "balance": {"min_examples": 32, "min_per_class": 8},
+            "train": TRAIN,
+            "lora": {"r": 8},
+            "registry": {"url": str(self.tmp / "adapters")},
+            "serving": {
+                "replicas": [self.vllm.url],
+                "base_model": str(self.model),
+                "max_lora_rank": 8,
+            },
+            "cycle": {
+                "alias": self.alias,
+                "work_dir": str(self.tmp / "cycles"),
+                "min_new_votes": 50,
+            },
+        }
+        for name, values in sections.items():
+            base[name] = {**base.get(name, {}), **values}
+        path = self.tmp / f"kto-loop-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(_toml(base))
+        return path
+
+    def ingest(self, events: list[dict], store: str = "store") -> None:
+        """Send events through the broker and store them with a real consumer."""
+        self.setup.create_topics(partitions=2)
+        produce(self.setup.settings().kafka, [encode(e) for e in events])
+        settings = self.setup.settings()
+        settings = settings.model_copy(
+            update={"store": settings.store.model_copy(update={"url": str(self.tmp / store)})}
+        )
+        ingestor = Ingestor(settings)
+        stop, errors = threading.Event(), []
+
+        def target() -> None:
+            try:
+                ingestor.run(stop)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        wait_until(
+            lambda: ingestor.stats.stored >= len(events) or errors, 90, f"{len(events)} stored"
+        )
+        stop.set()
+        thread.join(30)
+        assert not errors
+
+    def admin(self) -> VllmAdmin:
+        return VllmAdmin(self.vllm.url, self.vllm.api_key)
+
+
+@pytest.fixture()
+def cycle(
+    kafka_setup: KafkaSetup,
+    vllm_server: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Cycle:
+    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    return Cycle(kafka_setup, vllm_server, tiny_model_dir, tmp_path)
+
+
+def _run(config: Path) -> tuple[Any, dict[str, Any]]:
+    state = alignment_cycle(config=str(config), return_state=True)
+    return state, state.result(raise_on_failure=False) if state.is_completed() else {}
+
+
+def _heldout(conversation: str) -> bool:
+    return split_of(conversation, SnapshotOptions(heldout_fraction=0.2)) == "heldout"
+
+
+def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
+    cycle: Cycle, greedy: Greedy
+) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    config = cycle.config()
+
+    state, record = _run(config)
+
+    assert state.is_completed() and state.name == "Completed", state.message
+    assert record["status"] == "published" and record["version"] == "v1"
+    assert record["snapshot"]["votes"] == 320 and record["new_votes"] == 320
+    assert record["gate"]["promote"] and {c["name"] for c in record["gate"]["checks"]} == {
+        "accuracy",
+        "margin",
+        "kl",
+    }
+    after = record["training"]["heldout_after"]
+    assert after["accuracy"] > 0.75 and after["margin"] > 0
+    with cycle.admin() as admin:
+        assert cycle.alias in admin.models()
+        assert admin.swap_state()["aliases"][cycle.alias]["target"] == f"{cycle.alias}@v1"
+        prompt = [5, 17, 42, 99, 7]
+        answer = admin.complete(cycle.alias, prompt, 8, ignore_eos=True)
+    assert answer.model == f"{cycle.alias}@v1"
+    assert list(answer.token_ids) == greedy(Path(cycle.registry.path("v1")), prompt, 8)
+    assert cycle.registry.info("v1")["snapshot_id"] == record["snapshot"]["id"]
+    assert cycle.registry.history(cycle.alias).current == "v1"
+    assert not cycle.runs.candidate_dir.exists()
+    report = Path(record["report"]).read_text()
+    assert "## Gate" in report and f"{cycle.alias}@v1" in report
+    assert {Path(p).name for p in record["plots"]} == {"training.png", "gate.png"}
+    assert all(Path(p).stat().st_size > 1000 for p in record["plots"])
+    assert _artifact_markdown(cycle.alias).startswith(f"# Alignment cycle {record['run_id']}")
+
+    # Nothing new since: the next run is skipped, and serving stays.
+    state, record = _run(config)
+    assert state.name == "Skipped" and "0 new votes" in state.message
+    assert cycle.registry.versions() == ["v1"]
+
+    # Users vote on v1's answers; status reports its liked share.
+    cycle.ingest(feedback_events(40, seed=7, adapter=f"{cycle.alias}@v1"))
+    result = runner.invoke(app, ["status", "--config", str(config)], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    mine = summary["aliases"][cycle.alias]
+    assert mine["current"] == "v1"
+    assert [r["status"] for r in mine["runs"]] == ["skipped", "published"]
+    assert mine["replicas"][cycle.vllm.url]["serves"] == "v1"
+    shares = {r["adapter"]: r for r in summary["liked_share"]}
+    v1 = shares[f"{cycle.alias}@v1"]
+    liked = sum(e["feedback"] == "like" for e in feedback_events(40, seed=7))
+    assert (v1["votes"], v1["liked"]) == (40, liked)
+    assert shares["(none)"]["votes"] == 320
+
+
+def _artifact_markdown(alias: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"kto-loop-{alias}"]))
+        )
+    assert found, "no artifact"
+    return max(found, key=lambda a: a.created).data
+
+
+def test_too_little_data_is_skipped_and_nothing_is_trained_or_published(cycle: Cycle) -> None:
+    config = cycle.config()
+    state, record = _run(config)  # an empty store
+    assert state.name == "Skipped" and "no feedback" in state.message
+
+    cycle.ingest(feedback_events(30, seed=2))
+    state, record = _run(config)
+
+    assert state.is_completed() and state.name == "Skipped"
+    assert "30 new votes" in state.message and "min_new_votes=50" in state.message
+    assert record["status"] == "skipped" and not record["trained"]
+    assert cycle.registry.versions() == []
+    assert not cycle.runs.candidate_dir.exists()
+    with cycle.admin() as admin:
+        assert cycle.alias not in admin.models()
+    assert Path(record["report"]).is_file()
+
+
+def test_a_candidate_worse_than_the_serving_adapter_is_refused_and_serving_is_unchanged(
+    cycle: Cycle,
+) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    state, _ = _run(cycle.config())
+    assert state.name == "Completed", state.message
+    with cycle.admin() as admin:
+        before = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
+
+    # Contrary feedback on the training side only: the held-out votes stay honest, so
+    # the gate sees that the candidate trained on it ranks answers the wrong way round.
+    poisoned = feedback_events(400, seed=3, flip=lambda c: not _heldout(c))
+    cycle.ingest(poisoned, store="store-poisoned")
+    state, record = _run(cycle.config(store="store-poisoned", cycle={"min_new_votes": 1}))
+
+    assert state.name == "Skipped" and "candidate refused" in state.message, state.message
+    assert record["trained"] and not record["gate"]["promote"]
+    failed = {c["name"] for c in record["gate"]["checks"] if not c["passed"]}
+    assert "accuracy" in failed
+    assert record["gate"]["serving_name"] == f"{cycle.alias}@v1"
+    assert cycle.registry.versions() == ["v1"]
+    assert cycle.registry.history(cycle.alias).current == "v1"
+    with cycle.admin() as admin:
+        after = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
+        assert [a["name"] for a in admin.swap_state()["adapters"]] == [f"{cycle.alias}@v1"]
+    assert (after.model, after.token_ids) == (before.model, before.token_ids)
+
+
+def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_cleanly(
+    cycle: Cycle, tmp_path: Path
+) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    # Three epochs, a checkpoint every step: a long enough run to catch in the middle.
+    config = cycle.config(train={"epochs": 3, "checkpoint_every": 1, "eval_every": 10})
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY,
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "first-run.log").open("wb")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    checkpoint = cycle.runs.candidate_dir / "checkpoint" / "state.pt"
+    try:
+        wait_until(
+            lambda: checkpoint.is_file() or first.poll() is not None, 240, "a training checkpoint"
+        )
+        assert first.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+        holder = cycle.runs.holder()
+        assert holder is not None and holder["pid"] == first.pid
+
+        second, record = _run(config)
+        assert second.name == "Skipped", second.message
+        assert f"another run of alias {cycle.alias!r} is in progress" in second.message
+        assert str(first.pid) in second.message
+        assert not record["trained"]
+
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    assert cycle.registry.versions() == []
+
+    third, record = _run(config)
+
+    assert third.name == "Completed", third.message
+    assert record["training"]["resumed_from_step"] >= 1
+    assert cycle.registry.versions() == ["v1"]
+    versions_dir = Path(cycle.registry.url) / "versions"
+    assert sorted(p.name for p in versions_dir.iterdir()) == ["v1"]  # no half-written copy
+    statuses = [r["status"] for r in cycle.runs.recent()]
+    assert statuses == ["published", "skipped", "crashed"]
+
+
+def test_schedule_fires_runs_on_a_local_prefect_server(cycle: Cycle, tmp_path: Path) -> None:
+    config = cycle.config()  # an empty store: every run ends skipped at once
+    env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY}
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "schedule.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "schedule", "--config", str(config), "--interval", "2"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: len(cycle.runs.recent()) >= 2 or process.poll() is not None,
+            240,
+            "two scheduled runs",
+        )
+        assert process.poll() is None, (tmp_path / "schedule.log").read_text()[-3000:]
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    runs = cycle.runs.recent()
+    assert all(r["status"] == "skipped" and "no feedback" in r["reason"] for r in runs)
+    assert len({r["flow_run_id"] for r in runs}) == len(runs)
+
+
+def test_the_work_pool_deployment_points_at_the_flow_with_the_nightly_cron() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "deploy/prefect/prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    assert load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"])).name == (
+        alignment_cycle.name
+    )
+    assert deployment["schedules"][0]["cron"] == "0 2 * * *"
+    assert deployment["concurrency_limit"]["limit"] == 1
+    assert set(deployment["parameters"]) <= {"config", "alias"}

@@ -1,0 +1,161 @@
+"""Production liked share per adapter: which votes count (dedupe, latest vote,
+retraction, neutral ratings), the adapter rows and their order."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline import records
+from pipeline.production import LIKED_SHARE_COLUMNS, NO_ADAPTER, liked_share_by_adapter
+from pipeline.records import FEEDBACK_SCHEMA
+from pipeline.snapshot import SnapshotError
+
+T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+
+
+def event(
+    event_id: str,
+    *,
+    user: str | None = "u1",
+    message: str = "m1",
+    feedback: str = "like",
+    t: int = 0,
+    rating: int | None = None,
+    adapter: str | None = "chat@v1",
+    text: bool = True,
+) -> dict[str, Any]:
+    """One stored feedback row; `desirable` follows from feedback / rating as
+    pipeline.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
+    if rating is not None:
+        feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
+    else:
+        desirable = None if feedback == "retract" else feedback == "like"
+    text = text and feedback != "retract"
+    return {
+        records.EVENT_ID: event_id,
+        records.TS: T0 + dt.timedelta(seconds=t),
+        records.CONVERSATION_ID: "c1",
+        records.MESSAGE_ID: message,
+        records.USER_HASH: user,
+        records.PROMPT: "How do I reset my password?" if text else None,
+        records.MESSAGES_JSON: None,
+        records.RESPONSE: "Open Settings, then Security." if text else None,
+        records.FEEDBACK: feedback,
+        records.RATING: rating,
+        records.DESIRABLE: desirable,
+        records.MODEL: "tiny-chat",
+        records.ADAPTER: adapter,
+        records.SCHEMA: 1,
+        records.KAFKA_TOPIC: "fb",
+        records.KAFKA_PARTITION: 0,
+        records.KAFKA_OFFSET: t,
+        records.KAFKA_TIMESTAMP: None,
+        records.INGESTED_AT: T0,
+        records.INGESTED_BY: "test",
+    }
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as the store reads them back (its Arrow schema, then pandas)."""
+    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA).to_pandas()
+
+
+def shares(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int, float]]:
+    """adapter -> (votes, liked, liked_share), in the table's order."""
+    table = liked_share_by_adapter(frame(rows))
+    return {r.adapter: (r.votes, r.liked, r.liked_share) for r in table.itertuples(index=False)}
+
+
+def test_two_adapters_get_their_own_liked_share_and_vote_time_range() -> None:
+    rows = [
+        event("a1", user="u1", message="m1", t=0, adapter="chat@v1"),
+        event("a2", user="u2", message="m1", t=5, feedback="dislike", adapter="chat@v1"),
+        event("b1", user="u1", message="m2", t=10, adapter="chat@v2"),
+        event("b2", user="u2", message="m2", t=20, adapter="chat@v2"),
+        event("b3", user="u3", message="m2", t=30, adapter="chat@v2"),
+        event("b4", user="u4", message="m2", t=40, feedback="dislike", adapter="chat@v2"),
+    ]
+    table = liked_share_by_adapter(frame(rows))
+    assert list(table.columns) == list(LIKED_SHARE_COLUMNS)
+    assert shares(rows) == {"chat@v1": (2, 1, 0.5), "chat@v2": (4, 3, 0.75)}
+    v2 = table.iloc[1]
+    assert v2.first_vote_ts == T0 + dt.timedelta(seconds=10)
+    assert v2.last_vote_ts == T0 + dt.timedelta(seconds=40)
+
+
+def test_a_redelivered_event_counts_once() -> None:
+    rows = [event("e1", t=0), event("e1", t=0), event("e2", user="u2", feedback="dislike")]
+    assert shares(rows) == {"chat@v1": (2, 1, 0.5)}
+
+
+def test_a_later_vote_of_a_user_on_a_message_replaces_the_earlier_one() -> None:
+    rows = [event("e2", feedback="dislike", t=10), event("e1", feedback="like", t=0)]
+    assert shares(rows) == {"chat@v1": (1, 0, 0.0)}
+
+
+def test_a_retraction_withdraws_the_vote() -> None:
+    rows = [
+        event("e1", user="u1", t=0),
+        event("e2", user="u2", feedback="dislike", t=1),
+        event("e3", user="u1", feedback="retract", t=2),
+    ]
+    assert shares(rows) == {"chat@v1": (1, 0, 0.0)}
+
+
+def test_a_neutral_rating_is_not_counted() -> None:
+    rows = [event("e1", user="u1", rating=3), event("e2", user="u2", rating=5)]
+    assert shares(rows) == {"chat@v1": (1, 1, 1.0)}
+
+
+def test_a_vote_counts_without_prompt_or_response_text() -> None:
+    rows = [event("e1", user="u1", text=False), event("e2", user="u2", feedback="dislike")]
+    assert shares(rows) == {"chat@v1": (2, 1, 0.5)}
+
+
+def test_votes_without_an_adapter_are_reported_under_none_last() -> None:
+    rows = [
+        event("e1", user="u1", message="m1", adapter=None),
+        event("e2", user="u2", message="m2", adapter="chat@v1", feedback="dislike"),
+    ]
+    assert shares(rows) == {"chat@v1": (1, 0, 0.0), NO_ADAPTER: (1, 1, 1.0)}
+    assert list(liked_share_by_adapter(frame(rows)).adapter) == ["chat@v1", NO_ADAPTER]
+
+
+def test_versions_sort_by_number_per_alias_and_other_names_follow() -> None:
+    names = ["chat@v10", "custom-lora", "chat@v2", "assist@v3", "chat@v1", None]
+    rows = [event(f"e{i}", message=f"m{i}", adapter=a) for i, a in enumerate(names)]
+    table = liked_share_by_adapter(frame(rows))
+    assert list(table.adapter) == [
+        "assist@v3",
+        "chat@v1",
+        "chat@v2",
+        "chat@v10",
+        "custom-lora",
+        NO_ADAPTER,
+    ]
+
+
+@pytest.mark.parametrize(
+    "feedback",
+    [
+        pd.DataFrame(),
+        frame([]),
+        frame([event("e1", rating=3), event("e2", user="u2", feedback="retract")]),
+    ],
+    ids=["no-columns", "no-rows", "no-counted-votes"],
+)
+def test_no_counted_votes_give_an_empty_table_with_the_columns(feedback: pd.DataFrame) -> None:
+    table = liked_share_by_adapter(feedback)
+    assert table.empty
+    assert list(table.columns) == list(LIKED_SHARE_COLUMNS)
+
+
+def test_rows_lacking_a_vote_column_are_refused_with_its_name() -> None:
+    rows = frame([event("e1")]).drop(columns=records.USER_HASH)
+    with pytest.raises(SnapshotError, match=records.USER_HASH):
+        liked_share_by_adapter(rows)
