@@ -14,7 +14,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +32,7 @@ from pydantic_settings import (
 
 from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
 from pipeline.gate import GateOptions
+from pipeline.registry import RegistryError, check_alias
 from pipeline.snapshot import SnapshotOptions, TiePolicy
 from pipeline.train_options import LoraOptions, TrainOptions
 
@@ -345,6 +354,19 @@ class CycleConfig(_Section):
     lock_wait_seconds: float = Field(
         0.0, ge=0, description="how long a run waits for a running one of the same alias"
     )
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        try:
+            return check_alias(value)
+        except RegistryError as exc:
+            raise ValueError(str(exc)) from None
+
+    publish_retries: int = Field(
+        2, ge=0, description="retries of a publish that failed on an unreachable replica"
+    )
+    publish_retry_delay_seconds: float = Field(30.0, ge=0)
     chat_template: str | None = Field(
         None, description="Jinja chat template file, for a base model whose tokenizer has none"
     )

@@ -88,10 +88,13 @@ class CycleRuns:
                 marked.append(record["run_id"])
         return marked
 
-    def last_trained(self) -> dict[str, Any] | None:
-        """The newest run that finished training (published or refused by the gate)."""
+    def last_judged(self) -> dict[str, Any] | None:
+        """The newest run whose candidate the gate judged and that ended (published, or
+        refused): its snapshot is what "new feedback" is counted against. A run that
+        failed after the gate (a replica down while publishing) does not count, so the
+        next run publishes the same candidate."""
         for record in self.recent(n=10_000):
-            if record.get("trained"):
+            if record.get("gate") and record.get("status") in ("published", "skipped"):
                 return record
         return None
 

@@ -173,6 +173,11 @@ class VllmAdmin:
         data = self._idempotent("GET", "/v1/models").json()
         return [m["id"] for m in data.get("data", [])]
 
+    def base_models(self) -> list[str]:
+        """The names the server serves its base model(s) under (cards with no parent)."""
+        data = self._idempotent("GET", "/v1/models").json()
+        return [m["id"] for m in data.get("data", []) if not m.get("parent")]
+
     def swap_state(self) -> dict[str, Any]:
         """The swap plugin's view: aliases, loaded adapters, retirements, engine ids."""
         return self._idempotent("GET", f"{SWAP_PREFIX}/aliases").json()

@@ -88,13 +88,17 @@ class _Skip(Exception):
 
 
 def _only_io_errors(exceptions: tuple[type[BaseException], ...]) -> Callable[..., bool]:
+    """A retry condition: the task failed with one of `exceptions`, raised or as the
+    cause of what was raised (a publish that failed because a replica was unreachable)."""
+
     def retry(task: Any, task_run: Any, state: State) -> bool:
         try:
             state.result()
-        except exceptions:
-            return True
-        except BaseException:
-            return False
+        except BaseException as exc:
+            while exc is not None:
+                if isinstance(exc, exceptions):
+                    return True
+                exc = exc.__cause__
         return False
 
     return retry
@@ -225,7 +229,7 @@ def generation_check(
     candidate = served_name(alias, version)
     admin.load(candidate, publisher.server_path(version))
     current = publisher.registry.history(alias).current
-    serving_model = alias if current else admin.models()[0]
+    serving_model = alias if current else admin.base_models()[0]
     prompts = _prompts(snap, gate.generation_prompts)
     if not prompts:
         raise _Skip("no held-out prompts for the generation check")
@@ -246,7 +250,8 @@ def generation_check(
     cache_policy=NO_CACHE,
 )
 def publish_version(publisher: Publisher, alias: str, version: str, run_id: str) -> dict[str, Any]:
-    """Publish on every replica, all or nothing (a retry starts from the old state)."""
+    """Publish on every replica, all or nothing (a retry starts from the old state;
+    retries and their delay come from [cycle])."""
     if publisher.registry.history(alias).current == version:
         return {"alias": alias, "version": version, "action": "already served"}
     return publisher.publish(alias, version, reason=f"alignment cycle {run_id}").as_dict()
@@ -302,7 +307,7 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
         "rows_read": snap.stats.rows_read,
         **{k: getattr(c, k) for k in vars(c)},
     }
-    last = runs.last_trained()
+    last = runs.last_judged()
     run.new_votes = snap.stats.votes - (last["snapshot"]["votes"] if last else 0)
     if last and last["snapshot"].get("id") == snap.id:
         run.new_votes = 0
@@ -367,7 +372,11 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
             runs.clear_candidate()
             raise _Skip(decision.reason)
 
-    run.published = publish_version(publisher, alias, version, run.run_id)
+    publish = publish_version.with_options(
+        retries=settings.cycle.publish_retries,
+        retry_delay_seconds=settings.cycle.publish_retry_delay_seconds,
+    )
+    run.published = publish(publisher, alias, version, run.run_id)
     runs.clear_candidate()
     run.status = PUBLISHED
     run.reason = f"published {served_name(alias, version)} as {alias}"

@@ -28,6 +28,7 @@ from connectors.cycle_runs import CycleRuns
 from connectors.ingest import Ingestor
 from connectors.produce import produce
 from connectors.vllm_admin import VllmAdmin
+from deploy.local.broker import free_port
 from deploy.local.synthetic import feedback_events
 from flows.alignment import alignment_cycle
 from flows.cli import app
@@ -158,7 +159,7 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     cycle: Cycle, greedy: Greedy
 ) -> None:
     cycle.ingest(feedback_events(320, seed=1))
-    config = cycle.config()
+    config = cycle.config(gate={"scorer": "tests.scorers:constant", "generation_prompts": 4})
 
     state, record = _run(config)
 
@@ -169,6 +170,7 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
         "accuracy",
         "margin",
         "kl",
+        "generation_score",
     }
     after = record["training"]["heldout_after"]
     assert after["accuracy"] > 0.75 and after["margin"] > 0
@@ -263,8 +265,56 @@ def test_a_candidate_worse_than_the_serving_adapter_is_refused_and_serving_is_un
     assert cycle.registry.history(cycle.alias).current == "v1"
     with cycle.admin() as admin:
         after = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
-        assert [a["name"] for a in admin.swap_state()["adapters"]] == [f"{cycle.alias}@v1"]
+        loaded = [a["name"] for a in admin.swap_state()["adapters"]]
+        assert [n for n in loaded if n.startswith(cycle.alias)] == [f"{cycle.alias}@v1"]
     assert (after.model, after.token_ids) == (before.model, before.token_ids)
+
+
+def test_a_generation_check_that_refuses_retires_the_loaded_candidate(cycle: Cycle) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    # Every answer scores the same, and the candidate must beat what serves by 0.5.
+    gate = {"scorer": "tests.scorers:constant", "generation_prompts": 4, "min_score_gain": 0.5}
+
+    state, record = _run(cycle.config(gate=gate))
+
+    assert state.name == "Skipped" and "generation_score 1 against 1" in state.message
+    assert record["gate"]["serving_name"] == "the base model"
+    assert cycle.registry.history(cycle.alias).current is None
+    with cycle.admin() as admin:
+        assert cycle.alias not in admin.models()
+        wait_until(
+            lambda: f"{cycle.alias}@v1" not in {a["name"] for a in admin.swap_state()["adapters"]},
+            30,
+            "the refused candidate retired from the server",
+        )
+
+
+def test_a_failed_publish_changes_no_replica_and_the_next_run_publishes_the_same_candidate(
+    cycle: Cycle,
+) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    dead = f"http://127.0.0.1:{free_port()}"
+    broken = cycle.config(
+        serving={"replicas": [cycle.vllm.url, dead], "retries": 1},
+        cycle={"publish_retries": 1, "publish_retry_delay_seconds": 0},
+    )
+
+    state, _ = _run(broken)
+
+    assert state.is_failed() and dead in state.message and "stays on nothing" in state.message
+    (failed,) = cycle.runs.recent()
+    assert failed["status"] == "failed" and failed["version"] == "v1"
+    assert dead in Path(failed["report"]).read_text()
+    assert cycle.registry.history(cycle.alias).current is None
+    with cycle.admin() as admin:
+        assert cycle.alias not in admin.models()
+
+    state, record = _run(cycle.config())
+
+    assert state.name == "Completed", state.message
+    assert record["version"] == "v1" and cycle.registry.versions() == ["v1"]
+    assert record["training"]["seconds"] == failed["training"]["seconds"]  # not trained again
+    assert cycle.registry.history(cycle.alias).current == "v1"
 
 
 def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_cleanly(

@@ -1,0 +1,213 @@
+"""The promotion gate's rule, the cycle's run records and lock, and the report: pure
+functions and local files, no servers."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connectors.cycle_runs import CycleBusy, CycleRuns
+from flows.report import render_report
+from pipeline.evaluate import HeldoutMetrics
+from pipeline.gate import GateOptions, GenerationScores, judge
+from pipeline.registry import RegistryError
+
+
+def metrics(accuracy: float, margin: float, kl: float, count: int = 40) -> HeldoutMetrics:
+    return HeldoutMetrics(
+        loss=0.5,
+        accuracy=accuracy,
+        reward_desirable=margin / 2,
+        reward_undesirable=-margin / 2,
+        margin=margin,
+        kl=kl,
+        count=count,
+    )
+
+
+BASE = metrics(0.0, 0.0, 0.0)  # the base model scored against itself
+
+
+def test_a_candidate_at_least_as_good_on_every_check_is_promoted() -> None:
+    decision = judge(metrics(0.8, 1.2, 0.4), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v3")
+    assert decision.promote
+    assert [c.name for c in decision.checks] == ["accuracy", "margin", "kl"]
+    assert all(c.passed for c in decision.checks)
+    assert "chat@v3" in decision.reason
+
+
+def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
+    decision = judge(metrics(0.70, 1.5, 0.4), metrics(0.80, 1.0, 0.2), GateOptions(), "chat@v3")
+    assert not decision.promote
+    assert [c.name for c in decision.checks if not c.passed] == ["accuracy"]
+    assert decision.reason.startswith("candidate refused: accuracy 0.7 against 0.8 from chat@v3")
+
+
+def test_a_required_gain_and_a_tolerated_loss() -> None:
+    serving = metrics(0.80, 1.0, 0.2)
+    assert not judge(
+        metrics(0.82, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=0.05), "s"
+    ).promote
+    assert judge(
+        metrics(0.78, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=-0.05), "s"
+    ).promote
+    assert not judge(
+        metrics(0.8, 1.05, 0.2), serving, GateOptions(min_margin_gain=0.1), "s"
+    ).promote
+
+
+def test_kl_past_the_bound_is_refused_however_good_the_rest() -> None:
+    decision = judge(metrics(0.95, 3.0, 6.0), BASE, GateOptions(max_kl=5.0), "the base model")
+    assert not decision.promote
+    assert [c.name for c in decision.checks if not c.passed] == ["kl"]
+    assert "kl 6 (needs <= 5)" in decision.reason
+
+
+def test_against_the_base_model_a_candidate_must_have_learnt_the_right_direction() -> None:
+    assert judge(metrics(0.6, 0.3, 0.1), BASE, GateOptions(), "the base model").promote
+    wrong_way = judge(metrics(0.3, -0.4, 0.1), BASE, GateOptions(), "the base model")
+    assert not wrong_way.promote and "margin" in wrong_way.reason
+
+
+def test_too_few_heldout_records_cannot_be_judged() -> None:
+    decision = judge(metrics(1.0, 2.0, 0.1, count=5), BASE, GateOptions(min_heldout=8), "b")
+    assert not decision.promote and decision.checks == ()
+    assert "only 5 held-out records" in decision.reason and "heldout_fraction" in decision.reason
+
+
+def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides() -> None:
+    nan = math.nan
+    decision = judge(metrics(0.9, nan, 0.1), metrics(0.8, nan, 0.1), GateOptions(), "s")
+    assert decision.promote
+    assert next(c for c in decision.checks if c.name == "margin").required == "n/a"
+    assert not judge(metrics(0.9, nan, 0.1), metrics(0.8, 1.0, 0.1), GateOptions(), "s").promote
+
+
+def test_the_generation_check_joins_the_verdict() -> None:
+    good, serving = metrics(0.9, 1.0, 0.1), metrics(0.8, 1.0, 0.1)
+    worse = judge(good, serving, GateOptions(), "s", GenerationScores(0.4, 0.6, 16))
+    assert not worse.promote and "generation_score 0.4 against 0.6" in worse.reason
+    assert judge(good, serving, GateOptions(), "s", GenerationScores(0.6, 0.6, 16)).promote
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_kl"):
+        GateOptions(max_kl=0)
+
+
+# ---------------------------------------------------------------- run records and lock
+
+
+_HOLDER = """
+import sys, time
+from connectors.cycle_runs import CycleRuns
+with CycleRuns(sys.argv[1], "chat").lock("holder-run"):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_refuses_a_second_run_naming_the_holder_and_frees_when_it_dies(tmp_path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        runs = CycleRuns(tmp_path, "chat")
+        with (
+            pytest.raises(CycleBusy, match=f"run holder-run, pid {holder.pid}"),
+            runs.lock("second-run"),
+        ):
+            pass
+        holder.send_signal(signal.SIGKILL)  # a crash: the kernel drops the lock
+        holder.wait(30)
+        with runs.lock("third-run"):
+            assert runs.holder()["run_id"] == "third-run"
+        assert runs.holder() is None
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(30)
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_crashed(tmp_path) -> None:
+    runs = CycleRuns(tmp_path, "chat")
+    runs.save({"run_id": "a", "started_at": "2026-01-01T00:00:00Z", "status": "running"})
+    runs.save({"run_id": "b", "started_at": "2026-01-02T00:00:00Z", "status": "published"})
+    runs.save({"run_id": "c", "started_at": "2026-01-03T00:00:00Z", "status": "running"})
+    assert runs.mark_crashed("c") == ["a"]
+    assert [(r["run_id"], r["status"]) for r in runs.recent()] == [
+        ("c", "running"),
+        ("b", "published"),
+        ("a", "crashed"),
+    ]
+
+
+def test_new_feedback_counts_from_the_last_run_the_gate_judged_and_that_ended(tmp_path) -> None:
+    runs = CycleRuns(tmp_path, "chat")
+    gate = {"promote": True}
+    runs.save({"run_id": "a", "started_at": "1", "status": "published", "gate": gate})
+    runs.save({"run_id": "b", "started_at": "2", "status": "skipped", "gate": {"promote": False}})
+    runs.save(
+        {"run_id": "c", "started_at": "3", "status": "failed", "gate": gate}
+    )  # publish failed
+    runs.save({"run_id": "d", "started_at": "4", "status": "skipped", "gate": None})  # too little
+    assert runs.last_judged()["run_id"] == "b"
+
+
+def test_a_bad_alias_is_refused() -> None:
+    with pytest.raises(RegistryError, match="alias"):
+        CycleRuns("/tmp", "../etc")
+
+
+def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
+    decision = judge(metrics(0.9, 1.2, 0.3), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v1")
+    markdown = render_report(
+        {
+            "run_id": "r1",
+            "alias": "chat",
+            "status": "published",
+            "reason": "published chat@v2 as chat",
+            "started_at": "2026-01-01T00:00:00Z",
+            "seconds": 12.5,
+            "snapshot": {
+                "id": "ab" * 32,
+                "votes": 300,
+                "rows_read": 310,
+                "train_desirable": 120,
+                "train_undesirable": 120,
+                "heldout_desirable": 30,
+                "heldout_undesirable": 30,
+            },
+            "new_votes": 300,
+            "balance": {
+                "lambda_desirable": 1.0,
+                "lambda_undesirable": 1.0,
+                "explanation": "balanced",
+            },
+            "training": {
+                "steps": 30,
+                "planned_steps": 30,
+                "best_step": 30,
+                "seconds": 4.0,
+                "heldout_before": {"accuracy": 0.0},
+                "heldout_after": {"accuracy": 0.9},
+            },
+            "gate": decision.as_dict(),
+            "version": "v2",
+            "previous": "v1",
+            "published": {"version": "chat@v2", "replicas": ["http://r1"], "action": "promote"},
+            "plots": ["/tmp/r1/gate.png"],
+        }
+    )
+    for text in ("**published**", "| train | 120 | 120 |", "lambda_D = 1.000", "| accuracy | 0 | 0.9 |",
+                 "Decision: **promote**", "| accuracy | 0.9 | 0.8 | >= serving + 0 | yes |",
+                 "`chat@v2` (previous: v1)", "[gate.png](file:///tmp/r1/gate.png)"):  # fmt: skip
+        assert text in markdown, text
