@@ -17,6 +17,7 @@ said no), or Failed with the cause. Every run leaves a record and a markdown rep
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import json
@@ -25,7 +26,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class RunRecord:
     reason: str = ""
     finished_at: str | None = None
     seconds: float | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)
     snapshot: dict[str, Any] = field(default_factory=dict)
     new_votes: int | None = None
     balance: dict[str, Any] = field(default_factory=dict)
@@ -294,7 +296,8 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
     try:
-        snap, snap_path = snapshot_store(settings)
+        with _timed(run, "snapshot"):
+            snap, snap_path = snapshot_store(settings)
     except SnapshotError as exc:
         if "no labelled examples" in str(exc) or "no feedback rows" in str(exc):
             raise _Skip(str(exc)) from None
@@ -327,7 +330,8 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     if balance.skip_reason is not None:
         raise _Skip(balance.skip_reason)
 
-    manifest = train_candidate(settings, runs, snap, balance, run.run_id)
+    with _timed(run, "train"):
+        manifest = train_candidate(settings, runs, snap, balance, run.run_id)
     run.trained = True
     run.training = {
         k: manifest.get(k)
@@ -346,19 +350,24 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     runs.save(run.as_dict())
 
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
-    decision = gate_candidate(settings, registry, alias, runs.candidate_dir, snap)
+    with _timed(run, "gate"):
+        decision = gate_candidate(settings, registry, alias, runs.candidate_dir, snap)
     run.previous = registry.history(alias).current
     _record_gate(run, decision, report_dir)
     if not decision.promote:
         runs.clear_candidate()
         raise _Skip(decision.reason)
 
-    version = register_candidate(registry, runs.candidate_dir, run.previous, snap.id, run.run_id)
+    with _timed(run, "register"):
+        version = register_candidate(
+            registry, runs.candidate_dir, run.previous, snap.id, run.run_id
+        )
     run.version = version
     runs.save(run.as_dict())
     publisher = Publisher(registry, settings.serving)
     if settings.gate.scorer:
-        scores = generation_check(settings, publisher, alias, version, snap)
+        with _timed(run, "generation_check"):
+            scores = generation_check(settings, publisher, alias, version, snap)
         decision = judge(
             decision.candidate,
             decision.serving,
@@ -376,10 +385,21 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
         retries=settings.cycle.publish_retries,
         retry_delay_seconds=settings.cycle.publish_retry_delay_seconds,
     )
-    run.published = publish(publisher, alias, version, run.run_id)
+    with _timed(run, "publish"):
+        run.published = publish(publisher, alias, version, run.run_id)
     runs.clear_candidate()
     run.status = PUBLISHED
     run.reason = f"published {served_name(alias, version)} as {alias}"
+
+
+@contextlib.contextmanager
+def _timed(run: RunRecord, step: str) -> Iterator[None]:
+    """Add the step's wall time to the run record, also when it fails."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        run.step_seconds[step] = round(time.monotonic() - started, 3)
 
 
 def _record_gate(run: RunRecord, decision: GateDecision, report_dir: Path) -> None:
@@ -435,8 +455,6 @@ def _chat_template(settings: Settings) -> str | None:
 
 
 def _local_version(registry: AdapterRegistry, version: str | None) -> Any:
-    import contextlib
-
     if version is None:
         return contextlib.nullcontext(None)
     return registry.local_copy(version)

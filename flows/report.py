@@ -20,6 +20,9 @@ def render_report(run: dict[str, Any]) -> str:
         "",
         f"- started {run['started_at']}, took {_num(run.get('seconds'))} s",
     ]
+    steps = run.get("step_seconds") or {}
+    if steps:
+        lines.append("- step times: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
     if run.get("flow_run_id"):
         lines.append(f"- Prefect flow run `{run['flow_run_id']}`")
     if run.get("version"):

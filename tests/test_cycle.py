@@ -240,6 +240,16 @@ def test_too_little_data_is_skipped_and_nothing_is_trained_or_published(cycle: C
         assert cycle.alias not in admin.models()
     assert Path(record["report"]).is_file()
 
+    result = runner.invoke(app, ["run", "--config", str(config)], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (line["status"], line["prefect_state"], line["version"]) == ("skipped", "Skipped", None)
+    assert "min_new_votes=50" in line["reason"] and Path(line["report"]).is_file()
+    bad = cycle.tmp / "bad.toml"
+    bad.write_text('[cycle]\nalias = "no spaces allowed"\n')
+    result = runner.invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2 and "[cycle] alias" in result.output
+
 
 def test_a_candidate_worse_than_the_serving_adapter_is_refused_and_serving_is_unchanged(
     cycle: Cycle,
