@@ -55,6 +55,7 @@ bench: setup setup-vllm
 	$(PY) -m bench.ingest --events 100000
 	$(PY) -m bench.train_vs_trl
 	$(PY) -m bench.hotswap
+	$(PY) -m bench.cycle
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
