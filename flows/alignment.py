@@ -46,7 +46,7 @@ from flows.report import render_report
 from pipeline.balance import Balance, choose_weights
 from pipeline.gate import GateDecision, GenerationScores, judge
 from pipeline.registry import served_name
-from pipeline.snapshot import Snapshot, SnapshotError, build_snapshot
+from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
 
 log = logging.getLogger("kto_loop.cycle")
 
@@ -113,13 +113,16 @@ def _only_io_errors(exceptions: tuple[type[BaseException], ...]) -> Callable[...
     retry_condition_fn=_only_io_errors((StoreError, OSError)),
     cache_policy=NO_CACHE,
 )
-def snapshot_store(settings: Settings) -> tuple[Snapshot, Path]:
+def snapshot_store(settings: Settings) -> tuple[Snapshot, Path] | str:
     """Freeze the store's feedback into a snapshot (content-addressed, so a retry
-    writes the same one)."""
+    writes the same one); or say why there is nothing to freeze yet."""
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
-        raise _Skip(f"no feedback in the store {settings.store.url} yet")
-    snap = build_snapshot(fs.read(FEEDBACK), settings.snapshot.options())
+        return f"no feedback in the store {settings.store.url} yet"
+    try:
+        snap = build_snapshot(fs.read(FEEDBACK), settings.snapshot.options())
+    except NothingToSnapshot as exc:
+        return str(exc)
     return snap, write_snapshot(snap, Path(settings.snapshot.out_dir))
 
 
@@ -232,9 +235,7 @@ def generation_check(
     admin.load(candidate, publisher.server_path(version))
     current = publisher.registry.history(alias).current
     serving_model = alias if current else admin.base_models()[0]
-    prompts = _prompts(snap, gate.generation_prompts)
-    if not prompts:
-        raise _Skip("no held-out prompts for the generation check")
+    prompts = _prompts(snap, gate.generation_prompts)  # the gate saw min_heldout >= 1
     totals = {"candidate": 0.0, "serving": 0.0}
     for prompt in prompts:
         for side, model in (("candidate", candidate), ("serving", serving_model)):
@@ -295,13 +296,12 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 
 
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
-    try:
-        with _timed(run, "snapshot"):
-            snap, snap_path = snapshot_store(settings)
-    except SnapshotError as exc:
-        if "no labelled examples" in str(exc) or "no feedback rows" in str(exc):
-            raise _Skip(str(exc)) from None
-        raise
+    _base_model(settings)  # fail before any work when it is not configured
+    with _timed(run, "snapshot"):
+        taken = snapshot_store(settings)
+    if isinstance(taken, str):
+        raise _Skip(taken)
+    snap, snap_path = taken
     c = snap.counts
     run.snapshot = {
         "id": snap.id,

@@ -105,6 +105,11 @@ class SnapshotError(ValueError):
     to do about it."""
 
 
+class NothingToSnapshot(SnapshotError):
+    """Well-formed input with no labelled example in it (yet): no rows, or every vote
+    retracted, neutral or tied away."""
+
+
 @dataclass(frozen=True)
 class SnapshotOptions:
     """How votes become examples and how examples are split.
@@ -220,7 +225,7 @@ def build_snapshot(feedback: pd.DataFrame, options: SnapshotOptions | None = Non
             "pass the store's feedback table as read by FeedbackStore.read()"
         )
     if feedback.empty:
-        raise SnapshotError("no feedback rows to build a snapshot from; ingest feedback first")
+        raise NothingToSnapshot("no feedback rows to build a snapshot from; ingest feedback first")
 
     voted, stats = latest_votes(feedback)
     has_text = (voted[PROMPT].notna() | voted[MESSAGES_JSON].notna()) & voted[RESPONSE].notna()
@@ -540,7 +545,7 @@ def _from_votes(
     ties = int(tie.sum())
     stats = replace(stats, ties=ties, ties_dropped=ties if options.tie_policy == "drop" else 0)
     if examples.empty:
-        raise SnapshotError(
+        raise NothingToSnapshot(
             f"no labelled examples left from {stats.rows_read} rows ({stats.duplicates} "
             f"duplicates, {stats.retracted} retracted, {stats.unlabelled} unlabelled, "
             f"{stats.ties_dropped} ties dropped); collect more feedback, or set "
