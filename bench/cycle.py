@@ -180,15 +180,7 @@ def _train_directly(settings, model: Path, snapshot_path: str, tmp: Path) -> flo
     balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
     started = time.monotonic()
     train(
-        TrainInputs(
-            base_model=model,
-            train=snap.records("train"),
-            heldout=snap.records("heldout"),
-            out_dir=tmp / "direct",
-            desirable_weight=balance.lambda_desirable,
-            undesirable_weight=balance.lambda_undesirable,
-            progress=False,
-        ),
+        TrainInputs.from_snapshot(snap, balance, model, tmp / "direct", progress=False),
         settings.train.options(),
         settings.lora.options(),
     )

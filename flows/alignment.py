@@ -146,16 +146,12 @@ def train_candidate(
     if cycle.general_data:
         g = load_training_data(cycle.general_data, settings.snapshot.options())
         general = g.records("train") + g.records("heldout")
-    inputs = TrainInputs(
-        base_model=_base_model(settings),
-        train=snap.records("train"),
-        heldout=snap.records("heldout"),
+    inputs = TrainInputs.from_snapshot(
+        snap,
+        balance,
+        _base_model(settings),
+        out,
         general=general,
-        out_dir=out,
-        desirable_weight=balance.lambda_desirable,
-        undesirable_weight=balance.lambda_undesirable,
-        balance_explanation=balance.explanation,
-        snapshot_id=snap.id,
         chat_template=_chat_template(settings),
         resume=resume,
         progress=sys.stderr.isatty(),

@@ -349,16 +349,12 @@ def train(
     from pipeline.trainer import train as run_training
 
     _init_distributed()
-    inputs = TrainInputs(
-        base_model=base_model,
-        train=snap.records("train"),
-        heldout=snap.records("heldout"),
+    inputs = TrainInputs.from_snapshot(
+        snap,
+        balance,
+        base_model,
+        out,
         general=general_records,
-        out_dir=out,
-        desirable_weight=balance.lambda_desirable,
-        undesirable_weight=balance.lambda_undesirable,
-        balance_explanation=balance.explanation,
-        snapshot_id=snap.id,
         init_adapter=init_adapter,
         reference_adapter=reference_adapter,
         chat_template=template,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from pipeline.balance import Balance
 from pipeline.encode import Encoded, encode_records, end_of_turn_id
 from pipeline.evaluate import HeldoutMetrics, eos_logratio, heldout_metrics
 from pipeline.fingerprint import model_fingerprint
@@ -46,6 +47,7 @@ from pipeline.logps import (
     run_prompts,
     run_prompts_with_completions,
 )
+from pipeline.snapshot import Snapshot
 from pipeline.train_options import LoraOptions, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,24 @@ class TrainInputs:
     progress: bool = True
     plots: bool = True
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(
+        cls, snap: Snapshot, balance: Balance, base_model: Path, out_dir: Path, **more: Any
+    ) -> TrainInputs:
+        """Train on the snapshot's train split, evaluate on its held-out split, with the
+        class weights chosen for it; `more` sets the other fields."""
+        return cls(
+            base_model=base_model,
+            train=snap.records("train"),
+            heldout=snap.records("heldout"),
+            out_dir=out_dir,
+            desirable_weight=balance.lambda_desirable,
+            undesirable_weight=balance.lambda_undesirable,
+            balance_explanation=balance.explanation,
+            snapshot_id=snap.id,
+            **more,
+        )
 
 
 @dataclass(frozen=True)
