@@ -307,17 +307,25 @@ def _liked_share(
         return {"error": str(exc)}
     current = {registry.history(a).current: a for a in aliases}
     table = Table(title="liked share in production, per adapter version")
-    for col in ("adapter", "votes", "liked", "liked share", "first vote", "last vote", "role"):
+    for col in ("adapter", "votes", "liked", "liked share", "vs previous", "first vote",
+                "last vote", "role"):  # fmt: skip
         table.add_column(col)
     rows = []
+    previous: dict[str, float] = {}  # alias -> the liked share of its last version listed
     for r in frame.itertuples(index=False):
         parsed = parse_served_name(r.adapter)
         role = "serving now" if parsed and current.get(parsed[1]) == parsed[0] else ""
+        change = None
+        if parsed:
+            if parsed[0] in previous:
+                change = round(100 * (r.liked_share - previous[parsed[0]]), 1)
+            previous[parsed[0]] = r.liked_share
         table.add_row(
             r.adapter,
             f"{r.votes:,}",
             f"{r.liked:,}",
             f"{r.liked_share:.1%}",
+            "-" if change is None else f"{change:+.1f} pts",
             str(r.first_vote_ts)[:19],
             str(r.last_vote_ts)[:19],
             role,
@@ -328,6 +336,7 @@ def _liked_share(
                 "votes": int(r.votes),
                 "liked": int(r.liked),
                 "liked_share": round(float(r.liked_share), 4),
+                "vs_previous_pts": change,
             }
         )
     err.print(table)
