@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -311,15 +312,10 @@ def _liked_share(
                 "last vote", "role"):  # fmt: skip
         table.add_column(col)
     rows = []
-    previous: dict[str, float] = {}  # alias -> the liked share of its last version listed
     for r in frame.itertuples(index=False):
         parsed = parse_served_name(r.adapter)
         role = "serving now" if parsed and current.get(parsed[1]) == parsed[0] else ""
-        change = None
-        if parsed:
-            if parsed[0] in previous:
-                change = round(100 * (r.liked_share - previous[parsed[0]]), 1)
-            previous[parsed[0]] = r.liked_share
+        change = None if pd.isna(r.vs_previous_pts) else round(float(r.vs_previous_pts), 1)
         table.add_row(
             r.adapter,
             f"{r.votes:,}",

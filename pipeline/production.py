@@ -27,7 +27,16 @@ LIKED = "liked"
 LIKED_SHARE = "liked_share"
 FIRST_VOTE_TS = "first_vote_ts"
 LAST_VOTE_TS = "last_vote_ts"
-LIKED_SHARE_COLUMNS = (ADAPTER, VOTES, LIKED, LIKED_SHARE, FIRST_VOTE_TS, LAST_VOTE_TS)
+VS_PREVIOUS_PTS = "vs_previous_pts"
+LIKED_SHARE_COLUMNS = (
+    ADAPTER,
+    VOTES,
+    LIKED,
+    LIKED_SHARE,
+    VS_PREVIOUS_PTS,
+    FIRST_VOTE_TS,
+    LAST_VOTE_TS,
+)
 
 
 def liked_share_by_adapter(feedback: pd.DataFrame) -> pd.DataFrame:
@@ -39,6 +48,8 @@ def liked_share_by_adapter(feedback: pd.DataFrame) -> pd.DataFrame:
     Returns:
         One row per adapter with columns adapter (str; NO_ADAPTER for answers served
         without one), votes (int), liked (int), liked_share (float, liked / votes),
+        vs_previous_pts (100 x the change in liked share from the same alias's previous
+        version with votes; NaN for an alias's first and for other names),
         first_vote_ts and last_vote_ts (the ts range of the counted votes). Rows are
         ordered by alias, then version number (`chat@v2` before `chat@v10`); names not
         of the form `alias@vN` follow by name, and NO_ADAPTER comes last. No counted
@@ -70,6 +81,11 @@ def liked_share_by_adapter(feedback: pd.DataFrame) -> pd.DataFrame:
     )
     table[LIKED_SHARE] = table[LIKED] / table[VOTES]
     table = table.loc[sorted(table.index, key=_version_order)]
+    aliases = pd.Series(
+        [(parse_served_name(a) or (None, None))[0] for a in table.index], index=table.index
+    )
+    previous = table[LIKED_SHARE].groupby(aliases).shift(1)  # rows without an alias drop out
+    table[VS_PREVIOUS_PTS] = (100 * (table[LIKED_SHARE] - previous)).reindex(table.index)
     return table.rename_axis(ADAPTER).reset_index()[list(LIKED_SHARE_COLUMNS)]
 
 
@@ -92,6 +108,7 @@ def _empty() -> pd.DataFrame:
             VOTES: pd.Series(dtype="int64"),
             LIKED: pd.Series(dtype="int64"),
             LIKED_SHARE: pd.Series(dtype="float64"),
+            VS_PREVIOUS_PTS: pd.Series(dtype="float64"),
             FIRST_VOTE_TS: pd.Series(dtype="datetime64[us, UTC]"),
             LAST_VOTE_TS: pd.Series(dtype="datetime64[us, UTC]"),
         }

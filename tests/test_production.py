@@ -126,6 +126,31 @@ def test_votes_without_an_adapter_are_reported_under_none_last() -> None:
     assert list(liked_share_by_adapter(frame(rows)).adapter) == ["chat@v1", NO_ADAPTER]
 
 
+def test_each_version_is_compared_with_its_aliases_previous_version_in_points() -> None:
+    def votes(adapter: str, liked: int, disliked: int) -> list[dict[str, Any]]:
+        return [
+            event(
+                f"{adapter}-{i}",
+                user=f"u{i}",
+                message=adapter,
+                adapter=adapter,
+                feedback="like" if i < liked else "dislike",
+            )
+            for i in range(liked + disliked)
+        ]
+
+    rows = [
+        *votes("chat@v1", 1, 3),
+        *votes("chat@v3", 3, 1),
+        *votes("assist@v2", 1, 1),
+        *votes("custom", 1, 0),
+    ]
+    table = liked_share_by_adapter(frame(rows)).set_index("adapter")
+    assert table.loc["chat@v3", "vs_previous_pts"] == pytest.approx(50.0)
+    for first in ("assist@v2", "chat@v1", "custom"):
+        assert pd.isna(table.loc[first, "vs_previous_pts"]), first
+
+
 def test_versions_sort_by_number_per_alias_and_other_names_follow() -> None:
     names = ["chat@v10", "custom-lora", "chat@v2", "assist@v3", "chat@v1", None]
     rows = [event(f"e{i}", message=f"m{i}", adapter=a) for i, a in enumerate(names)]
