@@ -37,6 +37,8 @@ err = Console(stderr=True)
 
 # Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The trainer's, the publisher's and the cycle's own logs go to Prefect's run logs too.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_loop")
 
 
 def run(settings: Settings, config: Path | None, alias: str | None) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from connectors.adapter_registry import AdapterRegistry
@@ -412,14 +411,46 @@ def test_schedule_fires_runs_on_a_local_prefect_server(cycle: Cycle, tmp_path: P
     assert len({r["flow_run_id"] for r in runs}) == len(runs)
 
 
-def test_the_work_pool_deployment_points_at_the_flow_with_the_nightly_cron() -> None:
-    from prefect.flows import load_flow_from_entrypoint
+def test_the_work_pool_deployment_deploys_and_a_worker_runs_the_cycle(
+    cycle: Cycle, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
 
-    spec = yaml.safe_load((ROOT / "deploy/prefect/prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
-    assert load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"])).name == (
-        alignment_cycle.name
-    )
-    assert deployment["schedules"][0]["cron"] == "0 2 * * *"
-    assert deployment["concurrency_limit"]["limit"] == 1
-    assert set(deployment["parameters"]) <= {"config", "alias"}
+    config = cycle.config()  # an empty store: the run ends skipped at once
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),  # the harness's server
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "KTO_LOOP_HOME": str(ROOT),
+    }
+
+    def prefect(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    prefect("work-pool", "create", "kto-loop", "--type", "process", "--overwrite")
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect/prefect.yaml")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("kto-loop-alignment/chat-nightly")
+    assert deployment.work_pool_name == "kto-loop"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.global_concurrency_limit.limit == 1
+
+    prefect(
+        "deployment", "run", "kto-loop-alignment/chat-nightly",
+        "--param", f"config={config}", "--param", f"alias={cycle.alias}",
+    )  # fmt: skip
+    prefect("worker", "start", "--pool", "kto-loop", "--run-once")
+
+    (record,) = cycle.runs.recent()
+    assert record["status"] == "skipped" and "no feedback" in record["reason"]
+    assert record["flow_run_id"]
