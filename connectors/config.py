@@ -343,7 +343,9 @@ class CycleConfig(_Section):
     cron: str = Field("0 2 * * *", min_length=1, description="when `kto-loop schedule` runs it")
     timezone: str = Field("UTC", min_length=1, description="the cron's time zone (IANA name)")
     min_new_votes: int = Field(
-        50, ge=1, description="counted votes the store must have gained since the last trained run"
+        50,
+        ge=1,
+        description="counted votes the store must have gained since the last run the gate judged",
     )
     work_dir: str = Field(
         "./data/cycles",

@@ -1,6 +1,6 @@
 """The alignment cycle as a Prefect flow, one alias at a time:
 
-    snapshot the store -> enough new feedback since the last trained run? -> class
+    snapshot the store -> enough new feedback since the last judged run? -> class
     weights -> train a LoRA adapter with KTO -> gate it against the adapter serving
     now -> register -> (generation check) -> publish to every vLLM replica -> report
 

@@ -36,7 +36,7 @@ def render_report(run: dict[str, Any]) -> str:
             "",
             f"Snapshot `{snap.get('id', '?')[:16]}`: {snap.get('votes', 0):,} counted votes from "
             f"{snap.get('rows_read', 0):,} stored events; {run.get('new_votes')} new since the "
-            "last trained run.",
+            "last run the gate judged.",
             "",
             "| split | desirable | undesirable |",
             "|---|---:|---:|",
