@@ -237,6 +237,9 @@ def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
         for col in ("started", "status", "version", "new votes", "gate", "reason", "s"):
             table.add_column(col)
         for r in records:
+            if r.get("status") == "running" and (running or {}).get("run_id") != r["run_id"]:
+                # No live process holds the alias for it: it died (the next run says so too).
+                r["status"] = "crashed"
             gate = r.get("gate")
             table.add_row(
                 (r.get("started_at") or "")[:19],
