@@ -45,7 +45,7 @@ $(VLLM_STAMP): $(PLUGIN)/pyproject.toml $(wildcard $(PLUGIN)/kto_loop_vllm/*.py)
 	$(VLLM_PY) -c "import vllm, kto_loop_vllm.plugin; print('vllm', vllm.__version__)"
 	touch $@
 
-demo: setup
+demo: setup setup-vllm
 	$(PY) -m flows.demo
 
 test: setup setup-vllm

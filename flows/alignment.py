@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import json
 import logging
 import shutil
@@ -43,6 +42,7 @@ from connectors.snapshots import load_training_data, write_snapshot
 from connectors.store import FEEDBACK, FeedbackStore, StoreError
 from connectors.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
+from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
 from pipeline.gate import GateDecision, GenerationScores, judge
 from pipeline.registry import served_name
@@ -225,7 +225,7 @@ def generation_check(
     now; the base model when nothing does) and once through the candidate loaded under
     its own name, and score both sets of answers with the configured scorer."""
     gate = settings.gate
-    scorer = load_scorer(gate.scorer or "")
+    scorer = load_callable(gate.scorer or "", "[gate] scorer")
     admin = publisher.admins[0]
     candidate = served_name(alias, version)
     admin.load(candidate, publisher.server_path(version))
@@ -467,21 +467,6 @@ def _prompts(snap: Snapshot, n: int) -> list[list[dict[str, str]]]:
         if len(out) == n:
             break
     return list(out.values())
-
-
-def load_scorer(spec: str) -> Callable[[Any, str], float]:
-    """The user's scorer named "module:function"; it takes (messages, answer)."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        scorer = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"cannot load the scorer {spec!r} ([gate] scorer): {exc}; it must be an "
-            "importable module and a function in it"
-        ) from None
-    if not callable(scorer):
-        raise ValueError(f"the scorer {spec!r} is not callable")
-    return scorer
 
 
 def _retire_quietly(publisher: Publisher, name: str) -> None:

@@ -581,5 +581,85 @@ def status(
     cycle_cli.status(_settings(config), alias or [], runs)
 
 
+@app.command()
+def simulate(
+    config: ConfigOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Alias, version (chat@v7) or base model; default: the "
+            "[cycle] alias if served, else the base model.",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help='Recorded prompts, JSON lines: "text", '
+            '{"prompt": ...} or {"messages": [...]}; default: the demo\'s.',
+        ),
+    ] = None,
+    taste: Annotated[
+        str, typer.Option("--taste", help="module:function (messages, answer) -> liked?")
+    ] = "deploy.local.chat_model:taste",
+    users: Annotated[int, typer.Option("--users", min=1)] = 20,
+    chats: Annotated[int, typer.Option("--chats", min=1)] = 400,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 48,
+    send: Annotated[
+        bool, typer.Option("--send/--no-send", help="Send the votes to the feedback topic.")
+    ] = True,
+) -> None:
+    """Simulated users chat with a served model, rate each answer with a taste, and send
+    their votes to Kafka; the last line of stdout is the tally as JSON.
+
+    Exit codes: 0 done, 1 the server or the broker failed, 2 bad input.
+    """
+    from flows.simulate import simulate as run_simulation
+    from flows.user_code import load_callable
+    from pipeline.simulation import read_prompts
+
+    settings = _settings(config)
+    try:
+        taste_fn = load_callable(taste, "--taste")
+        if prompts is not None:
+            asked = read_prompts(prompts)
+        else:
+            from deploy.local.chat_model import chat_prompts
+
+            asked = [[{"role": "user", "content": p}] for p in chat_prompts()]
+    except (ValueError, OSError) as exc:
+        _fail(exc, 2)
+    from connectors.vllm_admin import VllmError
+
+    try:
+        result = run_simulation(
+            settings,
+            asked,
+            taste_fn,
+            model=model,
+            users=users,
+            chats=chats,
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            send=send,
+            progress=sys.stderr.isatty(),
+        )
+    except (VllmError, KafkaError) as exc:
+        _fail(exc, 1)
+    table = Table(title=f"{result.chats} simulated chats with {result.model}")
+    for col in ("served by", "chats", "liked", "liked share"):
+        table.add_column(col)
+    for name, (n, k) in sorted(result.by_model.items()):
+        table.add_row(name, f"{n:,}", f"{k:,}", f"{k / n:.1%}")
+    err.print(table)
+    if result.failed:
+        err.print(f"{result.failed} requests failed, e.g. {result.failures[0]}", style="yellow")
+    typer.echo(json.dumps(result.as_dict()))
+
+
 if __name__ == "__main__":
     app()

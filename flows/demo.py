@@ -1,9 +1,22 @@
-"""`make demo`: the loop so far, on one machine with embedded defaults.
+"""`make demo`: the whole loop on one machine, and whether it helped.
 
-Starts a local Kafka-protocol broker, sends synthetic thumbs up/down events (and one
-message of every malformed kind), ingests them into a fresh local store with a live
-status line, prints what landed where, and stops everything it started, also on
-Ctrl-C. The last line is one JSON object.
+    python -m flows.demo [--seed 0] [--chats 1200] [--model-dir DIR]
+
+1. Build the demo model (deploy/local/chat_model.py: a tiny Llama-style model with a
+   locally trained tokenizer, briefly fine-tuned on a synthetic chat corpus so that
+   its answers mix liked and disliked styles), unless --model-dir names a real one.
+2. Start the local stack: the broker, vLLM on the CPU with the swap plugin, the store.
+3. Simulated users chat with the served model and press like or dislike by a simple
+   taste: an answer is liked when it is one of the friendly, on-topic templates
+   ("Sure! Tea are a lovely subject..."), disliked otherwise (curt, garbled or cut
+   off). Their votes stream through Kafka into the store.
+4. One alignment cycle (Prefect, ephemeral): snapshot, train, gate, register, publish;
+   the new adapter is hot-swapped into vLLM as `chat`.
+5. The same users ask the same questions again, with the same sampling seeds.
+
+It prints a before/after table, writes demo.png in the run directory, stops everything
+it started (also on Ctrl-C), and ends with one JSON line:
+{"liked_before", "liked_after", "gain_pts", "adapter", "seconds", ...}.
 """
 
 from __future__ import annotations
@@ -14,85 +27,189 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
-from connectors.config import Settings, load_settings
-from connectors.ingest import Ingestor
-from connectors.produce import produce
-from connectors.store import DEAD_LETTERS, FEEDBACK
-from deploy.local.broker import running_broker
-from flows.cli import _StatusLine
-from pipeline import records
-from pipeline.sample import sample_messages
+# Demo settings for the tiny model; with --model-dir the config defaults (made for real
+# models) apply instead. A learning rate this high suits a 1M-parameter model only.
+DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
+    "snapshot": {"heldout_fraction": 0.15},
+    "train": {"learning_rate": 3e-3, "epochs": 3, "max_length": 128, "max_prompt_length": 64},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chats", type=int, default=1200, help="chats per round")
+    parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("data/demo"))
+    parser.add_argument("--model-dir", type=Path, help="a local model to use instead")
     args = parser.parse_args()
 
-    console = Console(stderr=True)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_dir = args.workdir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own lines
     # Demo data is thrown away, so a fresh hash key per run is fine; production sets one.
     os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    started = time.monotonic()
+    run_dir = (args.workdir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_demo(args, run_dir, console, started)
+    except KeyboardInterrupt:
+        console.print("interrupted: every process the demo started is stopped", style="yellow")
+        raise SystemExit(130) from None
+    print(json.dumps(result))
+    if result["status"] != "published":
+        raise SystemExit(1)
 
-    with running_broker(log_path=run_dir / "broker.log") as broker:
-        console.print(f"broker on {broker.bootstrap}; store in {run_dir / 'store'}")
-        settings: Settings = load_settings(
-            None,
-            kafka={
-                "bootstrap_servers": [broker.bootstrap],
-                "topic": "chat-feedback",
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-            store={"url": str(run_dir / "store")},
-            ingest={"batch_max_seconds": 1.0},
+
+def run_demo(
+    args: argparse.Namespace, run_dir: Path, console: Console, started: float
+) -> dict[str, Any]:
+    from connectors.ingest import Ingestor
+    from deploy.local.chat_model import build_chat_model, chat_prompts, taste
+    from deploy.local.stack import local_stack
+    from flows.simulate import simulate
+
+    phases: dict[str, float] = {}
+
+    def phase(name: str, since: float) -> float:
+        now = time.monotonic()
+        phases[name] = round(now - since, 1)
+        return now
+
+    t = time.monotonic()
+    if args.model_dir is not None:
+        model, overrides = args.model_dir.resolve(), {}
+    else:
+        with console.status("building the demo model (tokenizer, weights, a short SFT)"):
+            model = build_chat_model(run_dir / "model", seed=args.seed)
+        overrides = DEMO_OVERRIDES
+    t = phase("model", t)
+    prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
+    console.print("starting the broker and vLLM (health-checked, about a minute)")
+    with local_stack(run_dir, model, overrides) as stack:
+        t = phase("stack", t)
+        console.print(
+            f"broker {stack.broker.bootstrap}, vLLM {stack.vllm.url}, logs in {run_dir / 'logs'}"
         )
-        messages = sample_messages(args.events, args.seed, pad_to=350, malformed=True)
-        with console.status(f"producing {len(messages):,} events"):
-            sent = produce(settings.kafka, messages)
+        settings = stack.settings
+        progress = sys.stderr.isatty()
 
-        ingestor = Ingestor(settings)
-        with Live(_StatusLine(ingestor.stats), console=console, refresh_per_second=4):
-            stats = ingestor.run(threading.Event(), idle_exit_seconds=2.0)
+        def chat_round(name: str) -> Any:
+            return simulate(
+                settings,
+                prompts,
+                taste,
+                users=args.users,
+                chats=args.chats,
+                seed=args.seed,
+                run=f"{name}-s{args.seed}",
+                progress=progress,
+            )
 
-        rows = ingestor.store.read(FEEDBACK)
-        dead = ingestor.store.read(DEAD_LETTERS)
+        def ingest() -> None:
+            Ingestor(settings).run(threading.Event(), idle_exit_seconds=2.0)
 
-    table = Table(title="feedback store after one ingest")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    table.add_row("events sent", f"{sent:,}")
-    for name, count in rows[records.FEEDBACK].value_counts().sort_index().items():
-        table.add_row(f"stored: {name}", f"{count:,}")
-    for name, count in dead[records.ERROR_KIND].value_counts().sort_index().items():
-        table.add_row(f"dead letter: {name}", f"{count:,}")
+        before = chat_round("before")
+        ingest()
+        console.print(f"before: {before.liked_share:.1%} of {before.chats} answers liked")
+        t = phase("chat before", t)
+
+        from flows.alignment import alignment_cycle
+
+        with console.status("alignment cycle: snapshot, train, gate, register, publish"):
+            state = alignment_cycle(config=str(stack.config), return_state=True)
+        record = state.result(raise_on_failure=False) if state.is_completed() else {}
+        console.print(f"cycle: {state.name}: {state.message}")
+        t = phase("cycle", t)
+
+        after = chat_round("after")
+        ingest()
+        t = phase("chat after", t)
+
+    gate = record.get("gate") or {}
+    candidate = gate.get("candidate") or {}
+    training = record.get("training") or {}
+    balance = record.get("balance") or {}
+    served_after = ", ".join(sorted(after.by_model)) or "-"
+    gain = round(100 * (after.liked_share - before.liked_share), 1)
+    table = Table(title="the loop, before and after one cycle")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    rows = [
+        ("served by", ", ".join(sorted(before.by_model)), served_after),
+        ("answers liked", f"{before.liked_share:.1%}", f"{after.liked_share:.1%}"),
+        ("  of chats", f"{before.chats:,}", f"{after.chats:,}"),
+        ("held-out implied-reward accuracy", _fmt(0.0), _fmt(candidate.get("accuracy"))),
+        ("KL to the base model (held-out)", _fmt(0.0), _fmt(candidate.get("kl"))),
+        ("lambda_D / lambda_U", "", _lambdas(balance)),
+        ("training steps", "", str(training.get("steps", "-"))),
+    ]
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
-    print(
-        json.dumps(
-            {
-                "events": sent,
-                "stored": len(rows),
-                "distinct_events": int(rows[records.EVENT_ID].nunique()),
-                "dead_lettered": len(dead),
-                "consumed": stats.consumed,
-                "store": str(run_dir / "store"),
-                "seconds": round(time.monotonic() - started, 1),
-            }
-        )
-    )
+    console.print(f"gain: {gain:+.1f} points; phases (s): {phases}")
+    chart = _chart(before, after, phases, run_dir / "demo.png")
+    return {
+        "liked_before": round(before.liked_share, 4),
+        "liked_after": round(after.liked_share, 4),
+        "gain_pts": gain,
+        "adapter": served_after,
+        "seconds": round(time.monotonic() - started, 1),
+        "status": record.get("status", "failed"),
+        "seed": args.seed,
+        "chats": args.chats,
+        "kl": candidate.get("kl"),
+        "lambda_desirable": balance.get("lambda_desirable"),
+        "lambda_undesirable": balance.get("lambda_undesirable"),
+        "phases": phases,
+        "chart": str(chart),
+        "run_dir": str(run_dir),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _lambdas(balance: dict[str, Any]) -> str:
+    if not balance:
+        return "-"
+    return f"{balance['lambda_desirable']:.2f} / {balance['lambda_undesirable']:.2f}"
+
+
+def _chart(before: Any, after: Any, phases: dict[str, float], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+    names = [", ".join(sorted(before.by_model)), ", ".join(sorted(after.by_model))]
+    shares = [100 * before.liked_share, 100 * after.liked_share]
+    ax.bar(["before\n" + names[0], "after\n" + names[1]], shares, color=["tab:grey", "tab:green"])
+    for x, v in enumerate(shares):
+        ax.annotate(f"{v:.1f}%", (x, v), ha="center", va="bottom")
+    ax.set(ylabel="answers liked (%)", ylim=(0, 100))
+    ax.set_title(f"liked share: {shares[1] - shares[0]:+.1f} points after one cycle")
+    bx.barh(list(phases), list(phases.values()), color="tab:blue")
+    bx.invert_yaxis()
+    bx.set(xlabel="seconds", title=f"where the {sum(phases.values()):.0f} s went")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def liked(answer: str) -> bool:
     return answer.strip() in _liked_answers()
 
 
+def taste(messages: list[dict[str, str]], answer: str) -> bool:
+    """The simulated users' thumb (`kto-loop simulate --taste`): `liked(answer)`,
+    whatever was asked."""
+    return liked(answer)
+
+
 def chat_corpus(n: int, seed: int = 0, good_share: float = GOOD_SHARE) -> list[tuple[str, str]]:
     """n (prompt, answer) pairs: a random prompt and, with probability good_share, a
     GOOD answer about its topic, else a BAD one."""
