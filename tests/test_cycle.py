@@ -129,6 +129,14 @@ class Cycle:
         thread.join(30)
         assert not errors
 
+    def consume(self, config: Path, store: str = "store") -> Any:
+        """Store what the config's topic holds, with a real consumer; the store's rows."""
+        from connectors.config import load_settings
+
+        ingestor = Ingestor(load_settings(config))
+        ingestor.run(threading.Event(), idle_exit_seconds=2.0)
+        return ingestor.store.read()
+
     def admin(self) -> VllmAdmin:
         return VllmAdmin(self.vllm.url, self.vllm.api_key)
 
@@ -142,6 +150,7 @@ def cycle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Cycle:
     monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", HASH_KEY)
     return Cycle(kafka_setup, vllm_server, tiny_model_dir, tmp_path)
 
 
@@ -194,8 +203,17 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     assert state.name == "Skipped" and "0 new votes" in state.message
     assert cycle.registry.versions() == ["v1"]
 
-    # Users vote on v1's answers; status reports its liked share.
-    cycle.ingest(feedback_events(40, seed=7, adapter=f"{cycle.alias}@v1"))
+    # Simulated users chat with the alias; their votes name v1 and status counts them.
+    result = runner.invoke(
+        app,
+        ["simulate", "--config", str(config), "--chats", "12", "--users", "3", "--max-tokens", "8"],
+        env=dict(os.environ),
+    )
+    assert result.exit_code == 0, result.output
+    simulated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (simulated["model"], simulated["chats"], simulated["sent"]) == (cycle.alias, 12, 12)
+    assert list(simulated["by_model"]) == [f"{cycle.alias}@v1"]
+    cycle.consume(config)
     result = runner.invoke(app, ["status", "--config", str(config)], env=dict(os.environ))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -205,9 +223,33 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     assert mine["replicas"][cycle.vllm.url]["serves"] == "v1"
     shares = {r["adapter"]: r for r in summary["liked_share"]}
     v1 = shares[f"{cycle.alias}@v1"]
-    liked = sum(e["feedback"] == "like" for e in feedback_events(40, seed=7))
-    assert (v1["votes"], v1["liked"]) == (40, liked)
+    assert (v1["votes"], v1["liked"]) == (12, simulated["liked"])
     assert shares["(none)"]["votes"] == 320
+
+
+def test_simulated_users_votes_reach_the_store_naming_the_model_that_answered(
+    cycle: Cycle,
+) -> None:
+    cycle.setup.create_topics(partitions=2)
+    config = cycle.config()
+    result = runner.invoke(
+        app,
+        ["simulate", "--config", str(config), "--chats", "12", "--users", "3", "--max-tokens", "8"],
+        env=dict(os.environ),
+    )
+    assert result.exit_code == 0, result.output
+    simulated = json.loads(result.stdout.strip().splitlines()[-1])
+    with cycle.admin() as admin:
+        (base,) = admin.base_models()
+    assert (simulated["model"], simulated["sent"], simulated["failed"]) == (base, 12, 0)
+
+    rows = cycle.consume(config)
+    assert len(rows) == 12 and set(rows["model"]) == {base} and rows["adapter"].isna().all()
+    assert int(rows["desirable"].sum()) == simulated["liked"]
+    assert rows["user_hash"].nunique() == 3
+
+    bad = runner.invoke(app, ["simulate", "--config", str(config), "--taste", "nowhere:taste"])
+    assert bad.exit_code == 2 and "--taste" in bad.output
 
 
 def _artifact_markdown(alias: str) -> str:
