@@ -36,8 +36,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-# Demo settings for the tiny model; with --model-dir the config defaults (made for real
-# models) apply instead. A learning rate this high suits a 1M-parameter model only.
+# Training settings for the demo model; a real model (--model-dir) keeps the config
+# defaults. A learning rate this high suits a model of a million parameters only.
 DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "snapshot": {"heldout_fraction": 0.15},
     "train": {"learning_rate": 3e-3, "epochs": 3, "max_length": 128, "max_prompt_length": 64},
@@ -89,11 +89,13 @@ def run_demo(
 
     t = time.monotonic()
     if args.model_dir is not None:
-        model, overrides = args.model_dir.resolve(), {}
+        model = args.model_dir.resolve()
     else:
         with console.status("building the demo model (tokenizer, weights, a short SFT)"):
             model = build_chat_model(run_dir / "model", seed=args.seed)
-        overrides = DEMO_OVERRIDES
+    # The demo model says what it is (chat_model.json); any other model keeps the
+    # config defaults, made for real models.
+    overrides = DEMO_OVERRIDES if (model / "chat_model.json").is_file() else {}
     t = phase("model", t)
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
     console.print("starting the broker and vLLM (health-checked, about a minute)")
