@@ -51,6 +51,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("data/demo"))
     parser.add_argument("--model-dir", type=Path, help="a local model to use instead")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="a kto-loop TOML: its [serving] base_model is the model to use, and its "
+        "[snapshot] [balance] [train] [lora] [gate] sections apply to the cycle",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -88,14 +94,19 @@ def run_demo(
         return now
 
     t = time.monotonic()
-    if args.model_dir is not None:
-        model = args.model_dir.resolve()
+    user = _user_sections(args.config)
+    given = args.model_dir or (user.get("serving") or {}).get("base_model")
+    if given:
+        model = Path(given).resolve()
     else:
         with console.status("building the demo model (tokenizer, weights, a short SFT)"):
             model = build_chat_model(run_dir / "model", seed=args.seed)
     # The demo model says what it is (chat_model.json); any other model keeps the
-    # config defaults, made for real models.
-    overrides = DEMO_OVERRIDES if (model / "chat_model.json").is_file() else {}
+    # config defaults, made for real models. The user's sections come last.
+    overrides = dict(DEMO_OVERRIDES) if (model / "chat_model.json").is_file() else {}
+    for name in ("snapshot", "balance", "train", "lora", "gate"):
+        if name in user:
+            overrides[name] = {**overrides.get(name, {}), **user[name]}
     t = phase("model", t)
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
     console.print("starting the broker and vLLM (health-checked, about a minute)")
@@ -179,6 +190,15 @@ def run_demo(
         "chart": str(chart),
         "run_dir": str(run_dir),
     }
+
+
+def _user_sections(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    import tomllib
+
+    with path.open("rb") as f:
+        return tomllib.load(f)
 
 
 def _fmt(value: float | None) -> str:
