@@ -204,13 +204,7 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     assert cycle.registry.versions() == ["v1"]
 
     # Simulated users chat with the alias; their votes name v1 and status counts them.
-    result = runner.invoke(
-        app,
-        ["simulate", "--config", str(config), "--chats", "12", "--users", "3", "--max-tokens", "8"],
-        env=dict(os.environ),
-    )
-    assert result.exit_code == 0, result.output
-    simulated = json.loads(result.stdout.strip().splitlines()[-1])
+    simulated = _simulate(config)
     assert (simulated["model"], simulated["chats"], simulated["sent"]) == (cycle.alias, 12, 12)
     assert list(simulated["by_model"]) == [f"{cycle.alias}@v1"]
     cycle.consume(config)
@@ -232,13 +226,7 @@ def test_simulated_users_votes_reach_the_store_naming_the_model_that_answered(
 ) -> None:
     cycle.setup.create_topics(partitions=2)
     config = cycle.config()
-    result = runner.invoke(
-        app,
-        ["simulate", "--config", str(config), "--chats", "12", "--users", "3", "--max-tokens", "8"],
-        env=dict(os.environ),
-    )
-    assert result.exit_code == 0, result.output
-    simulated = json.loads(result.stdout.strip().splitlines()[-1])
+    simulated = _simulate(config)
     with cycle.admin() as admin:
         (base,) = admin.base_models()
     assert (simulated["model"], simulated["sent"], simulated["failed"]) == (base, 12, 0)
@@ -250,6 +238,14 @@ def test_simulated_users_votes_reach_the_store_naming_the_model_that_answered(
 
     bad = runner.invoke(app, ["simulate", "--config", str(config), "--taste", "nowhere:taste"])
     assert bad.exit_code == 2 and "--taste" in bad.output
+
+
+def _simulate(config: Path) -> dict[str, Any]:
+    """`kto-loop simulate`: 12 chats by 3 users, votes sent; its JSON line."""
+    args = ["--chats", "12", "--users", "3", "--max-tokens", "8"]
+    result = runner.invoke(app, ["simulate", "--config", str(config), *args], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _artifact_markdown(alias: str) -> str:
