@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -65,14 +66,38 @@ class Children:
     def alive(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if p.is_running() and p.status() != "zombie"]
 
+    def kill(self) -> None:
+        """After a failed test: no orphaned broker or vLLM outlives it."""
+        for p in self.alive():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+@pytest.fixture()
+def watch() -> Iterator[Callable[[subprocess.Popen], Children]]:
+    """Watch a demo's children; whatever a failed test leaves alive is killed after it."""
+    watched: list[Children] = []
+
+    def start(demo: subprocess.Popen) -> Children:
+        watched.append(Children(demo))
+        return watched[-1]
+
+    yield start
+    for children in watched:
+        children.kill()
+
 
 def test_the_demo_runs_the_loop_and_stops_everything_it_started(
-    chat_model_dir: Path, tmp_path: Path
+    chat_model_dir: Path, tmp_path: Path, watch: Callable[[subprocess.Popen], Children]
 ) -> None:
     workdir = tmp_path / "demo"
     demo = _demo(workdir, chat_model_dir, tmp_path / "demo.log", "--chats", "260")
-    children = Children(demo)
-    out, _ = demo.communicate(timeout=600)
+    children = watch(demo)
+    try:
+        out, _ = demo.communicate(timeout=600)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
     log = (tmp_path / "demo.log").read_text()
     assert demo.returncode == 0, log[-3000:]
     result = json.loads(out.decode().strip().splitlines()[-1])
@@ -89,11 +114,13 @@ def test_the_demo_runs_the_loop_and_stops_everything_it_started(
     wait_until(lambda: not children.alive(), 30, "the demo's processes to exit")
 
 
-def test_ctrl_c_stops_every_process_the_demo_started(chat_model_dir: Path, tmp_path: Path) -> None:
+def test_ctrl_c_stops_every_process_the_demo_started(
+    chat_model_dir: Path, tmp_path: Path, watch: Callable[[subprocess.Popen], Children]
+) -> None:
     workdir = tmp_path / "demo"
     log = tmp_path / "demo.log"
     demo = _demo(workdir, chat_model_dir, log, "--chats", "100000")
-    children = Children(demo)
+    children = watch(demo)
     try:
         # Interrupted while users chat: the broker and vLLM are both up.
         wait_until(
