@@ -44,14 +44,6 @@ TRAIN = {
 }
 
 
-def _toml(sections: dict[str, dict]) -> str:
-    lines = []
-    for name, body in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"
-
-
 def _ingest(settings, n: int) -> float:
     from connectors.ingest import Ingestor
 
@@ -78,62 +70,35 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    import secrets
-
-    from connectors.config import load_settings
     from connectors.produce import produce
-    from deploy.local.broker import start_broker
+    from deploy.local.stack import local_stack
     from deploy.local.synthetic import feedback_events
     from deploy.local.tiny_model import build_tiny_model
-    from deploy.local.vllm_server import start_vllm
     from pipeline.sample import encode
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", "bench-hash-key")
+    overrides = {
+        "kafka": {"topic": "bench-fb", "group_id": "bench", "partitions": 2},
+        "snapshot": {"heldout_fraction": 0.1},
+        "train": {**TRAIN, "epochs": args.epochs},
+        "cycle": {"alias": "bench"},
+    }
     with tempfile.TemporaryDirectory(prefix="kto-loop-bench-cycle-") as tmp_name:
         tmp = Path(tmp_name)
         model = build_tiny_model(tmp / "model")
-        broker = start_broker(log_path=tmp / "broker.log")
-        key = secrets.token_hex(16)
-        server = start_vllm(
-            model, tmp / "vllm.log", api_key=key, dtype="float32", max_model_len=512
-        )
-        try:
-            os.environ["KTO_LOOP_SERVING__API_KEY"] = key
-            os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", "bench-hash-key")
-            config = tmp / "kto-loop.toml"
-            config.write_text(
-                _toml(
-                    {
-                        "kafka": {
-                            "bootstrap_servers": [broker.bootstrap],
-                            "topic": "bench-fb",
-                            "group_id": "bench",
-                            "partitions": 2,
-                        },
-                        "store": {"url": str(tmp / "store")},
-                        "snapshot": {"heldout_fraction": 0.1, "out_dir": str(tmp / "snapshots")},
-                        "train": {**TRAIN, "epochs": args.epochs},
-                        "registry": {"url": str(tmp / "adapters")},
-                        "serving": {"replicas": [server.url], "base_model": str(model)},
-                        "cycle": {"alias": "bench", "work_dir": str(tmp / "cycles")},
-                    }
-                )
-            )
-            settings = load_settings(config)
-            produce(settings.kafka, [encode(e) for e in feedback_events(args.votes, seed=11)])
-            ingest_s = _ingest(settings, args.votes)
-
+        with local_stack(tmp, model, overrides) as stack:
+            settings, config = stack.settings, stack.config
             from flows.alignment import alignment_cycle
 
             # The first cycle in a process also starts Prefect's temporary API; the
             # second, on twice the votes, is the steady state a scheduled worker sees.
             records, walls = [], []
             for seed in (11, 12):
-                if seed == 12:
-                    produce(
-                        settings.kafka, [encode(e) for e in feedback_events(args.votes, seed=seed)]
-                    )
-                    _ingest(settings, args.votes)
+                produce(settings.kafka, [encode(e) for e in feedback_events(args.votes, seed=seed)])
+                ingested = _ingest(settings, args.votes)
+                if seed == 11:
+                    ingest_s = ingested
                 started = time.monotonic()
                 state = alignment_cycle(config=str(config), return_state=True)
                 walls.append(time.monotonic() - started)
@@ -142,9 +107,6 @@ def main() -> None:
                 records.append(state.result())
             record, cycle_s = records[1], walls[1]
             direct_s = _train_directly(settings, model, record["snapshot"]["path"], tmp)
-        finally:
-            server.stop()
-            broker.stop()
 
     steps = record["step_seconds"]
     result = {

@@ -44,7 +44,7 @@ from connectors.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
-from pipeline.gate import GateDecision, GenerationScores, judge
+from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
 from pipeline.registry import served_name
 from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
 
@@ -180,12 +180,8 @@ def gate_candidate(
     options = settings.gate.options()
     serving = registry.history(alias).current
     serving_name = served_name(alias, serving) if serving else "the base model"
-    if len(heldout) < options.min_heldout:
-        reason = (
-            f"only {len(heldout)} held-out records, fewer than gate.min_heldout="
-            f"{options.min_heldout}: too few to judge. Collect more feedback or raise "
-            "snapshot.heldout_fraction"
-        )
+    reason = too_few_heldout(len(heldout), options)
+    if reason is not None:
         return GateDecision(False, reason, (), None, None, serving_name)
     with _local_version(registry, serving) as serving_dir:
         scores = score_adapters(

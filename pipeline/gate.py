@@ -101,12 +101,8 @@ def judge(
 ) -> GateDecision:
     """Decide whether `candidate` may replace `serving` (named `serving_name` in the
     reasons: "chat@v3", or "the base model")."""
-    if candidate.count < options.min_heldout:
-        reason = (
-            f"only {candidate.count} held-out records, fewer than gate.min_heldout="
-            f"{options.min_heldout}: too few to judge. Collect more feedback or raise "
-            "snapshot.heldout_fraction"
-        )
+    reason = too_few_heldout(candidate.count, options)
+    if reason is not None:
         return GateDecision(False, reason, (), candidate, serving, serving_name)
 
     checks = [
@@ -141,6 +137,16 @@ def judge(
             )
     reason = "candidate refused: " + "; ".join(parts)
     return GateDecision(False, reason, tuple(checks), candidate, serving, serving_name)
+
+
+def too_few_heldout(count: int, options: GateOptions) -> str | None:
+    """Why `count` held-out records cannot judge a candidate, or None when they can."""
+    if count >= options.min_heldout:
+        return None
+    return (
+        f"only {count} held-out records, fewer than gate.min_heldout={options.min_heldout}: "
+        "too few to judge. Collect more feedback or raise snapshot.heldout_fraction"
+    )
 
 
 def _at_least(name: str, candidate: float, serving: float, gain: float) -> Check:
