@@ -44,6 +44,7 @@ from connectors.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
+from pipeline.encode import NonTextPrompt, prompt_messages
 from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
 from pipeline.registry import served_name
 from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
@@ -456,9 +457,10 @@ def _prompts(snap: Snapshot, n: int) -> list[list[dict[str, str]]]:
     """Up to n distinct held-out prompts, as chat messages."""
     out: dict[str, list[dict[str, str]]] = {}
     for prompt, messages_json, _, _ in snap.records("heldout"):
-        messages = (
-            json.loads(messages_json) if messages_json else [{"role": "user", "content": prompt}]
-        )
+        try:
+            messages = prompt_messages(prompt, messages_json)
+        except NonTextPrompt:
+            continue
         out.setdefault(json.dumps(messages, sort_keys=True), messages)
         if len(out) == n:
             break

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+
 log = logging.getLogger(__name__)
 
 
@@ -55,16 +57,50 @@ class EncodeReport:
 
     kept: int
     dropped_empty_completion: int
+    # Prompts that cannot be rendered as text: non-text parts (images, audio, files),
+    # or turns the chat template refuses (e.g. tool calls on a template without tools).
+    dropped_unrenderable: int
     truncated_prompts: int
     truncated_completions: int
     boundary_mismatches: int
 
 
+class NonTextPrompt(EncodeError):
+    """The prompt holds parts a text model cannot read (images, audio, files)."""
+
+
 def prompt_messages(prompt: str | None, messages_json: str | None) -> list[dict[str, Any]]:
-    """The prompt's turns: the stored messages, or one user turn for a plain prompt."""
-    if messages_json:
-        return json.loads(messages_json)
-    return [{"role": "user", "content": prompt or ""}]
+    """The prompt's turns as a chat template takes them: the stored messages, or one
+    user turn for a plain prompt.
+
+    Content sent as a list of parts (OpenAI's chat format) becomes the text of its text
+    parts joined by newlines, which is how vLLM renders parts for a text-only model.
+    Other fields of a turn (tool_calls, tool_call_id, name) are passed on as sent.
+
+    Raises:
+        NonTextPrompt: a turn holds an image, audio, file or other non-text part: the
+            answer was rated in light of something a text model cannot see.
+    """
+    if not messages_json:
+        return [{"role": "user", "content": prompt or ""}]
+    turns = json.loads(messages_json)
+    for i, turn in enumerate(turns):
+        content = turn.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(part["text"])
+                elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                    texts.append(part["refusal"])
+                else:
+                    raise NonTextPrompt(
+                        f"turn {i} holds a {kind!r} part; a text model cannot see it, so the "
+                        "example is left out of training"
+                    )
+            turns[i] = {**turn, "content": "\n".join(texts)}
+    return turns
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -107,8 +143,15 @@ def encode_records(
     check_chat_template(tokenizer, prompt_format)
     eot = end_of_turn_id(tokenizer)
     texts = []
-    for prompt, messages_json, _, _ in records:
-        if prompt_format == "chat":
+    renderable = []
+    unrenderable: list[str] = []
+    for record in records:
+        prompt, messages_json, _, _ = record
+        if prompt_format != "chat":
+            texts.append(prompt or "")
+            renderable.append(record)
+            continue
+        try:
             texts.append(
                 tokenizer.apply_chat_template(
                     prompt_messages(prompt, messages_json),
@@ -116,8 +159,23 @@ def encode_records(
                     tokenize=False,
                 )
             )
-        else:
-            texts.append(prompt or "")
+        except (NonTextPrompt, jinja2.TemplateError) as exc:
+            unrenderable.append(str(exc))
+            continue
+        renderable.append(record)
+    if unrenderable:
+        log.warning(
+            "%d of %d records left out: their prompt cannot be rendered as text (first: %s)",
+            len(unrenderable),
+            len(records),
+            unrenderable[0],
+        )
+    if not renderable:
+        raise EncodeError(
+            f"none of the {len(unrenderable)} records has a prompt that renders as text: "
+            f"{unrenderable[0]}"
+        )
+    records = renderable
     completions = [completion for _, _, completion, _ in records]
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
@@ -162,5 +220,7 @@ def encode_records(
             f"no record fits max_length={lengths.max_length} with "
             f"max_prompt_length={lengths.max_prompt_length}: raise max_length"
         )
-    report = EncodeReport(len(out), dropped, cut_prompts, cut_completions, mismatches)
+    report = EncodeReport(
+        len(out), dropped, len(unrenderable), cut_prompts, cut_completions, mismatches
+    )
     return out, report

@@ -24,6 +24,7 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -34,12 +35,41 @@ SUPPORTED_SCHEMAS = frozenset({SCHEMA_VERSION})
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
+# The span a timestamp may take: that of a nanosecond timestamp, which every tool that
+# reads the store (pandas, Spark, DuckDB) can hold. A vote outside it is a producer bug.
+TS_MIN = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+TS_MAX = dt.datetime(2262, 4, 11, tzinfo=dt.UTC)
+_BOM = b"\xef\xbb\xbf"
+# Top-level fields whose value we read; a message naming one twice is ambiguous.
+_READ_FIELDS = (
+    "schema", "event_id", "ts", "conversation_id", "message_id", "user_id", "prompt",
+    "messages", "response", "feedback", "rating", "model", "adapter",
+)  # fmt: skip
+_QUOTED_FIELDS = tuple(f'"{name}"'.encode() for name in _READ_FIELDS)
+_MESSAGE_FIELDS = ("role", "content", "tool_calls")
+_PART_FIELDS = ("type", "text")
+_FEEDBACK_VALUES = ("like", "dislike", "retract")
+
+
+class ContentPart(msgspec.Struct, frozen=True, gc=False):
+    """One part of a message's content in OpenAI's chat format: {"type": "text",
+    "text": ...} is text; image, audio, file and other parts are kept as sent."""
+
+    type: Annotated[str, msgspec.Meta(min_length=1, description="text, image_url, ...")]
+    text: Annotated[str | None, msgspec.Meta(description="The text of a text part.")] = None
+
 
 class Message(msgspec.Struct, frozen=True, gc=False):
-    """One chat turn of the conversation that led to the rated response."""
+    """One chat turn of the conversation that led to the rated response. Content is a
+    string or a list of parts (OpenAI's chat format); an assistant turn that only
+    calls tools may leave it out. Other fields (name, tool_calls, tool_call_id) are
+    kept as sent."""
 
     role: Annotated[str, msgspec.Meta(min_length=1, description="system, user, assistant or tool")]
-    content: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: Annotated[
+        list[dict[str, Any]] | None, msgspec.Meta(description="An assistant turn's tool calls.")
+    ] = None
 
 
 class WireEventV1(msgspec.Struct, frozen=True, gc=False):
@@ -64,12 +94,28 @@ class WireEventV1(msgspec.Struct, frozen=True, gc=False):
     ] = None
 
 
-class _SchemaOnly(msgspec.Struct):
-    schema: Any = None
+class _Wire(msgspec.Struct, frozen=True, gc=False):
+    """WireEventV1 as decoded: `messages` kept as its raw JSON (stored as sent, with
+    every field of every turn) and checked on its own."""
+
+    schema: int
+    event_id: NonEmpty
+    ts: Annotated[dt.datetime, msgspec.Meta(tz=True)]
+    conversation_id: NonEmpty
+    message_id: NonEmpty
+    user_id: str | None = None
+    prompt: str | None = None
+    # Raw cannot be optional: an empty Raw means the field was absent.
+    messages: msgspec.Raw = msgspec.Raw()
+    response: str | None = None
+    feedback: Literal["like", "dislike", "retract"] | None = None
+    rating: Annotated[int, msgspec.Meta(ge=1, le=5)] | None = None
+    model: str | None = None
+    adapter: str | None = None
 
 
-_decoder = msgspec.json.Decoder(WireEventV1)
-_schema_decoder = msgspec.json.Decoder(_SchemaOnly)
+_decoder = msgspec.json.Decoder(_Wire)
+_messages_decoder = msgspec.json.Decoder(list[Message])
 
 
 class EventError(ValueError):
@@ -133,41 +179,265 @@ def _hash_user_keyed(key: bytes, user_id: str) -> str:
     return hash_user(user_id, key)
 
 
-def _kind_of_validation_error(message: str) -> str:
-    if message.startswith("Object missing required field"):
-        return "missing_field"
-    if message.startswith("Invalid enum value") and "$.feedback" in message:
-        return "unknown_feedback"
-    if message.startswith("Expected `") and ", got `" in message:
-        return "wrong_type"
-    return "invalid_value"
+# -- decoding ---------------------------------------------------------------------
+#
+# The fast path decodes straight into `_Wire`. Whatever it refuses is diagnosed by
+# our own checks on the generic JSON value (`_diagnose`), so the dead-letter kind
+# never depends on a library's wording. What the fast path accepts but the store
+# could not hold or would silently change (duplicate keys, lone surrogates, a
+# timestamp out of range) is checked by us too.
 
 
-def _decode(raw: bytes) -> WireEventV1:
+def _decode(raw: bytes) -> _Wire:
     try:
-        return _decoder.decode(raw)
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise EventError("invalid_utf8", f"value is not valid UTF-8: {exc}") from None
-    except msgspec.ValidationError as exc:
-        _check_schema_version(raw)
-        message = str(exc)
-        raise EventError(_kind_of_validation_error(message), message) from None
-    except msgspec.DecodeError as exc:
-        if raw[:1] not in (b"{", b" ", b"\n", b"\t", b"\r"):
-            detail = "not a JSON object"
-        else:
-            detail = str(exc)
+        raise EventError(
+            "invalid_utf8",
+            f"value is not valid UTF-8 (byte {exc.start}); JSON events must be UTF-8",
+        ) from None
+    if raw.startswith(_BOM):
+        # RFC 8259 lets a parser ignore a byte order mark; it is not part of the event.
+        raw = raw[len(_BOM) :]
+    try:
+        wire = _decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _diagnose(raw, exc) from None
+    if _may_repeat_keys(raw, wire):
+        _check_repeated_keys(raw)
+    if wire.messages and (b"\\ud" in raw or b"\\uD" in raw):
+        value = _generic(raw)
+        _check_unicode({k: value[k] for k in _READ_FIELDS if k in value}, "$")
+    return wire
+
+
+def _may_repeat_keys(raw: bytes, wire: _Wire) -> bool:
+    """Cheap and conservative: a field name we read appears more than once in the
+    bytes, or message fields appear more often than turns exist."""
+    if any(raw.count(quoted) > 1 for quoted in _QUOTED_FIELDS):
+        return True
+    if not wire.messages:
+        return False
+    turns = raw.count(b'"role"')
+    return turns > 0 and (raw.count(b'"content"') > turns or raw.count(b'"text"') > turns * 64)
+
+
+class _Object(dict):
+    """A decoded JSON object that remembers which of its keys were repeated."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.repeated = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonJsonConstant(name)
+
+
+class _NonJsonConstant(ValueError):
+    pass
+
+
+def _generic(raw: bytes) -> Any:
+    """The JSON value of `raw`, parsed by the standard library with the checks JSON
+    itself requires (no NaN/Infinity) and repeated keys recorded."""
+    try:
+        return json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_object_pairs, parse_constant=_refuse_constant
+        )
+    except _NonJsonConstant as exc:
+        raise EventError(
+            "not_json", f"value is not JSON: {exc} is not a JSON number (send null or a string)"
+        ) from None
+    except RecursionError:
+        raise EventError(
+            "too_deep",
+            "value nests arrays/objects deeper than the decoder allows; flatten it "
+            "(feedback events need only a few levels)",
+        ) from None
+    except json.JSONDecodeError as exc:
+        first = raw.lstrip(b" \t\r\n")[:1]
+        detail = "not a JSON object" if first != b"{" else f"{exc.msg} at byte {exc.pos}"
         raise EventError("not_json", f"value is not JSON: {detail}") from None
 
 
-def _check_schema_version(raw: bytes) -> None:
-    try:
-        version = _schema_decoder.decode(raw).schema
-    except (msgspec.DecodeError, UnicodeDecodeError):
+def _check_repeated_keys(raw: bytes) -> None:
+    value = _generic(raw)
+    if not isinstance(value, dict):
         return
-    known = isinstance(version, int) and not isinstance(version, bool)
-    if known and version not in SUPPORTED_SCHEMAS:
-        raise _unsupported(version)
+    _refuse_repeats(value, _READ_FIELDS, "$")
+    messages = value.get("messages")
+    if isinstance(messages, list):
+        for i, turn in enumerate(messages):
+            if isinstance(turn, dict):
+                _refuse_repeats(turn, _MESSAGE_FIELDS, f"$.messages[{i}]")
+                content = turn.get("content")
+                for j, part in enumerate(content if isinstance(content, list) else ()):
+                    if isinstance(part, dict):
+                        _refuse_repeats(part, _PART_FIELDS, f"$.messages[{i}].content[{j}]")
+
+
+def _refuse_repeats(obj: dict, fields: tuple[str, ...], where: str) -> None:
+    repeated = [k for k in getattr(obj, "repeated", ()) if k in fields]
+    if repeated:
+        raise EventError(
+            "duplicate_key",
+            f"field `{repeated[0]}` appears more than once at {where}; send each field once "
+            "(parsers disagree on which copy wins)",
+        )
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse strings with lone UTF-16 surrogates (valid JSON escapes, but no text):
+    they cannot be written as UTF-8, so the store could not hold them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EventError(
+                "invalid_unicode",
+                f"{where} holds a lone surrogate escape (\\u{ord(value[exc.start]):04x}) that "
+                "is not a character; encode text as UTF-8 or escape whole surrogate pairs",
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, where)
+            _check_unicode(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{where}[{i}]")
+
+
+def _diagnose(raw: bytes, cause: BaseException) -> EventError:
+    """Why the typed decoder refused `raw`, decided by our own checks."""
+    value = _generic(raw)
+    if not isinstance(value, dict):
+        return EventError("not_json", "value is not JSON: not a JSON object")
+    version = value.get("schema")
+    if _is_int(version) and version not in SUPPORTED_SCHEMAS:
+        return _unsupported(version)
+    _check_repeated_keys(raw)
+    _check_unicode({k: value[k] for k in _READ_FIELDS if k in value}, "$")
+    for check in (_check_required, _check_types, _check_values):
+        problem = check(value)
+        if problem is not None:
+            return problem
+    # Our checks found nothing the decoder did: say what it said, as an invalid value.
+    return EventError("invalid_value", f"event could not be decoded: {cause}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_REQUIRED = ("schema", "event_id", "ts", "conversation_id", "message_id")
+_STRINGS = (
+    "event_id", "ts", "conversation_id", "message_id", "user_id", "prompt", "response",
+    "feedback", "model", "adapter",
+)  # fmt: skip
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", float: "number"}
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if _is_int(v):
+        return "integer"
+    return _JSON_TYPES.get(type(v), "object" if isinstance(v, dict) else "value")
+
+
+def _wrong_type(field: str, expected: str, got: Any) -> EventError:
+    return EventError(
+        "wrong_type", f"`{field}` must be {expected}, got {_json_type(got)} - at `$.{field}`"
+    )
+
+
+def _check_required(value: dict) -> EventError | None:
+    for field in _REQUIRED:
+        if field not in value or (value[field] is None and field != "schema"):
+            return EventError("missing_field", f"`{field}` is required - at `$.{field}`")
+    if value["schema"] is None:
+        return EventError("missing_field", "`schema` is required (1) - at `$.schema`")
+    return None
+
+
+def _check_types(value: dict) -> EventError | None:
+    if not _is_int(value["schema"]):
+        return _wrong_type("schema", "the integer 1", value["schema"])
+    for field in _STRINGS:
+        v = value.get(field)
+        if v is not None and not isinstance(v, str):
+            return _wrong_type(field, "a string", v)
+    rating = value.get("rating")
+    if rating is not None and not _is_int(rating):
+        return _wrong_type("rating", "an integer 1..5", rating)
+    messages = value.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            return _wrong_type("messages", "an array of {role, content} objects", messages)
+        return _check_message_types(messages)
+    return None
+
+
+def _check_message_types(messages: list) -> EventError | None:
+    for i, turn in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            return _wrong_type(where, "an object with role and content", turn)
+        if not isinstance(turn.get("role"), str):
+            return _wrong_type(f"{where}.role", "a string", turn.get("role"))
+        content = turn.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    return _wrong_type(at, 'an object with a string "type"', part)
+                if part.get("text") is not None and not isinstance(part["text"], str):
+                    return _wrong_type(f"{at}.text", "a string", part["text"])
+        elif content is not None and not isinstance(content, str):
+            return _wrong_type(f"{where}.content", "a string or an array of parts", content)
+        tool_calls = turn.get("tool_calls")
+        if tool_calls is not None and not (
+            isinstance(tool_calls, list) and all(isinstance(c, dict) for c in tool_calls)
+        ):
+            return _wrong_type(f"{where}.tool_calls", "an array of objects", tool_calls)
+    return None
+
+
+def _check_values(value: dict) -> EventError | None:
+    for field in ("event_id", "conversation_id", "message_id"):
+        if not value[field]:
+            return EventError("invalid_value", f"`{field}` is empty - at `$.{field}`")
+    feedback = value.get("feedback")
+    if feedback is not None and feedback not in _FEEDBACK_VALUES:
+        return EventError(
+            "unknown_feedback",
+            f"`feedback` is {feedback!r}; send one of like, dislike, retract - at `$.feedback`",
+        )
+    rating = value.get("rating")
+    if rating is not None and not 1 <= rating <= 5:
+        return EventError(
+            "invalid_value", f"`rating` must be >= 1 and <= 5, got {rating} - at `$.rating`"
+        )
+    try:
+        ts = msgspec.convert(value["ts"], dt.datetime)
+    except msgspec.ValidationError:
+        return EventError(
+            "invalid_value",
+            f"`ts` {value['ts'][:64]!r} is not an RFC 3339 timestamp - at `$.ts`",
+        )
+    if ts.tzinfo is None:
+        return EventError(
+            "invalid_value",
+            "`ts` has no timezone; add Z or an offset such as +01:00 - at `$.ts`",
+        )
+    return None
 
 
 def _unsupported(version: int) -> EventError:
@@ -176,6 +446,63 @@ def _unsupported(version: int) -> EventError:
         f"schema version {version} is not supported by this consumer (supports "
         f"{sorted(SUPPORTED_SCHEMAS)}); upgrade kto-loop to read it",
     )
+
+
+def _utc_in_range(ts: dt.datetime) -> dt.datetime:
+    try:
+        utc = ts.astimezone(dt.UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not TS_MIN <= utc < TS_MAX:
+        raise EventError(
+            "invalid_value",
+            f"`ts` {ts.isoformat()} lies outside {TS_MIN.year}..{TS_MAX.date()} (UTC), "
+            "the span the store's timestamp can hold; check the producer's clock - at `$.ts`",
+        )
+    return ts
+
+
+def _decode_messages(raw: msgspec.Raw) -> tuple[str, int]:
+    """The messages' JSON as sent (every field kept) and the number of turns, or
+    (None, 0) when absent or null; raises EventError if they are not a valid chat
+    history."""
+    if not raw or bytes(raw) == b"null":
+        return None, 0
+    try:
+        turns = _messages_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _diagnose_messages(bytes(raw), exc) from None
+    for i, turn in enumerate(turns):
+        where = f"$.messages[{i}]"
+        if turn.content is None and not (turn.role == "assistant" and turn.tool_calls):
+            raise EventError(
+                "missing_field",
+                f"{where} has no `content`; only an assistant turn with tool_calls may "
+                "leave it out",
+            )
+        if isinstance(turn.content, list):
+            for j, part in enumerate(turn.content):
+                if part.type == "text" and part.text is None:
+                    raise EventError(
+                        "missing_field", f'{where}.content[{j}] is a "text" part without `text`'
+                    )
+    return bytes(raw).decode("utf-8"), len(turns)
+
+
+def _diagnose_messages(raw: bytes, cause: BaseException) -> EventError:
+    value = _generic(raw)
+    if not isinstance(value, list):
+        return _wrong_type("messages", "an array of {role, content} objects", value)
+    problem = _check_message_types(value)
+    if problem is not None:
+        return problem
+    for i, turn in enumerate(value):
+        if not turn["role"]:
+            return EventError("invalid_value", f"`messages[{i}].role` is empty")
+        for j, part in enumerate(turn.get("content") or ()):
+            if not part["type"]:
+                return EventError("invalid_value", f"`messages[{i}].content[{j}].type` is empty")
+    return EventError("invalid_value", f"`messages` could not be decoded: {cause}")
 
 
 class EventParser:
@@ -204,8 +531,9 @@ class EventParser:
 
         Raises:
             EventError: with `kind` one of empty, too_large, invalid_utf8, not_json,
-                missing_field, wrong_type, unknown_feedback, invalid_value,
-                unsupported_schema; the message names the field and what to send.
+                too_deep, duplicate_key, invalid_unicode, missing_field, wrong_type,
+                unknown_feedback, invalid_value, unsupported_schema; the message names
+                the field and what to send.
         """
         if not raw:
             raise EventError("empty", "message has no value (null or empty)")
@@ -218,6 +546,8 @@ class EventParser:
         wire = _decode(raw)
         if wire.schema not in SUPPORTED_SCHEMAS:
             raise _unsupported(wire.schema)
+        ts = _utc_in_range(wire.ts)
+        messages_json, turns = _decode_messages(wire.messages)
 
         feedback = wire.feedback
         if (feedback is None) == (wire.rating is None):
@@ -226,7 +556,7 @@ class EventParser:
                 "exactly one of `feedback` (like, dislike, retract) or `rating` (1-5) is required",
             )
         if feedback != "retract":
-            _check_vote(wire)
+            _check_vote(wire, messages_json, turns)
 
         if wire.rating is not None:
             feedback, desirable = "rating", self.rating_policy.label(wire.rating)
@@ -234,15 +564,14 @@ class EventParser:
             desirable = None
         else:
             desirable = feedback == "like"
-        messages = wire.messages
         return FeedbackEvent(
             wire.event_id,
-            wire.ts,
+            ts,
             wire.conversation_id,
             wire.message_id,
             self._hash(wire.user_id) if wire.user_id else None,
             wire.prompt,
-            None if messages is None else _encode_messages(messages).decode(),
+            messages_json,
             wire.response,
             feedback,
             wire.rating,
@@ -253,18 +582,15 @@ class EventParser:
         )
 
 
-_encode_messages = msgspec.json.Encoder().encode
-
-
-def _check_vote(wire: WireEventV1) -> None:
-    prompt, messages, response = wire.prompt, wire.messages, wire.response
+def _check_vote(wire: _Wire, messages: str | None, turns: int) -> None:
+    prompt, response = wire.prompt, wire.response
     if prompt is not None and messages is not None:
         raise EventError("invalid_value", "send either `prompt` or `messages`, not both")
     if prompt is None and messages is None:
         raise EventError("missing_field", "one of `prompt` or `messages` is required")
     if prompt is not None and (not prompt or prompt.isspace()):
         raise EventError("invalid_value", "`prompt` is empty")
-    if messages is not None and not messages:
+    if messages is not None and not turns:
         raise EventError("invalid_value", "`messages` is an empty list")
     if response is None:
         raise EventError("missing_field", "`response` is required: the rated assistant text")
@@ -299,7 +625,7 @@ def json_schema() -> dict[str, Any]:
             "feedback or rating; for a vote (not a retraction) also prompt or messages, "
             "a non-empty response and model."
         ),
-        "$defs": {"Message": components["Message"]},
+        "$defs": {name: components[name] for name in ("Message", "ContentPart")},
     }
     schema["properties"]["schema"]["const"] = SCHEMA_VERSION
     schema["oneOf"] = [{"required": ["feedback"]}, {"required": ["rating"]}]

@@ -164,22 +164,37 @@ class FeedbackRows:
         self._offsets.append(offset)
         self._timestamps.append(timestamp_ms)
 
-    def seal(self) -> None:
-        """Convert the rows appended since the last seal into Arrow columns."""
+    def seal(self) -> list[tuple[int, str]]:
+        """Convert the rows appended since the last seal into Arrow columns.
+
+        Returns:
+            (offset, reason) of each row the columns cannot hold (a value Arrow
+            refuses); those rows are left out, for the caller to dead-letter. One odd
+            event never sinks the rest of its batch.
+        """
         if not self._events:
-            return
-        events = self._events
-        # One list per field, not a tuple per event: fewer objects for the GC to track.
-        columns = {name: list(map(get, events)) for name, get in _EVENT_GETTERS}
-        columns[KAFKA_OFFSET] = self._offsets
-        columns[KAFKA_TIMESTAMP] = self._timestamps
-        arrays = [pa.array(columns[f.name], type=f.type) for f in _CHUNK_SCHEMA]
-        self._chunks.append(pa.RecordBatch.from_arrays(arrays, schema=_CHUNK_SCHEMA))
-        self._rows += len(self._events)
+            return []
+        events, offsets, timestamps = self._events, self._offsets, self._timestamps
         self._events, self._offsets, self._timestamps = [], [], []
+        rejected: list[tuple[int, str]] = []
+        try:
+            chunks = [_chunk(events, offsets, timestamps)]
+        except _UNSTORABLE:
+            chunks = []
+            for row in zip(events, offsets, timestamps, strict=True):
+                try:
+                    chunks.append(_chunk([row[0]], [row[1]], [row[2]]))
+                except _UNSTORABLE as exc:
+                    rejected.append((row[1], f"the store cannot hold this event: {exc}"))
+        self._chunks += chunks
+        self._rows += sum(c.num_rows for c in chunks)
+        return rejected
 
     def to_table(self, ingested_at: dt.datetime, ingested_by: str) -> pa.Table:
-        self.seal()
+        rejected = self.seal()
+        if rejected:
+            # Never drop a row silently: callers that can dead-letter seal() first.
+            raise ValueError(f"rows at offsets {[o for o, _ in rejected]} cannot be stored")
         rows = pa.Table.from_batches(self._chunks, schema=_CHUNK_SCHEMA)
         constants = {
             KAFKA_TOPIC: self.topic,
@@ -188,6 +203,21 @@ class FeedbackRows:
             INGESTED_BY: ingested_by,
         }
         return _assemble(FEEDBACK_SCHEMA, {n: rows[n] for n in rows.column_names}, constants)
+
+
+# What Arrow raises for a value its column type cannot hold.
+_UNSTORABLE = (pa.ArrowException, OverflowError, UnicodeError, ValueError, TypeError)
+
+
+def _chunk(
+    events: list[FeedbackEvent], offsets: list[int], timestamps: list[int | None]
+) -> pa.RecordBatch:
+    # One list per field, not a tuple per event: fewer objects for the GC to track.
+    columns = {name: list(map(get, events)) for name, get in _EVENT_GETTERS}
+    columns[KAFKA_OFFSET] = offsets
+    columns[KAFKA_TIMESTAMP] = timestamps
+    arrays = [pa.array(columns[f.name], type=f.type) for f in _CHUNK_SCHEMA]
+    return pa.RecordBatch.from_arrays(arrays, schema=_CHUNK_SCHEMA)
 
 
 @dataclass

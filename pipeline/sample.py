@@ -114,4 +114,66 @@ def malformed_samples() -> dict[str, bytes]:
         "too_large": variant(response="x" * (5 * 1024 * 1024)),
         "unsupported_schema": variant(schema=2),
         "empty": b"",
+        "too_deep": variant()[:-1] + b', "trace": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "duplicate_key": variant()[:-1] + b', "feedback": "dislike"}',
+        "invalid_unicode": variant(response="ok \ud800"),
+    }
+
+
+def odd_valid_samples() -> dict[str, bytes]:
+    """Raw messages that look odd but are valid events, each stored as sent: named for
+    what is odd about them."""
+    base = next(sample_events(1, seed=98))
+    base.pop("rating", None)
+    base["feedback"] = "like"
+
+    def variant(i: int, **changes: object) -> dict:
+        event = {**base, **changes, "event_id": f"odd-{i}"}
+        return {k: v for k, v in event.items() if v is not ...}
+
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "How do I reset"},
+                {"type": "text", "text": "my password?"},
+            ],
+        },
+    ]
+    tools = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, rain"},
+    ]
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+            ],
+        }
+    ]
+    return {
+        "utf8_bom": b"\xef\xbb\xbf" + json.dumps(variant(0)).encode(),
+        "nul_in_text": json.dumps(variant(1, prompt="a\x00b", response="c\x00d")).encode(),
+        "emoji_pair_escaped": json.dumps(variant(2, response="ok \U0001f600")).encode(),
+        "content_parts": json.dumps(variant(3, prompt=..., messages=parts)).encode(),
+        "tool_calls": json.dumps(variant(4, prompt=..., messages=tools)).encode(),
+        "image_part": json.dumps(variant(5, prompt=..., messages=image)).encode(),
+        "huge_number_in_ignored_field": json.dumps(variant(6, trace=10**40)).encode(),
+        "deep_but_allowed_ignored_field": json.dumps(
+            variant(7, trace=json.loads("[" * 100 + "]" * 100))
+        ).encode(),
     }

@@ -136,3 +136,105 @@ def test_published_json_schema_matches_the_code() -> None:
     assert json.loads(path.read_text()) == json_schema(), (
         "pipeline/schema/feedback-event.v1.json is stale: run `kto-loop schema --out` on it"
     )
+
+
+# -- what producers really send -------------------------------------------------------
+
+
+def raw_variant(**changes: object) -> bytes:
+    return json.dumps({k: v for k, v in {**BASE, **changes}.items() if v is not ...}).encode()
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "says"),
+    [
+        (raw_variant()[:-1] + b', "trace": ' + DEEP + b"}", "too_deep", "flatten"),
+        (raw_variant(prompt="x").replace(b'"x"', DEEP), "too_deep", "flatten"),
+        (raw_variant(response="a\ud800b"), "invalid_unicode", "$.response"),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user", "content": "x", "name": "\udc00"}]),
+            "invalid_unicode",
+            "$.messages[0].name",
+        ),
+        (raw_variant(feedback=..., rating=10**30), "invalid_value", "<= 5"),
+        (raw_variant(feedback=..., rating=2.5), "wrong_type", "$.rating"),
+        (raw_variant(schema=10**30), "unsupported_schema", "schema version"),
+        (raw_variant(trace=float("nan")), "not_json", "NaN"),
+        (raw_variant(trace=float("inf")), "not_json", "Infinity"),
+        (raw_variant(feedback=..., rating=float("-inf")), "not_json", "-Infinity"),
+        (raw_variant(ts="0001-01-01T00:30:00+01:00"), "invalid_value", "outside 1970"),
+        (raw_variant(ts="1969-12-31T23:59:59Z"), "invalid_value", "outside 1970"),
+        (raw_variant(ts="9999-12-31T23:59:59-01:00"), "invalid_value", "outside 1970"),
+        (raw_variant()[:-1] + b', "feedback": "dislike"}', "duplicate_key", "`feedback`"),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user", "content": "x"}]).replace(
+                b'"content": "x"', b'"content": "x", "content": "y"'
+            ),
+            "duplicate_key",
+            "$.messages[0]",
+        ),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user", "content": [{"text": "x"}]}]),
+            "wrong_type",
+            '"type"',
+        ),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user", "content": [{"type": "text"}]}]),
+            "missing_field",
+            "without `text`",
+        ),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user"}]),
+            "missing_field",
+            "no `content`",
+        ),
+        (
+            raw_variant(prompt=..., messages=[{"role": "user", "content": 5}]),
+            "wrong_type",
+            "string or an array of parts",
+        ),
+        (b"\xef\xbb\xbf[1, 2]", "not_json", "not a JSON object"),
+        (raw_variant()[:-5], "not_json", "value is not JSON"),
+        (raw_variant(prompt="cafe").replace(b'"cafe"', b'"caf\xe9"'), "invalid_utf8", "UTF-8"),
+        (raw_variant(trace="x").replace(b'"x"', b'"\xc3"'), "invalid_utf8", "UTF-8"),
+    ],
+)
+def test_what_producers_send_that_cannot_be_stored_gets_a_kind_and_reason(
+    raw: bytes, kind: str, says: str
+) -> None:
+    with pytest.raises(EventError) as err:
+        parse_event(raw, user_hash_key=KEY)
+    assert (err.value.kind, says in err.value.message) == (kind, True), err.value.message
+
+
+def test_odd_but_valid_events_are_stored_as_sent() -> None:
+    from pipeline.sample import odd_valid_samples
+
+    samples = odd_valid_samples()
+    parsed = {name: parse_event(raw, user_hash_key=KEY) for name, raw in samples.items()}
+    sent = {name: json.loads(raw.removeprefix(b"\xef\xbb\xbf")) for name, raw in samples.items()}
+    for name, event in parsed.items():
+        original = sent[name]
+        assert (event.event_id, event.response, event.prompt) == (
+            original["event_id"],
+            original["response"],
+            original.get("prompt"),
+        ), name
+        if "messages" in original:
+            # Every field of every turn is kept: parts, tool calls, ids.
+            assert json.loads(event.messages_json) == original["messages"], name
+    assert parsed["nul_in_text"].prompt == "a\x00b"
+    assert parsed["emoji_pair_escaped"].response.endswith("\U0001f600")
+
+
+def test_an_event_just_under_the_size_limit_is_accepted() -> None:
+    limit = 1 << 20
+    overhead = len(raw_variant(response=""))
+    raw = raw_variant(response="x" * (limit - overhead))
+    assert len(raw) == limit
+    assert len(parse_event(raw, user_hash_key=KEY, max_bytes=limit).response) == limit - overhead
+    with pytest.raises(EventError, match="above the limit"):
+        parse_event(raw + b" ", user_hash_key=KEY, max_bytes=limit)

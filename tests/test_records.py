@@ -1,0 +1,43 @@
+"""Row building: one event the store's columns cannot hold never sinks its batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from pipeline import records
+from pipeline.events import FeedbackEvent
+from pipeline.records import FeedbackRows
+
+NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+
+
+OK = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def event(i: int, prompt: str = "p", schema: int = 1) -> FeedbackEvent:
+    return FeedbackEvent(
+        f"e{i}", OK, "c", "m", None, prompt, None, "r", "like", None, True, "tiny", None, schema
+    )
+
+
+def test_an_event_the_columns_cannot_hold_is_handed_back_and_the_rest_are_kept() -> None:
+    # Fake input, named as such: the parser refuses these, so they are built directly,
+    # as a future field or parser bug would let them through.
+    rows = FeedbackRows("t", 0)
+    for i, (prompt, schema) in enumerate([("p", 1), ("a\ud800", 1), ("p", 1), ("p", 1 << 20)]):
+        rows.append(event(i, prompt, schema), offset=10 + i, timestamp_ms=None)
+    rejected = rows.seal()
+    assert [offset for offset, _ in rejected] == [11, 13]
+    assert all("cannot hold" in reason for _, reason in rejected)
+    table = rows.to_table(NOW, "test")
+    assert table[records.KAFKA_OFFSET].to_pylist() == [10, 12]
+    assert len(rows) == 2
+
+
+def test_to_table_never_drops_an_unsealed_row_silently() -> None:
+    rows = FeedbackRows("t", 0)
+    rows.append(event(0, "a\ud800"), offset=5, timestamp_ms=None)
+    with pytest.raises(ValueError, match=r"offsets \[5\] cannot be stored"):
+        rows.to_table(NOW, "test")
