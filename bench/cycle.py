@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -77,7 +78,7 @@ def main() -> None:
     from pipeline.sample import encode
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", "bench-hash-key")
+    os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
     overrides = {
         "kafka": {"topic": "bench-fb", "group_id": "bench", "partitions": 2},
         "snapshot": {"heldout_fraction": 0.1},

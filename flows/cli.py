@@ -615,7 +615,8 @@ def simulate(
     """Simulated users chat with a served model, rate each answer with a taste, and send
     their votes to Kafka; the last line of stdout is the tally as JSON.
 
-    Exit codes: 0 done, 1 the server or the broker failed, 2 bad input.
+    Exit codes: 0 done, 1 the server or the broker failed, 2 bad input, 3 the broker
+    could not be reached (checked before any chat).
     """
     from flows.simulate import simulate as run_simulation
     from flows.user_code import load_callable
@@ -648,6 +649,8 @@ def simulate(
             send=send,
             progress=sys.stderr.isatty(),
         )
+    except BrokerUnavailable as exc:
+        _fail(exc, 3)
     except (VllmError, KafkaError) as exc:
         _fail(exc, 1)
     table = Table(title=f"{result.chats} simulated chats with {result.model}")

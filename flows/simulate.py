@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from connectors import kafka_clients
 from connectors.config import Settings
 from connectors.produce import produce
 from connectors.publish import admins_for
@@ -63,6 +64,22 @@ class Simulation:
         }
 
 
+def _check_broker(settings: Settings) -> None:
+    """Wait up to [ingest] connect_timeout_seconds (10 s when 0) for the broker, and
+    create the feedback topic if asked to: records sent to a topic being auto-created
+    can be lost."""
+    kafka = settings.kafka
+
+    def connect() -> None:
+        if kafka.create_topics:
+            kafka_clients.ensure_topics(kafka, [kafka.topic, kafka.dead_letter_topic])
+        else:
+            kafka_clients.admin_client(kafka).close()
+
+    timeout = settings.ingest.connect_timeout_seconds or 10.0
+    kafka_clients.wait_for_broker(connect, kafka, timeout_seconds=timeout)
+
+
 def default_model(admin: VllmAdmin, alias: str) -> str:
     """The alias when the server has it, else the base model (before any promotion)."""
     return alias if alias in admin.models() else admin.base_models()[0]
@@ -88,11 +105,15 @@ def simulate(
     with `send`, their votes go to the feedback topic.
 
     Raises:
+        BrokerUnavailable: with `send`, no broker answered before any chat started.
         VllmError: the server cannot be reached at all (single failed requests are
             counted, not raised).
         KafkaError: a vote was refused by the broker.
     """
     started = time.monotonic()
+    if send:
+        # Before any chat: votes that cannot be sent make the run worthless.
+        _check_broker(settings)
     admin = admins_for(settings.serving)[0]
     target = model or default_model(admin, settings.cycle.alias)
     run = run or f"sim-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-s{seed}"

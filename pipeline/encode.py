@@ -73,9 +73,11 @@ def prompt_messages(prompt: str | None, messages_json: str | None) -> list[dict[
     """The prompt's turns as a chat template takes them: the stored messages, or one
     user turn for a plain prompt.
 
-    Content sent as a list of parts (OpenAI's chat format) becomes the text of its text
-    parts joined by newlines, which is how vLLM renders parts for a text-only model.
-    Other fields of a turn (tool_calls, tool_call_id, name) are passed on as sent.
+    Turns are prepared as vLLM prepares them for a text model's template: content sent
+    as a list of parts (OpenAI's chat format) becomes the text of its text parts joined
+    by newlines, absent content becomes "", and a tool call's JSON `arguments` string
+    becomes an object (what tool-use templates expect). Other fields of a turn
+    (tool_call_id, name) are passed on as sent.
 
     Raises:
         NonTextPrompt: a turn holds an image, audio, file or other non-text part: the
@@ -100,7 +102,24 @@ def prompt_messages(prompt: str | None, messages_json: str | None) -> list[dict[
                         "example is left out of training"
                     )
             turns[i] = {**turn, "content": "\n".join(texts)}
+        elif content is None:
+            turns[i] = {**turn, "content": ""}
+        if turn.get("tool_calls"):
+            turns[i]["tool_calls"] = [_with_parsed_arguments(call) for call in turn["tool_calls"]]
     return turns
+
+
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or isinstance(function.get("arguments"), dict):
+        return call
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def end_of_turn_id(tokenizer: Any) -> int:

@@ -463,7 +463,7 @@ def _utc_in_range(ts: dt.datetime) -> dt.datetime:
 
 
 def _decode_messages(raw: msgspec.Raw) -> tuple[str, int]:
-    """The messages' JSON as sent (every field kept) and the number of turns, or
+    """The messages' JSON (every field kept, compact) and the number of turns, or
     (None, 0) when absent or null; raises EventError if they are not a valid chat
     history."""
     if not raw or bytes(raw) == b"null":
@@ -486,7 +486,9 @@ def _decode_messages(raw: msgspec.Raw) -> tuple[str, int]:
                     raise EventError(
                         "missing_field", f'{where}.content[{j}] is a "text" part without `text`'
                     )
-    return bytes(raw).decode("utf-8"), len(turns)
+    # Compact JSON, every field and key order as sent: the same history sent with other
+    # whitespace is the same prompt to a snapshot.
+    return msgspec.json.encode(msgspec.json.decode(raw)).decode("utf-8"), len(turns)
 
 
 def _diagnose_messages(raw: bytes, cause: BaseException) -> EventError:

@@ -158,3 +158,19 @@ def test_snapshot_of_bad_data_or_an_empty_store_exits_2_with_the_reason(tmp_path
     assert result.exit_code == 2
     assert "no feedback rows" in result.output
     assert not (tmp_path / "snaps").exists()
+
+
+def test_simulate_with_no_broker_exits_3_before_any_chat(tmp_path: Path) -> None:
+    from deploy.local.broker import free_port
+
+    config = tmp_path / "c.toml"
+    # Neither a broker nor a vLLM server listens: the broker is checked first.
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = ["127.0.0.1:{free_port()}"]\n'
+        "[ingest]\nconnect_timeout_seconds = 1\n"
+        f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\n'
+    )
+    result = runner.invoke(app, ["simulate", "--config", str(config), "--chats", "2"])
+    assert result.exit_code == 3, result.output
+    assert "no Kafka broker reachable" in result.output
+    assert "vLLM" not in result.output and "Traceback" not in result.output

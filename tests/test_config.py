@@ -8,6 +8,8 @@ import pytest
 
 from connectors.config import ConfigError, load_settings
 
+SECRET = "3a7bd3e2360a3d29eea436fcfb7e44c7"
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "kto-loop.toml"
@@ -26,13 +28,13 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     path = write(tmp_path, '[kafka]\ntopic = "fb"\ngroup_id = "from-file"\n')
     monkeypatch.setenv("KTO_LOOP_KAFKA__TOPIC", "from-env")
     monkeypatch.setenv("KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS", '["k1:9092", "k2:9092"]')
-    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", "s3cret")
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", SECRET)
     s = load_settings(path)
     assert s.kafka.topic == "from-env"
     assert s.kafka.group_id == "from-file"
     assert s.kafka.bootstrap_servers == ["k1:9092", "k2:9092"]
-    assert s.events.user_hash_key.get_secret_value() == "s3cret"
-    assert "s3cret" not in repr(s)
+    assert s.events.user_hash_key.get_secret_value() == SECRET
+    assert SECRET not in repr(s)
 
 
 def test_errors_name_every_bad_key_and_its_env_variable(tmp_path: Path) -> None:
@@ -108,3 +110,33 @@ def test_the_example_config_in_deploy_is_valid(monkeypatch: pytest.MonkeyPatch) 
     s = load_settings(example)
     assert s.kafka.security_protocol == "SASL_SSL"
     assert s.store.url.startswith("s3://")
+
+
+@pytest.mark.parametrize(
+    "key", ["", "abc", "mysecret", "0" * 64, "ab" * 32, SECRET[:31], "g" + SECRET]
+)
+def test_a_weak_user_hash_key_is_refused_and_the_error_says_how_to_make_one(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", key)
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    text = str(err.value)
+    assert "[events] user_hash_key" in text and "openssl rand -hex 32" in text
+    assert not key or key not in text  # the key itself is never echoed
+
+
+def test_a_misspelled_environment_variable_gets_a_did_you_mean(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KTO_LOOP_EVENT__USER_HASH_KEY", SECRET)
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    text = str(err.value)
+    assert "KTO_LOOP_EVENT__USER_HASH_KEY" in text
+    assert "did you mean KTO_LOOP_EVENTS__USER_HASH_KEY?" in text
+    assert SECRET not in text
+    monkeypatch.delenv("KTO_LOOP_EVENT__USER_HASH_KEY")
+    monkeypatch.setenv("KTO_LOOP_GIT_COMMIT", "abc")  # not shaped like a config key
+    monkeypatch.setenv("KTO_LOOP_STORE__STORAGE_OPTIONS__ANON", "true")  # nested: known
+    load_settings(None)

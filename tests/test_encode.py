@@ -79,3 +79,62 @@ def test_raw_prompts_need_no_chat_template(tokenizer):
         encode_records([("Q:", None, "A", True)], tokenizer, Lengths())
     [e], _ = encode_records([("Q:", None, "A", True)], tokenizer, Lengths(), prompt_format="raw")
     assert list(e.prompt_ids) == tokenizer("Q:", add_special_tokens=False).input_ids
+
+
+def test_content_parts_render_as_their_text_joined_by_newlines(tokenizer):
+    parts = json.dumps(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Tell me"},
+                    {"type": "text", "text": "about tea."},
+                ],
+            }
+        ]
+    )
+    plain = json.dumps([{"role": "user", "content": "Tell me\nabout tea."}])
+    [a], _ = encode_records([(None, parts, "Yes.", True)], tokenizer, Lengths())
+    [b], _ = encode_records([(None, plain, "Yes.", True)], tokenizer, Lengths())
+    assert a == b
+
+
+def test_a_prompt_with_an_image_is_left_out_and_counted_not_fatal(tokenizer, caplog):
+    image = json.dumps(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                ],
+            }
+        ]
+    )
+    records = [(None, image, "A cat.", True), (None, MESSAGES, "Yes.", True)]
+    with caplog.at_level(logging.WARNING):
+        encoded, report = encode_records(records, tokenizer, Lengths())
+    assert (len(encoded), report.kept, report.dropped_unrenderable) == (1, 1, 1)
+    assert "'image_url' part" in caplog.text
+    with pytest.raises(EncodeError, match="renders as text"):
+        encode_records(records[:1], tokenizer, Lengths())
+
+
+def test_tool_turns_reach_the_template_as_serving_prepares_them():
+    from pipeline.encode import prompt_messages
+
+    turns = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "w", "arguments": '{"c": 1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "1", "content": [{"type": "text", "text": "4 C"}]},
+    ]
+    rendered = prompt_messages(None, json.dumps(turns))
+    assert rendered[1]["content"] == ""
+    assert rendered[1]["tool_calls"][0]["function"]["arguments"] == {"c": 1}
+    assert rendered[2] == {"role": "tool", "tool_call_id": "1", "content": "4 C"}
