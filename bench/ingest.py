@@ -17,14 +17,23 @@ that time. The ratio is ingest / raw, paired within a round (the machine's speed
 drifts between rounds; a pair shares it), median over the rounds. Each store is
 checked to hold exactly N rows with N distinct event ids. The last line of stdout is
 one JSON object; it and a bar chart go to bench/results/.
+
+    python -m bench.ingest --large
+
+measures memory instead: 600 events of about 400 KB (some 100k tokens of text each).
+Each side consumes in its own spawned process and reports that process's peak RSS;
+ours runs twice, with the default `[ingest] batch_max_bytes` and with the byte bound
+lifted (batches closed by `batch_max_events` alone, as before the bound existed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import resource
 import secrets
@@ -34,8 +43,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.record import util as kafka_record_util
@@ -78,6 +89,9 @@ class Run:
     tail_seconds: float = 0.0
     # Untimed: from starting the consumer to its partitions' assignment (group join).
     join_seconds: float = 0.0
+    # Isolated runs only: the child process's peak RSS, and its RSS before consuming.
+    peak_rss_mb: float = 0.0
+    base_rss_mb: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -182,7 +196,7 @@ def measure_raw(kafka: KafkaConfig, n: int, timeout: float, status: Status) -> R
 # -- our ingest path ------------------------------------------------------------
 
 
-def ingest_settings(kafka: KafkaConfig, store_dir: Path) -> Settings:
+def ingest_settings(kafka: KafkaConfig, store_dir: Path, **ingest: Any) -> Settings:
     return load_settings(
         None,
         kafka={
@@ -192,7 +206,7 @@ def ingest_settings(kafka: KafkaConfig, store_dir: Path) -> Settings:
             "heartbeat_interval_ms": kafka.heartbeat_interval_ms,
         },
         store={"url": str(store_dir)},
-        ingest={},
+        ingest=ingest,
     )
 
 
@@ -265,6 +279,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+class _Quiet:
+    """A status line that says nothing: a child process must not draw over the parent's."""
+
+    def update(self, *_: object) -> None:
+        pass
+
+
+def _measure_in_child(side: str, kafka: dict, store_dir: str, n: int, timeout: float) -> Run:
+    """One measurement in this (fresh) process, with its own peak memory."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    config = KafkaConfig(**kafka)
+    gc.collect()
+    base = rss_mb()
+    if side == "raw":
+        run = measure_raw(config, n, timeout, _Quiet())  # type: ignore[arg-type]
+    else:
+        # count-only: the byte bound lifted, batches close at batch_max_events alone.
+        ingest = {"batch_max_bytes": 1 << 40} if side == "ours-count-only" else {}
+        settings = ingest_settings(config, Path(store_dir), **ingest)
+        run = measure_ingest(settings, n, timeout, _Quiet())  # type: ignore[arg-type]
+    return dataclasses.replace(run, peak_rss_mb=peak_rss_mb(), base_rss_mb=base)
+
+
+def measure_isolated(side: str, kafka: KafkaConfig, store_dir: Path, n: int, timeout: float) -> Run:
+    """`side` measured in a fresh child process (spawned, not forked: nothing of this
+    process's memory is shared), so its peak RSS is its own."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(
+            _measure_in_child, side, kafka.model_dump(), str(store_dir), n, timeout
+        ).result()
+
+
 def write_chart(path: Path, raw: list[float], ours: list[float], title: str) -> None:
     # The Agg canvas directly: a PNG without pyplot's global figure state.
     fig = Figure(figsize=(5, 4))
@@ -295,19 +348,38 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=0.0, help="per measurement, s (0: 60 + 1 ms per event)"
     )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="large events (default 400 KB, about 100k tokens of text; 600 of them): each "
+        "side runs in its own process and reports its peak RSS, and ours also runs with "
+        "batches closed by count alone, to show what [ingest] batch_max_bytes bounds",
+    )
     args = parser.parse_args()
+    if args.large:
+        defaults = {"events": 100_000, "event_bytes": 700}
+        if args.events == defaults["events"]:
+            args.events = 600
+        if args.event_bytes == defaults["event_bytes"]:
+            args.event_bytes = 400_000
     if args.events < 1 or args.repeats < 1:
         parser.error("--events and --repeats must be at least 1")
     return args
 
 
 def run_rounds(
-    workdir: Path, messages: list[tuple[bytes, bytes]], repeats: int, timeout: float
-) -> tuple[list[Run], list[Run]]:
-    """Start a broker, produce the events once, then time raw and ours `repeats` times."""
+    workdir: Path,
+    messages: list[tuple[bytes, bytes]],
+    repeats: int,
+    timeout: float,
+    large: bool = False,
+) -> tuple[list[Run], list[Run], list[Run]]:
+    """Start a broker, produce the events once, then time raw and ours `repeats` times
+    (with `large`, each in its own process, and ours by count alone as well)."""
     n = len(messages)
     raw_runs: list[Run] = []
     our_runs: list[Run] = []
+    count_only_runs: list[Run] = []
     with running_broker(log_path=workdir / "broker.log") as broker:
         kafka = load_settings(
             None,
@@ -326,19 +398,39 @@ def run_rounds(
         messages.clear()
         gc.collect()
         with console.status("") as status:
+            sides = ["raw", "ours", *(["ours-count-only"] if large else [])]
+            runs = {"raw": raw_runs, "ours": our_runs, "ours-count-only": count_only_runs}
             for round_no in range(repeats):
                 # Alternate the order so neither side always runs on a warmer broker.
-                for side in ("raw", "ours") if round_no % 2 == 0 else ("ours", "raw"):
-                    if side == "raw":
+                for side in sides if round_no % 2 == 0 else sides[::-1]:
+                    store_dir = workdir / f"store-{round_no}-{side}"
+                    if large:
+                        status.update(f"{side}: consuming in a child process")
+                        run = measure_isolated(side, kafka, store_dir, n, timeout)
+                    elif side == "raw":
                         run = measure_raw(kafka, n, timeout, status)
-                        raw_runs.append(run)
                     else:
-                        store_dir = workdir / f"store-{round_no}"
                         run = measure_ingest(ingest_settings(kafka, store_dir), n, timeout, status)
-                        our_runs.append(run)
-                        shutil.rmtree(store_dir)
-                    console.print(f"round {round_no + 1}/{repeats} {side:>4}: {run.describe()}")
-    return raw_runs, our_runs
+                    runs[side].append(run)
+                    shutil.rmtree(store_dir, ignore_errors=True)
+                    text = run.describe()
+                    if large:
+                        text += f", peak RSS {run.peak_rss_mb:,.0f} MB"
+                    console.print(f"round {round_no + 1}/{repeats} {side:>4}: {text}")
+    return raw_runs, our_runs, count_only_runs
+
+
+def _memory(raw: list[Run], ours: list[Run], count_only: list[Run]) -> dict[str, Any]:
+    """Peak RSS per side (max over rounds), each in its own process."""
+    return {
+        "isolated_processes": True,
+        "raw_peak_rss_mb": round(max(r.peak_rss_mb for r in raw)),
+        "ingest_peak_rss_mb": round(max(r.peak_rss_mb for r in ours)),
+        "ingest_count_only_peak_rss_mb": round(max(r.peak_rss_mb for r in count_only)),
+        "child_base_rss_mb": round(statistics.median(r.base_rss_mb for r in ours)),
+        "batch_max_bytes": IngestConfig().batch_max_bytes,
+        "count_only_per_s": _rounded(statistics.median(r.rate for r in count_only)),
+    }
 
 
 def main() -> None:
@@ -358,7 +450,9 @@ def main() -> None:
     timeout = args.timeout or 60 + n / 1000
     workdir = Path(tempfile.mkdtemp(prefix="kto-bench-ingest-"))
     try:
-        raw_runs, our_runs = run_rounds(workdir, messages, args.repeats, timeout)
+        raw_runs, our_runs, count_only_runs = run_rounds(
+            workdir, messages, args.repeats, timeout, large=args.large
+        )
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; broker stopped; work dir kept: {workdir}[/yellow]")
         raise SystemExit(130) from None
@@ -387,17 +481,19 @@ def main() -> None:
         "ingest_batches": our_runs[0].batches,
         "ingest_tail_s": round(statistics.median(r.tail_seconds for r in our_runs), 2),
         "peak_rss_mb": round(peak_rss_mb()),
+        **(_memory(raw_runs, our_runs, count_only_runs) if args.large else {}),
         "kafka_crc32c": "c" if kafka_record_util.crc32c_c is not None else "pure python",
         "wall_s": round(time.monotonic() - started, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     line = json.dumps(result)
-    (RESULTS / "ingest.json").write_text(line + "\n")
+    name = "ingest-large" if args.large else "ingest"
+    (RESULTS / f"{name}.json").write_text(line + "\n")
     title = (
         f"{n:,} events of {avg_bytes:.0f} B, {PARTITIONS} partitions, {BROKER}\n"
         f"ours / raw = {result['ratio']} (median of {args.repeats} paired rounds)"
     )
-    write_chart(RESULTS / "ingest.png", raw, ours, title)
+    write_chart(RESULTS / f"{name}.png", raw, ours, title)
     print(line)
 
 

@@ -10,6 +10,13 @@ A version is written under a temporary name and renamed into place (locally), or
 with version.json last (object stores, which have no rename; a directory without it is
 ignored), and is never modified afterwards: servers read these files for as long as they
 serve the version, and may read them again whenever they reload an evicted adapter.
+Only an adapter that passes the checks (its files load, its weights are finite, and,
+when the caller gives the servers' limits, they accept it) becomes a version.
+
+Locks (a local registry): `lock(alias)` holds one alias (publish, rollback, sync);
+`lock_all()` holds every alias at once (gc). A gate lock, held by lock_all() throughout
+and by lock(alias) only while it makes its alias's lock file, keeps a publish of a new
+alias from slipping past a gc that has already listed the aliases.
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
+from connectors.adapter_files import read_adapter
 from connectors.store import fsync_dir, write_local_atomic
+from pipeline.adapter_check import AdapterRefused, ServingLimits, adapter_problems, check_adapter
 from pipeline.registry import (
     AliasHistory,
     RegistryError,
@@ -44,6 +53,9 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TRAINER_MANIFEST = "manifest.json"
 VERSION_FILE = "version.json"
 _KEPT_TRAINER_MANIFEST = "trainer_manifest.json"
+# No alias can have this lock's name: aliases' lock files are ".<alias>.lock", and an
+# alias cannot contain "+".
+_GATE_LOCK = "+gate.lock"
 
 
 def now_iso() -> str:
@@ -131,11 +143,24 @@ class AdapterRegistry:
         parent: str | None = None,
         snapshot_id: str | None = None,
         note: str = "",
+        limits: ServingLimits | None = None,
+        base_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> dict[str, Any]:
-        """Copy a trained adapter directory in as the next version; return its version.json.
+        """Check a trained adapter directory, copy it in as the next version, and return
+        its version.json.
 
         Lineage, base model, snapshot id and metrics come from the trainer's manifest.json
         when the directory has one; `snapshot_id` overrides it.
+
+        Args:
+            limits: what the servers accept; with it (and `base_shapes`, the served base
+                model's weight shapes) the adapter must pass every check a publish makes.
+                Without it, only what no server would serve is refused.
+
+        Raises:
+            AdapterRefused: the files do not load (truncated, corrupt) or the adapter fails
+                a check; nothing is registered.
+            RegistryError: not an adapter directory, or an unknown parent.
         """
         src = Path(adapter_dir)
         missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
@@ -149,7 +174,24 @@ class AdapterRegistry:
         trainer: dict[str, Any] = {}
         if (src / TRAINER_MANIFEST).is_file():
             trainer = json.loads((src / TRAINER_MANIFEST).read_text())
-        adapter_config = json.loads((src / "adapter_config.json").read_text())
+        refused = "and not registered"
+        try:
+            adapter_config, tensors = read_adapter(src)
+        except AdapterRefused as e:
+            raise AdapterRefused(str(src), e.problems, refused) from None
+        if limits is None:
+            problems = adapter_problems(adapter_config, tensors)
+        else:
+            problems = check_adapter(
+                adapter_config,
+                tensors,
+                base_shapes,
+                limits,
+                adapter_base_fingerprint=trainer.get("base_model_fingerprint"),
+            )
+        del tensors
+        if problems:
+            raise AdapterRefused(str(src), problems, refused)
         record = {
             "parent": parent,
             "created_at": now_iso(),
@@ -220,7 +262,18 @@ class AdapterRegistry:
         return record
 
     def delete(self, version: str) -> None:
-        """Remove a version's files (only `retention` decides which may go)."""
+        """Remove a version's files (only `retention` decides which may go; the caller
+        holds `lock_all()`, as gc does).
+
+        Raises:
+            RegistryError: an alias serves the version or would roll back to it.
+        """
+        roles = [r for a in self.aliases() if (r := self.history(a).role_of(version))]
+        if roles:
+            raise RegistryError(
+                f"{version} is {' and '.join(roles)}: it is not deleted; publish or roll back "
+                "that alias to another version first"
+            )
         target = self.path(version)
         if self.local:
             shutil.rmtree(target, onerror=_make_writable)
@@ -254,9 +307,15 @@ class AdapterRegistry:
             with self.fs.open(path, "w") as f:
                 f.write(body)
 
+    def _locks(self) -> Path:
+        locks = Path(self.root) / "aliases"
+        locks.mkdir(parents=True, exist_ok=True)
+        return locks
+
     @contextlib.contextmanager
     def lock(self, alias: str, timeout_s: float = 600.0) -> Iterator[None]:
-        """Hold the alias: publishes and rollbacks of one alias run one at a time.
+        """Hold the alias: publishes, rollbacks and syncs of one alias, and gc, run one at
+        a time.
 
         A file lock on a local registry; a remote registry has no lock here, so run one
         publisher per alias (the scheduled flow's concurrency limit does that).
@@ -264,9 +323,35 @@ class AdapterRegistry:
         if not self.local:
             yield
             return
-        locks = Path(self.root) / "aliases"
-        locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(locks / f".{check_alias(alias)}.lock"), timeout=timeout_s):
+        locks = self._locks()
+        path = locks / f".{check_alias(alias)}.lock"
+        with FileLock(str(locks / _GATE_LOCK), timeout=timeout_s):
+            path.touch()  # a gc holding the gate sees this alias and waits for it
+        with FileLock(str(path), timeout=timeout_s):
+            yield
+
+    @contextlib.contextmanager
+    def lock_all(
+        self, timeout_s: float = 600.0, waiting: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
+        """Hold every alias at once (gc): no publish, rollback or sync runs meanwhile,
+        and none starts until this ends. `waiting` is told each alias it has to wait for.
+        """
+        if not self.local:
+            yield
+            return
+        locks = self._locks()
+        with FileLock(str(locks / _GATE_LOCK), timeout=timeout_s), contextlib.ExitStack() as held:
+            names = {p.name[1:].removesuffix(".lock") for p in locks.glob(".*.lock")}
+            for alias in sorted(names | set(self.aliases())):
+                lock = FileLock(str(locks / f".{alias}.lock"))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    if waiting is not None:
+                        waiting(alias)
+                    lock.acquire(timeout=timeout_s)
+                held.callback(lock.release)
             yield
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -124,6 +126,12 @@ class IngestConfig(_Section):
     """How the consumer batches, bounds and reports."""
 
     batch_max_events: int = Field(5000, ge=1)
+    batch_max_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        description="a batch closes once its messages (keys and values) reach this many "
+        "bytes, or batch_max_events, whichever comes first; bounds the consumer's memory",
+    )
     batch_max_seconds: float = Field(5.0, gt=0)
     max_event_bytes: int = Field(1 << 20, ge=1024)
     dlq_max_message_bytes: int = Field(
@@ -137,6 +145,28 @@ class IngestConfig(_Section):
     connect_timeout_seconds: float = Field(
         0.0, ge=0, description="give up when the broker stays away this long; 0 = never"
     )
+    store_attempts: int = Field(
+        6,
+        ge=1,
+        description="tries at storing a batch, at sending its dead letters and at settling "
+        "an assigned partition's files, before ingest exits (code 1)",
+    )
+    store_retry_wait_seconds: float = Field(
+        0.5, gt=0, description="wait before the second try; doubles each time, at most 10 s"
+    )
+
+
+HASH_KEY_MIN_HEX = 32
+
+
+def _is_strong_hex_key(key: str) -> bool:
+    # Eight distinct digits: a random 32-digit key has fewer once in tens of millions;
+    # "0000..." or "abababab..." is not random.
+    return (
+        len(key) >= HASH_KEY_MIN_HEX
+        and all(c in "0123456789abcdefABCDEF" for c in key)
+        and len(set(key.lower())) >= 8
+    )
 
 
 class EventsConfig(_Section):
@@ -145,8 +175,23 @@ class EventsConfig(_Section):
     rating_desirable_min: int = Field(4, ge=1, le=5)
     rating_undesirable_max: int = Field(2, ge=1, le=5)
     user_hash_key: SecretStr | None = Field(
-        None, description="secret key of the user-id hash; set KTO_LOOP_EVENTS__USER_HASH_KEY"
+        None,
+        description="secret key of the user-id hash, at least 128 bits of random hex; set "
+        "KTO_LOOP_EVENTS__USER_HASH_KEY",
     )
+
+    @field_validator("user_hash_key")
+    @classmethod
+    def _strong_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A weak key makes the hashes of user ids guessable: with a dictionary of
+        # likely ids (emails), anyone holding the store could undo them.
+        if value is not None and not _is_strong_hex_key(value.get_secret_value()):
+            raise ValueError(
+                f"must be at least {HASH_KEY_MIN_HEX} random hex digits (128 bits); make one "
+                "with `openssl rand -hex 32` or `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'` and keep it stable"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> EventsConfig:
@@ -309,6 +354,11 @@ class ServingConfig(_Section):
         description="base URLs of every vLLM replica serving the alias",
     )
     api_key: SecretStr | None = Field(None, description="vLLM's --api-key; use the environment")
+    admin_key: SecretStr | None = Field(
+        None,
+        description="the servers' KTO_LOOP_ADMIN_KEY, sent on control-plane calls only (load, "
+        "swap, retire); set KTO_LOOP_SERVING__ADMIN_KEY in the environment",
+    )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         8, description="the servers' --max-lora-rank; higher-rank adapters are refused"
     )
@@ -326,6 +376,22 @@ class ServingConfig(_Section):
     retries: int = Field(3, ge=1, description="attempts for calls that are safe to repeat")
     smoke_prompt: str = Field("Hello", min_length=1)
     smoke_max_tokens: int = Field(8, ge=1)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_differs(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # A field validator, so that an error names [serving] admin_key and never shows it.
+        api_key = info.data.get("api_key")
+        if (
+            value is not None
+            and api_key is not None
+            and value.get_secret_value() == api_key.get_secret_value()
+        ):
+            raise ValueError(
+                "admin_key equals api_key, which every inference client holds: give the "
+                "servers (KTO_LOOP_ADMIN_KEY) and kto-loop a different admin key"
+            )
+        return value
 
     def server_path(self, local: str) -> str:
         """Translate a registry path to the servers' view with the longest matching prefix."""
@@ -480,10 +546,38 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
                 tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    misspelled = _unknown_environment_keys(os.environ)
+    if misspelled:
+        raise ConfigError("\n".join(["invalid configuration (environment):", *misspelled]))
     try:
         return Settings(_toml_file=path, **overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where)) from None
+
+
+def _environment_keys() -> list[str]:
+    names = []
+    for section, field in Settings.model_fields.items():
+        for key in getattr(field.annotation, "model_fields", {}):
+            names.append(f"{ENV_PREFIX}{section}__{key}".upper())
+    return names
+
+
+def _unknown_environment_keys(environ: Mapping[str, str]) -> list[str]:
+    """Variables shaped like config overrides (KTO_LOOP_<SECTION>__<KEY>) that name no
+    key: pydantic-settings would ignore them, and a misspelled secret would go unset."""
+    known = _environment_keys()
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or "__" not in upper:
+            continue
+        if any(upper == k or upper.startswith(k + "__") for k in known):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else "no such section or key"
+        lines.append(f"  environment variable {name} names no configuration key; {hint}")
+    return lines
 
 
 def _describe(exc: ValidationError, where: str) -> str:

@@ -10,6 +10,12 @@ Each dead letter keeps the original key, value and headers, plus:
 
 The store's dead-letter table holds the same records, so the topic is for alerting
 and replay tooling, the table is the durable copy.
+
+The topic is at-least-once: a batch's dead letters are sent before its files are
+written, so a crash in between (or a batch whose store write kept failing) sends them
+again when the batch is read again. Consumers of the topic should expect a dead
+letter twice and key it by kto.source.topic/partition/offset; the store's table
+holds each once.
 """
 
 from __future__ import annotations

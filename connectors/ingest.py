@@ -43,6 +43,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from connectors import kafka_clients
 from connectors.config import Settings
 from connectors.dead_letters import DeadLetterError, DeadLetterTopic
+from connectors.faults import crash_point
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore, StoreError
 from pipeline.events import EventError, EventParser, RatingPolicy
 from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
@@ -95,6 +96,8 @@ class _PartitionBatch:
         self.first = first
         self.last = -1
         self.rows = FeedbackRows(tp.topic, tp.partition)
+        # Bytes of the keys and values taken into the batch.
+        self.bytes = 0
         # (source, key, value, headers, kind, reason): for the DLQ topic and the table.
         self.dead_letters: list[tuple] = []
 
@@ -162,6 +165,9 @@ class Ingestor:
         self._in_flight: _InFlight | None = None
         self._batches: dict[TopicPartition, _PartitionBatch] = {}
         self._batch_started: float | None = None
+        # Messages and bytes taken into the open batches since the last close.
+        self._pending_events = 0
+        self._pending_bytes = 0
         self._next: dict[TopicPartition, int] = {}
         self._owned: set[TopicPartition] = set()
         self._metrics = _Metrics()
@@ -261,22 +267,23 @@ class Ingestor:
             polled = consumer.poll(timeout_ms=int(timeout * 1000), max_records=_POLL_RECORDS)
             if self._apply_rebalances(consumer):
                 last_activity = time.monotonic()
-            for tp, messages in polled.items():
+            while polled:
+                # Popped, so a partition's raw messages are freed once parsed rather
+                # than held until the whole poll is done.
+                tp, messages = polled.popitem()
                 last_activity = time.monotonic()
-                # A poll may bring more than a batch: cut it at the batch size.
+                # A poll may bring more than a batch: cut it where the batch is full.
                 start = 0
                 while start < len(messages):
-                    end = start + max(1, cfg.batch_max_events - self._pending())
-                    self._add(tp, messages[start:end])
-                    start = end
-                    if self._pending() >= cfg.batch_max_events:
+                    start = self._add(tp, messages, start)
+                    if self._batch_full():
                         self._close_batch(consumer, dlq)
+                del messages
             if self._in_flight is not None and self._in_flight.future.done():
                 self._finish_in_flight(consumer)
             now = time.monotonic()
             if self._batches and (
-                self._pending() >= cfg.batch_max_events
-                or now - (self._batch_started or now) >= cfg.batch_max_seconds
+                self._batch_full() or now - (self._batch_started or now) >= cfg.batch_max_seconds
             ):
                 self._close_batch(consumer, dlq)
             if now >= next_lag:
@@ -297,13 +304,24 @@ class Ingestor:
 
     # -- per message --------------------------------------------------------------
 
-    def _add(self, tp: TopicPartition, messages: list) -> None:
+    def _add(self, tp: TopicPartition, messages: list, start: int = 0) -> int:
+        """Parse messages[start:] into the partition's open batch until the batch is
+        full (by events or bytes); return the index of the first message not taken."""
         if tp not in self._owned:
-            return
+            return len(messages)
+        cfg = self.settings.ingest
+        room_events = cfg.batch_max_events - self._pending_events
+        room_bytes = cfg.batch_max_bytes - self._pending_bytes
         floor = self._next.get(tp, -1)
         batch = self._batches.get(tp)
         parse = self._parse
-        for m in messages:
+        taken = 0
+        end = start
+        for end in range(start, len(messages)):
+            if room_events <= 0 or room_bytes <= 0:
+                break
+            m = messages[end]
+            taken += 1
             offset = m.offset
             if offset < floor:
                 self.stats.skipped_already_stored += 1
@@ -312,27 +330,44 @@ class Ingestor:
                 batch = self._batches[tp] = _PartitionBatch(tp, offset)
                 if self._batch_started is None:
                     self._batch_started = time.monotonic()
+            size = len(m.value or b"") + len(m.key or b"")
+            room_events -= 1
+            room_bytes -= size
+            batch.bytes += size
             try:
                 event = parse(m.value)
             except EventError as exc:
-                self._dead_letter(batch, tp, m, exc)
+                self._dead_letter(batch, tp, m, exc.kind, exc.message)
             else:
                 batch.rows.append(event, offset, m.timestamp)
             batch.last = offset
+        else:
+            end = len(messages)
         if batch is not None and batch.last >= 0:
-            batch.rows.seal()
+            rejected = batch.rows.seal()
+            if rejected:
+                by_offset = {m.offset: m for m in messages[start:end]}
+                for offset, reason in rejected:
+                    self._dead_letter(batch, tp, by_offset[offset], "unstorable", reason)
             self._next[tp] = batch.last + 1
-        self.stats.consumed += len(messages)
-        self._metrics.consumed.inc(len(messages))
+        self._pending_events = cfg.batch_max_events - room_events
+        self._pending_bytes = cfg.batch_max_bytes - room_bytes
+        self.stats.consumed += taken
+        self._metrics.consumed.inc(taken)
+        return end
 
     @staticmethod
-    def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, exc: EventError) -> None:
+    def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, kind: str, reason: str) -> None:
         source = Provenance(tp.topic, tp.partition, m.offset, m.timestamp)
         headers = list(m.headers or [])
-        batch.dead_letters.append((source, m.key, m.value, headers, exc.kind, exc.message))
+        batch.dead_letters.append((source, m.key, m.value, headers, kind, reason))
 
-    def _pending(self) -> int:
-        return sum(b.last - b.first + 1 for b in self._batches.values())
+    def _batch_full(self) -> bool:
+        cfg = self.settings.ingest
+        return (
+            self._pending_events >= cfg.batch_max_events
+            or self._pending_bytes >= cfg.batch_max_bytes
+        )
 
     # -- durability ---------------------------------------------------------------
 
@@ -342,6 +377,7 @@ class Ingestor:
         batches = {tp: b for tp, b in self._batches.items() if b.last >= b.first}
         self._batches = {}
         self._batch_started = None
+        self._pending_events = self._pending_bytes = 0
         if not batches:
             return
         self._finish_in_flight(consumer)
@@ -378,33 +414,66 @@ class Ingestor:
     def _make_durable_with_retries(
         self, batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic
     ) -> None:
-        retrying = Retrying(
-            retry=retry_if_exception_type((StoreError, DeadLetterError, OSError, KafkaError)),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            stop=stop_after_attempt(6),
+        """Send the batch's dead letters to the DLQ topic, then write its files, each
+        retried on its own (a failing store does not send the dead letters again).
+
+        Raises:
+            IngestError: either kept failing; nothing of the batch is committed.
+        """
+        attempts = self.settings.ingest.store_attempts
+        try:
+            self._retrying("sending dead letters", (DeadLetterError, KafkaError))(
+                self._send_dead_letters, batches, dlq
+            )
+        except (DeadLetterError, KafkaError) as exc:
+            raise IngestError(
+                f"could not send a batch's dead letters to {dlq.topic} after {attempts} "
+                f"attempts: {exc}. Nothing was stored or committed; restarting re-reads the "
+                "batch. Check that the dead-letter topic exists and accepts this client's writes."
+            ) from exc
+        try:
+            self._retrying("storing a batch", (StoreError, OSError))(self._make_durable, batches)
+        except (StoreError, OSError) as exc:
+            raise IngestError(
+                f"could not store a batch in {self.store.url} after {attempts} attempts: "
+                f"{exc}. Nothing was committed; once the store is fixed, restart: the batch "
+                "is read again (its dead letters, if any, reach the dead-letter topic again)."
+            ) from exc
+
+    def _retrying(self, what: str, errors: tuple[type[BaseException], ...]) -> Retrying:
+        cfg = self.settings.ingest
+        return Retrying(
+            retry=retry_if_exception_type(errors),
+            wait=wait_exponential(
+                multiplier=cfg.store_retry_wait_seconds, max=max(10.0, cfg.store_retry_wait_seconds)
+            ),
+            stop=stop_after_attempt(cfg.store_attempts),
             before_sleep=lambda s: log.warning(
-                "storing a batch failed (%s); retrying", s.outcome.exception() if s.outcome else "?"
+                "%s failed (attempt %d of %d): %s; retrying",
+                what,
+                s.attempt_number,
+                cfg.store_attempts,
+                s.outcome.exception() if s.outcome else "?",
             ),
             reraise=True,
         )
-        try:
-            retrying(self._make_durable, batches, dlq)
-        except (StoreError, DeadLetterError, OSError, KafkaError) as exc:
-            raise IngestError(
-                f"could not store a batch after 6 attempts: {exc}. Nothing was committed; "
-                "restarting re-reads it. Check the store URL and credentials and the "
-                "dead-letter topic."
-            ) from exc
 
-    def _make_durable(
-        self, batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic
+    @staticmethod
+    def _send_dead_letters(
+        batches: dict[TopicPartition, _PartitionBatch], dlq: DeadLetterTopic
     ) -> None:
-        now = dt.datetime.now(dt.UTC)
         dlq.discard()
         for batch in batches.values():
             for letter in batch.dead_letters:
                 dlq.add(*letter)
         dlq.flush()
+
+    def _make_durable(self, batches: dict[TopicPartition, _PartitionBatch]) -> None:
+        # Crash points for tests (connectors/faults.py): a crash here leaves dead
+        # letters on the DLQ topic and no file; recovery and the re-read batch settle
+        # the store, and the DLQ topic holds those dead letters twice (at-least-once).
+        crash_point("ingest.durable.1")
+        now = dt.datetime.now(dt.UTC)
         for tp, b in batches.items():
             if b.dead_letters:
                 dead = DeadLetterRows()
@@ -412,10 +481,12 @@ class Ingestor:
                     dead.append(*letter)
                 table = dead.to_table(now, self.name)
                 self.store.write_batch(DEAD_LETTERS, tp.topic, tp.partition, b.first, b.last, table)
+        crash_point("ingest.durable.2")
         # Feedback files last: their presence marks the whole batch durable.
         for tp, b in batches.items():
             table = b.rows.to_table(now, self.name)
             self.store.write_batch(FEEDBACK, tp.topic, tp.partition, b.first, b.last, table)
+        crash_point("ingest.durable.3")  # durable, offsets not committed yet
 
     def _commit(self, consumer: KafkaConsumer, positions: dict[TopicPartition, int]) -> None:
         offsets = {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()}
@@ -449,6 +520,8 @@ class Ingestor:
                 self._owned -= partitions
                 if not self._batches:
                     self._batch_started = None
+                self._pending_events = sum(b.last - b.first + 1 for b in self._batches.values())
+                self._pending_bytes = sum(b.bytes for b in self._batches.values())
             else:
                 for tp in sorted(partitions):
                     self._take_partition(consumer, tp)
@@ -460,7 +533,17 @@ class Ingestor:
         return bool(changes)
 
     def _take_partition(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
-        durable_next = self.store.recover_partition(tp.topic, tp.partition)
+        attempts = self.settings.ingest.store_attempts
+        try:
+            durable_next = self._retrying(
+                f"settling {tp.topic}[{tp.partition}] in the store", (StoreError, OSError)
+            )(self.store.recover_partition, tp.topic, tp.partition)
+        except (StoreError, OSError) as exc:
+            raise IngestError(
+                f"could not settle {tp.topic}[{tp.partition}] in the store {self.store.url} "
+                f"after {attempts} attempts: {exc}. Nothing of it was consumed or committed; "
+                "once the store is fixed, restart."
+            ) from exc
         committed = consumer.committed(tp)
         self._next.pop(tp, None)
         if durable_next is not None and (committed is None or durable_next > committed):

@@ -14,14 +14,20 @@ The protocol, per alias and under the registry's alias lock:
 
 A failure anywhere leaves the served adapter, the registry and the history as they were,
 and says which replica failed and why.
+
+`fault_injection_hook` is a hook point for tests only: when set, it is called with the
+name of each step boundary the protocol reaches (`AFTER_LOAD`: the version is loaded and
+smoke-tested on every replica and no alias has switched yet), so that a test can kill a
+replica exactly there. It is None in production.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from connectors.adapter_files import base_weight_shapes, read_adapter
@@ -33,6 +39,15 @@ from pipeline.fingerprint import model_fingerprint
 from pipeline.registry import AliasHistory, RegistryError, served_name
 
 log = logging.getLogger(__name__)
+
+AFTER_LOAD = "after-load"
+# Fault-injection hook point (tests only): called with a step name such as AFTER_LOAD.
+fault_injection_hook: Callable[[str], None] | None = None
+
+
+def _fault_point(step: str) -> None:
+    if fault_injection_hook is not None:
+        fault_injection_hook(step)
 
 
 class PublishError(Exception):
@@ -62,9 +77,12 @@ class PublishResult:
 
 
 def admins_for(serving: ServingConfig) -> list[VllmAdmin]:
+    """One client per replica, with the inference key and the admin key."""
     key = serving.api_key.get_secret_value() if serving.api_key else None
+    admin_key = serving.admin_key.get_secret_value() if serving.admin_key else None
     return [
-        VllmAdmin(url, key, serving.timeout_seconds, serving.retries) for url in serving.replicas
+        VllmAdmin(url, key, serving.timeout_seconds, serving.retries, admin_key=admin_key)
+        for url in serving.replicas
     ]
 
 
@@ -92,16 +110,26 @@ class Publisher:
 
     # -- checks ---------------------------------------------------------------------------
 
+    def limits(self) -> tuple[ServingLimits, Mapping[str, tuple[int, ...]] | None]:
+        """What the servers accept, and the served base model's weight shapes (None when
+        [serving] base_model is not set)."""
+        if not self.serving.base_model:
+            return ServingLimits(self.serving.max_lora_rank), None
+        return (
+            ServingLimits(self.serving.max_lora_rank, model_fingerprint(self.serving.base_model)),
+            base_weight_shapes(self.serving.base_model),
+        )
+
+    def register(self, adapter_dir: Path, **kwargs: Any) -> dict[str, Any]:
+        """Register an adapter directory as the next version, refusing (AdapterRefused,
+        nothing registered) one these servers must not serve; return its version.json."""
+        limits, shapes = self.limits()
+        return self.registry.add(adapter_dir, limits=limits, base_shapes=shapes, **kwargs)
+
     def validate(self, version: str) -> None:
         """Raise AdapterRefused with every reason the version must not be served."""
         info = self.registry.info(version)
-        limits = ServingLimits(self.serving.max_lora_rank)
-        shapes = None
-        if self.serving.base_model:
-            limits = ServingLimits(
-                self.serving.max_lora_rank, model_fingerprint(self.serving.base_model)
-            )
-            shapes = base_weight_shapes(self.serving.base_model)
+        limits, shapes = self.limits()
         with self.registry.local_copy(version) as local:
             config, tensors = read_adapter(local)
         problems = check_adapter(
@@ -186,6 +214,7 @@ class Publisher:
                 f"on {e.replica}: {e}"
             ) from e
 
+        _fault_point(AFTER_LOAD)
         switched: list[VllmAdmin] = []
         try:
             for admin in self.admins:

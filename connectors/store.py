@@ -10,15 +10,20 @@ dead-lettered, and always after that batch's dead letters: its presence is the p
 that offsets first..last are durable. Writes are atomic (temp file + rename locally,
 a single PUT on object stores), so a reader never sees half a file and a batch
 written twice lands on the same name. `recover_partition` settles what a crash or a
-lost consumer left behind before a partition is consumed again.
+lost consumer left behind before a partition is consumed again; every step of it
+is safe to interrupt and repeat (see its docstring).
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +35,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from connectors.faults import crash_point
 from pipeline import records
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,37 @@ _NAME = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 
 
 class StoreError(RuntimeError):
-    """The store could not be read or written; the message says where and why."""
+    """The store could not be read or written; the message says where, why (the errno's
+    name, e.g. EROFS or ENOSPC) and what to do. `path` and `errno` say it to code."""
+
+    def __init__(self, message: str, path: str | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = code
+
+    @classmethod
+    def from_os_error(cls, action: str, path: str, exc: OSError) -> StoreError:
+        """A StoreError naming the path, the errno's symbolic name and the remedy."""
+        code = exc.errno
+        if code is None:
+            what = str(exc)
+        else:
+            what = f"{errno.errorcode.get(code, f'errno {code}')} ({exc.strerror or exc})"
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "make the store writable by this process (permissions, a read-only mount)"
+        elif code in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on the store's filesystem or raise its quota"
+        else:
+            fix = "check [store] url, its permissions and credentials"
+        return cls(f"could not {action} {path}: {what}; {fix}", path=path, code=code)
+
+
+@contextmanager
+def _os_errors(action: str, path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError.from_os_error(action, path, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -83,26 +119,28 @@ class FeedbackStore:
         path = self.batch_path(table, topic, partition, first, last)
         sink = pa.BufferOutputStream()
         pq.write_table(rows, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        try:
+        # The encoded file as Arrow holds it: a view, not a second copy of a batch
+        # that may be tens of MB.
+        data = memoryview(sink.getvalue())
+        with _os_errors("write", path):
             if self._local:
-                write_local_atomic(path, data)
+                write_local_atomic(path, data, crash_points="store.write")
             else:
                 # One PUT: object stores make it visible whole or not at all.
-                self.fs.pipe_file(path, data)
-        except OSError as exc:
-            raise StoreError(f"could not write {path}: {exc}") from exc
+                self.fs.pipe_file(path, data.tobytes())
         return path
 
     # -- listing and recovery ---------------------------------------------------
 
     def batch_files(self, table: str, topic: str, partition: int) -> list[BatchFile]:
-        """The stored batches of one partition, by first offset."""
+        """The stored batches of one partition, by first offset (longest first)."""
         directory = self.partition_dir(table, topic, partition)
         try:
             names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StoreError.from_os_error("list", directory, exc) from exc
         files = []
         for path in names:
             match = _NAME.match(path.rsplit("/", 1)[-1])
@@ -118,42 +156,115 @@ class FeedbackStore:
         feedback file never landed (the batch will be consumed again), and resolves
         overlapping batches (left by a consumer that lost its partitions mid-batch) so
         that every offset is stored in exactly one file.
+
+        A crash at any point of it (each file change is crash point
+        "store.recover.N", N counting from 1 per call) loses nothing, and running it
+        again finishes the job: a file is removed only once the files that hold its
+        offsets exist, and a trimmed copy is named for the offsets it keeps, so the
+        next run recognises it and removes the original instead of trimming again.
+
+        Raises:
+            StoreError: a file could not be listed, read, written or removed.
         """
+        steps = itertools.count(1)
+
+        def step() -> None:
+            crash_point(f"store.recover.{next(steps)}")
+
         for table in (FEEDBACK, DEAD_LETTERS):
-            self._remove_temp_files(table, topic, partition)
-        durable = self._resolve_overlaps(FEEDBACK, topic, partition)
-        for f in self.batch_files(DEAD_LETTERS, topic, partition):
-            if durable is None or f.last > durable:
-                log.info("removing dead letters of an unfinished batch: %s", f.path)
-                self.fs.rm(f.path)
-        self._resolve_overlaps(DEAD_LETTERS, topic, partition)
+            self._remove_temp_files(table, topic, partition, step)
+        durable = self._resolve_overlaps(FEEDBACK, topic, partition, step)
+        self._remove_unfinished_dead_letters(topic, partition, durable, step)
+        self._resolve_overlaps(DEAD_LETTERS, topic, partition, step)
         return None if durable is None else durable + 1
 
-    def _resolve_overlaps(self, table: str, topic: str, partition: int) -> int | None:
+    def _resolve_overlaps(
+        self, table: str, topic: str, partition: int, step: Callable[[], None]
+    ) -> int | None:
+        """Remove files whose offsets other files hold, trim partial overlaps from the
+        front; return the last offset covered."""
+        files = self.batch_files(table, topic, partition)
+        ranges = {(f.first, f.last) for f in files}
+        kept_copies: set[tuple[int, int]] = set()
         covered: int | None = None
-        for f in self.batch_files(table, topic, partition):
+        for f in files:
+            if (f.first, f.last) in kept_copies:
+                continue
             if covered is not None and f.last <= covered:
                 log.warning("removing %s: its offsets are all in another file", f.path)
-                self.fs.rm(f.path)
+                self._remove(f.path, step)
                 continue
             if covered is not None and f.first <= covered:
-                log.warning("rewriting %s without offsets already stored up to %d", f.path, covered)
-                rows = self._read_files([f.path], table)
-                rows = rows.filter(pc.greater(rows[records.KAFKA_OFFSET], covered))
-                self.write_batch(table, topic, partition, covered + 1, f.last, rows)
-                self.fs.rm(f.path)
+                trimmed = (covered + 1, f.last)
+                if trimmed in ranges:
+                    # Written by a recovery that stopped before removing the original.
+                    log.warning("removing %s: a trimmed copy of it exists", f.path)
+                    kept_copies.add(trimmed)
+                else:
+                    log.warning(
+                        "rewriting %s without offsets already stored up to %d", f.path, covered
+                    )
+                    self._copy_range(table, topic, partition, f, *trimmed, step)
+                self._remove(f.path, step)
             covered = f.last if covered is None else max(covered, f.last)
         return covered
 
-    def _remove_temp_files(self, table: str, topic: str, partition: int) -> None:
+    def _remove_unfinished_dead_letters(
+        self, topic: str, partition: int, durable: int | None, step: Callable[[], None]
+    ) -> None:
+        """Remove dead letters of offsets past the last durable one: their batch is
+        consumed again and dead-letters them again."""
+        files = self.batch_files(DEAD_LETTERS, topic, partition)
+        ranges = {(f.first, f.last) for f in files}
+        for f in files:
+            if durable is not None and f.last <= durable:
+                continue
+            if durable is not None and f.first <= durable and (f.first, durable) not in ranges:
+                # Its head holds dead letters of durable offsets, maybe the only copy.
+                self._copy_range(DEAD_LETTERS, topic, partition, f, f.first, durable, step)
+            log.info("removing dead letters of an unfinished batch: %s", f.path)
+            self._remove(f.path, step)
+
+    def _copy_range(
+        self,
+        table: str,
+        topic: str,
+        partition: int,
+        source: BatchFile,
+        first: int,
+        last: int,
+        step: Callable[[], None],
+    ) -> None:
+        with _os_errors("read", source.path):
+            rows = self._read_files([source.path], table)
+        offsets = rows[records.KAFKA_OFFSET]
+        rows = rows.filter(pc.and_(pc.greater_equal(offsets, first), pc.less_equal(offsets, last)))
+        if table == DEAD_LETTERS and rows.num_rows == 0:
+            return  # only feedback files must exist for every range: they mark it durable
+        step()
+        self.write_batch(table, topic, partition, first, last, rows)
+
+    def _remove(self, path: str, step: Callable[[], None]) -> None:
+        step()
+        with _os_errors("remove", path):
+            self.fs.rm(path)
+
+    def _remove_temp_files(
+        self, table: str, topic: str, partition: int, step: Callable[[], None]
+    ) -> None:
         if not self._local:
             return
         directory = self.partition_dir(table, topic, partition)
-        if not os.path.isdir(directory):
-            return
-        for name in os.listdir(directory):
+        with _os_errors("list", directory):
+            if not os.path.isdir(directory):
+                return
+            names = os.listdir(directory)
+        for name in names:
             if name.startswith(".") and ".tmp-" in name:
-                os.unlink(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                step()
+                with _os_errors("remove", path):
+                    os.unlink(path)
 
     # -- reading ----------------------------------------------------------------
 
@@ -189,7 +300,13 @@ class FeedbackStore:
         return dataset.to_table()
 
 
-def write_local_atomic(path: str, data: bytes) -> None:
+def write_local_atomic(
+    path: str, data: bytes | memoryview, crash_points: str | None = None
+) -> None:
+    """Write `path` whole or not at all: a temp file, fsync, rename, fsync of the
+    directory. With `crash_points`, the steps are crash points "<crash_points>.1"
+    (temp file written, not renamed) and "<crash_points>.2" (renamed, directory not
+    synced)."""
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -198,11 +315,15 @@ def write_local_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if crash_points:
+            crash_point(f"{crash_points}.1")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if crash_points:
+        crash_point(f"{crash_points}.2")
     fsync_dir(directory)
 
 

@@ -4,6 +4,11 @@ vLLM answers expected failures with a JSON error and a status; those become exce
 whose message says what to do. Only calls that are safe to repeat are retried (reads, and
 the swap, which sets the alias to a target and so means the same the second time); a
 load is checked against the server's state instead of being sent twice.
+
+Two keys: the inference key (vLLM's --api-key) goes as `Authorization: Bearer` on every
+call; the admin key (the server's KTO_LOOP_ADMIN_KEY) goes in its own header,
+`X-KTO-Loop-Admin-Key`, on control-plane calls only (load, unload, swap, retire, the
+swap state), so it never travels with an inference request.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from tenacity import (
 log = logging.getLogger(__name__)
 
 SWAP_PREFIX = "/v1/kto-loop"
+# The plugin's names (deploy/vllm/plugin/kto_loop_vllm/plugin.py): the header the admin
+# key travels in, and the error type its refusals carry.
+ADMIN_HEADER = "X-KTO-Loop-Admin-Key"
+ADMIN_ERROR_TYPE = "KtoLoopAdminAuth"
 
 
 class VllmError(Exception):
@@ -46,6 +55,11 @@ class PluginMissing(VllmError):
     """The replica lacks the kto-loop swap routes."""
 
 
+class AdminKeyRefused(VllmError):
+    """The replica refused a control-plane call: no admin key (401), a wrong one, or a
+    server that has none and is not bound to loopback (403)."""
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -58,10 +72,15 @@ _RETRYABLE = (ServerUnreachable,)
 _LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
-def _as_error(url: str, method: str, path: str, status: int, message: str) -> VllmError:
+def _as_error(
+    url: str, method: str, path: str, status: int, message: str, kind: str | None = None
+) -> VllmError:
     """The exception for a vLLM error answer, with what to do about it."""
     where = f"{method} {path}: {status}"
     route_missing = message in ("Not Found", "Method Not Allowed")
+    if kind == ADMIN_ERROR_TYPE:
+        # The plugin's own refusal; its message says which key to set, and where.
+        return AdminKeyRefused(url, f"{where}: {message}", status)
     if status == 401:
         return VllmError(
             url,
@@ -115,6 +134,7 @@ class VllmAdmin:
         timeout_s: per-call timeout; loads of large adapters take longer than reads.
         retries: attempts for idempotent calls.
         transport: an httpx transport (tests inject faults with it).
+        admin_key: the server's KTO_LOOP_ADMIN_KEY, sent on control-plane calls only.
     """
 
     def __init__(
@@ -124,8 +144,11 @@ class VllmAdmin:
         timeout_s: float = 30.0,
         retries: int = 3,
         transport: httpx.BaseTransport | None = None,
+        *,
+        admin_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self._admin_headers = {ADMIN_HEADER: admin_key} if admin_key else {}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout_s, transport=transport
@@ -146,20 +169,25 @@ class VllmAdmin:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def _call(
+        self, method: str, path: str, json: Any = None, admin: bool = False
+    ) -> httpx.Response:
+        headers = self._admin_headers if admin else None
         try:
-            response = self._client.request(method, path, json=json)
+            response = self._client.request(method, path, json=json, headers=headers)
         except httpx.TransportError as e:
             raise ServerUnreachable(
                 self.url, f"no answer to {method} {path} ({type(e).__name__}: {e})"
             ) from e
         if response.status_code >= 400:
-            message = _error_message(response)
-            raise _as_error(self.url, method, path, response.status_code, message)
+            message, kind = _error_message(response)
+            raise _as_error(self.url, method, path, response.status_code, message, kind)
         return response
 
-    def _idempotent(self, method: str, path: str, json: Any = None) -> httpx.Response:
-        return self._retrying(self._call)(method, path, json)
+    def _idempotent(
+        self, method: str, path: str, json: Any = None, admin: bool = False
+    ) -> httpx.Response:
+        return self._retrying(self._call)(method, path, json, admin)
 
     def health(self) -> bool:
         """True when the server answers /health with 200."""
@@ -178,9 +206,14 @@ class VllmAdmin:
         data = self._idempotent("GET", "/v1/models").json()
         return [m["id"] for m in data.get("data", []) if not m.get("parent")]
 
+    def model_cards(self) -> list[dict[str, Any]]:
+        """/v1/models as listed: one card per name (`id`), with the directory it was
+        loaded from (`root`; an adapter's path as the server reads it)."""
+        return list(self._idempotent("GET", "/v1/models").json().get("data", []))
+
     def swap_state(self) -> dict[str, Any]:
         """The swap plugin's view: aliases, loaded adapters, retirements, engine ids."""
-        return self._idempotent("GET", f"{SWAP_PREFIX}/aliases").json()
+        return self._idempotent("GET", f"{SWAP_PREFIX}/aliases", admin=True).json()
 
     def load(self, name: str, path: str) -> None:
         """Load the adapter at `path` (the server's view) under `name`.
@@ -199,7 +232,9 @@ class VllmAdmin:
                     f"{name} is already loaded from {a['path']}, not {path}: a version's "
                     "name must always mean the same files",
                 )
-        self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        self._call(
+            "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, admin=True
+        )
 
     def load_inplace(self, name: str, path: str) -> None:
         """vLLM's own in-place reload of `name` from `path`. kto-loop never uses it (it
@@ -208,22 +243,23 @@ class VllmAdmin:
             "POST",
             "/v1/load_lora_adapter",
             {"lora_name": name, "lora_path": path, "load_inplace": True},
+            admin=True,
         )
 
     def unload(self, name: str) -> None:
         """vLLM's own unload: forgets the name (the engine keeps the adapter's slot)."""
-        self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name}, admin=True)
 
     def swap(self, alias: str, target: str, keep: list[str]) -> dict[str, Any]:
         """Point `alias` at the loaded version `target`; keep `keep` loaded as well."""
         return self._idempotent(
-            "POST", f"{SWAP_PREFIX}/aliases/{alias}", {"target": target, "keep": keep}
+            "POST", f"{SWAP_PREFIX}/aliases/{alias}", {"target": target, "keep": keep}, admin=True
         ).json()
 
     def retire(self, name: str) -> None:
         """Retire a loaded version once no request uses it (no-op if not loaded)."""
         try:
-            self._idempotent("DELETE", f"{SWAP_PREFIX}/adapters/{name}")
+            self._idempotent("DELETE", f"{SWAP_PREFIX}/adapters/{name}", admin=True)
         except AdapterNotFound:
             return
 
@@ -270,14 +306,17 @@ class VllmAdmin:
         )
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+    """(message, error type) of an error answer; the type is None when there is none."""
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
+        return response.text.strip()[:500] or response.reason_phrase, None
     if not isinstance(body, dict):
-        return str(body)
+        return str(body), None
     error = body.get("error", body)
     if isinstance(error, dict):
-        return str(error.get("message") or error.get("detail") or error)
-    return str(error)
+        kind = error.get("type")
+        message = str(error.get("message") or error.get("detail") or error)
+        return message, kind if isinstance(kind, str) else None
+    return str(error), None

@@ -48,7 +48,8 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _fail(exc: Exception, code: int) -> NoReturn:
-    err.print(str(exc), style="red", markup=False, highlight=False)
+    # soft_wrap: a path or URL in the message stays whole in logs (no fold at 80 columns).
+    err.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code) from None
 
 

@@ -9,17 +9,16 @@ production. Each prints tables on stderr and ends with one JSON line on stdout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
+import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pandas as pd
 import typer
 from rich.console import Console
@@ -30,10 +29,13 @@ from connectors.config import Settings
 from connectors.cycle_runs import CycleRuns
 from connectors.publish import Publisher
 from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from deploy.local.prefect_server import prefect_api
+from deploy.local.processes import die_with_parent, interruptible
 from flows.serving_cli import served_versions
 from pipeline.registry import parse_served_name
 
 err = Console(stderr=True)
+log = logging.getLogger("kto_loop.cycle")
 
 # Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -42,11 +44,18 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_
 
 
 def run(settings: Settings, config: Path | None, alias: str | None) -> None:
-    """Run one cycle; exit 0 when it completed (published or skipped), 1 when it failed."""
+    """Run one cycle; exit 0 when it completed (published or skipped), 1 when it failed.
+
+    Without PREFECT_API_URL the flow runs against a temporary local server (Prefect's
+    default database, as its ephemeral mode would use) that ends with this command.
+    """
     from flows.alignment import FAILED, run_cycle
 
     alias = alias or settings.cycle.alias
-    state = run_cycle(str(config) if config else None, alias)
+    logs = Path(settings.cycle.work_dir).resolve() / "prefect"
+    with interruptible(), _prefect_api(logs / "temporary-server.log", None, ui=False) as api:
+        log.info("running %s's alignment cycle on %s", alias, api)
+        state = run_cycle(str(config) if config else None, alias)
     record = _record_of(settings, alias, state)
     _print_run(record)
     line = {
@@ -129,12 +138,17 @@ def schedule(
         if interval is not None
         else Cron(cron or settings.cycle.cron, timezone=settings.cycle.timezone)
     )
-    with _prefect_api(settings, start_server) as api:
+    home = Path(settings.cycle.work_dir).resolve() / "prefect"
+    # Each run is a process of its own, started by Prefect's runner in this one.
+    served = alignment_cycle.with_options(
+        on_running=[*alignment_cycle.on_running_hooks, functools.partial(_end_with, os.getpid())]
+    )
+    with interruptible(), _prefect_api(home / "server.log", home, start_server=start_server) as api:
         err.print(
             f"serving {alias}'s alignment cycle ({_describe(when)}) on {api}; Ctrl-C stops",
             markup=False,
         )
-        alignment_cycle.serve(
+        served.serve(
             name=f"{alias}-cycle",
             schedule=when,
             parameters={"config": str(config.resolve()), "alias": alias},
@@ -152,71 +166,31 @@ def _describe(when: Any) -> str:
     return f"every {when.interval}"
 
 
-@contextlib.contextmanager
-def _prefect_api(settings: Settings, start_server: bool) -> Iterator[str]:
-    """The Prefect API to serve against: PREFECT_API_URL if set, else a local server
-    started here (its database under the cycle work dir) and stopped on the way out."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def _end_with(scheduler_pid: int, *_: object) -> None:
+    """A served run's hook, in the run's own process: it gets SIGKILL when the
+    `kto-loop schedule` that started it dies, even by SIGKILL (its server goes too, so
+    nothing could record the run's end anyway; the next run reports it crashed).
 
-    configured = PREFECT_API_URL.value()
-    if configured:
-        yield configured
-        return
-    if not start_server:
+    Linux signals when the thread that started the process ends: Prefect 3.9's runner
+    starts runs from its event loop, in the main thread of `schedule`."""
+    die_with_parent(scheduler_pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _prefect_api(
+    log_path: Path, home: Path | None, *, start_server: bool = True, ui: bool = True
+) -> Iterator[str]:
+    """PREFECT_API_URL if set, else a local server started here (its database under
+    `home`, default Prefect's) and stopped on the way out, also if this process is killed."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not start_server and not PREFECT_API_URL.value():
         raise typer.BadParameter(
             "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
             "--no-start-server to start a local one"
         )
-    home = Path(settings.cycle.work_dir).resolve() / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    log = (home / "server.log").open("ab")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _wait_healthy(url, server, home / "server.log")
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
-        log.close()
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the local Prefect server exited ({server.returncode}):\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)  # the poll interval of a deadline loop
-    raise RuntimeError(f"the local Prefect server did not answer {url}/health in {timeout:.0f} s")
+    with prefect_api(log_path, home=home, ui=ui) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- status

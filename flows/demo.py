@@ -5,17 +5,19 @@
 1. Build the demo model (deploy/local/chat_model.py: a tiny Llama-style model with a
    locally trained tokenizer, briefly fine-tuned on a synthetic chat corpus so that
    its answers mix liked and disliked styles), unless --model-dir names a real one.
-2. Start the local stack: the broker, vLLM on the CPU with the swap plugin, the store.
+2. Start the local stack: the broker, vLLM on the CPU with the swap plugin, the store,
+   and a Prefect server for the cycle (PREFECT_API_URL's instead, when set).
 3. Simulated users chat with the served model and press like or dislike by a simple
    taste: an answer is liked when it is one of the friendly, on-topic templates
    ("Sure! Tea are a lovely subject..."), disliked otherwise (curt, garbled or cut
    off). Their votes stream through Kafka into the store.
-4. One alignment cycle (Prefect, ephemeral): snapshot, train, gate, register, publish;
+4. One alignment cycle (a Prefect flow): snapshot, train, gate, register, publish;
    the new adapter is hot-swapped into vLLM as `chat`.
 5. The same users ask the same questions again, with the same sampling seeds.
 
 It prints a before/after table, writes demo.png in the run directory, stops everything
-it started (also on Ctrl-C), and ends with one JSON line:
+it started (also on Ctrl-C or SIGTERM; and a SIGKILL takes its servers down with it),
+and ends with one JSON line:
 {"liked_before", "liked_after", "gain_pts", "adapter", "seconds", ...}.
 """
 
@@ -35,6 +37,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from deploy.local.processes import interruptible
 
 # Training settings for the demo model; a real model (--model-dir) keeps the config
 # defaults. A learning rate this high suits a model of a million parameters only.
@@ -69,7 +73,8 @@ def main() -> None:
     run_dir = (args.workdir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_demo(args, run_dir, console, started)
+        with interruptible():  # also when started with SIGINT ignored (`make demo &`)
+            result = run_demo(args, run_dir, console, started)
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started is stopped", style="yellow")
         raise SystemExit(130) from None
@@ -83,6 +88,7 @@ def run_demo(
 ) -> dict[str, Any]:
     from connectors.ingest import Ingestor
     from deploy.local.chat_model import build_chat_model, chat_prompts, taste
+    from deploy.local.prefect_server import prefect_api
     from deploy.local.stack import local_stack
     from flows.simulate import simulate
 
@@ -109,11 +115,15 @@ def run_demo(
             overrides[name] = {**overrides.get(name, {}), **user[name]}
     t = phase("model", t)
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
-    console.print("starting the broker and vLLM (health-checked, about a minute)")
-    with local_stack(run_dir, model, overrides) as stack:
+    console.print("starting the broker, vLLM and Prefect (health-checked, about a minute)")
+    with (
+        local_stack(run_dir, model, overrides) as stack,
+        prefect_api(run_dir / "logs" / "prefect.log", home=run_dir / "prefect", ui=False) as api,
+    ):
         t = phase("stack", t)
         console.print(
-            f"broker {stack.broker.bootstrap}, vLLM {stack.vllm.url}, logs in {run_dir / 'logs'}"
+            f"broker {stack.broker.bootstrap}, vLLM {stack.vllm.url}, Prefect {api}, "
+            f"logs in {run_dir / 'logs'}"
         )
         settings = stack.settings
         progress = sys.stderr.isatty()

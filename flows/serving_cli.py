@@ -56,9 +56,11 @@ def _report(status: str, switch: Callable[[], PublishResult]) -> None:
 
 
 def register(settings: Settings, adapter_dir: Path, parent: str | None, note: str) -> None:
+    """Register a directory, checked as a publish to [serving] would check it (exit 2 and
+    nothing registered when refused)."""
     try:
-        info = _registry(settings).add(adapter_dir, parent=parent, note=note)
-    except RegistryError as e:
+        info = _publisher(settings).register(adapter_dir, parent=parent, note=note)
+    except (AdapterRefused, RegistryError) as e:
         _fail(e, 2)
     typer.echo(json.dumps({"status": "registered", **info}))
 
@@ -69,7 +71,8 @@ def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
     def switch() -> PublishResult:
         version = adapter
         if Path(adapter).is_dir():
-            version = publisher.registry.add(Path(adapter), note="registered by publish")["version"]
+            # Checked before it becomes a version: a refused adapter leaves no trace.
+            version = publisher.register(Path(adapter), note="registered by publish")["version"]
             err.print(f"registered {adapter} as {version}", markup=False, highlight=False)
         return publisher.publish(alias, version, reason)
 
@@ -162,27 +165,51 @@ def adapters(settings: Settings) -> None:
     typer.echo(json.dumps(summary))
 
 
+def listed(publisher: Publisher) -> tuple[list[str], list[str]] | None:
+    """(names, adapter paths) every replica lists in /v1/models, or None when one of
+    them could not be asked."""
+    names: list[str] = []
+    paths: list[str] = []
+    for admin in publisher.admins:
+        try:
+            cards = admin.model_cards()
+        except VllmError as e:
+            err.print(
+                f"{admin.url} could not be asked ({e}): keeping every version",
+                style="yellow",
+                markup=False,
+            )
+            return None
+        names += [c["id"] for c in cards]
+        paths += [c["root"] for c in cards if c.get("parent") and c.get("root")]
+    return names, paths
+
+
 def gc(settings: Settings, dry_run: bool) -> None:
     publisher = _publisher(settings)
     registry = publisher.registry
-    names: list[str] | None = []
-    for url, state in publisher.served().items():
-        if isinstance(state, str):
-            err.print(f"{url} could not be asked ({state}): keeping every version", style="yellow")
-            names = None
-            break
-        assert names is not None
-        names += [a["name"] for a in state["adapters"]] + [
-            e["target"] for e in state["aliases"].values()
-        ]
-    plan = retention(
-        registry.versions(),
-        [registry.history(a) for a in registry.aliases()],
-        names,
-        settings.registry.keep_last,
-    )
-    for v in plan.delete:
-        if not dry_run:
-            registry.delete(v)
-        err.print(f"{'would delete' if dry_run else 'deleted'} {v}", markup=False)
+
+    def waiting(alias: str) -> None:
+        err.print(
+            f"waiting for {alias}: a publish, rollback or sync of it is running",
+            markup=False,
+            highlight=False,
+        )
+
+    # Under every alias's lock: no version becomes served or loaded while this decides.
+    with registry.lock_all(waiting=waiting):
+        seen = listed(publisher)
+        versions = registry.versions()
+        plan = retention(
+            versions,
+            [registry.history(a) for a in registry.aliases()],
+            seen[0] if seen else None,
+            settings.registry.keep_last,
+            server_paths=seen[1] if seen else (),
+            version_paths={v: settings.serving.server_path(registry.path(v)) for v in versions},
+        )
+        for v in plan.delete:
+            if not dry_run:
+                registry.delete(v)
+            err.print(f"{'would delete' if dry_run else 'deleted'} {v}", markup=False)
     typer.echo(json.dumps({"deleted": list(plan.delete), "dry_run": dry_run, "kept": plan.keep}))

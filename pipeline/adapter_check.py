@@ -30,12 +30,14 @@ class ServingLimits:
 
 
 class AdapterRefused(Exception):
-    """The adapter must not be served; `problems` lists every reason."""
+    """The adapter must not be served (or registered); `problems` lists every reason."""
 
-    def __init__(self, where: str, problems: list[str]) -> None:
+    def __init__(
+        self, where: str, problems: list[str], when: str = "before any server was touched"
+    ) -> None:
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"adapter {where} refused before any server was touched:\n{lines}")
+        super().__init__(f"adapter {where} refused {when}:\n{lines}")
 
 
 def _module_of(key: str) -> tuple[str, str] | None:
@@ -65,30 +67,15 @@ def check_adapter(
         limits: what the servers accept.
         adapter_base_fingerprint: the base-model fingerprint the trainer recorded, if any.
     """
-    problems: list[str] = []
-    if adapter_config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {adapter_config.get('peft_type')!r}; vLLM serves LORA only")
-    ranks = {"r": adapter_config.get("r")}
-    pattern = adapter_config.get("rank_pattern") or {}
-    ranks.update({f"rank_pattern[{k}]": v for k, v in pattern.items()})
-    for where, r in ranks.items():
-        if not isinstance(r, int) or r < 1:
-            problems.append(f"adapter_config.json {where} is {r!r}, not a positive rank")
-        elif r > limits.max_lora_rank:
+    problems = adapter_problems(adapter_config, tensors)
+    for where, r in _ranks(adapter_config).items():
+        if isinstance(r, int) and r > limits.max_lora_rank:
             problems.append(
                 f"LoRA rank {r} ({where}) is above the servers' --max-lora-rank "
                 f"{limits.max_lora_rank}: vLLM refuses it; train with [lora] r <= "
                 f"{limits.max_lora_rank} or restart vLLM with a larger --max-lora-rank "
                 f"(one of {', '.join(map(str, VLLM_LORA_RANKS))})"
             )
-    if not tensors:
-        problems.append("adapter_model.safetensors holds no weights")
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t.float()).all()]
-    if bad:
-        problems.append(
-            f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the training "
-            "run diverged: retrain with a lower learning rate"
-        )
     if base_shapes is not None:
         problems += _shape_problems(tensors, base_shapes)
     if (
@@ -99,6 +86,34 @@ def check_adapter(
         problems.append(
             f"trained on a base model with fingerprint {adapter_base_fingerprint}, but the "
             f"served base model's is {limits.base_fingerprint}: train on the served model"
+        )
+    return problems
+
+
+def _ranks(adapter_config: Mapping) -> dict[str, object]:
+    ranks = {"r": adapter_config.get("r")}
+    pattern = adapter_config.get("rank_pattern") or {}
+    ranks.update({f"rank_pattern[{k}]": v for k, v in pattern.items()})
+    return ranks
+
+
+def adapter_problems(adapter_config: Mapping, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every reason no server could serve this adapter, whatever its limits: not LoRA, a
+    rank that is not a positive integer, no weights, NaN or inf weights. The registry
+    refuses such an adapter before it becomes a version."""
+    problems: list[str] = []
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {adapter_config.get('peft_type')!r}; vLLM serves LORA only")
+    for where, r in _ranks(adapter_config).items():
+        if not isinstance(r, int) or r < 1:
+            problems.append(f"adapter_config.json {where} is {r!r}, not a positive rank")
+    if not tensors:
+        problems.append("adapter_model.safetensors holds no weights")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t.float()).all()]
+    if bad:
+        problems.append(
+            f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the training "
+            "run diverged: retrain with a lower learning rate"
         )
     return problems
 

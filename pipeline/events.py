@@ -25,6 +25,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -45,7 +46,8 @@ _READ_FIELDS = (
     "schema", "event_id", "ts", "conversation_id", "message_id", "user_id", "prompt",
     "messages", "response", "feedback", "rating", "model", "adapter",
 )  # fmt: skip
-_QUOTED_FIELDS = tuple(f'"{name}"'.encode() for name in _READ_FIELDS)
+# One pass over the bytes finds every key named like a field we read, at any depth.
+_READ_KEY = re.compile(rb'"(' + b"|".join(n.encode() for n in _READ_FIELDS) + rb')"\s*:')
 _MESSAGE_FIELDS = ("role", "content", "tool_calls")
 _PART_FIELDS = ("type", "text")
 _FEEDBACK_VALUES = ("like", "dislike", "retract")
@@ -212,14 +214,41 @@ def _decode(raw: bytes) -> _Wire:
 
 
 def _may_repeat_keys(raw: bytes, wire: _Wire) -> bool:
-    """Cheap and conservative: a field name we read appears more than once in the
-    bytes, or message fields appear more often than turns exist."""
-    if any(raw.count(quoted) > 1 for quoted in _QUOTED_FIELDS):
+    """Cheap and conservative: a field name we read appears as a key more than once
+    (perhaps in a nested object we ignore), or message fields appear more often than
+    turns exist. The exact check runs only then."""
+    # Every key written the usual way ends in `":`. When there are exactly as many as
+    # the keys we decoded, no key is there twice: the common case costs one C scan.
+    # (A key written `"k" :` is not counted, so it sends the event to the exact check
+    # unless an escaped `\":` inside a string happens to make up for it.)
+    # _Wire holds exactly the fields we read; its `messages` is never None.
+    values = msgspec.structs.astuple(wire)
+    expected = len(values) - 1 - values.count(None)
+    if wire.messages:
+        expected += 1 + _keys_in_turns(wire.messages)
+    if raw.count(b'":') == expected:
+        return False
+    keys = _READ_KEY.findall(raw)
+    if len(keys) != len(set(keys)):
         return True
     if not wire.messages:
         return False
     turns = raw.count(b'"role"')
     return turns > 0 and (raw.count(b'"content"') > turns or raw.count(b'"text"') > turns * 64)
+
+
+def _keys_in_turns(raw: msgspec.Raw) -> int:
+    """How many keys the turns hold as decoded (-1 if they do not decode)."""
+    try:
+        turns = _messages_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return -1
+    keys = 0
+    for turn in turns:
+        keys += 1 + (turn.content is not None) + (turn.tool_calls is not None)
+        if isinstance(turn.content, list):
+            keys += sum(1 + (part.text is not None) for part in turn.content)
+    return keys
 
 
 class _Object(dict):

@@ -252,7 +252,32 @@ class DeadLetterRows:
 
     def to_table(self, ingested_at: dt.datetime, ingested_by: str) -> pa.Table:
         constants = {INGESTED_AT: ingested_at, INGESTED_BY: ingested_by}
-        return _assemble(DEAD_LETTER_SCHEMA, self.columns, constants)
+        columns = {**self.columns, VALUE: _binary_without_copies(self.columns[VALUE])}
+        return _assemble(DEAD_LETTER_SCHEMA, columns, constants)
+
+
+# A dead letter this large is not copied into Arrow: its column chunk is a view of the
+# message's own bytes, so a batch of large letters is never held twice.
+_VIEW_BYTES = 64 * 1024
+
+
+def _binary_without_copies(values: list[bytes | None]) -> pa.ChunkedArray:
+    """A binary column of `values`: small ones copied together into one chunk, each
+    large one a zero-copy view of its bytes."""
+    chunks: list[pa.Array] = []
+    small: list[bytes | None] = []
+    for value in values:
+        if value is None or len(value) < _VIEW_BYTES:
+            small.append(value)
+            continue
+        if small:
+            chunks.append(pa.array(small, type=pa.binary()))
+            small = []
+        offsets = pa.array([0, len(value)], type=pa.int32()).buffers()[1]
+        chunks.append(pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(value)]))
+    if small or not chunks:
+        chunks.append(pa.array(small, type=pa.binary()))
+    return pa.chunked_array(chunks, type=pa.binary())
 
 
 def _append_provenance(cols: dict[str, list], source: Provenance) -> None:

@@ -143,6 +143,15 @@ class AliasHistory:
         stack = self._stack()
         return stack[-2] if len(stack) >= 2 else None
 
+    def role_of(self, version: str) -> str | None:
+        """Why this alias needs `version` ("served as chat", "rollback target of chat"),
+        or None when it does not."""
+        if version == self.current:
+            return f"served as {self.alias}"
+        if version == self.rollback_target:
+            return f"rollback target of {self.alias}"
+        return None
+
     def promoted(self, version: str, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
         """The history with `version` promoted on top of the current one."""
         if version == self.current:
@@ -182,34 +191,43 @@ def retention(
     histories: Iterable[AliasHistory],
     server_names: Iterable[str] | None,
     keep_last: int,
+    server_paths: Iterable[str] = (),
+    version_paths: Mapping[str, str] | None = None,
 ) -> Retention:
     """Decide which versions' files may be deleted.
 
     A version stays when an alias serves it, when a rollback would return to it, when any
-    server still knows it (a served adapter whose directory vanishes kills vLLM, and vLLM
-    reloads an evicted adapter from its path), or when it is among the newest `keep_last`.
+    server still knows it under any name (a served adapter whose directory vanishes kills
+    vLLM, and vLLM reloads an evicted adapter from its path), or when it is among the
+    newest `keep_last`.
 
     Args:
         versions: every version in the registry.
         histories: every alias's history.
-        server_names: model names the servers list (from each replica's `/v1/models` and
-            the swap plugin's state); None when a server could not be asked, which keeps
-            every version.
+        server_names: model names the servers list (each replica's `/v1/models`); None
+            when a server could not be asked, which keeps every version.
         keep_last: how many of the newest versions to keep regardless.
+        server_paths: the directories the servers' listed adapters were loaded from.
+        version_paths: each version's directory as the servers see it, to match a
+            version loaded under a name of another form against `server_paths`.
     """
     versions = sorted(versions, key=version_number)
     keep: dict[str, str] = {}
     if server_names is None:
         return Retention((), {v: "a server could not be asked what it reads" for v in versions})
     for h in histories:
-        if h.current:
-            keep.setdefault(h.current, f"served as {h.alias}")
-        if h.rollback_target:
-            keep.setdefault(h.rollback_target, f"rollback target of {h.alias}")
+        for v in (h.current, h.rollback_target):
+            role = h.role_of(v) if v else None
+            if v and role:
+                keep.setdefault(v, role)
     for name in server_names:
         parsed = parse_served_name(name)
         if parsed:
             keep.setdefault(parsed[1], f"loaded on a server as {name}")
+    loaded_from = {p.rstrip("/") for p in server_paths}
+    for v, path in (version_paths or {}).items():
+        if path.rstrip("/") in loaded_from:
+            keep.setdefault(v, f"loaded on a server from {path}")
     for v in versions[max(0, len(versions) - keep_last) :]:
         keep.setdefault(v, f"among the newest {keep_last}")
     return Retention(tuple(v for v in versions if v not in keep), keep)

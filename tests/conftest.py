@@ -19,7 +19,7 @@ import pytest
 from connectors.config import Settings, load_settings
 from deploy.local.broker import Broker, start_broker
 
-HASH_KEY = "test-user-hash-key"
+HASH_KEY = "9f86d081884c7d659a2feaa0c55ad015"  # 128 bits of hex, as required
 # Prefect's telemetry errors on a locked SQLite database offline (DESIGN.md).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -117,12 +117,15 @@ def kafka_setup(broker: Broker, tmp_path: Path) -> KafkaSetup:
 
 
 class IngestProcess:
-    """`kto-loop ingest` as a child process, its log in a file."""
+    """`kto-loop ingest` as a child process, its log in a file; `env` adds variables
+    (e.g. KTO_LOOP_FAULT_POINT, connectors/faults.py)."""
 
-    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+    def __init__(
+        self, config: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115
-        env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY}
+        env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY, **(env or {})}
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -163,14 +166,33 @@ class IngestProcess:
 def ingest_processes() -> Iterator[Callable[..., IngestProcess]]:
     started: list[IngestProcess] = []
 
-    def start(config: Path, log: Path, *extra: str) -> IngestProcess:
-        p = IngestProcess(config, log, *extra)
+    def start(
+        config: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> IngestProcess:
+        p = IngestProcess(config, log, *extra, env=env)
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.close()
+
+
+@pytest.fixture
+def watch() -> Iterator[Callable[[subprocess.Popen], Any]]:
+    """Watch the processes a command started (tests/children.py); after the test, the
+    command and whatever it left alive are killed, so a failed test orphans nothing."""
+    from tests.children import Descendants
+
+    watched: list[Descendants] = []
+
+    def start(root: subprocess.Popen) -> Descendants:
+        watched.append(Descendants(root))
+        return watched[-1]
+
+    yield start
+    for descendants in watched:
+        descendants.kill()
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +216,8 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real vLLM server for the session (from .venv-vllm, with the swap plugin), on the
     tiny model in float32 so that greedy answers match peft's token for token. It wants an
-    API key, and retires idle versions after 1 s instead of 10 (the tests wait for it)."""
+    API key for every call and an admin key for the control plane (load, swap, retire),
+    and retires idle versions after 1 s instead of 10 (the tests wait for it)."""
     import secrets
 
     from deploy.local.vllm_server import start_vllm
@@ -204,9 +227,49 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         tiny_model_dir,
         log,
         api_key=secrets.token_hex(16),
+        admin_key=secrets.token_hex(16),
         retire_grace_s=1.0,
         dtype="float32",
         max_model_len=512,
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def _second_replica(
+    vllm_server: Any, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    from deploy.local.vllm_server import start_vllm
+
+    log = tmp_path_factory.mktemp("vllm-2") / "vllm.log"
+    server = start_vllm(
+        tiny_model_dir,
+        log,
+        api_key=vllm_server.api_key,
+        admin_key=vllm_server.admin_key,
+        retire_grace_s=1.0,
+        dtype="float32",
+        max_model_len=512,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def second_replica(_second_replica: Any) -> Any:
+    """A second real vLLM server, started once per session like `vllm_server` and with
+    the same keys (one [serving] config holds both). A test may kill it: the next test
+    that asks for it gets it restarted on the same port, knowing no adapters."""
+    import httpx
+
+    server = _second_replica
+    try:
+        healthy = httpx.get(f"{server.url}/health", timeout=5.0).status_code == 200
+    except httpx.TransportError:
+        healthy = False
+    if not healthy:
+        if server.process.poll() is None:
+            server.kill()
+        server.restart()
+    return server

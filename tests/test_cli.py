@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from typer.testing import CliRunner
 from connectors.ingest import IngestStats
 from flows.cli import _StatusLine, app
 from pipeline.events import json_schema
+from tests.conftest import HASH_KEY
 
 runner = CliRunner()
 
@@ -170,7 +174,16 @@ def test_simulate_with_no_broker_exits_3_before_any_chat(tmp_path: Path) -> None
         "[ingest]\nconnect_timeout_seconds = 1\n"
         f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\n'
     )
-    result = runner.invoke(app, ["simulate", "--config", str(config), "--chats", "2"])
-    assert result.exit_code == 3, result.output
-    assert "no Kafka broker reachable" in result.output
-    assert "vLLM" not in result.output and "Traceback" not in result.output
+    # A process of its own, as a user runs it: its log lines and exit code are real.
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "simulate", "--config", str(config), "--chats", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "no Kafka broker reachable" in output
+    assert "users chatting" not in output and "Traceback" not in output

@@ -2,7 +2,9 @@
 from a real broker, the tiny model, and the session's real vLLM server: Kafka events to
 a new adapter answering in vLLM; too little data skipped; a worse candidate refused with
 serving unchanged; a second run refused while one trains; a killed run resumed with no
-half-registered version; and the schedule firing runs on a local Prefect server.
+half-registered version; the schedule firing runs on a local Prefect server; and no
+Prefect server or run left behind when `run` or `schedule` is stopped or killed (started
+with SIGINT ignored, as a background job is).
 
 Each test uses its own alias on the shared server, so tests do not see each other."""
 
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from flows.alignment import alignment_cycle
 from flows.cli import app
 from pipeline.sample import encode
 from pipeline.snapshot import SnapshotOptions, split_of
+from tests.children import Descendants, start_command
 from tests.conftest import HASH_KEY, KafkaSetup, _toml, wait_until
 from tests.test_serving import Greedy
 
@@ -138,7 +141,7 @@ class Cycle:
         return ingestor.store.read()
 
     def admin(self) -> VllmAdmin:
-        return VllmAdmin(self.vllm.url, self.vllm.api_key)
+        return VllmAdmin(self.vllm.url, self.vllm.api_key, admin_key=self.vllm.admin_key)
 
 
 @pytest.fixture()
@@ -150,6 +153,7 @@ def cycle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Cycle:
     monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    monkeypatch.setenv("KTO_LOOP_SERVING__ADMIN_KEY", vllm_server.admin_key)
     monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", HASH_KEY)
     return Cycle(kafka_setup, vllm_server, tiny_model_dir, tmp_path)
 
@@ -365,7 +369,7 @@ def test_a_failed_publish_changes_no_replica_and_the_next_run_publishes_the_same
 
 
 def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_cleanly(
-    cycle: Cycle, tmp_path: Path
+    cycle: Cycle, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
 ) -> None:
     cycle.ingest(feedback_events(320, seed=1))
     # Three epochs, a checkpoint every step: a long enough run to catch in the middle.
@@ -376,35 +380,30 @@ def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_clean
         "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY,
     }
     env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "first-run.log").open("wb")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
-    checkpoint = cycle.runs.candidate_dir / "checkpoint" / "state.pt"
-    try:
-        wait_until(
-            lambda: checkpoint.is_file() or first.poll() is not None, 240, "a training checkpoint"
+    log = tmp_path / "first-run.log"
+    with log.open("wb") as out:
+        first = start_command(
+            [sys.executable, "-m", "flows.cli", "run", "--config", str(config)], stdout=out, env=env
         )
-        assert first.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
-        holder = cycle.runs.holder()
-        assert holder is not None and holder["pid"] == first.pid
+    started = watch(first)
+    checkpoint = cycle.runs.candidate_dir / "checkpoint" / "state.pt"
+    wait_until(
+        lambda: checkpoint.is_file() or first.poll() is not None, 240, "a training checkpoint"
+    )
+    assert first.poll() is None, log.read_text()[-3000:]
+    holder = cycle.runs.holder()
+    assert holder is not None and holder["pid"] == first.pid
 
-        second, record = _run(config)
-        assert second.name == "Skipped", second.message
-        assert f"another run of alias {cycle.alias!r} is in progress" in second.message
-        assert str(first.pid) in second.message
-        assert not record["trained"]
+    second, record = _run(config)
+    assert second.name == "Skipped", second.message
+    assert f"another run of alias {cycle.alias!r} is in progress" in second.message
+    assert str(first.pid) in second.message
+    assert not record["trained"]
 
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        log.close()
+    assert started.record(), "no temporary Prefect server"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    started.wait_gone(60)  # the run's Prefect server died with it
     assert cycle.registry.versions() == []
 
     third, record = _run(config)
@@ -418,35 +417,61 @@ def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_clean
     assert statuses == ["published", "skipped", "crashed"]
 
 
-def test_schedule_fires_runs_on_a_local_prefect_server(cycle: Cycle, tmp_path: Path) -> None:
-    config = cycle.config()  # an empty store: every run ends skipped at once
+def _schedule(config: Path, log: Path) -> subprocess.Popen:
+    """`kto-loop schedule` every 2 s on a local Prefect server it starts, with SIGINT
+    ignored (as a background job or a service starts it)."""
     env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY}
     env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "schedule.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "schedule", "--config", str(config), "--interval", "2"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
+    args = ["schedule", "--config", str(config), "--interval", "2"]
+    with log.open("wb") as out:
+        return start_command([sys.executable, "-m", "flows.cli", *args], stdout=out, env=env)
+
+
+def test_schedule_fires_runs_on_a_local_prefect_server(
+    cycle: Cycle, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
+) -> None:
+    config = cycle.config()  # an empty store: every run ends skipped at once
+    log = tmp_path / "schedule.log"
+    process = _schedule(config, log)
+    started = watch(process)
+    wait_until(
+        lambda: len(cycle.runs.recent()) >= 2 or process.poll() is not None,
+        240,
+        "two scheduled runs",
     )
-    try:
-        wait_until(
-            lambda: len(cycle.runs.recent()) >= 2 or process.poll() is not None,
-            240,
-            "two scheduled runs",
-        )
-        assert process.poll() is None, (tmp_path / "schedule.log").read_text()[-3000:]
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    assert process.poll() is None, log.read_text()[-3000:]
+    assert started.running("prefect server start")
+
+    process.send_signal(signal.SIGINT)
+
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    started.wait_gone(60)  # the Prefect server and every run's process
     runs = cycle.runs.recent()
     assert all(r["status"] == "skipped" and "no feedback" in r["reason"] for r in runs)
     assert len({r["flow_run_id"] for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_schedule_leaves_neither_its_server_nor_a_training_run_behind(
+    signum: int, cycle: Cycle, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
+) -> None:
+    cycle.ingest(feedback_events(320, seed=1))
+    # Three epochs: a run that trains long enough to be caught in the middle.
+    config = cycle.config(train={"epochs": 3})
+    log = tmp_path / "schedule.log"
+    process = _schedule(config, log)
+    started = watch(process)
+    holder = wait_until(
+        lambda: cycle.runs.holder() or process.poll() is not None, 240, "a scheduled run"
+    )
+    assert process.poll() is None, log.read_text()[-3000:]
+    assert holder["pid"] in {p.pid for p in started.record()}  # the run's own process
+
+    process.send_signal(signum)
+
+    process.wait(timeout=60)
+    started.wait_gone(60)  # the Prefect server, and the run that was training
+    assert cycle.registry.versions() == []
 
 
 def test_the_work_pool_deployment_deploys_and_a_worker_runs_the_cycle(

@@ -20,7 +20,7 @@ from connectors.produce import produce
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port, start_broker
 from pipeline import records
-from pipeline.sample import encode, malformed_samples, sample_events
+from pipeline.sample import encode, malformed_samples, odd_valid_samples, sample_events
 from tests.conftest import KafkaSetup, wait_until
 
 pytestmark = pytest.mark.integration
@@ -165,21 +165,39 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_going(
 ) -> None:
     kafka_setup.create_topics(partitions=1)
     bad = malformed_samples()
+    odd = odd_valid_samples()
     good = list(sample_events(40, seed=3))
+    # An event just under the size limit is stored like any other.
+    big = {**good[0], "event_id": "big", "response": ""}
+    big["response"] = "x" * ((1 << 20) - len(json.dumps(big).encode()))
+    odd["just_under_max_event_bytes"] = json.dumps(big).encode()
+    assert len(odd["just_under_max_event_bytes"]) == 1 << 20
     messages = [encode(e) for e in good[:20]]
     messages += [(f"bad-{kind}".encode(), raw) for kind, raw in bad.items()]
+    messages += [(f"odd-{name}".encode(), raw) for name, raw in odd.items()]
     messages += [encode(e) for e in good[20:]]
     settings = kafka_setup.settings()
     produce(settings.kafka, messages, topic=kafka_setup.topic)
 
     ingestor = Ingestor(settings)
     thread, stop, errors = run_in_thread(ingestor)
-    wait_until(lambda: ingestor.stats.stored >= 40 or errors, 90, "the good events after the bad")
+    expected = len(good) + len(odd)
+    wait_until(
+        lambda: ingestor.stats.stored >= expected or errors, 90, "the good events after the bad"
+    )
     stop.set()
     thread.join(30)
     assert not errors
 
-    assert set(ingestor.store.read()[records.EVENT_ID]) == {e["event_id"] for e in good}
+    stored = ingestor.store.read().set_index(records.EVENT_ID)
+    sent = {json.loads(raw.removeprefix(b"\xef\xbb\xbf"))["event_id"]: raw for raw in odd.values()}
+    assert set(stored.index) == {e["event_id"] for e in good} | set(sent)
+    for event_id, raw in sent.items():
+        original = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+        row = stored.loc[event_id]
+        assert row[records.RESPONSE] == original["response"], event_id
+        if "messages" in original:
+            assert json.loads(row[records.MESSAGES_JSON]) == original["messages"], event_id
     dead = ingestor.store.read(DEAD_LETTERS).set_index(records.ERROR_KIND)
     assert set(dead.index) == set(bad)
     for kind, raw in bad.items():
@@ -188,6 +206,7 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_going(
         assert row[records.KEY] == f"bad-{kind}".encode()
         assert row[records.REASON]
         assert row[records.KAFKA_OFFSET] == 20 + list(bad).index(kind)
+    assert ingestor.stats.dead_lettered == len(bad)
 
     consumer = KafkaConsumer(
         settings.kafka.dead_letter_topic,
@@ -328,3 +347,29 @@ def test_broker_down_at_start_is_logged_retried_then_consumed(
         assert store.count() == 200
     finally:
         late.stop()
+
+
+def test_a_batch_closes_at_its_byte_limit_before_its_event_limit(kafka_setup: KafkaSetup) -> None:
+    kafka_setup.create_topics(partitions=1)
+    events = list(sample_events(120, seed=5, pad_to=1000))
+    messages = [encode(e) for e in events]
+    size = max(len(k) + len(v) for k, v in messages)
+    limit = 10 * size
+    settings = kafka_setup.settings(batch_max_bytes=limit, batch_max_events=10_000)
+    produce(settings.kafka, messages, topic=kafka_setup.topic)
+
+    ingestor = Ingestor(settings)
+    thread, stop, errors = run_in_thread(ingestor)
+    wait_until(lambda: ingestor.stats.stored >= 120 or errors, 90, "120 stored rows")
+    stop.set()
+    thread.join(30)
+    assert not errors
+    files = ingestor.store.batch_files(FEEDBACK, kafka_setup.topic, 0)
+    sizes = [len(k) + len(v) for k, v in messages]
+    assert sum(f.last - f.first + 1 for f in files) == 120
+    assert len(files) >= 120 * min(sizes) // limit
+    for f in files:
+        # Under the limit until its last message, which took it to the limit (a batch
+        # may also close on time, before it is full).
+        assert sum(sizes[f.first : f.last]) < limit, (f.first, f.last)
+    assert_each_offset_in_exactly_one_file(ingestor.store, kafka_setup.topic)

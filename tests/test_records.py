@@ -41,3 +41,29 @@ def test_to_table_never_drops_an_unsealed_row_silently() -> None:
     rows.append(event(0, "a\ud800"), offset=5, timestamp_ms=None)
     with pytest.raises(ValueError, match=r"offsets \[5\] cannot be stored"):
         rows.to_table(NOW, "test")
+
+
+def test_a_large_dead_letter_is_stored_whole_from_a_view_of_its_own_bytes(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from connectors.store import DEAD_LETTERS, FeedbackStore
+    from pipeline.records import DeadLetterRows, Provenance
+
+    big = bytes(range(256)) * (5 * 4096)  # 5 MiB
+    letters = DeadLetterRows()
+    for offset, value in enumerate([b"small", big, None, b"", big[:70_000]]):
+        letters.append(Provenance("t", 0, offset, None), None, value, [], "too_large", "r")
+    table = letters.to_table(NOW, "test")
+    chunks = table[records.VALUE].chunks
+    # The large values' chunks point at the bytes the consumer already holds.
+    views = [c for c in chunks if len(c) == 1 and c.buffers()[2].size >= 70_000]
+    assert len(views) == 2 and views[0].buffers()[2].address == pa_address(big)
+    path = FeedbackStore(str(tmp_path)).write_batch(DEAD_LETTERS, "t", 0, 0, 4, table)
+    back = pq.read_table(path)[records.VALUE].to_pylist()
+    assert back == [b"small", big, None, b"", big[:70_000]]
+
+
+def pa_address(value: bytes) -> int:
+    import pyarrow as pa
+
+    return pa.py_buffer(value).address

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def test_retention_keeps_what_is_served_rolled_back_to_loaded_or_recent() -> Non
     assert retention(["v1", "v2"], [h], server_names=None, keep_last=1).delete == ()
 
 
+def test_retention_keeps_a_version_a_server_loaded_under_a_name_of_any_form() -> None:
+    paths = {v: f"/adapters/versions/{v}" for v in ("v1", "v2", "v3")}
+    plan = retention(
+        paths,
+        [],
+        server_names=["base", "hand-loaded"],
+        keep_last=1,
+        server_paths=["/models/base", "/adapters/versions/v1/"],
+        version_paths=paths,
+    )
+    assert plan.delete == ("v2",)
+    assert plan.keep["v1"] == "loaded on a server from /adapters/versions/v1"
+
+
 def test_path_map_translates_to_the_servers_view() -> None:
     s = ServingConfig(path_map={"/mnt/reg": "/adapters", "/mnt/reg/special": "/x"})
     assert s.server_path("/mnt/reg/versions/v1") == "/adapters/versions/v1"
@@ -112,6 +127,97 @@ def test_a_registered_version_is_immutable_with_its_lineage(
     assert sorted(p.name for p in (tmp_path / "reg/versions").iterdir()) == ["v1", "v2"]
     reg.delete("v1")
     assert reg.versions() == ["v2"]
+
+
+def test_delete_refuses_a_version_an_alias_serves_or_would_roll_back_to(
+    adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    v1, v2, v3 = (reg.add(adapter_dirs[0])["version"] for _ in range(3))
+    reg.save_history(AliasHistory("chat").promoted(v1, T, "", []).promoted(v2, T, "", []))
+    with pytest.raises(RegistryError, match=f"{v2} is served as chat"):
+        reg.delete(v2)
+    with pytest.raises(RegistryError, match=f"{v1} is rollback target of chat"):
+        reg.delete(v1)
+    reg.delete(v3)
+    assert reg.versions() == [v1, v2]
+
+
+def _truncated(adapter: Path, where: Path) -> Path:
+    shutil.copytree(adapter, where)
+    weights = where / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return where
+
+
+def test_register_and_publish_refuse_a_corrupt_adapter_and_register_nothing(
+    adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.local.adapters import poison_adapter
+    from deploy.local.broker import free_port
+    from flows.cli import app
+
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    v1 = reg.add(adapter_dirs[0])["version"]
+    config = tmp_path / "kto-loop.toml"
+    # No server is reached: the adapter is refused before registering.
+    config.write_text(
+        f'[registry]\nurl = "{reg.url}"\n'
+        f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\nretries = 1\n'
+    )
+    c = ["--config", str(config)]
+    truncated = _truncated(adapter_dirs[1], tmp_path / "truncated")
+    nan = poison_adapter(shutil.copytree(adapter_dirs[1], tmp_path / "nan"))
+    runner = CliRunner()
+    for directory, reason in [(truncated, "truncated or corrupt"), (nan, "NaN or inf")]:
+        registered = runner.invoke(app, ["register", str(directory), *c])
+        assert registered.exit_code == 2, registered.output
+        assert "not registered" in registered.output and reason in registered.output
+        published = runner.invoke(app, ["publish", "--adapter", str(directory), "--alias", "a", *c])
+        assert published.exit_code == 2, published.output
+        assert "not registered" in published.output and reason in published.output
+        assert f"registered {directory} as" not in published.output
+    assert reg.versions() == [v1]
+    assert sorted(p.name for p in (tmp_path / "reg/versions").iterdir()) == [v1]
+    assert reg.history("a").events == ()
+
+
+def test_lock_all_waits_for_every_held_alias_and_holds_off_new_ones(tmp_path: Path) -> None:
+    from filelock import Timeout
+
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    reg.save_history(AliasHistory("chat").promoted("v1", T, "", []))
+    waited: list[str] = []
+    waiting = threading.Event()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def gc() -> None:
+        def told(alias: str) -> None:
+            waited.append(alias)
+            waiting.set()
+
+        with reg.lock_all(waiting=told):
+            holding.set()
+            release.wait(60)
+
+    with reg.lock("fresh"):  # a first publish of an alias with no history yet
+        thread = threading.Thread(target=gc, daemon=True)
+        thread.start()
+        assert waiting.wait(60)
+        assert not holding.is_set()
+    assert holding.wait(60)
+    assert waited == ["fresh"]
+    # While gc holds them, no alias, old or new, can be taken.
+    for alias in ("chat", "fresh", "brand-new"):
+        with pytest.raises(Timeout), reg.lock(alias, timeout_s=0):
+            pass
+    release.set()
+    thread.join(60)
+    with reg.lock("brand-new", timeout_s=0):
+        pass
 
 
 def test_concurrent_registrations_get_distinct_versions(

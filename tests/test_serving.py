@@ -18,7 +18,10 @@ What these prove against the vLLM we pin, trap by trap (deploy/vllm/README.md):
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,19 +34,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import connectors.publish as publish_steps
 from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ServingConfig
 from connectors.publish import Publisher, PublishError
-from connectors.vllm_admin import ServerUnreachable, VllmAdmin, VllmError
+from connectors.vllm_admin import (
+    ADMIN_HEADER,
+    AdminKeyRefused,
+    ServerUnreachable,
+    VllmAdmin,
+    VllmError,
+)
 from deploy.local.adapters import make_random_adapter, poison_adapter
 from deploy.local.broker import free_port
 from flows.cli import app
 from pipeline.adapter_check import AdapterRefused
+from pipeline.registry import AliasHistory
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 SHORT = [5, 17, 42, 99, 7, 300, 12, 64]
 LONG = [(i * 37 + 11) % 480 + 20 for i in range(200)]
 
@@ -94,15 +106,28 @@ def registry(tmp_path: Path) -> AdapterRegistry:
     return AdapterRegistry(str(tmp_path / "registry"))
 
 
-def _serving(tiny_model_dir: Path, url: str, api_key: str | None, **kw: Any) -> ServingConfig:
+def _serving(
+    tiny_model_dir: Path, url: str | list[str], server: Any = None, **kw: Any
+) -> ServingConfig:
+    """The [serving] section for these replicas, with `server`'s keys (the session's
+    replicas share them)."""
     return ServingConfig(
-        replicas=[url], api_key=api_key, base_model=str(tiny_model_dir), max_lora_rank=8, **kw
+        replicas=[url] if isinstance(url, str) else url,
+        api_key=server.api_key if server else None,
+        admin_key=server.admin_key if server else None,
+        base_model=str(tiny_model_dir),
+        max_lora_rank=8,
+        **kw,
     )
+
+
+def _admin(server: Any, **kw: Any) -> VllmAdmin:
+    return VllmAdmin(server.url, server.api_key, admin_key=server.admin_key, **kw)
 
 
 @pytest.fixture()
 def admin(vllm_server: Any) -> Iterator[VllmAdmin]:
-    with VllmAdmin(vllm_server.url, vllm_server.api_key) as a:
+    with _admin(vllm_server) as a:
         yield a
 
 
@@ -110,9 +135,7 @@ def admin(vllm_server: Any) -> Iterator[VllmAdmin]:
 def publisher(
     registry: AdapterRegistry, vllm_server: Any, tiny_model_dir: Path, admin: VllmAdmin
 ) -> Publisher:
-    return Publisher(
-        registry, _serving(tiny_model_dir, vllm_server.url, vllm_server.api_key), [admin]
-    )
+    return Publisher(registry, _serving(tiny_model_dir, vllm_server.url, vllm_server), [admin])
 
 
 def _ask(admin: VllmAdmin, model: str, prompt: list[int], n: int = 8) -> list[int]:
@@ -354,7 +377,7 @@ def test_a_server_that_is_down_changes_nothing(
 ) -> None:
     v1 = registry.add(adapters[0])["version"]
     url = f"http://127.0.0.1:{free_port()}"
-    down = Publisher(registry, _serving(tiny_model_dir, url, None, retries=2, timeout_seconds=2))
+    down = Publisher(registry, _serving(tiny_model_dir, url, retries=2, timeout_seconds=2))
     with pytest.raises(PublishError, match="stays on nothing") as e:
         down.publish("down", v1)
     assert isinstance(e.value.__cause__, ServerUnreachable)
@@ -386,12 +409,19 @@ def test_bad_adapters_are_refused_before_any_server_is_touched(
     other_base = build_tiny_model(tmp_path / "other", TinyModelSpec(hidden_size=96, num_heads=3))
     foreign = make_random_adapter(other_base, tmp_path / "foreign", seed=6)
 
+    for directory, reason in [(truncated, "truncated or corrupt"), (nan, "NaN or inf")]:
+        # No server could serve these: they never become versions.
+        with pytest.raises(AdapterRefused, match=f"not registered(.|\n)*{reason}"):
+            reg.add(directory)
+    assert reg.versions() == [good]
     for directory, reason in [
-        (truncated, "truncated or corrupt"),
-        (nan, "NaN or inf"),
         (rank16, "--max-lora-rank 8"),
         (foreign, "trained on another model"),
     ]:
+        # Servable somewhere, not here: refused when registered for these servers, and
+        # when published if registered without their limits.
+        with pytest.raises(AdapterRefused, match=reason):
+            publisher.register(directory)
         v = reg.add(directory)["version"]
         with pytest.raises(AdapterRefused, match=reason):
             publisher.publish("guarded", v)
@@ -422,33 +452,38 @@ def test_a_replica_failing_mid_publish_switches_the_others_back(
     admin: VllmAdmin,
     adapters: list[Path],
     vllm_server: Any,
+    second_replica: Any,
     tiny_model_dir: Path,
     greedy: Greedy,
 ) -> None:
-    serving = _serving(tiny_model_dir, vllm_server.url, vllm_server.api_key)
+    serving = _serving(tiny_model_dir, [vllm_server.url, second_replica.url], vllm_server)
     v1, v2 = (registry.add(adapters[i])["version"] for i in (0, 2))
-    Publisher(registry, serving, [admin]).publish("pair", v1)
-    first = greedy(adapters[0], SHORT, 8)
-    assert _ask(admin, "pair", SHORT) == first
+    with _admin(second_replica) as admin2:
+        Publisher(registry, serving, [admin, admin2]).publish("pair", v1)
+        first = greedy(adapters[0], SHORT, 8)
+        assert _ask(admin, "pair", SHORT) == _ask(admin2, "pair", SHORT) == first
 
-    down = VllmAdmin(f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=2)
-    with pytest.raises(PublishError, match=r"loading .* failed"):
-        Publisher(registry, serving, [admin, down]).publish("pair", v2)
-    assert _target(admin, "pair") == f"pair@{v1}"
-    assert _ask(admin, "pair", SHORT) == first
+        down = VllmAdmin(f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=2)
+        with pytest.raises(PublishError, match=r"loading .* failed"):
+            Publisher(registry, serving, [admin, down]).publish("pair", v2)
+        assert _target(admin, "pair") == f"pair@{v1}"
+        assert _ask(admin, "pair", SHORT) == first
 
-    failing = VllmAdmin(vllm_server.url, vllm_server.api_key, transport=SwapRouteFails())
-    with pytest.raises(PublishError, match=r"switching failed .* switched back on"):
-        Publisher(registry, serving, [admin, failing]).publish("pair", v2)
-    assert _target(admin, "pair") == f"pair@{v1}"
-    assert _ask(admin, "pair", SHORT) == first
-    assert registry.history("pair").current == v1
-    assert len(registry.history("pair").events) == 1
-    wait_until(
-        lambda: f"pair@{v2}" not in [a["name"] for a in admin.swap_state()["adapters"]],
-        30,
-        "the unpublished version to be retired",
-    )
+        # The second replica, real, except that its switch answers 500.
+        failing = _admin(second_replica, transport=SwapRouteFails())
+        with pytest.raises(PublishError, match=r"switching failed .* switched back on"):
+            Publisher(registry, serving, [admin, failing]).publish("pair", v2)
+        for a in (admin, admin2):
+            assert _target(a, "pair") == f"pair@{v1}"
+            assert _ask(a, "pair", SHORT) == first
+        assert registry.history("pair").current == v1
+        assert len(registry.history("pair").events) == 1
+        for a in (admin, admin2):
+            wait_until(
+                lambda a=a: f"pair@{v2}" not in [x["name"] for x in a.swap_state()["adapters"]],
+                30,
+                f"the unpublished version to be retired on {a.url}",
+            )
 
 
 def test_calls_without_the_api_key_are_refused_with_what_to_set(vllm_server: Any) -> None:
@@ -456,14 +491,23 @@ def test_calls_without_the_api_key_are_refused_with_what_to_set(vllm_server: Any
         anonymous.swap_state()
 
 
-def _cli_config(tmp_path: Path, registry: AdapterRegistry, url: str, model: Path) -> Path:
+def _cli_config(
+    tmp_path: Path, registry: AdapterRegistry, url: str | list[str], model: Path
+) -> Path:
+    replicas = ", ".join(f'"{u}"' for u in ([url] if isinstance(url, str) else url))
     config = tmp_path / "kto-loop.toml"
     config.write_text(
         f'[registry]\nurl = "{registry.url}"\nkeep_last = 1\n'
-        f'[serving]\nreplicas = ["{url}"]\nbase_model = "{model}"\nretries = 1\n'
+        f'[serving]\nreplicas = [{replicas}]\nbase_model = "{model}"\nretries = 1\n'
         "timeout_seconds = 5\n"
     )
     return config
+
+
+def _keys_in_env(monkeypatch: pytest.MonkeyPatch, server: Any) -> None:
+    """The keys where production keeps them: in the environment, not the file."""
+    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", server.api_key)
+    monkeypatch.setenv("KTO_LOOP_SERVING__ADMIN_KEY", server.admin_key)
 
 
 def _last_json(output: str) -> dict:
@@ -478,7 +522,7 @@ def test_cli_publish_rollback_and_adapters_with_exit_codes(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    _keys_in_env(monkeypatch, vllm_server)
     config = _cli_config(tmp_path, registry, vllm_server.url, tiny_model_dir)
     c = ["--config", str(config)]
     first = runner.invoke(app, ["publish", "--adapter", str(adapters[0]), "--alias", "cli", *c])
@@ -527,7 +571,7 @@ def test_gc_deletes_only_what_no_server_reads(
         30,
         "the first published version to be retired",
     )
-    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
+    _keys_in_env(monkeypatch, vllm_server)
     config = _cli_config(tmp_path, registry, vllm_server.url, tiny_model_dir)
 
     monkeypatch.setenv("KTO_LOOP_SERVING__REPLICAS", f'["http://127.0.0.1:{free_port()}"]')
@@ -543,3 +587,245 @@ def test_gc_deletes_only_what_no_server_reads(
     assert not deleted & loaded, "a version a server may read was deleted"
     assert set(registry.versions()) == set(versions) - deleted
     assert all(not Path(registry.path(v)).exists() for v in deleted)
+
+
+# Every control-plane route: ours, vLLM's runtime LoRA routes, and the SageMaker-style
+# adapter routes vLLM adds beside them outside /v1 (which --api-key does not guard).
+CONTROL_PLANE = [
+    ("GET", "/v1/kto-loop/aliases", None),
+    ("POST", "/v1/kto-loop/aliases/keys", {"target": "keys@v1"}),
+    ("DELETE", "/v1/kto-loop/adapters/keys@v1", None),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "keys@v1", "lora_path": "/nonexistent"}),
+    ("POST", "/v1/unload_lora_adapter", {"lora_name": "keys@v1"}),
+    ("POST", "/adapters", {"name": "keys@v1", "src": "/nonexistent"}),
+    ("DELETE", "/adapters/keys@v1", None),
+]
+
+
+def test_the_control_plane_wants_the_admin_key_and_the_inference_key_is_not_it(
+    vllm_server: Any,
+) -> None:
+    inference = {"Authorization": f"Bearer {vllm_server.api_key}"}
+    with httpx.Client(base_url=vllm_server.url, headers=inference, timeout=30) as c:
+        for method, path, body in CONTROL_PLANE:
+            where = f"{method} {path}"
+            missing = c.request(method, path, json=body)
+            assert missing.status_code == 401, (where, missing.text)
+            assert "KTO_LOOP_SERVING__ADMIN_KEY" in missing.text
+            for wrong in (vllm_server.api_key, "not-the-admin-key"):
+                refused = c.request(method, path, json=body, headers={ADMIN_HEADER: wrong})
+                assert refused.status_code == 403, (where, refused.text)
+            # With the admin key the route answers as itself (these names do not exist).
+            ok = c.request(method, path, json=body, headers={ADMIN_HEADER: vllm_server.admin_key})
+            assert ok.status_code not in (401, 403), (where, ok.text)
+        # Inference needs the inference key alone.
+        completion = {"model": "base", "prompt": SHORT, "max_tokens": 2}
+        assert c.post("/v1/completions", json=completion).status_code == 200
+        assert c.get("/v1/models").status_code == 200
+
+    with VllmAdmin(vllm_server.url, vllm_server.api_key) as clients_key_only:
+        with pytest.raises(AdminKeyRefused, match="KTO_LOOP_SERVING__ADMIN_KEY") as e:
+            clients_key_only.swap_state()
+        assert e.value.status == 401
+        assert clients_key_only.complete("base", SHORT, 2).token_ids
+    inference_as_admin = VllmAdmin(
+        vllm_server.url, vllm_server.api_key, admin_key=vllm_server.api_key
+    )
+    with inference_as_admin, pytest.raises(AdminKeyRefused, match="wrong") as e:
+        inference_as_admin.load("keys@v1", "/nonexistent")
+    assert e.value.status == 403
+
+
+def test_a_server_without_an_admin_key_serves_the_control_plane_on_loopback_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from deploy.local.vllm_server import start_vllm, vllm_python
+
+    # How the plugin, as installed in vLLM's venv, reads vLLM's --host and --uds.
+    cases = [
+        ("127.0.0.1", None, True),
+        ("::1", None, True),
+        ("localhost", None, True),
+        (None, "/run/vllm.sock", True),
+        ("0.0.0.0", None, False),
+        (None, None, False),  # vLLM binds every interface when --host is not given
+        ("10.0.0.5", None, False),
+        ("vllm.internal", None, False),
+    ]
+    script = (
+        "import json, sys\nfrom kto_loop_vllm.plugin import loopback_only\n"
+        "print(json.dumps([loopback_only(h, u) for h, u in json.loads(sys.argv[1])]))"
+    )
+    run = subprocess.run(
+        [vllm_python(), "-c", script, json.dumps([[h, u] for h, u, _ in cases])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(run.stdout) == [expected for _, _, expected in cases]
+
+    server = start_vllm(
+        tiny_model_dir, tmp_path / "vllm.log", host="0.0.0.0", dtype="float32", max_model_len=512
+    )
+    try:
+        with VllmAdmin(server.url, admin_key="any-key") as a:
+            with pytest.raises(AdminKeyRefused, match=r"0\.0\.0\.0.*KTO_LOOP_ADMIN_KEY") as e:
+                a.swap_state()
+            assert e.value.status == 403
+            with pytest.raises(AdminKeyRefused):
+                a.load("open@v1", "/nonexistent")
+            with pytest.raises(AdminKeyRefused):
+                a.swap("open", "open@v1", [])
+            assert a.complete("base", SHORT, 2).token_ids  # inference is not refused
+    finally:
+        server.stop()
+
+
+def test_a_replica_killed_between_load_and_switch_leaves_the_old_version_until_sync(
+    registry: AdapterRegistry,
+    adapters: list[Path],
+    vllm_server: Any,
+    second_replica: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    greedy: Greedy,
+) -> None:
+    _keys_in_env(monkeypatch, vllm_server)
+    replicas = [vllm_server.url, second_replica.url]
+    c = ["--config", str(_cli_config(tmp_path, registry, replicas, tiny_model_dir))]
+    first = runner.invoke(app, ["publish", "--adapter", str(adapters[1]), "--alias", "ha", *c])
+    assert first.exit_code == 0, first.output
+    v1 = _last_json(first.stdout)["version"]
+    v2 = registry.add(adapters[3])["version"]
+    old = greedy(adapters[1], SHORT, 8)
+    assert old != greedy(adapters[3], SHORT, 8)
+    history = registry.history("ha")
+
+    with _admin(vllm_server) as admin1:
+        loaded_when_killed: list[str] = []
+
+        def kill_the_second_replica(step: str) -> None:
+            if step == publish_steps.AFTER_LOAD:
+                loaded_when_killed.extend(admin1.models())
+                second_replica.kill()
+
+        monkeypatch.setattr(publish_steps, "fault_injection_hook", kill_the_second_replica)
+        failed = runner.invoke(app, ["publish", "--adapter", v2, "--alias", "ha", *c])
+        monkeypatch.setattr(publish_steps, "fault_injection_hook", None)
+
+        assert failed.exit_code == 1, failed.output
+        assert f"ha stays on {v1}" in failed.output
+        assert f"switching failed on {second_replica.url}" in failed.output
+        assert second_replica.process.poll() is not None, "the second replica was not killed"
+        assert f"ha@{v2}" in loaded_when_killed  # killed after the load, before the switch
+        # The first replica switched, then went back: it answers and lists v1 again.
+        assert _target(admin1, "ha") == f"ha@{v1}"
+        assert _ask(admin1, "ha", SHORT) == old
+        wait_until(lambda: f"ha@{v2}" not in admin1.models(), 30, f"ha@{v2} to be retired")
+        assert registry.history("ha") == history
+
+        second_replica.restart()
+        with _admin(second_replica) as admin2:
+            assert "ha" not in admin2.models()  # a restarted replica knows no alias
+            synced = runner.invoke(app, ["sync", "--alias", "ha", *c])
+            assert synced.exit_code == 0, synced.output
+            for a in (admin1, admin2):
+                assert _target(a, "ha") == f"ha@{v1}"
+                assert _ask(a, "ha", SHORT) == old
+    assert registry.history("ha") == history
+
+
+def _listed_names(*admins: VllmAdmin) -> set[str]:
+    return {card["id"] for a in admins for card in a.model_cards()}
+
+
+def _settled(*admins: VllmAdmin) -> None:
+    """Wait until no replica has a version waiting to retire (what they list is stable)."""
+    wait_until(
+        lambda: not any(a.swap_state()["retiring"] for a in admins),
+        30,
+        "earlier tests' versions to be retired",
+    )
+
+
+def test_gc_keeps_every_version_any_replica_lists_under_any_name(
+    registry: AdapterRegistry,
+    adapters: list[Path],
+    vllm_server: Any,
+    second_replica: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(30)]
+    by_path, by_name = versions[26], versions[27]
+    _keys_in_env(monkeypatch, vllm_server)
+    replicas = [vllm_server.url, second_replica.url]
+    config = _cli_config(tmp_path, registry, replicas, tiny_model_dir)
+    with _admin(vllm_server) as admin1, _admin(second_replica) as admin2:
+        _settled(admin1, admin2)
+        # On the second replica only: one under a name of no alias@vN form (found by the
+        # path it was loaded from), one under an alias's internal name.
+        admin2.load("hand-loaded", registry.path(by_path))
+        admin2.load(f"gcr@{by_name}", registry.path(by_name))
+        try:
+            listed = _listed_names(admin1, admin2)
+            result = runner.invoke(app, ["gc", "--config", str(config)])
+            assert result.exit_code == 0, result.output
+            out = _last_json(result.stdout)
+        finally:
+            admin2.retire("hand-loaded")
+            admin2.retire(f"gcr@{by_name}")
+    assert out["kept"][by_path] == f"loaded on a server from {registry.path(by_path)}"
+    assert out["kept"][by_name] == f"loaded on a server as gcr@{by_name}"
+    # Everything else goes, but for the newest and what any replica lists as alias@vN.
+    named = {v for v in versions if any(n.endswith(f"@{v}") for n in listed)}
+    assert set(out["deleted"]) == set(versions) - named - {by_path, versions[-1]}
+    assert set(registry.versions()) == named | {by_path, versions[-1]}
+
+
+def test_gc_waits_for_the_alias_lock_a_publish_holds(
+    registry: AdapterRegistry,
+    adapters: list[Path],
+    vllm_server: Any,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(40)]
+    with _admin(vllm_server) as admin:
+        _settled(admin)
+        listed = _listed_names(admin)
+    # A version no server lists, so that only the alias history can keep it.
+    held = next(v for v in versions[:-1] if not any(n.endswith(f"@{v}") for n in listed))
+    _keys_in_env(monkeypatch, vllm_server)
+    config = _cli_config(tmp_path, registry, vllm_server.url, tiny_model_dir)
+    log = tmp_path / "gc.log"
+    with registry.lock("held"):  # as a publish of "held" holds it until it records
+        with log.open("wb") as stderr:
+            gc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "gc", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=ROOT,
+                env=dict(os.environ),
+            )
+        try:
+            wait_until(
+                lambda: "waiting for held" in log.read_text() or gc.poll() is not None,
+                120,
+                "gc to wait for the alias",
+            )
+            assert gc.poll() is None, log.read_text()
+            # The publish records its version while gc waits; gc must see it.
+            registry.save_history(AliasHistory("held").promoted(held, "now", "", []))
+        except BaseException:
+            gc.kill()
+            raise
+    out, _ = gc.communicate(timeout=120)
+    assert gc.returncode == 0, log.read_text()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert held not in result["deleted"]
+    assert result["kept"][held] == "served as held"
+    assert Path(registry.path(held)).is_dir()

@@ -4,13 +4,18 @@ lost partition leaves every offset in exactly one file."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import multiprocessing
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline import records
 from pipeline.events import FeedbackEvent, parse_event
@@ -24,6 +29,15 @@ def feedback_range(first: int, last: int) -> pa.Table:
     events = list(sample_events(last + 1))
     rows = FeedbackRows("fb", 0)
     for offset in range(first, last + 1):
+        parsed = parse_event(json.dumps(events[offset]).encode(), user_hash_key=b"k")
+        rows.append(parsed, offset, 1_767_225_600_000 + offset)
+    return rows.to_table(NOW, "test")
+
+
+def feedback_rows(offsets: list[int]) -> pa.Table:
+    events = list(sample_events(max(offsets, default=0) + 1))
+    rows = FeedbackRows("fb", 0)
+    for offset in offsets:
         parsed = parse_event(json.dumps(events[offset]).encode(), user_hash_key=b"k")
         rows.append(parsed, offset, 1_767_225_600_000 + offset)
     return rows.to_table(NOW, "test")
@@ -135,3 +149,181 @@ def test_fsspec_urls_work_the_same(tmp_path: Path) -> None:
         assert offsets(store) == list(range(15))
     finally:
         store.fs.rm(store.root, recursive=True)
+
+
+# -- crashes: real files, real child processes killed with os._exit at named steps ----
+
+# A partition of 50 messages, these ones malformed (dead-lettered, no feedback row).
+N_MESSAGES = 50
+BAD = frozenset({3, 12, 22, 27, 33, 38, 46})
+
+
+def _good(first: int, last: int) -> list[int]:
+    return [o for o in range(first, last + 1) if o not in BAD]
+
+
+def _bad(first: int, last: int) -> list[int]:
+    return [o for o in range(first, last + 1) if o in BAD]
+
+
+def write_batch_files(store: FeedbackStore, first: int, last: int) -> None:
+    """One batch, as ingest writes it: its dead letters (if any), then its feedback file."""
+    if _bad(first, last):
+        store.write_batch(DEAD_LETTERS, "fb", 0, first, last, dead_letters(_bad(first, last)))
+    store.write_batch(FEEDBACK, "fb", 0, first, last, feedback_rows(_good(first, last)))
+
+
+def consume_partition(root: str, batch: int = 10) -> None:
+    """What a (re)started consumer does with files: settle the partition, then store
+    the rest of it in batches from the first offset not durable."""
+    store = FeedbackStore(root)
+    start = store.recover_partition("fb", 0) or 0
+    for first in range(start, N_MESSAGES, batch):
+        write_batch_files(store, first, min(first + batch, N_MESSAGES) - 1)
+
+
+def recover(root: str) -> None:
+    FeedbackStore(root).recover_partition("fb", 0)
+
+
+def _child(target: Callable[[str], None], root: str, fault: str) -> None:
+    os.environ[FAULT_POINT_ENV] = fault
+    target(root)
+
+
+def run_killed_at(target: Callable[[str], None], root: Path, fault: str) -> bool:
+    """Run target(root) in a child process that dies at crash point `fault`; True if it
+    was killed there, False if it finished without reaching it."""
+    # forkserver: children fork from a fresh process that has imported the store
+    # (quick, and no threads of ours to inherit).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pytest", "connectors.store", "pipeline.sample"])
+    child = ctx.Process(target=_child, args=(target, str(root), fault))
+    child.start()
+    child.join(60)
+    assert child.exitcode in (0, FAULT_EXIT_CODE), f"{fault}: exit code {child.exitcode}"
+    return child.exitcode == FAULT_EXIT_CODE
+
+
+def assert_every_offset_stored_once(store: FeedbackStore, last: int) -> None:
+    """Offsets 0..last: each good one in exactly one feedback row, each bad one in
+    exactly one dead letter, the files' ranges neither overlap nor leave gaps."""
+    assert offsets(store) == _good(0, last)
+    assert offsets(store, DEAD_LETTERS) == _bad(0, last)
+    ranges = [(f.first, f.last) for f in store.batch_files(FEEDBACK, "fb", 0)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == last, ranges
+    for (_, end), (start, _) in itertools.pairwise(ranges):
+        assert start == end + 1, ranges
+    for f in store.batch_files(DEAD_LETTERS, "fb", 0):
+        rows = store._read_files([f.path], DEAD_LETTERS)[records.KAFKA_OFFSET].to_pylist()
+        assert rows == _bad(f.first, f.last), f.path
+    assert not [
+        name
+        for table in (FEEDBACK, DEAD_LETTERS)
+        for name in os.listdir(store.partition_dir(table, "fb", 0))
+        if name.startswith(".")
+    ]
+
+
+def messy_partition(root: Path) -> None:
+    """What crashes and a consumer that lost its partition mid-batch leave: temp files,
+    a batch inside another, a partial overlap (feedback and dead letters), dead letters
+    of a batch whose feedback file never landed, one of them reaching into durable
+    offsets."""
+    store = FeedbackStore(str(root))
+    write_batch_files(store, 0, 19)
+    write_batch_files(store, 5, 9)
+    write_batch_files(store, 10, 29)
+    write_batch_files(store, 30, 39)
+    store.write_batch(DEAD_LETTERS, "fb", 0, 35, 44, dead_letters(_bad(35, 44)))
+    store.write_batch(DEAD_LETTERS, "fb", 0, 40, 49, dead_letters(_bad(40, 49)))
+    for table in (FEEDBACK, DEAD_LETTERS):
+        directory = Path(store.partition_dir(table, "fb", 0))
+        (directory / f".{'4' * 20}-{'9' * 20}.parquet.tmp-dead").write_bytes(b"PAR1 half")
+
+
+def test_dead_letters_reaching_past_the_durable_offsets_keep_their_durable_head(
+    tmp_path: Path,
+) -> None:
+    # A consumer that lost the partition landed dead letters of 0..29 while a settling
+    # was under way, and that settling removed the new owner's dead letters of 0..19 as
+    # contained in them; the feedback of 20..29 never landed. The file is then the only
+    # copy of the dead letters of durable offsets: trimmed to them, not removed.
+    store = FeedbackStore(str(tmp_path))
+    store.write_batch(FEEDBACK, "fb", 0, 0, 19, feedback_rows(_good(0, 19)))
+    store.write_batch(DEAD_LETTERS, "fb", 0, 0, 29, dead_letters(_bad(0, 29)))
+    assert store.recover_partition("fb", 0) == 20
+    assert_every_offset_stored_once(store, 19)
+
+
+def test_the_recovery_of_a_messy_partition_leaves_every_offset_once(tmp_path: Path) -> None:
+    messy_partition(tmp_path)
+    store = FeedbackStore(str(tmp_path))
+    assert store.recover_partition("fb", 0) == 40
+    assert_every_offset_stored_once(store, 39)
+    assert store.recover_partition("fb", 0) == 40  # a second run changes nothing
+    assert_every_offset_stored_once(store, 39)
+
+
+def test_a_recovery_killed_at_any_step_and_again_in_the_next_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    # Before, a recovery killed between writing a trimmed copy and removing its
+    # original made the next one remove the copy too: offsets 20-29 were lost.
+    messy = tmp_path / "messy"
+    messy_partition(messy)
+    steps = 0
+    for n in itertools.count(1):
+        once = tmp_path / f"once-{n}"
+        shutil.copytree(messy, once)
+        if not run_killed_at(recover, once, f"store.recover.{n}"):
+            break
+        steps = n
+        for m in itertools.count(1):
+            twice = tmp_path / f"twice-{n}-{m}"
+            shutil.copytree(once, twice)
+            killed = run_killed_at(recover, twice, f"store.recover.{m}")
+            store = FeedbackStore(str(twice))
+            assert store.recover_partition("fb", 0) == 40, (n, m)
+            assert_every_offset_stored_once(store, 39)
+            shutil.rmtree(twice)
+            if not killed:
+                break
+        store = FeedbackStore(str(once))
+        assert store.recover_partition("fb", 0) == 40, n
+        assert_every_offset_stored_once(store, 39)
+    assert steps >= 10, "the messy partition should take at least 10 file changes to settle"
+    # Killed inside the writes of trimmed copies: a temp file is left, or the copy
+    # landed without its directory synced.
+    kills = 0
+    for fault in (f"store.write.{s}@{k}" for k in range(1, 10) for s in (1, 2)):
+        killed_in_write = tmp_path / fault
+        shutil.copytree(messy, killed_in_write)
+        if run_killed_at(recover, killed_in_write, fault):
+            kills += 1
+        store = FeedbackStore(str(killed_in_write))
+        assert store.recover_partition("fb", 0) == 40, fault
+        assert_every_offset_stored_once(store, 39)
+    assert kills >= 6, "the messy partition should need at least 3 trimmed copies"
+
+
+def test_a_consumer_killed_at_any_step_of_a_batch_write_restarts_storing_each_offset_once(
+    tmp_path: Path,
+) -> None:
+    writes = 0
+    for k in itertools.count(1):
+        killed = False
+        for s in (1, 2):
+            root = tmp_path / f"store.write.{s}@{k}"
+            if not run_killed_at(consume_partition, root, f"store.write.{s}@{k}"):
+                continue
+            killed = True
+            # Killed again in the restart's recovery, if it has anything to settle.
+            run_killed_at(consume_partition, root, "store.recover.1")
+            consume_partition(str(root))
+            assert_every_offset_stored_once(FeedbackStore(str(root)), N_MESSAGES - 1)
+        if not killed:
+            break
+        writes = k
+    # 5 batches of 10, each with dead letters: 10 files, each killed at both steps.
+    assert writes == 10

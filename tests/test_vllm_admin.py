@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from connectors.vllm_admin import (
+    ADMIN_ERROR_TYPE,
     AdapterNotFound,
+    AdminKeyRefused,
     PluginMissing,
     ServerUnreachable,
     VllmError,
@@ -77,3 +79,13 @@ def test_error_answers_say_what_to_do(
     error = _as_error(URL, method, path, status, message)
     assert type(error) is kind
     assert says in str(error) and URL in str(error) and error.status == status
+
+
+def test_the_plugins_refusals_are_admin_key_errors_and_vllms_own_401_is_the_api_key() -> None:
+    message = "the control plane wants the admin key: set KTO_LOOP_SERVING__ADMIN_KEY"
+    for status in (401, 403):
+        error = _as_error(URL, "POST", "/v1/load_lora_adapter", status, message, ADMIN_ERROR_TYPE)
+        assert type(error) is AdminKeyRefused and error.status == status
+        assert "KTO_LOOP_SERVING__ADMIN_KEY" in str(error) and URL in str(error)
+    vllms = _as_error(URL, "POST", "/v1/load_lora_adapter", 401, "Unauthorized")
+    assert type(vllms) is VllmError and "KTO_LOOP_SERVING__API_KEY" in str(vllms)

@@ -2,7 +2,10 @@
 the tests and the benchmarks. Memory storage: a restart loses the log, so point a
 store at a fresh directory after restarting it.
 
-    python -m deploy.local.broker --port 9092     # runs until Ctrl-C
+    python -m deploy.local.broker --port 9092     # runs until Ctrl-C or SIGTERM
+
+The broker process never outlives the Python process that started it (see
+deploy/local/processes.py), even one killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from deploy.local.processes import interruptible, start_child, stop_child
 
 
 def free_port() -> int:
@@ -44,13 +48,7 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout=10)
 
 
 def start_broker(
@@ -64,23 +62,24 @@ def start_broker(
     """
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(
+    process = start_child(
         [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=out,
-        stderr=subprocess.STDOUT,
+        log_path=log_path,
         env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
     )
     broker = Broker(process, port, log_path)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"broker exited with {process.returncode}; see {log_path}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return broker
-        time.sleep(0.05)  # polling a port with a deadline
-    broker.stop()
-    raise RuntimeError(f"broker did not listen on {port} within {timeout} s; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"broker exited with {process.returncode}; see {log_path}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return broker
+            time.sleep(0.05)  # polling a port with a deadline
+        raise RuntimeError(f"broker did not listen on {port} within {timeout} s; see {log_path}")
+    except BaseException:  # also Ctrl-C while it starts: nothing half-started stays
+        broker.stop()
+        raise
 
 
 @contextlib.contextmanager
@@ -96,10 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9092)
     args = parser.parse_args()
-    with running_broker(args.port) as broker:
+    with (
+        interruptible(),
+        contextlib.suppress(KeyboardInterrupt),
+        running_broker(args.port) as broker,
+    ):
         print(f"broker listening on {broker.bootstrap}; Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            broker.process.wait()
+        broker.process.wait()
 
 
 if __name__ == "__main__":

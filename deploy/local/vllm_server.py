@@ -10,20 +10,25 @@ The flags are the ones deploy/vllm/README.md explains.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from deploy.local.broker import free_port
+from deploy.local.processes import interruptible, start_child, stop_child
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON_ENV = "KTO_LOOP_VLLM_PYTHON"
+# The plugin reads the control plane's admin key from this variable (the server's side of
+# [serving] admin_key).
+ADMIN_KEY_ENV = "KTO_LOOP_ADMIN_KEY"
 
 
 def vllm_python() -> str:
@@ -40,16 +45,59 @@ def vllm_python() -> str:
 
 @dataclass
 class VllmServer:
-    """A running vLLM API server."""
+    """A running vLLM API server (`command` and `env` start it again after a kill)."""
 
     process: subprocess.Popen
     port: int
     api_key: str | None
     log_path: Path
+    admin_key: str | None = None
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Return once /health answers 200; stop the server and raise RuntimeError (with
+        the end of its log) if it exits or stays unhealthy for `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"vLLM exited with {self.process.returncode} while starting:\n"
+                        f"{self.log_tail()}"
+                    )
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"vLLM not healthy after {timeout:.0f} s:\n{self.log_tail()}"
+                    )
+                time.sleep(0.5)  # the poll interval of a deadline loop
+        except BaseException:  # also Ctrl-C while it starts: nothing half-started stays
+            self.stop()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (a replica that dies at once)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def restart(self, timeout: float = 300.0) -> None:
+        """Start the same server again on the same port (after it died or was killed) and
+        return once it is healthy; it knows no adapters or aliases until told again."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"vLLM on port {self.port} is still running: stop it first")
+        self.stop()  # whatever of its process group is left
+        self.process = start_child(self.command, log_path=self.log_path, env=self.env)
+        self.wait_healthy(timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -58,13 +106,8 @@ class VllmServer:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM (vLLM then stops its engine core), SIGKILL to what is left after 30 s."""
+        stop_child(self.process, timeout=30)
 
 
 def vllm_command(
@@ -72,6 +115,7 @@ def vllm_command(
     port: int,
     *,
     api_key: str | None = None,
+    host: str = "127.0.0.1",
     served_model_name: str = "base",
     max_lora_rank: int = 8,
     max_loras: int = 4,
@@ -98,7 +142,7 @@ def vllm_command(
         "--served-model-name",
         served_model_name,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--enable-lora",
@@ -118,9 +162,11 @@ def vllm_command(
     return cmd
 
 
-def vllm_env(retire_grace_s: float | None = None) -> dict[str, str]:
-    """The environment the server needs: runtime LoRA updates, our plugin, offline."""
+def vllm_env(retire_grace_s: float | None = None, admin_key: str | None = None) -> dict[str, str]:
+    """The environment the server needs: runtime LoRA updates, our plugin, offline, and
+    the control plane's admin key (none: only loopback callers may use it)."""
     env = dict(os.environ)
+    env.pop(ADMIN_KEY_ENV, None)  # only the key given here, never one inherited
     env.update(
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_PLUGINS="kto_loop_swap",
@@ -131,6 +177,8 @@ def vllm_env(retire_grace_s: float | None = None) -> dict[str, str]:
     )
     if retire_grace_s is not None:
         env["KTO_LOOP_RETIRE_GRACE_S"] = str(retire_grace_s)
+    if admin_key:
+        env[ADMIN_KEY_ENV] = admin_key
     return env
 
 
@@ -140,11 +188,20 @@ def start_vllm(
     *,
     port: int | None = None,
     api_key: str | None = None,
+    admin_key: str | None = None,
+    host: str = "127.0.0.1",
     retire_grace_s: float | None = None,
     timeout: float = 300.0,
     **flags: object,
 ) -> VllmServer:
-    """Start a vLLM server on 127.0.0.1 and return once /health answers 200.
+    """Start a vLLM server listening on `host` (reached at 127.0.0.1) and return once
+    /health answers 200.
+
+    Args:
+        api_key: vLLM's --api-key, the inference key every client sends.
+        admin_key: the control plane's key (KTO_LOOP_ADMIN_KEY in the server's
+            environment). Without one, the plugin serves the control plane only when
+            `host` is a loopback address.
 
     Raises:
         RuntimeError: the server exited or did not become healthy in time; the message
@@ -152,31 +209,12 @@ def start_vllm(
     """
     port = port or free_port()
     log_path = Path(log_path)
-    log = log_path.open("ab")
-    process = subprocess.Popen(
-        vllm_command(model_dir, port, api_key=api_key, **flags),  # type: ignore[arg-type]
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=vllm_env(retire_grace_s),
-        start_new_session=True,
-    )
-    log.close()
-    server = VllmServer(process, port, api_key, log_path)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"vLLM exited with {process.returncode} while starting:\n{server.log_tail()}"
-            )
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"vLLM not healthy after {timeout:.0f} s:\n{server.log_tail()}")
-        time.sleep(0.5)  # the poll interval of a deadline loop
+    command = vllm_command(model_dir, port, api_key=api_key, host=host, **flags)  # type: ignore[arg-type]
+    env = vllm_env(retire_grace_s, admin_key)
+    process = start_child(command, log_path=log_path, env=env)
+    server = VllmServer(process, port, api_key, log_path, admin_key, command, env)
+    server.wait_healthy(timeout)
+    return server
 
 
 def main() -> None:
@@ -191,14 +229,18 @@ def main() -> None:
         args.log,
         port=args.port,
         api_key=os.environ.get("KTO_LOOP_SERVING__API_KEY"),
+        admin_key=os.environ.get("KTO_LOOP_SERVING__ADMIN_KEY"),
         dtype=args.dtype,
     )
     print(f"vLLM ready at {server.url} (log: {args.log}); Ctrl-C stops it", file=sys.stderr)
     try:
         server.process.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    main()
+    with interruptible():  # Ctrl-C and SIGTERM stop it, even started with SIGINT ignored
+        main()

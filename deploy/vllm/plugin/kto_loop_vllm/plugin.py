@@ -19,14 +19,25 @@ none in flight uses them. Retiring a version still in use kills vLLM's worker.
 
     GET /v1/kto-loop/aliases            what each alias serves, what is loaded and in use
 
-The routes sit under /v1 so that `--api-key` guards them. They read vLLM internals (the
-serving-models name table, its per-name locks, the output processor's request states),
-so the plugin refuses to attach to a vLLM it was not tested with.
+These routes, vLLM's own `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`, and
+the SageMaker-style `/adapters` routes vLLM adds beside them form the control plane. It
+is for admins only: a request to it must carry the admin key (`KTO_LOOP_ADMIN_KEY` in
+the server's environment) in the `X-KTO-Loop-Admin-Key` header, which is not the
+inference key every client holds (vLLM's `--api-key`, still checked first under /v1).
+Without the header the answer is 401; with a wrong key, 403. A server with no admin
+key serves the control plane only when it is bound to loopback (or a Unix socket);
+otherwise every control-plane request gets 403 saying what to set.
+
+The routes read vLLM internals (the serving-models name table, its per-name locks, the
+output processor's request states), so the plugin refuses to attach to a vLLM it was not
+tested with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -36,6 +47,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 # A child of "vllm": its lines go wherever vLLM sends its own.
 log = logging.getLogger("vllm.kto_loop_swap")
@@ -44,6 +57,13 @@ PLUGIN_NAME = "kto_loop_swap"
 TESTED_VLLM = ("0.32.",)
 SEPARATOR = "@"
 PREFIX = "/v1/kto-loop"
+
+ADMIN_KEY_ENV = "KTO_LOOP_ADMIN_KEY"
+ADMIN_HEADER = "X-KTO-Loop-Admin-Key"
+ADMIN_ERROR_TYPE = "KtoLoopAdminAuth"
+# The control plane: our routes, vLLM's runtime LoRA routes, and the SageMaker-style
+# adapter routes vLLM registers with them (outside /v1, so --api-key never guards them).
+ADMIN_PREFIXES = (PREFIX, "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 
 
 class SwapRequest(BaseModel):
@@ -146,6 +166,109 @@ def _error(status: int, message: str) -> JSONResponse:
         status_code=status,
         content={"error": {"message": message, "type": "KtoLoopSwapError", "code": status}},
     )
+
+
+def is_admin_path(path: str) -> bool:
+    """True for a path of the control plane (see ADMIN_PREFIXES)."""
+    return any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
+
+
+def loopback_only(host: str | None, uds: str | None) -> bool:
+    """True when vLLM listens on loopback or a Unix socket only.
+
+    vLLM binds `(args.host or "", args.port)`, or `args.uds` when set: no host means every
+    interface. A host name other than localhost is not resolved here: it counts as
+    reachable from elsewhere.
+    """
+    if uds:
+        return True
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminPolicy:
+    """Who may use the control plane on this server; set in init_state from vLLM's args.
+
+    Attributes:
+        key: the admin key (None: no key configured).
+        loopback: the server listens on loopback or a Unix socket only.
+        bind: where it listens, for messages.
+    """
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.key: bytes | None = None
+        self.loopback = False
+        self.bind = "?"
+
+    def configure(self, key: str | None, host: str | None, uds: str | None, port: Any) -> None:
+        self.key = key.encode() if key else None
+        self.loopback = loopback_only(host, uds)
+        self.bind = f"unix:{uds}" if uds else f"{host or '0.0.0.0'}:{port}"
+        self.ready = True
+
+    def refusal(self, presented: str | None) -> tuple[int, str] | None:
+        """(status, message) when a control-plane request must be refused, else None."""
+        if not self.ready:
+            return 503, "the kto-loop plugin is not initialised on this server yet"
+        if self.key is None:
+            if self.loopback:
+                return None
+            return (
+                403,
+                f"the control plane is off: this server listens on {self.bind} and has no "
+                f"admin key. Set {ADMIN_KEY_ENV} in vLLM's environment (and the same value "
+                "as KTO_LOOP_SERVING__ADMIN_KEY for kto-loop), or bind vLLM to 127.0.0.1",
+            )
+        if presented is None:
+            return (
+                401,
+                f"the control plane wants the admin key in the {ADMIN_HEADER} header: set "
+                f"KTO_LOOP_SERVING__ADMIN_KEY to the value of the server's {ADMIN_KEY_ENV}",
+            )
+        if not hmac.compare_digest(presented.encode(), self.key):
+            return (
+                403,
+                f"the admin key in {ADMIN_HEADER} is wrong: set KTO_LOOP_SERVING__ADMIN_KEY "
+                f"to the value of the server's {ADMIN_KEY_ENV} (not vLLM's --api-key)",
+            )
+        return None
+
+
+class AdminGuard:
+    """ASGI middleware: control-plane requests pass only under the AdminPolicy.
+
+    Added before vLLM's own middleware, so it runs inside vLLM's --api-key check.
+    """
+
+    def __init__(self, app: ASGIApp, policy: AdminPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if is_admin_path(path):
+                refused = self.policy.refusal(Headers(scope=scope).get(ADMIN_HEADER))
+                if refused is not None:
+                    status, message = refused
+                    if status == 403:
+                        log.warning("control-plane request refused: %s %s", scope["method"], path)
+                    response = JSONResponse(
+                        status_code=status,
+                        content={
+                            "error": {"message": message, "type": ADMIN_ERROR_TYPE, "code": status}
+                        },
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 router = APIRouter()
@@ -288,6 +411,9 @@ class SwapPlugin:
     name = PLUGIN_NAME
     required_tasks = ("generate",)
 
+    def __init__(self) -> None:
+        self.policy = AdminPolicy()
+
     def attach_router(self, app: FastAPI) -> None:
         import vllm
 
@@ -301,8 +427,36 @@ class SwapPlugin:
                 "KTO_LOOP_PLUGIN_ALLOW_UNTESTED=1"
             )
         app.include_router(router)
+        # Added before vLLM adds its own middleware, so vLLM's --api-key check runs first.
+        app.add_middleware(AdminGuard, policy=self.policy)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        key = os.environ.get(ADMIN_KEY_ENV) or None
+        inference_keys = list(getattr(args, "api_key", None) or [])
+        inference_keys.append(os.environ.get("VLLM_API_KEY") or "")
+        if key is not None and key in inference_keys:
+            raise RuntimeError(
+                f"{ADMIN_KEY_ENV} equals vLLM's API key, which every inference client "
+                "holds: choose a different admin key"
+            )
+        host, uds = getattr(args, "host", None), getattr(args, "uds", None)
+        self.policy.configure(key, host, uds, getattr(args, "port", "?"))
+        if key is not None:
+            log.info("kto-loop control plane: requests need the %s header", ADMIN_HEADER)
+        elif self.policy.loopback:
+            log.warning(
+                "kto-loop control plane: no %s, open to callers on this host (%s)",
+                ADMIN_KEY_ENV,
+                self.policy.bind,
+            )
+        else:
+            log.warning(
+                "kto-loop control plane OFF: no %s and the server listens on %s; set %s "
+                "to publish adapters here",
+                ADMIN_KEY_ENV,
+                self.policy.bind,
+                ADMIN_KEY_ENV,
+            )
         if engine_client is None or getattr(state, "openai_serving_models", None) is None:
             return
         models = state.openai_serving_models
