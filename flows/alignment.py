@@ -133,7 +133,7 @@ def train_candidate(
 ) -> dict[str, Any]:
     """Train the candidate; resume the checkpoint a crashed run left on this snapshot,
     or reuse the adapter it finished; start afresh on any other snapshot."""
-    from pipeline.trainer import MANIFEST, TrainError, TrainInputs, train
+    from pipeline.trainer import MANIFEST, CheckpointMismatch, TrainInputs, train
 
     cycle = settings.cycle
     out = runs.candidate_dir
@@ -160,8 +160,8 @@ def train_candidate(
     options, lora = settings.train.options(), settings.lora.options()
     try:
         result = train(inputs, options, lora)
-    except TrainError as exc:
-        if not resume or "belongs to a run with other data" not in str(exc):
+    except CheckpointMismatch as exc:
+        if not resume:
             raise
         # Same snapshot, other options or base model: the checkpoint is of no use.
         log.warning("discarding the candidate checkpoint: %s", exc)

@@ -70,6 +70,10 @@ class TrainError(RuntimeError):
     """The run cannot start or cannot go on; the message says why and what to do."""
 
 
+class CheckpointMismatch(TrainError):
+    """The checkpoint to resume belongs to a run with other data, model or options."""
+
+
 class DivergedError(TrainError):
     """The loss or the gradients became NaN or infinite."""
 
@@ -1087,7 +1091,7 @@ def _load_checkpoint(
 ) -> _State:
     payload = torch.load(out_dir / CHECKPOINT / "state.pt", map_location=device, weights_only=False)
     if payload["run_id"] != run_id:
-        raise TrainError(
+        raise CheckpointMismatch(
             f"the checkpoint in {out_dir / CHECKPOINT} belongs to a run with other data, "
             "model or options; resume with the same ones, or choose another --out"
         )

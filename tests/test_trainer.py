@@ -20,6 +20,7 @@ from pipeline.trainer import (
     CHECKPOINT,
     MANIFEST,
     METRICS,
+    CheckpointMismatch,
     DivergedError,
     GeneralAbilityError,
     TrainError,
@@ -169,7 +170,7 @@ def test_resume_refuses_a_checkpoint_of_other_data(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     options = replace(FAST, max_steps=6, checkpoint_every=2)
     train(inputs(tiny_model_dir, out), replace(options, stop_after_steps=2))
-    with pytest.raises(TrainError, match="other data"):
+    with pytest.raises(CheckpointMismatch, match="other data"):
         train(inputs(tiny_model_dir, out, train=TRAIN[:-8], resume=True), options)
     assert no_adapter(out)
 
