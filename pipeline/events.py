@@ -20,6 +20,7 @@ and model may be left out of it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -190,7 +191,8 @@ def _hash_user_keyed(key: bytes, user_id: str) -> str:
 # timestamp out of range) is checked by us too.
 
 
-def _decode(raw: bytes) -> _Wire:
+def _decode(raw: bytes) -> tuple[_Wire, list[Message] | None]:
+    """The typed event and, when they decode, its turns."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -205,15 +207,22 @@ def _decode(raw: bytes) -> _Wire:
         wire = _decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _diagnose(raw, exc) from None
-    if _may_repeat_keys(raw, wire):
+    turns = None
+    if wire.messages:
+        # Turns that do not decode are diagnosed by _decode_messages.
+        with contextlib.suppress(msgspec.DecodeError, RecursionError):
+            turns = _messages_decoder.decode(wire.messages)
+    if _may_repeat_keys(raw, wire, turns):
         _check_repeated_keys(raw)
-    if wire.messages and (b"\\ud" in raw or b"\\uD" in raw):
+    # Turns keep fields we do not decode, so their strings are checked here; only a
+    # history with \u escapes can hold a lone surrogate.
+    if wire.messages and b"\\u" in bytes(wire.messages):
         value = _generic(raw)
         _check_unicode({k: value[k] for k in _READ_FIELDS if k in value}, "$")
-    return wire
+    return wire, turns
 
 
-def _may_repeat_keys(raw: bytes, wire: _Wire) -> bool:
+def _may_repeat_keys(raw: bytes, wire: _Wire, turns: list[Message] | None) -> bool:
     """Cheap and conservative: a field name we read appears as a key more than once
     (perhaps in a nested object we ignore), or message fields appear more often than
     turns exist. The exact check runs only then."""
@@ -225,7 +234,7 @@ def _may_repeat_keys(raw: bytes, wire: _Wire) -> bool:
     values = msgspec.structs.astuple(wire)
     expected = len(values) - 1 - values.count(None)
     if wire.messages:
-        expected += 1 + _keys_in_turns(wire.messages)
+        expected += 1 + _keys_in_turns(turns)
     if raw.count(b'":') == expected:
         return False
     keys = _READ_KEY.findall(raw)
@@ -237,11 +246,9 @@ def _may_repeat_keys(raw: bytes, wire: _Wire) -> bool:
     return turns > 0 and (raw.count(b'"content"') > turns or raw.count(b'"text"') > turns * 64)
 
 
-def _keys_in_turns(raw: msgspec.Raw) -> int:
-    """How many keys the turns hold as decoded (-1 if they do not decode)."""
-    try:
-        turns = _messages_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+def _keys_in_turns(turns: list[Message] | None) -> int:
+    """How many keys the turns hold as decoded (-1 if they did not decode)."""
+    if turns is None:
         return -1
     keys = 0
     for turn in turns:
@@ -491,14 +498,15 @@ def _utc_in_range(ts: dt.datetime) -> dt.datetime:
     return ts
 
 
-def _decode_messages(raw: msgspec.Raw) -> tuple[str, int]:
+def _decode_messages(raw: msgspec.Raw, turns: list[Message] | None) -> tuple[str, int]:
     """The messages' JSON (every field kept, compact) and the number of turns, or
     (None, 0) when absent or null; raises EventError if they are not a valid chat
     history."""
     if not raw or bytes(raw) == b"null":
         return None, 0
     try:
-        turns = _messages_decoder.decode(raw)
+        if turns is None:
+            turns = _messages_decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _diagnose_messages(bytes(raw), exc) from None
     for i, turn in enumerate(turns):
@@ -574,11 +582,11 @@ class EventParser:
                 f"event is {len(raw)} bytes, above the limit of {self.max_bytes} "
                 "(ingest.max_event_bytes); feedback events should not carry whole documents",
             )
-        wire = _decode(raw)
+        wire, turns_decoded = _decode(raw)
         if wire.schema not in SUPPORTED_SCHEMAS:
             raise _unsupported(wire.schema)
         ts = _utc_in_range(wire.ts)
-        messages_json, turns = _decode_messages(wire.messages)
+        messages_json, turns = _decode_messages(wire.messages, turns_decoded)
 
         feedback = wire.feedback
         if (feedback is None) == (wire.rating is None):
