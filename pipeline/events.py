@@ -212,12 +212,14 @@ def _decode(raw: bytes) -> tuple[_Wire, list[Message] | None]:
         # Turns that do not decode are diagnosed by _decode_messages.
         with contextlib.suppress(msgspec.DecodeError, RecursionError):
             turns = _messages_decoder.decode(wire.messages)
+    value = None  # the generic parse, made at most once and only when a check needs it
     if _may_repeat_keys(raw, wire, turns):
-        _check_repeated_keys(raw)
+        value = _generic(raw)
+        _check_repeated_keys(value)
     # Turns keep fields we do not decode, so their strings are checked here; only a
     # history with \u escapes can hold a lone surrogate.
     if wire.messages and b"\\u" in bytes(wire.messages):
-        value = _generic(raw)
+        value = _generic(raw) if value is None else value
         _check_unicode({k: value[k] for k in _READ_FIELDS if k in value}, "$")
     return wire, turns
 
@@ -303,8 +305,8 @@ def _generic(raw: bytes) -> Any:
         raise EventError("not_json", f"value is not JSON: {detail}") from None
 
 
-def _check_repeated_keys(raw: bytes) -> None:
-    value = _generic(raw)
+def _check_repeated_keys(value: Any) -> None:
+    """Refuse a parsed event (from `_generic`) that repeats a key we read."""
     if not isinstance(value, dict):
         return
     _refuse_repeats(value, _READ_FIELDS, "$")
@@ -358,7 +360,7 @@ def _diagnose(raw: bytes, cause: BaseException) -> EventError:
     version = value.get("schema")
     if _is_int(version) and version not in SUPPORTED_SCHEMAS:
         return _unsupported(version)
-    _check_repeated_keys(raw)
+    _check_repeated_keys(value)
     _check_unicode({k: value[k] for k in _READ_FIELDS if k in value}, "$")
     for check in (_check_required, _check_types, _check_values):
         problem = check(value)
