@@ -139,11 +139,14 @@ def _train_directly(settings, model: Path, snapshot_path: str, tmp: Path) -> flo
     from pipeline.trainer import TrainInputs, train
 
     snap = read_snapshot(snapshot_path)
-    c = snap.counts
-    balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
+    balance = choose_weights(
+        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
+    )
     started = time.monotonic()
     train(
-        TrainInputs.from_snapshot(snap, balance, model, tmp / "direct", progress=False),
+        TrainInputs.from_snapshot(
+            snap, balance, model, tmp / "direct", settings.train.repeats, progress=False
+        ),
         settings.train.options(),
         settings.lora.options(),
     )

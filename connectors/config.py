@@ -284,6 +284,17 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(
         3, ge=0, description="evaluations without a better held-out loss before stopping; 0 = never"
     )
+    repeats: Literal["collapse", "keep", "weight"] = Field(
+        "collapse",
+        description="what the votes of an answer given many times count for: one example "
+        "(collapse), one example per vote (keep), or one example weighted by its votes",
+    )
+    selection: Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"] = Field(
+        "heldout_loss",
+        description="which evaluated step's weights are kept (the start included): the "
+        "lowest held-out KTO loss, the best held-out margin or accuracy, or the last one "
+        "the guards passed",
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation"
     )
@@ -448,7 +459,11 @@ class GateConfig(_Section):
     serving now, before it is published."""
 
     min_accuracy_gain: float = Field(
-        0.0, ge=-1, le=1, description="candidate - serving implied-reward accuracy, at least"
+        0.0,
+        ge=0,
+        le=1,
+        description="candidate - serving implied-reward accuracy must exceed this (and 0, "
+        "and the held-out noise bar)",
     )
     min_margin_gain: float = Field(0.0, description="candidate - serving reward margin, at least")
     max_kl: float = Field(5.0, gt=0, description="the candidate's KL to the base, at most")
@@ -462,6 +477,13 @@ class GateConfig(_Section):
     generation_max_tokens: int = Field(64, ge=1)
     min_score_gain: float = Field(
         0.0, description="candidate - serving mean score of the generation check, at least"
+    )
+    noise_z: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="the accuracy gain must exceed this many standard errors of the paired "
+        "per-record difference in correctness (0: only > 0)",
     )
 
     @model_validator(mode="after")
@@ -480,6 +502,7 @@ class GateConfig(_Section):
             self.max_kl,
             self.min_heldout,
             self.min_score_gain,
+            self.noise_z,
         )
 
 

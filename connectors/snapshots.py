@@ -102,9 +102,12 @@ def read_snapshot(path: str | Path) -> Snapshot:
             f"{metadata.get('id')}: the snapshot was changed after it was written; rebuild it"
         )
     options = metadata.get("config")
+    stats = dict(metadata.get("stats", {}))
+    # JSON gives a list back; the stats hold a tuple.
+    stats["skipped_reasons"] = tuple(stats.get("skipped_reasons", ()))
     return dataclasses.replace(
         snapshot,
-        stats=SnapshotStats(**metadata.get("stats", {})),
+        stats=SnapshotStats(**stats),
         options=SnapshotOptions(**options) if options else None,
     )
 

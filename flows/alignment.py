@@ -11,7 +11,9 @@ resumes, or discards when the snapshot has changed.
 
 Final states: Completed (a version was published), Completed named "Skipped" with the
 reason as its message (another run holds the alias, too little new feedback, the gate
-said no), or Failed with the cause. Every run leaves a record and a markdown report
+said no), Completed named "No gain" when training kept its starting point (nothing is
+gated, registered or published; the run record's status is "no_gain"), or Failed with
+the cause. Every run leaves a record and a markdown report
 (also a Prefect artifact) with its plots beside it.
 """
 
@@ -52,6 +54,8 @@ from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
 log = logging.getLogger("kto_loop.cycle")
 
 PUBLISHED, SKIPPED, FAILED = "published", "skipped", "failed"
+# Training kept its starting point: nothing new to gate, register or publish.
+NO_GAIN = "no_gain"
 
 
 @dataclass
@@ -85,6 +89,10 @@ class RunRecord:
 
 class _Skip(Exception):
     """The run ends Completed, named Skipped, for this reason."""
+
+
+class _NoGain(_Skip):
+    """Training kept its starting point: the run ends Completed, named No gain."""
 
 
 # ---------------------------------------------------------------- tasks
@@ -152,6 +160,7 @@ def train_candidate(
         balance,
         _base_model(settings),
         out,
+        settings.train.repeats,
         general=general,
         chat_template=_chat_template(settings),
         resume=resume,
@@ -276,6 +285,8 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
             for crashed in runs.mark_crashed(run.run_id):
                 log.warning("run %s died before it finished; this run takes over", crashed)
             _cycle(settings, alias, runs, run)
+    except _NoGain as exc:
+        run.status, run.reason = NO_GAIN, str(exc)
     except (_Skip, CycleBusy) as exc:
         run.status, run.reason = SKIPPED, str(exc)
     except Exception as exc:
@@ -285,6 +296,8 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
     _finish(runs, run, started)
     if run.status == SKIPPED:
         return Completed(name="Skipped", message=f"skipped: {run.reason}", data=run.as_dict())
+    if run.status == NO_GAIN:
+        return Completed(name="No gain", message=f"no gain: {run.reason}", data=run.as_dict())
     return Completed(message=run.reason, data=run.as_dict())
 
 
@@ -314,7 +327,9 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
             f"{settings.cycle.min_new_votes}"
         )
 
-    balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
+    balance = choose_weights(
+        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
+    )
     run.balance = {
         "lambda_desirable": balance.lambda_desirable,
         "lambda_undesirable": balance.lambda_undesirable,
@@ -328,7 +343,15 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     run.trained = True
     run.training = {
         k: manifest.get(k)
-        for k in ("steps", "planned_steps", "best_step", "stopped_early", "stop_reason")
+        for k in (
+            "status",
+            "status_reason",
+            "steps",
+            "planned_steps",
+            "best_step",
+            "stopped_early",
+            "stop_reason",
+        )
     } | {
         "resumed_from_step": manifest.get("resumed_from_step"),
         "seconds": manifest.get("seconds"),
@@ -341,6 +364,10 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
         shutil.copyfile(runs.candidate_dir / plot, report_dir / Path(plot).name)
         run.plots.append(str(report_dir / Path(plot).name))
     runs.save(run.as_dict())
+    if manifest.get("status") == NO_GAIN:
+        # The candidate is the starting point: gating it would only measure noise.
+        runs.clear_candidate()
+        raise _NoGain(f"training kept its starting point: {manifest.get('status_reason')}")
 
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):

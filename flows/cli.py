@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from kafka.errors import KafkaError
@@ -248,6 +248,7 @@ def snapshot(
         ("votes counted", s.votes),
         ("  tied examples", s.ties),
         ("  ties dropped", s.ties_dropped),
+        ("rows skipped (unreadable)", s.skipped_rows),
         ("train desirable", c.train_desirable),
         ("train undesirable", c.train_undesirable),
         ("heldout desirable", c.heldout_desirable),
@@ -255,6 +256,7 @@ def snapshot(
     ]:
         table.add_row(label, f"{value:,}")
     Console().print(table)
+    _warn_skipped(snap)
     typer.echo(
         json.dumps(
             {
@@ -265,9 +267,24 @@ def snapshot(
                 "train_undesirable": c.train_undesirable,
                 "heldout_desirable": c.heldout_desirable,
                 "heldout_undesirable": c.heldout_undesirable,
+                "skipped_rows": s.skipped_rows,
             }
         )
     )
+
+
+def _warn_skipped(snap: Any) -> None:
+    """Say on stderr which rows of the data were left out, and why (the first few)."""
+    s = snap.stats
+    if not s.skipped_rows:
+        return
+    err.print(
+        f"warning: {s.skipped_rows} of {s.rows_read} rows skipped: a value in them cannot be read",
+        style="yellow",
+        markup=False,
+    )
+    for reason in s.skipped_reasons:
+        err.print(f"  {reason}", style="yellow", markup=False, highlight=False)
 
 
 @app.command()
@@ -316,8 +333,14 @@ def train(
 ) -> None:
     """Train a LoRA adapter with KTO; the last line of stdout is a JSON summary.
 
-    Exit codes: 0 trained (or skipped for too little data: see "status"), 1 the run
-    failed (diverged, general-ability bound), 2 bad input.
+    "status" is "trained"; "no_gain" when no evaluated step beat the starting point on
+    the held-out set, so the adapter written is the starting point (a fresh LoRA is the
+    base model; with --init-adapter, that adapter), with "status_reason" saying so;
+    "skipped" for too little data (no adapter is written). "skipped_rows" counts data
+    rows left out as unreadable.
+
+    Exit codes: 0 trained, no_gain or skipped (see "status"), 1 the run failed
+    (diverged, general-ability bound), 2 bad input.
     """
     from connectors.snapshots import load_training_data
     from pipeline.balance import choose_weights
@@ -337,12 +360,22 @@ def train(
         _fail(exc, 2)
     except OSError as exc:
         _fail(RuntimeError(f"could not read input: {exc}"), 2)
-    c = snap.counts
-    balance = choose_weights(c.train_desirable, c.train_undesirable, settings.balance.options())
+    _warn_skipped(snap)
+    skipped_rows = snap.stats.skipped_rows
+    balance = choose_weights(
+        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
+    )
     err.print(balance.explanation, markup=False, highlight=False)
     if balance.skip_reason is not None:
         typer.echo(
-            json.dumps({"status": "skipped", "reason": balance.skip_reason, "snapshot": snap.id})
+            json.dumps(
+                {
+                    "status": "skipped",
+                    "reason": balance.skip_reason,
+                    "snapshot": snap.id,
+                    "skipped_rows": skipped_rows,
+                }
+            )
         )
         return
 
@@ -355,6 +388,7 @@ def train(
         balance,
         base_model,
         out,
+        settings.train.repeats,
         general=general_records,
         init_adapter=init_adapter,
         reference_adapter=reference_adapter,
@@ -374,7 +408,7 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports
     if result.adapter_dir is None:
-        typer.echo(json.dumps({"status": "paused", **m}))
+        typer.echo(json.dumps({"status": "paused", **m, "skipped_rows": skipped_rows}))
         return
     before = m["metrics"]["heldout_before"] or {}
     after = m["metrics"]["heldout_after"] or {}
@@ -390,12 +424,16 @@ def train(
     Console(stderr=True).print(table)
     for warning in m["warnings"]:
         err.print(f"warning: {warning}", style="yellow", markup=False)
+    if m["status_reason"]:
+        err.print(f"{m['status']}: {m['status_reason']}", style="yellow", markup=False)
     typer.echo(
         json.dumps(
             {
-                "status": "trained",
+                "status": m["status"],
+                "status_reason": m["status_reason"],
                 "adapter": str(out),
                 "snapshot": snap.id,
+                "skipped_rows": skipped_rows,
                 "steps": m["steps"],
                 "best_step": m["best_step"],
                 "lambda_desirable": balance.lambda_desirable,
@@ -533,7 +571,8 @@ def run(
 ) -> None:
     """Run one alignment cycle now: snapshot, train, gate, register, publish, report.
 
-    Exit codes: 0 completed (published, or skipped with the reason), 1 failed, 2 bad config.
+    Exit codes: 0 completed (published, no_gain: training kept its starting point, or
+    skipped with the reason), 1 failed, 2 bad config.
     """
     from flows import cycle_cli
 

@@ -44,7 +44,8 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_
 
 
 def run(settings: Settings, config: Path | None, alias: str | None) -> None:
-    """Run one cycle; exit 0 when it completed (published or skipped), 1 when it failed.
+    """Run one cycle; exit 0 when it completed (published, no_gain or skipped), 1 when it
+    failed.
 
     Without PREFECT_API_URL the flow runs against a temporary local server (Prefect's
     default database, as its ephemeral mode would use) that ends with this command.

@@ -44,11 +44,12 @@ class Lengths:
 
 @dataclass(frozen=True)
 class Encoded:
-    """One record as token ids."""
+    """One record as token ids, with the weight of its term in the loss."""
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
     desirable: bool
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,15 @@ def check_chat_template(tokenizer: Any, prompt_format: str) -> None:
 
 
 def encode_records(
-    records: list[tuple[str | None, str | None, str, bool]],
+    records: list[
+        tuple[str | None, str | None, str, bool] | tuple[str | None, str | None, str, bool, float]
+    ],
     tokenizer: Any,
     lengths: Lengths,
     prompt_format: str = "chat",
 ) -> tuple[list[Encoded], EncodeReport]:
-    """Tokenize (prompt, messages_json, completion, desirable) records.
+    """Tokenize (prompt, messages_json, completion, desirable[, weight]) records; a
+    record without a weight weighs 1.
 
     Returns:
         The encoded examples (those left with no completion token are dropped) and a
@@ -165,7 +169,7 @@ def encode_records(
     renderable = []
     unrenderable: list[str] = []
     for record in records:
-        prompt, messages_json, _, _ = record
+        prompt, messages_json = record[0], record[1]
         if prompt_format != "chat":
             texts.append(prompt or "")
             renderable.append(record)
@@ -195,7 +199,7 @@ def encode_records(
             f"{unrenderable[0]}"
         )
     records = renderable
-    completions = [completion for _, _, completion, _ in records]
+    completions = [record[2] for record in records]
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     joined = tokenizer(
@@ -205,9 +209,8 @@ def encode_records(
     out: list[Encoded] = []
     dropped = cut_prompts = cut_completions = mismatches = 0
     completion_cap = lengths.max_completion_length or lengths.max_length
-    for (_, _, _, desirable), p, c, j in zip(
-        records, prompt_ids, completion_ids, joined, strict=True
-    ):
+    for record, p, c, j in zip(records, prompt_ids, completion_ids, joined, strict=True):
+        desirable, weight = record[3], record[4] if len(record) > 4 else 1.0
         if j != p + c:
             mismatches += 1
         c = [*c, eot]
@@ -224,7 +227,7 @@ def encode_records(
         if not c:
             dropped += 1
             continue
-        out.append(Encoded(tuple(p), tuple(c), bool(desirable)))
+        out.append(Encoded(tuple(p), tuple(c), bool(desirable), float(weight)))
     if mismatches:
         log.warning(
             "%d of %d records tokenize differently as prompt+completion than as prompt, "

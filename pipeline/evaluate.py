@@ -8,7 +8,7 @@ moved from the reference (KL)?
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -37,6 +37,9 @@ class HeldoutMetrics:
         general_nll: mean per-token NLL of the general held-out set, if there is one.
         sampled_end_rate: share of answers sampled for held-out prompts that end their
             turn within twice the longest held-out completion (None if not checked).
+        correct: per record, in the order scored, whether it is on the right side of
+            z_ref (accuracy is their mean). The gate compares two adapters record by
+            record with it; left out of as_dict (one entry per record).
     """
 
     loss: float
@@ -49,9 +52,13 @@ class HeldoutMetrics:
     eos_logratio: float | None = None
     general_nll: float | None = None
     sampled_end_rate: float | None = None
+    correct: tuple[bool, ...] = field(default=(), repr=False)
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+        """The summary numbers (everything but the per-record `correct`)."""
+        return {
+            f"{prefix}{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "correct"
+        }
 
 
 def eos_logratio(
@@ -99,4 +106,5 @@ def heldout_metrics(
         margin=r_d - r_u,
         kl=out.kl.item(),
         count=int(desirable.numel()),
+        correct=tuple(bool(c) for c in correct.tolist()),
     )

@@ -635,8 +635,8 @@ def _check_vote(wire: _Wire, messages: str | None, turns: int) -> None:
         raise EventError("invalid_value", "`messages` is an empty list")
     if response is None:
         raise EventError("missing_field", "`response` is required: the rated assistant text")
-    if not response or response.isspace():
-        raise EventError("invalid_value", "`response` is empty: nothing was rated")
+    # An empty response is a real answer (the model ended its turn at once), and users
+    # rate it like any other.
     if not wire.model:
         raise EventError("missing_field", "`model` is required: the base model that answered")
 
@@ -664,7 +664,7 @@ def json_schema() -> dict[str, Any]:
             "One thumbs up/down, 1-5 rating or retraction of an assistant turn, sent as "
             "one UTF-8 JSON Kafka message keyed by conversation_id. Send exactly one of "
             "feedback or rating; for a vote (not a retraction) also prompt or messages, "
-            "a non-empty response and model."
+            'a response ("" when the model ended its turn at once) and model.'
         ),
         "$defs": {name: components[name] for name in ("Message", "ContentPart")},
     }
@@ -675,7 +675,7 @@ def json_schema() -> dict[str, Any]:
     }
     schema["then"] = {
         "required": ["response", "model"],
-        "properties": {"response": {"type": "string", "minLength": 1}},
+        "properties": {"response": {"type": "string"}},
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
     }
     return schema

@@ -3,19 +3,27 @@
 Both are scored on the same held-out records against the same reference (the base
 model), so their numbers compare: implied-reward accuracy (desirable completions above
 the reference point z_ref, undesirable ones below), the mean reward margin between the
-classes, and the KL to the reference. The candidate is promoted only if it is at least
-as good as the serving adapter on accuracy and margin, each by a configurable gain (a
-negative gain tolerates a small loss), and if its KL stays under a bound. An optional
-generation check adds a user scorer's mean over answers the two adapters gave.
+classes, and the KL to the reference.
+
+Equal is not better: publishing a candidate that only ties the serving adapter swaps
+weights for nothing. So the candidate must beat the serving adapter's accuracy by more
+than the held-out set's noise: gain > max(min_accuracy_gain, noise_z * SE) and gain > 0,
+where SE is the standard error of the per-record difference in correctness between the
+two on the same records (paired: records both get right or both get wrong add no
+noise). The margin must be at least as good (serving + min_margin_gain; a negative gain
+tolerates a small loss), and the KL must stay under a bound. An optional generation
+check adds a user scorer's mean over answers the two adapters gave.
 
 When nothing serves yet, the serving side is the base model itself: its rewards are
-all zero, so its accuracy and margin are 0 and a candidate must at least have learnt
-the right direction.
+all zero, equal to its z_ref of 0, so no record is on the right side and its accuracy
+is 0; the same rule then asks the candidate to get more records right than the noise
+explains, and to have a margin of at least 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from pipeline.evaluate import HeldoutMetrics
@@ -29,12 +37,18 @@ class GateOptions:
     """What a candidate must show to be promoted.
 
     Attributes:
-        min_accuracy_gain: candidate accuracy - serving accuracy must be at least this.
+        min_accuracy_gain: candidate accuracy - serving accuracy must exceed this (and
+            always 0, and the noise bar below), in [0, 1].
         min_margin_gain: candidate margin - serving margin must be at least this.
         max_kl: the candidate's KL to the reference must not exceed this.
         min_heldout: fewer held-out records than this cannot judge anything: refused.
         min_score_gain: with a generation check, candidate mean score - serving mean
             score must be at least this.
+        noise_z: the accuracy gain must exceed noise_z standard errors of the paired
+            per-record difference in correctness. 1.0 (default) asks for a gain larger
+            than one standard error: a tie or a win of a record or two on a small
+            held-out set is refused. 2.0 is about a one-sided 98% test; 0 turns the noise
+            bar off (the gain must still be above 0).
     """
 
     min_accuracy_gain: float = 0.0
@@ -42,23 +56,33 @@ class GateOptions:
     max_kl: float = 5.0
     min_heldout: int = 8
     min_score_gain: float = 0.0
+    noise_z: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_kl <= 0:
             raise ValueError(f"max_kl must be positive, got {self.max_kl}")
         if self.min_heldout < 1:
             raise ValueError(f"min_heldout must be at least 1, got {self.min_heldout}")
+        if not 0 <= self.min_accuracy_gain <= 1:
+            raise ValueError(
+                f"min_accuracy_gain must be in [0, 1], got {self.min_accuracy_gain}: the "
+                "candidate must always gain accuracy (a loss cannot be tolerated)"
+            )
+        if not (math.isfinite(self.noise_z) and self.noise_z >= 0):
+            raise ValueError(f"noise_z must be a finite number >= 0, got {self.noise_z}")
 
 
 @dataclass(frozen=True)
 class Check:
-    """One comparison the gate made."""
+    """One comparison the gate made; `noise` is the bar the held-out noise sets
+    (noise_z standard errors), for the accuracy check only."""
 
     name: str
     candidate: float
     serving: float | None
     required: str
     passed: bool
+    noise: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +124,19 @@ def judge(
     generation: GenerationScores | None = None,
 ) -> GateDecision:
     """Decide whether `candidate` may replace `serving` (named `serving_name` in the
-    reasons: "chat@v3", or "the base model")."""
+    reasons: "chat@v3", or "the base model"). Both must be scored on the same held-out
+    records, with their per-record `correct` filled in (as heldout_metrics does).
+
+    Raises:
+        ValueError: the per-record correctness is missing or of different lengths.
+    """
     reason = too_few_heldout(candidate.count, options)
     if reason is not None:
         return GateDecision(False, reason, (), candidate, serving, serving_name)
 
+    accuracy, gain = _beats_on_accuracy(candidate.correct, serving.correct, options)
     checks = [
-        _at_least("accuracy", candidate.accuracy, serving.accuracy, options.min_accuracy_gain),
+        accuracy,
         _at_least("margin", candidate.margin, serving.margin, options.min_margin_gain),
         Check(
             "kl",
@@ -124,11 +154,20 @@ def judge(
         )
     failed = [c for c in checks if not c.passed]
     if not failed:
-        reason = f"candidate is at least as good as {serving_name} on every check"
+        reason = (
+            f"candidate beats {serving_name} on held-out accuracy by {gain:.4g}, beyond the "
+            f"held-out noise (±{accuracy.noise:.2g}), and is at least as good on every "
+            "other check"
+        )
         return GateDecision(True, reason, tuple(checks), candidate, serving, serving_name)
     parts = []
     for c in failed:
-        if c.serving is None or c.name == "kl":
+        if c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
+            parts.append(
+                f"no better than {serving_name}: accuracy gain {gain:.4g} is within the "
+                f"held-out noise (±{c.noise:.2g})"
+            )
+        elif c.serving is None or c.name == "kl":
             parts.append(f"{c.name} {c.candidate:.4g} (needs {c.required})")
         else:
             parts.append(
@@ -139,6 +178,30 @@ def judge(
     return GateDecision(False, reason, tuple(checks), candidate, serving, serving_name)
 
 
+def paired_standard_error(candidate: Sequence[bool], serving: Sequence[bool]) -> float:
+    """The standard error of the mean per-record difference in correctness,
+    candidate - serving (each difference -1, 0 or 1), on the same records: the noise of
+    the accuracy gain that comes from which records happened to be held out. Infinite
+    with fewer than two records (no spread to estimate).
+
+    Raises:
+        ValueError: the two are not per-record results of the same records.
+    """
+    if len(candidate) != len(serving) or not candidate:
+        raise ValueError(
+            f"the gate compares per-record correctness on the same held-out records, got "
+            f"{len(candidate)} and {len(serving)} records: score both with "
+            "pipeline.evaluate.heldout_metrics on the same records"
+        )
+    n = len(candidate)
+    if n < 2:
+        return math.inf
+    diffs = [int(c) - int(s) for c, s in zip(candidate, serving, strict=True)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return math.sqrt(variance / n)
+
+
 def too_few_heldout(count: int, options: GateOptions) -> str | None:
     """Why `count` held-out records cannot judge a candidate, or None when they can."""
     if count >= options.min_heldout:
@@ -147,6 +210,30 @@ def too_few_heldout(count: int, options: GateOptions) -> str | None:
         f"only {count} held-out records, fewer than gate.min_heldout={options.min_heldout}: "
         "too few to judge. Collect more feedback or raise snapshot.heldout_fraction"
     )
+
+
+def _beats_on_accuracy(
+    candidate: Sequence[bool], serving: Sequence[bool], options: GateOptions
+) -> tuple[Check, float]:
+    """The accuracy check and the gain: strictly above 0, min_accuracy_gain and the
+    noise bar. The gain is counted from the records (exact), not from the rounded
+    accuracies."""
+    noise = options.noise_z * paired_standard_error(candidate, serving)
+    if math.isnan(noise):  # noise_z 0 times an infinite SE: no bar from the noise
+        noise = 0.0
+    n = len(candidate)
+    candidate_accuracy, serving_accuracy = sum(candidate) / n, sum(serving) / n
+    gain = candidate_accuracy - serving_accuracy
+    bar = max(options.min_accuracy_gain, noise, 0.0)
+    check = Check(
+        "accuracy",
+        candidate_accuracy,
+        serving_accuracy,
+        f"> serving + {bar:.2g}",
+        gain > bar + _EPS,
+        noise,
+    )
+    return check, gain
 
 
 def _at_least(name: str, candidate: float, serving: float, gain: float) -> Check:

@@ -110,7 +110,7 @@ def malformed_samples() -> dict[str, bytes]:
         "missing_field": variant(event_id=...),
         "wrong_type": variant(message_id=42),
         "unknown_feedback": variant(feedback="meh"),
-        "invalid_value": variant(response="   "),
+        "invalid_value": variant(prompt="   "),
         "too_large": variant(response="x" * (5 * 1024 * 1024)),
         "unsupported_schema": variant(schema=2),
         "empty": b"",
@@ -173,6 +173,8 @@ def odd_valid_samples() -> dict[str, bytes]:
         "tool_calls": json.dumps(variant(4, prompt=..., messages=tools)).encode(),
         "image_part": json.dumps(variant(5, prompt=..., messages=image)).encode(),
         "huge_number_in_ignored_field": json.dumps(variant(6, trace=10**40)).encode(),
+        # The model ended its turn at once; users rate that too.
+        "empty_response": json.dumps(variant(8, response="")).encode(),
         "deep_but_allowed_ignored_field": json.dumps(
             variant(7, trace=json.loads("[" * 100 + "]" * 100))
         ).encode(),

@@ -16,7 +16,10 @@
 
 `snapshot_from_table` does the same for TRL's unpaired KTO (prompt, completion, label)
 and paired preference (prompt, chosen, rejected) datasets, standard or
-conversational, and passes a snapshot table through unchanged.
+conversational, and passes a snapshot table through unchanged. In those datasets a row
+whose prompt, completion or label cannot be read is left out and counted, with the
+first reasons kept in the stats; only a file with no readable row is refused. An empty
+completion is an answer (the model ended its turn at once) and is kept as "".
 
 `latest_votes` is steps 1 and 2 on their own, for measures that count votes rather
 than examples (pipeline/production.py).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
@@ -65,7 +69,10 @@ from pipeline.records import (
     VOTES_UNDESIRABLE,
 )
 
+log = logging.getLogger(__name__)
+
 TiePolicy = Literal["drop", "desirable", "undesirable"]
+RepeatPolicy = Literal["collapse", "keep", "weight"]
 TRAIN = "train"
 HELDOUT = "heldout"
 SOURCE_FEEDBACK = "feedback"
@@ -98,6 +105,8 @@ _FORMATS = {
 # Bumping this changes every id: do it only when the serialisation itself changes.
 _ID_HEADER = b"kto-loop training snapshot v1\n" + json.dumps(TRAINING_COLUMNS).encode() + b"\n"
 _LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+# How many reasons for skipped rows the stats keep: enough to see the pattern.
+MAX_SKIPPED_REASONS = 5
 
 
 class SnapshotError(ValueError):
@@ -167,6 +176,10 @@ class SnapshotStats:
         rating) or nothing to train on (no prompt or response).
     votes: votes counted towards a label (a paired row gives two).
     ties: examples whose votes tied; ties_dropped of them were dropped.
+    skipped_rows: dataset rows left out because a prompt, completion or label in them
+        cannot be read (TRL datasets only).
+    skipped_reasons: why, for the first MAX_SKIPPED_REASONS of them, each naming the
+        row (counting from 1) and the column.
     """
 
     rows_read: int = 0
@@ -177,6 +190,8 @@ class SnapshotStats:
     votes: int = 0
     ties: int = 0
     ties_dropped: int = 0
+    skipped_rows: int = 0
+    skipped_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,18 +209,46 @@ class Snapshot:
     stats: SnapshotStats
     options: SnapshotOptions | None
 
-    def records(self, split: str) -> list[tuple[str | None, str | None, str, bool]]:
+    def records(
+        self, split: str, repeats: RepeatPolicy = "collapse"
+    ) -> list[
+        tuple[str | None, str | None, str, bool] | tuple[str | None, str | None, str, bool, float]
+    ]:
         """(prompt, messages_json, completion, desirable) of one split ("train" or
         "heldout"), in table order, with None (not pandas' NaN) for the absent one of
-        prompt and messages_json."""
+        prompt and messages_json.
+
+        An answer the model gave many times carries many votes; `repeats` says what
+        they count for: "collapse", one example whatever its votes; "keep", the example
+        once per vote that agrees with its label (what a file of raw votes gives);
+        "weight", one example with that number of votes as a fifth element, its weight
+        in the loss."""
         if split not in (TRAIN, HELDOUT):
             raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
+        if repeats not in get_args(RepeatPolicy):
+            raise ValueError(f"repeats must be one of {get_args(RepeatPolicy)}, got {repeats!r}")
         rows = self.table[self.table[SPLIT] == split]
         columns = [rows[c].tolist() for c in (PROMPT, MESSAGES_JSON, COMPLETION, DESIRABLE)]
-        return [
-            (None if _is_missing(p) else p, None if _is_missing(m) else m, c, bool(d))
-            for p, m, c, d in zip(*columns, strict=True)
-        ]
+        agreeing = np.where(rows[DESIRABLE], rows[VOTES_DESIRABLE], rows[VOTES_UNDESIRABLE])
+        out: list = []
+        for (p, m, c, d), votes in zip(zip(*columns, strict=True), agreeing.tolist(), strict=True):
+            record = (None if _is_missing(p) else p, None if _is_missing(m) else m, c, bool(d))
+            votes = max(1, int(votes))
+            if repeats == "keep":
+                out += [record] * votes
+            elif repeats == "weight":
+                out.append((*record, float(votes)))
+            else:
+                out.append(record)
+        return out
+
+    def class_counts(self, split: str, repeats: RepeatPolicy = "collapse") -> tuple[int, int]:
+        """(desirable, undesirable) of one split as training counts them under `repeats`:
+        examples, or votes that agree with the labels."""
+        records = self.records(split, repeats)
+        weight = [r[4] if len(r) > 4 else 1.0 for r in records]
+        n_d = sum(w for r, w in zip(records, weight, strict=True) if r[3])
+        return round(n_d), round(sum(weight) - n_d)
 
 
 # -- feedback -----------------------------------------------------------------------
@@ -306,9 +349,15 @@ def snapshot_from_table(frame: pd.DataFrame, options: SnapshotOptions | None = N
     conversation_id column decides the split; without it, a hash of the prompt does,
     so one prompt stays on one side. Extra columns are ignored.
 
+    A TRL row whose prompt, completion (chosen, rejected) or label cannot be read is
+    left out: counted in stats.skipped_rows, the first reasons in stats.skipped_reasons,
+    and logged. An empty or whitespace-only completion is kept as "" (an answer that
+    only ends the turn).
+
     Raises:
-        SnapshotError: no rows, unrecognised columns, or a bad value (the message
-            names the row, counting from 1, and the column).
+        SnapshotError: no rows, unrecognised columns, no readable TRL row (the message
+            gives the first reasons, each naming the row, counting from 1, and the
+            column), or a bad value in a snapshot table.
     """
     options = options or SnapshotOptions()
     columns = set(frame.columns)
@@ -359,39 +408,98 @@ def from_snapshot_table(frame: pd.DataFrame) -> Snapshot:
 
 
 def _from_trl_unpaired(frame: pd.DataFrame, options: SnapshotOptions) -> Snapshot:
-    prompts = _column(frame, PROMPT, _prompt)
+    kept, values, skipped = _readable_rows(
+        frame, ((PROMPT, _prompt), (COMPLETION, _completion), (LABEL, _label))
+    )
+    prompts = values[PROMPT]
     votes = pd.DataFrame(
         {
             PROMPT: [p for p, _ in prompts],
             MESSAGES_JSON: [m for _, m in prompts],
-            COMPLETION: _column(frame, COMPLETION, _completion),
-            DESIRABLE: _column(frame, LABEL, _label),
-            CONVERSATION_ID: _conversation_ids(frame, prompts),
+            COMPLETION: values[COMPLETION],
+            DESIRABLE: values[LABEL],
+            CONVERSATION_ID: _conversation_ids(frame, kept, prompts),
             ADAPTER: None,
         }
     )
-    stats = SnapshotStats(rows_read=len(frame), votes=len(votes))
+    stats = _with_skipped(SnapshotStats(rows_read=len(frame), votes=len(votes)), skipped)
     return _from_votes(votes, SOURCE_TRL_UNPAIRED, options, stats)
 
 
 def _from_trl_paired(frame: pd.DataFrame, options: SnapshotOptions) -> Snapshot:
-    prompts = _column(frame, PROMPT, _prompt)
-    conversations = _conversation_ids(frame, prompts)
-    n = len(frame)
+    kept, values, skipped = _readable_rows(
+        frame, ((PROMPT, _prompt), (CHOSEN, _completion), (REJECTED, _completion))
+    )
+    prompts = values[PROMPT]
+    conversations = _conversation_ids(frame, kept, prompts)
+    n = len(kept)
     # Row i gives two votes, chosen then rejected, kept in file order.
     votes = pd.DataFrame(
         {
             PROMPT: [p for p, _ in prompts] * 2,
             MESSAGES_JSON: [m for _, m in prompts] * 2,
-            COMPLETION: _column(frame, CHOSEN, _completion) + _column(frame, REJECTED, _completion),
+            COMPLETION: values[CHOSEN] + values[REJECTED],
             DESIRABLE: [True] * n + [False] * n,
             CONVERSATION_ID: conversations * 2,
             ADAPTER: None,
             "_row": [*range(n), *range(n)],
         }
     ).sort_values("_row", kind="mergesort")
-    stats = SnapshotStats(rows_read=n, votes=len(votes))
+    stats = _with_skipped(SnapshotStats(rows_read=len(frame), votes=len(votes)), skipped)
     return _from_votes(votes.drop(columns="_row"), SOURCE_TRL_PAIRED, options, stats)
+
+
+def _readable_rows(
+    frame: pd.DataFrame, columns: tuple[tuple[str, Callable[[Any, str, int], Any]], ...]
+) -> tuple[list[int], dict[str, list], list[str]]:
+    """Parse each row's columns. A row with a value that cannot be read is left out, so
+    that one odd row never costs the whole file.
+
+    Returns:
+        The positions of the rows kept, their parsed values per column, and one reason
+        per row left out (its first unreadable value).
+
+    Raises:
+        SnapshotError: no row can be read; the message gives the first reasons.
+    """
+    cells = [frame[name].tolist() for name, _ in columns]
+    kept: list[int] = []
+    values: dict[str, list] = {name: [] for name, _ in columns}
+    skipped: list[str] = []
+    for i, row_cells in enumerate(zip(*cells, strict=True)):
+        try:
+            parsed = [
+                parse(cell, name, i + 1)
+                for (name, parse), cell in zip(columns, row_cells, strict=True)
+            ]
+        except SnapshotError as exc:
+            skipped.append(str(exc))
+            continue
+        kept.append(i)
+        for (name, _), value in zip(columns, parsed, strict=True):
+            values[name].append(value)
+    if not kept:
+        first = skipped[:MAX_SKIPPED_REASONS]
+        more = f" (and {len(skipped) - len(first)} more)" if len(skipped) > len(first) else ""
+        raise SnapshotError(
+            f"none of the {len(skipped)} rows can be read: " + "; ".join(first) + more
+        )
+    if skipped:
+        log.warning(
+            "%d of %d rows left out: a value in them cannot be read (first: %s)",
+            len(skipped),
+            len(frame),
+            skipped[0],
+        )
+    return kept, values, skipped
+
+
+def _with_skipped(stats: SnapshotStats, skipped: list[str]) -> SnapshotStats:
+    return replace(
+        stats,
+        skipped_rows=len(skipped),
+        skipped_reasons=tuple(skipped[:MAX_SKIPPED_REASONS]),
+    )
 
 
 def _require_rows(frame: pd.DataFrame) -> None:
@@ -414,10 +522,6 @@ def _unrecognised(found: list[str]) -> str:
         f"unrecognised columns {found}{hint}. Accepted formats: {accepted}. "
         "Rename the columns to one of these."
     )
-
-
-def _column(frame: pd.DataFrame, name: str, parse: Callable[[Any, str, int], Any]) -> list:
-    return [parse(value, name, row) for row, value in enumerate(frame[name].tolist(), start=1)]
 
 
 def _is_missing(value: Any) -> bool:
@@ -462,17 +566,18 @@ def _prompt(value: Any, column: str, row: int) -> tuple[str | None, str | None]:
 
 
 def _completion(value: Any, column: str, row: int) -> str:
+    # An empty answer is still an answer: the model ended its turn at once. It is kept
+    # as "", which encodes as the end-of-turn token alone.
     if isinstance(value, str):
-        if not value.strip():
-            raise SnapshotError(f"{column} at row {row} is empty; nothing to train on")
-        return value
+        return value if value.strip() else ""
     turns = _messages(value)
     if turns is not None:
-        if len(turns) == 1 and turns[0]["role"] == "assistant" and turns[0]["content"].strip():
-            return turns[0]["content"]
+        if len(turns) == 1 and turns[0]["role"] == "assistant":
+            content = turns[0]["content"]
+            return content if content.strip() else ""
         roles = [t["role"] for t in turns]
         raise SnapshotError(
-            f"conversational {column} at row {row} must be one non-empty assistant message, "
+            f"conversational {column} at row {row} must be one assistant message, "
             f"got roles {roles}; put earlier turns in the prompt"
         )
     what = "missing" if _is_missing(value) else _describe(value)
@@ -497,13 +602,14 @@ def _label(value: Any, column: str, row: int) -> bool:
 
 
 def _conversation_ids(
-    frame: pd.DataFrame, prompts: list[tuple[str | None, str | None]]
+    frame: pd.DataFrame, rows: list[int], prompts: list[tuple[str | None, str | None]]
 ) -> list[str]:
-    """The dataset's conversation_id where given, else a hash of the prompt, so that
-    every example of one prompt falls on the same side of the split."""
+    """For the rows at `rows` (with their parsed prompts): the dataset's conversation_id
+    where given, else a hash of the prompt, so that every example of one prompt falls on
+    the same side of the split."""
     given = frame[CONVERSATION_ID].tolist() if CONVERSATION_ID in frame.columns else []
     ids = []
-    for i, (prompt, messages) in enumerate(prompts):
+    for i, (prompt, messages) in zip(rows, prompts, strict=True):
         if given and not _is_missing(given[i]):
             ids.append(str(given[i]))
         else:
@@ -545,10 +651,11 @@ def _from_votes(
     ties = int(tie.sum())
     stats = replace(stats, ties=ties, ties_dropped=ties if options.tie_policy == "drop" else 0)
     if examples.empty:
+        unreadable = f", {stats.skipped_rows} unreadable" if stats.skipped_rows else ""
         raise NothingToSnapshot(
             f"no labelled examples left from {stats.rows_read} rows ({stats.duplicates} "
             f"duplicates, {stats.retracted} retracted, {stats.unlabelled} unlabelled, "
-            f"{stats.ties_dropped} ties dropped); collect more feedback, or set "
+            f"{stats.ties_dropped} ties dropped{unreadable}); collect more feedback, or set "
             "snapshot.tie_policy to keep ties"
         )
 

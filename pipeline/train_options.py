@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from pipeline.encode import Lengths
 
+# How the step whose weights are kept is chosen among the evaluated ones (the start
+# included): the lowest held-out KTO loss, the highest held-out margin or accuracy, or
+# the last one that passed the guards.
+SELECTIONS = ("final", "heldout_loss", "heldout_margin", "heldout_accuracy")
+
 
 @dataclass(frozen=True)
 class LoraOptions:
@@ -41,6 +46,8 @@ class TrainOptions:
     length_bucketing: bool = True
     eval_every: int = 0
     early_stopping_patience: int = 3
+    selection: str = "heldout_loss"
+    repeats: str = "collapse"
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
     max_general_nll_increase: float | None = None

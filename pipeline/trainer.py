@@ -47,8 +47,8 @@ from pipeline.logps import (
     run_prompts,
     run_prompts_with_completions,
 )
-from pipeline.snapshot import Snapshot
-from pipeline.train_options import LoraOptions, TrainOptions
+from pipeline.snapshot import RepeatPolicy, Snapshot
+from pipeline.train_options import SELECTIONS, LoraOptions, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,22 @@ class TrainInputs:
 
     @classmethod
     def from_snapshot(
-        cls, snap: Snapshot, balance: Balance, base_model: Path, out_dir: Path, **more: Any
+        cls,
+        snap: Snapshot,
+        balance: Balance,
+        base_model: Path,
+        out_dir: Path,
+        repeats: RepeatPolicy = "collapse",
+        **more: Any,
     ) -> TrainInputs:
         """Train on the snapshot's train split, evaluate on its held-out split, with the
-        class weights chosen for it; `more` sets the other fields."""
+        class weights chosen for it (from `snap.class_counts("train", repeats)`), the
+        votes of repeated answers counted as `repeats` says; `more` sets the other
+        fields."""
         return cls(
             base_model=base_model,
-            train=snap.records("train"),
-            heldout=snap.records("heldout"),
+            train=snap.records("train", repeats),
+            heldout=snap.records("heldout", repeats),
             out_dir=out_dir,
             desirable_weight=balance.lambda_desirable,
             undesirable_weight=balance.lambda_undesirable,
@@ -468,6 +476,7 @@ def train(
         if inputs.general
         else []
     )
+    train_ex = _normalised_weights(train_ex)
     pad_id = tokenizer.pad_token_id
     n_d = sum(e.desirable for e in train_ex)
     counts = {"train_desirable": n_d, "train_undesirable": len(train_ex) - n_d}
@@ -615,7 +624,7 @@ def train(
         # The starting point is a candidate too: a run that only gets worse on the
         # held-out set ends where it began.
         state.heldout_before = before.as_dict()
-        state.best_loss, state.best_step = before.loss, 0
+        state.best_loss, state.best_step = selection_score(before, options.selection), 0
         state.best_weights = _adapter_state(model)
 
     eval_every = options.eval_every or max(1, plan.steps // 10)
@@ -659,10 +668,13 @@ def train(
             reason = turned(metrics) if metrics is not None else None
             if metrics is not None:
                 row.update(metrics.as_dict("heldout_"))
+                score = selection_score(metrics, options.selection)
                 if reason is None and (
-                    state.best_loss is None or metrics.loss < state.best_loss - 1e-6
+                    state.best_loss is None
+                    or options.selection == "final"
+                    or score < state.best_loss - 1e-6
                 ):
-                    state.best_loss, state.best_step, state.stale = metrics.loss, state.step, 0
+                    state.best_loss, state.best_step, state.stale = score, state.step, 0
                     state.best_weights = _adapter_state(model)
                 else:
                     state.stale += 1
@@ -711,8 +723,13 @@ def train(
     for w in warnings:
         log.warning(w)
 
+    status, status_reason = run_status(state.best_step)
+    if status_reason is not None:
+        log.warning("%s: %s", status, status_reason)
     manifest = {
         "kind": "kto-loop.adapter",
+        "status": status,
+        "status_reason": status_reason,
         "base_model": str(inputs.base_model),
         "base_model_fingerprint": base_fingerprint,
         "snapshot_id": inputs.snapshot_id,
@@ -767,6 +784,40 @@ def train(
     return TrainResult(out_dir, manifest)
 
 
+def selection_score(metrics: HeldoutMetrics, selection: str) -> float:
+    """What the best step minimises: the held-out KTO loss, minus the held-out margin or
+    accuracy, or 0 for "final" (every step that passes the guards replaces the last)."""
+    if selection == "heldout_loss":
+        return metrics.loss
+    if selection == "heldout_margin":
+        return -metrics.margin if math.isfinite(metrics.margin) else 0.0
+    if selection == "heldout_accuracy":
+        return -metrics.accuracy
+    return 0.0
+
+
+def _normalised_weights(examples: list[Encoded]) -> list[Encoded]:
+    """The examples with weights scaled to average 1, so that the learning rate means
+    the same whether or not examples carry vote weights."""
+    mean = sum(e.weight for e in examples) / len(examples)
+    if mean == 1.0:
+        return examples
+    return [replace(e, weight=e.weight / mean) for e in examples]
+
+
+def run_status(best_step: int | None) -> tuple[str, str | None]:
+    """What a finished run's adapter is: ("trained", None), or ("no_gain", why) when
+    the weights kept are the starting point (the selection kept step 0). The adapter is
+    written either way; a no_gain one equals the start (a fresh LoRA is the base model,
+    a warm start its init adapter), so nothing downstream should ship it as new."""
+    if best_step == 0:
+        return "no_gain", (
+            "no evaluated step beat the starting point on the held-out selection signal; "
+            "the adapter written is the starting point"
+        )
+    return "trained", None
+
+
 def _micro_step(
     causal_lm: Any,
     examples: Sequence[Encoded],
@@ -817,12 +868,16 @@ def _micro_step(
         inputs.desirable_weight,
         inputs.undesirable_weight,
     )
-    loss = out.loss
+    # Each example's term weighs what its votes weigh (1 each unless the repeats of an
+    # answer are counted as weights): weights average 1 over the training set.
+    weights = torch.tensor([examples[i].weight for i in batch_idx], device=device)
+    kto_term = (out.losses * weights).mean()
+    loss = kto_term
     sft = torch.zeros((), device=device)
     if options.sft_weight > 0 and desirable.any():
         # Mean per-token NLL of the desirable completions.
         tokens = torch.tensor([len(examples[i].completion_ids) for i in batch_idx], device=device)
-        sft = -policy_logps[desirable].sum() / tokens[desirable].sum()
+        sft = -(policy_logps * weights)[desirable].sum() / (tokens * weights)[desirable].sum()
         loss = loss + options.sft_weight * sft
     if not torch.isfinite(loss):
         raise DivergedError(_diverged_message("loss", loss.item(), -1, options))
@@ -837,7 +892,7 @@ def _micro_step(
     )
     n_d = int(desirable.sum())
     return {
-        "loss": out.loss.item(),
+        "loss": kto_term.item(),
         "sft": sft.item(),
         "kl": out.kl.item(),
         "kl_clamped": float(out.kl_clamped),
@@ -975,6 +1030,10 @@ def _validate(options: TrainOptions) -> None:
         )
     if options.prompt_format not in ("chat", "raw"):
         raise TrainError(f"prompt_format must be chat or raw, not {options.prompt_format!r}")
+    if options.selection not in SELECTIONS:
+        raise TrainError(
+            f"selection must be one of {', '.join(SELECTIONS)}, not {options.selection!r}"
+        )
     if options.precision not in ("auto", "fp32", "bf16"):
         raise TrainError(f"precision must be auto, fp32 or bf16, not {options.precision!r}")
     if options.batch_size < 1 or options.grad_accum < 1 or options.epochs < 1:
@@ -1048,7 +1107,7 @@ def _run_fingerprint(
     )
     h.update(base_fingerprint.encode())
     for e in examples:
-        h.update(repr((e.prompt_ids, e.completion_ids, e.desirable)).encode())
+        h.update(repr((e.prompt_ids, e.completion_ids, e.desirable, e.weight)).encode())
     return h.hexdigest()[:16]
 
 

@@ -125,6 +125,8 @@ def test_snapshot_of_a_trl_file_goes_to_out(tmp_path: Path) -> None:
         + "\n"
         + json.dumps({"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"})
         + "\n"
+        + json.dumps({"prompt": "Odd row", "chosen": 7, "rejected": "x"})
+        + "\n"
     )
     out = tmp_path / "elsewhere"
     result = runner.invoke(
@@ -142,6 +144,8 @@ def test_snapshot_of_a_trl_file_goes_to_out(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["examples"] == 4
+    assert summary["skipped_rows"] == 1
+    assert "1 of 3 rows skipped" in result.output and "chosen at row 3 is int 7" in result.output
     assert Path(summary["path"]).parent == out
     assert (
         summary["train_desirable"] + summary["heldout_desirable"],

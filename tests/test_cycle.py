@@ -1,7 +1,8 @@
 """The alignment cycle end to end, under Prefect (a test harness server), with feedback
 from a real broker, the tiny model, and the session's real vLLM server: Kafka events to
-a new adapter answering in vLLM; too little data skipped; a worse candidate refused with
-serving unchanged; a second run refused while one trains; a killed run resumed with no
+a new adapter answering in vLLM; too little data skipped; a candidate no better than
+the serving adapter never served (training on contrary votes keeps its starting point,
+so nothing is gated or registered; a briefly trained one is refused by the gate); a second run refused while one trains; a killed run resumed with no
 half-registered version; the schedule firing runs on a local Prefect server; and no
 Prefect server or run left behind when `run` or `schedule` is stopped or killed (started
 with SIGINT ignored, as a background job is).
@@ -292,7 +293,7 @@ def test_too_little_data_is_skipped_and_nothing_is_trained_or_published(cycle: C
     assert result.exit_code == 2 and "[cycle] alias" in result.output
 
 
-def test_a_candidate_worse_than_the_serving_adapter_is_refused_and_serving_is_unchanged(
+def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     cycle: Cycle,
 ) -> None:
     cycle.ingest(feedback_events(320, seed=1))
@@ -301,24 +302,53 @@ def test_a_candidate_worse_than_the_serving_adapter_is_refused_and_serving_is_un
     with cycle.admin() as admin:
         before = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
 
+    def serving_is_unchanged() -> None:
+        assert cycle.registry.versions() == ["v1"]
+        assert cycle.registry.history(cycle.alias).current == "v1"
+        assert not cycle.runs.candidate_dir.exists()
+        with cycle.admin() as admin:
+            after = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
+            loaded = [a["name"] for a in admin.swap_state()["adapters"]]
+            assert [n for n in loaded if n.startswith(cycle.alias)] == [f"{cycle.alias}@v1"]
+        assert (after.model, after.token_ids) == (before.model, before.token_ids)
+
     # Contrary feedback on the training side only: the held-out votes stay honest, so
-    # the gate sees that the candidate trained on it ranks answers the wrong way round.
+    # every step trained on it scores worse on them than the start, which training
+    # keeps. Nothing is gated, registered or published.
     poisoned = feedback_events(400, seed=3, flip=lambda c: not _heldout(c))
     cycle.ingest(poisoned, store="store-poisoned")
-    state, record = _run(cycle.config(store="store-poisoned", cycle={"min_new_votes": 1}))
+    config = cycle.config(store="store-poisoned", cycle={"min_new_votes": 1})
+    state, record = _run(config)
+
+    assert state.name == "No gain", state.message
+    assert record["status"] == "no_gain" and record["trained"]
+    assert record["reason"].startswith("training kept its starting point: no evaluated step")
+    assert record["training"]["status"] == "no_gain" and record["training"]["best_step"] == 0
+    assert record["gate"] is None and record["version"] is None
+    assert "**no_gain**" in Path(record["report"]).read_text()
+    serving_is_unchanged()
+    # Its data was judged: the same snapshot is not trained again.
+    result = runner.invoke(app, ["run", "--config", str(config)], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (line["status"], line["prefect_state"]) == ("skipped", "Skipped")
+    assert "0 new votes" in line["reason"]
+
+    # Honest feedback (80 votes more than the poisoned run judged), but two steps of
+    # it: the candidate trained (it beat its start) and the gate refuses it against v1.
+    cycle.ingest(feedback_events(480, seed=3), store="store-brief")
+    brief = {"max_steps": 2, "eval_every": 1}
+    state, record = _run(cycle.config(store="store-brief", cycle={"min_new_votes": 1}, train=brief))
 
     assert state.name == "Skipped" and "candidate refused" in state.message, state.message
+    assert record["training"]["status"] == "trained" and record["training"]["best_step"] == 2
     assert record["trained"] and not record["gate"]["promote"]
     failed = {c["name"] for c in record["gate"]["checks"] if not c["passed"]}
-    assert "accuracy" in failed
+    assert {"accuracy", "margin"} <= failed
     assert record["gate"]["serving_name"] == f"{cycle.alias}@v1"
-    assert cycle.registry.versions() == ["v1"]
-    assert cycle.registry.history(cycle.alias).current == "v1"
-    with cycle.admin() as admin:
-        after = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
-        loaded = [a["name"] for a in admin.swap_state()["adapters"]]
-        assert [n for n in loaded if n.startswith(cycle.alias)] == [f"{cycle.alias}@v1"]
-    assert (after.model, after.token_ids) == (before.model, before.token_ids)
+    serving_is_unchanged()
+    statuses = [r["status"] for r in cycle.runs.recent()]
+    assert statuses == ["skipped", "skipped", "no_gain", "published"]
 
 
 def test_a_generation_check_that_refuses_retires_the_loaded_candidate(cycle: Cycle) -> None:

@@ -18,27 +18,73 @@ from pipeline.gate import GateOptions, GenerationScores, judge
 from pipeline.registry import RegistryError
 
 
-def metrics(accuracy: float, margin: float, kl: float, count: int = 40) -> HeldoutMetrics:
+def metrics(
+    accuracy: float,
+    margin: float,
+    kl: float,
+    count: int = 40,
+    correct: tuple[bool, ...] | None = None,
+) -> HeldoutMetrics:
+    """Held-out metrics whose first round(accuracy * count) records are right, unless
+    `correct` says which."""
+    if correct is None:
+        correct = tuple(i < round(accuracy * count) for i in range(count))
     return HeldoutMetrics(
         loss=0.5,
-        accuracy=accuracy,
+        accuracy=sum(correct) / len(correct),
         reward_desirable=margin / 2,
         reward_undesirable=-margin / 2,
         margin=margin,
         kl=kl,
-        count=count,
+        count=len(correct),
+        correct=correct,
     )
 
 
-BASE = metrics(0.0, 0.0, 0.0)  # the base model scored against itself
+BASE = metrics(0.0, 0.0, 0.0)  # the base model scored against itself: no record right
 
 
-def test_a_candidate_at_least_as_good_on_every_check_is_promoted() -> None:
-    decision = judge(metrics(0.8, 1.2, 0.4), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v3")
+def test_a_clear_win_on_accuracy_at_least_as_good_on_the_rest_is_promoted() -> None:
+    # 4 more of 40 records right, none lost: gain 0.1 against a standard error of
+    # sqrt(var(d) / n) = sqrt((4 - 40 * 0.1**2) / 39 / 40) = 0.048.
+    decision = judge(metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v3")
     assert decision.promote
     assert [c.name for c in decision.checks] == ["accuracy", "margin", "kl"]
     assert all(c.passed for c in decision.checks)
-    assert "chat@v3" in decision.reason
+    accuracy = decision.checks[0]
+    assert accuracy.noise == pytest.approx(math.sqrt(3.6 / 39 / 40))
+    assert accuracy.required == "> serving + 0.048"
+    assert decision.reason.startswith("candidate beats chat@v3 on held-out accuracy by 0.1")
+
+
+def test_a_candidate_identical_to_serving_is_refused_equal_is_not_better() -> None:
+    same = metrics(0.8, 1.0, 0.2)
+    decision = judge(same, same, GateOptions(), "chat@v3")
+    assert not decision.promote
+    assert [c.name for c in decision.checks if not c.passed] == ["accuracy"]
+    assert decision.reason == (
+        "candidate refused: no better than chat@v3: accuracy gain 0 is within the "
+        "held-out noise (±0)"
+    )
+    # Without a noise bar it is still refused: the gain must be above 0.
+    assert not judge(same, same, GateOptions(noise_z=0), "chat@v3").promote
+
+
+def test_a_small_win_within_the_heldout_noise_is_refused() -> None:
+    serving = metrics(0.5, 1.0, 0.2)
+    # 3 records gained and 2 lost of 40: gain 0.025, standard error
+    # sqrt((5 - 40 * 0.025**2) / 39 / 40) = 0.056.
+    flipped = {0: False, 1: False, 20: True, 21: True, 22: True}
+    correct = tuple(flipped.get(i, c) for i, c in enumerate(serving.correct))
+    candidate = metrics(0.525, 1.0, 0.2, correct=correct)
+    decision = judge(candidate, serving, GateOptions(), "chat@v3")
+    assert not decision.promote
+    assert decision.reason == (
+        "candidate refused: no better than chat@v3: accuracy gain 0.025 is within the "
+        "held-out noise (±0.056)"
+    )
+    # The noise is what refused it: without the noise bar the gain counts.
+    assert judge(candidate, serving, GateOptions(noise_z=0), "chat@v3").promote
 
 
 def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
@@ -48,16 +94,14 @@ def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
     assert decision.reason.startswith("candidate refused: accuracy 0.7 against 0.8 from chat@v3")
 
 
-def test_a_required_gain_and_a_tolerated_loss() -> None:
+def test_a_required_gain_and_a_tolerated_margin_loss() -> None:
     serving = metrics(0.80, 1.0, 0.2)
+    short = judge(metrics(0.9, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=0.15), "s")
+    assert not short.promote
+    assert "accuracy 0.9 against 0.8 from s (needs > serving + 0.15)" in short.reason
+    assert judge(metrics(0.9, 0.95, 0.2), serving, GateOptions(min_margin_gain=-0.1), "s").promote
     assert not judge(
-        metrics(0.82, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=0.05), "s"
-    ).promote
-    assert judge(
-        metrics(0.78, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=-0.05), "s"
-    ).promote
-    assert not judge(
-        metrics(0.8, 1.05, 0.2), serving, GateOptions(min_margin_gain=0.1), "s"
+        metrics(0.9, 1.05, 0.2), serving, GateOptions(min_margin_gain=0.1), "s"
     ).promote
 
 
@@ -72,6 +116,9 @@ def test_against_the_base_model_a_candidate_must_have_learnt_the_right_direction
     assert judge(metrics(0.6, 0.3, 0.1), BASE, GateOptions(), "the base model").promote
     wrong_way = judge(metrics(0.3, -0.4, 0.1), BASE, GateOptions(), "the base model")
     assert not wrong_way.promote and "margin" in wrong_way.reason
+    # The base model itself (rewards 0, z_ref 0) gets no record right: no gain on it.
+    itself = judge(BASE, BASE, GateOptions(), "the base model")
+    assert not itself.promote and "no better than the base model" in itself.reason
 
 
 def test_too_few_heldout_records_cannot_be_judged() -> None:
@@ -88,6 +135,14 @@ def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides()
     assert not judge(metrics(0.9, nan, 0.1), metrics(0.8, 1.0, 0.1), GateOptions(), "s").promote
 
 
+def test_the_gate_needs_per_record_results_of_the_same_records() -> None:
+    bare = HeldoutMetrics(0.5, 0.9, 0.5, -0.5, 1.0, 0.1, 40)
+    with pytest.raises(ValueError, match="per-record correctness on the same held-out"):
+        judge(bare, metrics(0.8, 1.0, 0.1), GateOptions(), "s")
+    with pytest.raises(ValueError, match="got 30 and 40 records"):
+        judge(metrics(0.9, 1.0, 0.1, count=30), metrics(0.8, 1.0, 0.1), GateOptions(), "s")
+
+
 def test_the_generation_check_joins_the_verdict() -> None:
     good, serving = metrics(0.9, 1.0, 0.1), metrics(0.8, 1.0, 0.1)
     worse = judge(good, serving, GateOptions(), "s", GenerationScores(0.4, 0.6, 16))
@@ -98,6 +153,10 @@ def test_the_generation_check_joins_the_verdict() -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="max_kl"):
         GateOptions(max_kl=0)
+    with pytest.raises(ValueError, match="a loss cannot be tolerated"):
+        GateOptions(min_accuracy_gain=-0.05)
+    with pytest.raises(ValueError, match="noise_z"):
+        GateOptions(noise_z=-1)
 
 
 # ---------------------------------------------------------------- run records and lock
@@ -160,6 +219,9 @@ def test_new_feedback_counts_from_the_last_run_the_gate_judged_and_that_ended(tm
     )  # publish failed
     runs.save({"run_id": "d", "started_at": "4", "status": "skipped", "gate": None})  # too little
     assert runs.last_judged()["run_id"] == "b"
+    # Training that kept its starting point judged its data too: not retrained tomorrow.
+    runs.save({"run_id": "e", "started_at": "5", "status": "no_gain", "gate": None})
+    assert runs.last_judged()["run_id"] == "e"
 
 
 def test_a_bad_alias_is_refused() -> None:
@@ -208,6 +270,6 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
         }
     )
     for text in ("**published**", "| train | 120 | 120 |", "lambda_D = 1.000", "| accuracy | 0 | 0.9 |",
-                 "Decision: **promote**", "| accuracy | 0.9 | 0.8 | >= serving + 0 | yes |",
+                 "Decision: **promote**", "| accuracy | 0.9 | 0.8 | > serving + 0.048 | yes |",
                  "`chat@v2` (previous: v1)", "[gate.png](file:///tmp/r1/gate.png)"):  # fmt: skip
         assert text in markdown, text

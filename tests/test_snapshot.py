@@ -487,11 +487,9 @@ def bad_file(tmp_path: Path, name: str, content: Any) -> Path:
         ),
         (
             "label.jsonl",
-            [
-                {"prompt": "p", "completion": "a", "label": True},
-                {"prompt": "p", "completion": "b", "label": "maybe"},
-            ],
-            r"label at row 2 is str 'maybe'; expected a boolean \(true/false or 1/0\)",
+            [{"prompt": "p", "completion": "b", "label": "maybe"}],
+            r"none of the 1 rows can be read: label at row 1 is str 'maybe'; expected a "
+            r"boolean \(true/false or 1/0\)",
         ),
         (
             "label2.jsonl",
@@ -511,7 +509,7 @@ def bad_file(tmp_path: Path, name: str, content: Any) -> Path:
         (
             "roles.jsonl",
             [{"prompt": "p", "completion": [{"role": "user", "content": "x"}], "label": True}],
-            r"conversational completion at row 1 must be one non-empty assistant message, got roles \['user'\]",
+            r"conversational completion at row 1 must be one assistant message, got roles \['user'\]",
         ),
         (
             "prompt.jsonl",
@@ -535,6 +533,73 @@ def bad_file(tmp_path: Path, name: str, content: Any) -> Path:
 def test_bad_input_is_named(tmp_path: Path, name: str, content: Any, message: str) -> None:
     with pytest.raises(SnapshotError, match=message):
         load_training_data(bad_file(tmp_path, name, content))
+
+
+def test_an_unreadable_row_is_skipped_counted_and_named_not_fatal(tmp_path: Path) -> None:
+    rows = [*UNPAIRED, {"prompt": "p", "completion": "b", "label": "maybe"}]
+    snap = load_training_data(bad_file(tmp_path, "kto.jsonl", rows))
+    assert labels(snap.table) == {"4": True, "5": False, "Paris": True}
+    assert (snap.stats.rows_read, snap.stats.votes) == (4, 3)
+    assert snap.stats.skipped_rows == 1
+    (reason,) = snap.stats.skipped_reasons
+    assert reason.startswith("label at row 4 is str 'maybe'; expected a boolean")
+    # The id describes the examples only: the same good rows alone give the same id.
+    assert snap.id == load_training_data(write_jsonl(tmp_path / "good.jsonl", UNPAIRED)).id
+    # The count and reasons survive a write and read back.
+    back = read_snapshot(write_snapshot(snap, tmp_path / "snaps"))
+    assert back.stats == snap.stats
+
+
+def test_a_paired_row_with_an_unreadable_side_is_skipped_whole(tmp_path: Path) -> None:
+    rows = [*PAIRED, {"prompt": "p", "chosen": "c", "rejected": None}]
+    snap = load_training_data(bad_file(tmp_path, "pairs.jsonl", rows))
+    assert labels(snap.table) == {"4": True, "5": False, "Paris": True, "Lyon": False}
+    assert (snap.stats.rows_read, snap.stats.votes, snap.stats.skipped_rows) == (3, 4, 1)
+    assert snap.stats.skipped_reasons[0].startswith("rejected at row 3 is missing")
+
+
+def test_skipped_reasons_keep_the_first_five_and_count_them_all(tmp_path: Path) -> None:
+    bad = [{"prompt": f"p{i}", "completion": "x", "label": 7} for i in range(8)]
+    snap = load_training_data(bad_file(tmp_path, "kto.jsonl", [*bad, *UNPAIRED]))
+    assert snap.stats.skipped_rows == 8
+    assert [r.split(" is ")[0] for r in snap.stats.skipped_reasons] == [
+        f"label at row {i}" for i in range(1, 6)
+    ]
+
+
+def test_a_file_with_no_readable_row_is_refused_with_the_first_reasons(tmp_path: Path) -> None:
+    bad = [{"prompt": "  ", "completion": "a", "label": True}] + [
+        {"prompt": "p", "completion": 42, "label": True}
+    ] * 6
+    with pytest.raises(SnapshotError) as refused:
+        load_training_data(bad_file(tmp_path, "kto.jsonl", bad))
+    message = str(refused.value)
+    assert message.startswith("none of the 7 rows can be read: prompt at row 1 is empty")
+    assert "completion at row 5 is int 42" in message and "row 6" not in message
+    assert message.endswith("(and 2 more)")
+
+
+@pytest.mark.parametrize("style", ["standard", "conversational"])
+def test_an_empty_completion_is_an_answer_that_trains_as_the_end_of_turn_alone(
+    tmp_path: Path, style: str, tiny_model_dir: Path
+) -> None:
+    from pipeline.encode import Lengths, encode_records, end_of_turn_id
+    from pipeline.trainer import load_tokenizer
+
+    rows = [*UNPAIRED, {"prompt": "Say nothing.", "completion": "", "label": True}]
+    rows.append({"prompt": "Say nothing twice.", "completion": " \n", "label": False})
+    rows = rows if style == "standard" else conversational(rows)
+    snap = load_training_data(write_jsonl(tmp_path / "kto.jsonl", rows))
+    assert snap.stats.skipped_rows == 0
+    table = snap.table
+    empty = table[table[records.COMPLETION] == ""]
+    assert sorted(empty[records.DESIRABLE]) == [False, True]  # whitespace-only is "" too
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    kept = [r for r in snap.records("train") + snap.records("heldout") if r[2] == ""]
+    encoded, report = encode_records(kept, tokenizer, Lengths())
+    assert report.kept == 2 and report.dropped_empty_completion == 0
+    assert [e.completion_ids for e in encoded] == [(end_of_turn_id(tokenizer),)] * 2
 
 
 def test_missing_file_and_columns_without_rows(tmp_path: Path) -> None:
@@ -571,3 +636,28 @@ def test_snapshot_config_becomes_the_pipeline_options(tmp_path: Path) -> None:
     path.write_text("[snapshot]\nheldout_fraction = 1.0\n")
     with pytest.raises(ConfigError, match=r"\[snapshot\] heldout_fraction"):
         load_settings(path)
+
+
+def test_repeated_answers_count_once_or_per_vote_or_as_a_weight(tmp_path: Path) -> None:
+    # The model said "4" three times, liked each time, and "5" three times, disliked
+    # twice and liked once: "5" is undesirable by the majority, with 2 agreeing votes.
+    rows = [
+        *([{"prompt": "2+2?", "completion": "4", "label": True}] * 3),
+        {"prompt": "2+2?", "completion": "5", "label": False},
+        {"prompt": "2+2?", "completion": "5", "label": False},
+        {"prompt": "2+2?", "completion": "5", "label": True},
+    ]
+    snap = load_training_data(
+        write_jsonl(tmp_path / "kto.jsonl", rows), SnapshotOptions(heldout_fraction=0.0)
+    )
+    assert sorted(snap.records("train")) == [("2+2?", None, "4", True), ("2+2?", None, "5", False)]
+    assert sorted(snap.records("train", "keep")) == sorted(
+        [("2+2?", None, "4", True)] * 3 + [("2+2?", None, "5", False)] * 2
+    )
+    assert sorted(snap.records("train", "weight")) == sorted(
+        [("2+2?", None, "4", True, 3.0), ("2+2?", None, "5", False, 2.0)]
+    )
+    assert snap.class_counts("train") == (1, 1)
+    assert snap.class_counts("train", "keep") == snap.class_counts("train", "weight") == (3, 2)
+    with pytest.raises(ValueError, match="repeats must be one of"):
+        snap.records("train", "sum")

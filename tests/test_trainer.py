@@ -79,6 +79,8 @@ def test_learns_a_separable_task_and_writes_a_complete_adapter(tiny_model_dir, t
     result = train(inputs(tiny_model_dir, out), replace(FAST, epochs=2))
 
     after = result.manifest["metrics"]["heldout_after"]
+    assert result.manifest["best_step"] > 0
+    assert (result.manifest["status"], result.manifest["status_reason"]) == ("trained", None)
     assert after["reward_desirable"] > after["reward_undesirable"]
     assert after["accuracy"] > 0.75
     for name in (*ADAPTER_FILES, MANIFEST, METRICS, "plots/training.png"):
@@ -193,6 +195,28 @@ def test_early_stopping_keeps_the_best_step(tiny_model_dir, tmp_path):
         )
         + 1e-6
     )
+
+
+def test_a_run_that_keeps_its_starting_point_says_no_gain_and_writes_the_start(
+    tiny_model_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    # A learning rate too small to move the held-out loss by the 1e-6 selection
+    # threshold: no evaluated step beats step 0, so the start is what is kept.
+    options = replace(FAST, learning_rate=1e-9, max_steps=2, eval_every=1)
+    out = tmp_path / "a"
+    result = train(inputs(tiny_model_dir, out), options)
+
+    m = result.manifest
+    assert (m["best_step"], m["steps"]) == (0, 2)
+    assert m["status"] == "no_gain"
+    assert "no evaluated step beat the starting point" in m["status_reason"]
+    assert json.loads((out / MANIFEST).read_text())["status"] == "no_gain"
+    # The adapter is still written, and it is the start: a fresh LoRA's B is zero.
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(not t.any() for t in lora_b)
 
 
 def test_sft_term_is_reported_and_lowers_desirable_nll(tiny_model_dir, tmp_path):
@@ -328,6 +352,8 @@ def test_cli_train_prints_a_json_summary_and_exits_nonzero_on_bad_input(tiny_mod
 
     data = tmp_path / "data.jsonl"
     unpaired_examples(200, seed=7).to_json(data, orient="records", lines=True)
+    with data.open("a") as f:  # one odd row: skipped and counted, not fatal
+        f.write(json.dumps({"prompt": "p", "completion": "c", "label": "maybe"}) + "\n")
     out = tmp_path / "adapter"
     cmd = [sys.executable, "-m", "flows.cli", "train", "--base-model", str(tiny_model_dir)]
     ok = subprocess.run(
@@ -339,6 +365,8 @@ def test_cli_train_prints_a_json_summary_and_exits_nonzero_on_bad_input(tiny_mod
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout.strip().splitlines()[-1])
     assert summary["status"] == "trained" and summary["steps"] == 3
+    assert summary["status_reason"] is None and summary["skipped_rows"] == 1
+    assert "1 of 201 rows skipped" in ok.stderr and "label at row 201" in ok.stderr
     assert summary["lambda_desirable"] >= 1 and summary["lambda_undesirable"] >= 1
     assert (out / MANIFEST).is_file()
 
@@ -391,3 +419,34 @@ def test_gradient_accumulation_makes_one_step_of_several_batches(tiny_model_dir,
     assert result.manifest["steps"] == 4 and len(rows) == 4
     # Each step saw three batches of four.
     assert all(r["n_desirable"] + r["n_undesirable"] == 12 for r in rows)
+
+
+def test_vote_weights_scale_each_examples_term_in_the_loss(tiny_model_dir, tmp_path):
+    # At the first step the policy is the reference (a fresh LoRA's B is zero), so the
+    # KL estimate is 0, every v is sigmoid(0) = 1/2, and an example's term is
+    # lambda_y / 2 times its weight. Two likes weighing 3 and six dislikes weighing 1
+    # average 1.5, so they weigh 2 and 2/3 once scaled to average 1. With lambda_D = 2,
+    # lambda_U = 1 and one batch of all eight the loss is
+    # (2 * 2 * 2 + 6 * 1 * 2/3) / 8 / 2 = 0.75; unweighted it would be
+    # (2 * 2 + 6 * 1) / 8 / 2 = 0.625.
+    likes = [(*r, 3.0) for r in TRAIN if r[3]][:2]
+    dislikes = [(*r, 1.0) for r in TRAIN if not r[3]][:6]
+    options = replace(FAST, max_steps=1, length_bucketing=False)
+    weighted = train(
+        inputs(
+            tiny_model_dir, tmp_path / "w", train=likes + dislikes, heldout=(), desirable_weight=2.0
+        ),
+        options,
+    )
+    plain = train(
+        inputs(
+            tiny_model_dir,
+            tmp_path / "p",
+            train=[r[:4] for r in likes + dislikes],
+            heldout=(),
+            desirable_weight=2.0,
+        ),
+        options,
+    )
+    assert weighted.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.75, abs=1e-5)
+    assert plain.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.625, abs=1e-5)

@@ -90,20 +90,55 @@ def build_chat_model(
     Returns:
         The model directory, loadable with AutoModelForCausalLM / AutoTokenizer.
     """
+    out = Path(out)
+    build_tiny_model(out, replace(spec, seed=seed))
+    pairs = chat_corpus(steps * batch_size, seed=seed, good_share=good_share)
+    final_loss = fine_tune(
+        out,
+        [(prompt, None, answer) for prompt, answer in pairs],
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "good_share": good_share}
+    meta |= {"learning_rate": learning_rate, "final_loss": round(final_loss, 4)}
+    (out / "chat_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def fine_tune(
+    model_dir: Path,
+    examples: Sequence[tuple[str | None, str | None, str]],
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    max_length: int = 128,
+    max_prompt_length: int = 96,
+) -> float:
+    """Fine-tune the model in `model_dir` in place on (prompt, messages_json, answer)
+    examples, batch_size at a time for `steps` steps (so steps * batch_size examples
+    are read, in order), and save it back.
+
+    Plain next-token NLL on the completion tokens (the answer and the end-of-turn
+    token), prompts rendered by the chat template as serving renders them; AdamW with a
+    linear decay, seeded by `seed`.
+
+    Returns:
+        The last step's loss.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.encode import Lengths, encode_records
 
-    out = Path(out)
-    build_tiny_model(out, replace(spec, seed=seed))
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    pairs = chat_corpus(steps * batch_size, seed=seed, good_share=good_share)
-    examples, _ = encode_records(
-        [(prompt, None, answer, True) for prompt, answer in pairs],
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    encoded, _ = encode_records(
+        [(prompt, messages, answer, True) for prompt, messages, answer in examples],
         tokenizer,
-        Lengths(max_length=128, max_prompt_length=64),
+        Lengths(max_length=max_length, max_prompt_length=max_prompt_length),
     )
 
     torch.manual_seed(seed)
@@ -111,7 +146,7 @@ def build_chat_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     model.train()
     for step in range(steps):
-        batch = examples[step * batch_size : (step + 1) * batch_size]
+        batch = encoded[step * batch_size : (step + 1) * batch_size]
         width = max(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
@@ -128,12 +163,9 @@ def build_chat_model(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "good_share": good_share}
-    meta |= {"learning_rate": learning_rate, "final_loss": round(loss.item(), 4)}
-    (out / "chat_model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return loss.item()
 
 
 @dataclass(frozen=True)
@@ -142,7 +174,7 @@ class Answer:
     generation stopped on the end-of-turn token within the budget, and its token ids
     (without the end-of-turn token)."""
 
-    prompt: str
+    prompt: str | list[dict[str, str]]
     text: str
     ended: bool
     token_ids: tuple[int, ...]
@@ -151,16 +183,17 @@ class Answer:
 def sample_answers(
     model_dir: str | Path,
     adapter_dir: str | Path | None,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict[str, str]]],
     n_per_prompt: int,
     seed: int,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     batch_size: int = 64,
 ) -> list[Answer]:
-    """Sample n_per_prompt answers to each prompt, as a chat server would: the prompt
-    rendered by the chat template with add_generation_prompt=True, sampling at
-    `temperature` until the end-of-turn token or max_new_tokens.
+    """Sample n_per_prompt answers to each prompt (a user message, or a conversation's
+    messages), as a chat server would: the prompt rendered by the chat template with
+    add_generation_prompt=True, sampling at `temperature` until the end-of-turn token
+    or max_new_tokens.
 
     Args:
         adapter_dir: a PEFT LoRA adapter to apply (merged into the weights), or None.
@@ -182,7 +215,9 @@ def sample_answers(
     eot = tokenizer.eos_token_id
     texts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": p}] if isinstance(p, str) else p,
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for p in prompts
     ]
