@@ -316,6 +316,8 @@ def _followup() -> Task:
         heldout_prompts=heldout,
         taste=taste,
         max_new_tokens=32,
+        # Copying a topic from two turns back takes the tiny model longer to learn.
+        sft_steps=800,
     )
 
 

@@ -249,14 +249,14 @@ class TrainConfig(_Section):
     see the README's training section for how they were chosen."""
 
     beta: float = Field(
-        2.0, gt=0, description="reward scale; higher keeps the policy nearer the reference"
+        0.1, gt=0, description="reward scale; higher keeps the policy nearer the reference"
     )
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(
         8, ge=1, description="per device; z_ref rests on this many mismatched pairs"
     )
     grad_accum: int = Field(1, ge=1)
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="cap on optimizer steps (default: the epochs)"
     )
@@ -285,9 +285,13 @@ class TrainConfig(_Section):
         3, ge=0, description="evaluations without a better held-out loss before stopping; 0 = never"
     )
     repeats: Literal["collapse", "keep", "weight"] = Field(
-        "collapse",
+        "keep",
         description="what the votes of an answer given many times count for: one example "
         "(collapse), one example per vote (keep), or one example weighted by its votes",
+    )
+    reference_point: bool = Field(
+        True,
+        description="z_ref = beta * KL from the batch's mismatched pairs; false: z_ref = 0",
     )
     selection: Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"] = Field(
         "heldout_loss",

@@ -27,11 +27,11 @@ class LoraOptions:
 class TrainOptions:
     """Hyper-parameters of one run. See deploy/kto-loop.example.toml for each."""
 
-    beta: float = 2.0
-    learning_rate: float = 1e-4
+    beta: float = 0.1
+    learning_rate: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
-    epochs: int = 1
+    epochs: int = 3
     max_steps: int | None = None
     warmup_ratio: float = 0.1
     lr_schedule: str = "cosine"
@@ -47,7 +47,8 @@ class TrainOptions:
     eval_every: int = 0
     early_stopping_patience: int = 3
     selection: str = "heldout_loss"
-    repeats: str = "collapse"
+    repeats: str = "keep"
+    reference_point: bool = True
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
     max_general_nll_increase: float | None = None

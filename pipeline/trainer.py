@@ -859,6 +859,10 @@ def _micro_step(
     if world > 1:
         torch.distributed.all_reduce(kl)
         kl /= world
+    if not options.reference_point:
+        # z_ref = 0: each answer is judged against the reference alone (what the clamp
+        # does anyway whenever the mismatched-pair estimate is negative).
+        kl = torch.zeros_like(kl)
     out = kto_loss(
         policy_logps,
         ref_logps,

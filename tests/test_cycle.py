@@ -56,6 +56,8 @@ TRAIN = {
     "early_stopping_patience": 0,
     "sft_weight": 0.0,
     "eos_guard": 0.0,
+    # One pass: these tests are about the cycle, not about how far training goes.
+    "epochs": 1,
 }
 
 
