@@ -450,3 +450,19 @@ def test_vote_weights_scale_each_examples_term_in_the_loss(tiny_model_dir, tmp_p
     )
     assert weighted.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.75, abs=1e-5)
     assert plain.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.625, abs=1e-5)
+
+
+def test_empty_answers_train_as_the_end_of_turn_alone(tiny_model_dir, tmp_path):
+    # A model that ends its turn at once gave an answer too, and users dislike it.
+    prompt = TRAIN[0][1]
+    empty = [(None, prompt, "", False)] * 8
+    result = train(
+        inputs(tiny_model_dir, tmp_path / "a", train=TRAIN[:56] + empty, heldout=()),
+        replace(FAST, max_steps=2),
+    )
+    m = result.manifest
+    assert m["status"] == "trained"
+    assert m["encoding"]["kept"] == 64
+    assert m["encoding"]["dropped_empty_completion"] == 0
+    n_u = sum(not r[3] for r in TRAIN[:56]) + 8
+    assert m["counts"]["train_undesirable"] == n_u
