@@ -113,7 +113,7 @@ class TrainInputs:
         balance: Balance,
         base_model: Path,
         out_dir: Path,
-        repeats: RepeatPolicy = "collapse",
+        repeats: RepeatPolicy = "keep",
         **more: Any,
     ) -> TrainInputs:
         """Train on the snapshot's train split, evaluate on its held-out split, with the
