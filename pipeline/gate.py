@@ -23,6 +23,7 @@ explains, and to have a margin of at least 0.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -197,9 +198,7 @@ def paired_standard_error(candidate: Sequence[bool], serving: Sequence[bool]) ->
     if n < 2:
         return math.inf
     diffs = [int(c) - int(s) for c, s in zip(candidate, serving, strict=True)]
-    mean = sum(diffs) / n
-    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return math.sqrt(variance / n)
+    return statistics.stdev(diffs) / math.sqrt(n)
 
 
 def too_few_heldout(count: int, options: GateOptions) -> str | None:

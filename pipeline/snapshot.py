@@ -223,17 +223,11 @@ class Snapshot:
         once per vote that agrees with its label (what a file of raw votes gives);
         "weight", one example with that number of votes as a fifth element, its weight
         in the loss."""
-        if split not in (TRAIN, HELDOUT):
-            raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
-        if repeats not in get_args(RepeatPolicy):
-            raise ValueError(f"repeats must be one of {get_args(RepeatPolicy)}, got {repeats!r}")
-        rows = self.table[self.table[SPLIT] == split]
+        rows, votes_of = self._votes(split, repeats)
         columns = [rows[c].tolist() for c in (PROMPT, MESSAGES_JSON, COMPLETION, DESIRABLE)]
-        agreeing = np.where(rows[DESIRABLE], rows[VOTES_DESIRABLE], rows[VOTES_UNDESIRABLE])
         out: list = []
-        for (p, m, c, d), votes in zip(zip(*columns, strict=True), agreeing.tolist(), strict=True):
+        for (p, m, c, d), votes in zip(zip(*columns, strict=True), votes_of.tolist(), strict=True):
             record = (None if _is_missing(p) else p, None if _is_missing(m) else m, c, bool(d))
-            votes = max(1, int(votes))
             if repeats == "keep":
                 out += [record] * votes
             elif repeats == "weight":
@@ -242,13 +236,25 @@ class Snapshot:
                 out.append(record)
         return out
 
+    def _votes(self, split: str, repeats: RepeatPolicy) -> tuple[pd.DataFrame, np.ndarray]:
+        """The rows of a split and what each counts for under `repeats`: 1, or its
+        votes that agree with its label (at least 1)."""
+        if split not in (TRAIN, HELDOUT):
+            raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
+        if repeats not in get_args(RepeatPolicy):
+            raise ValueError(f"repeats must be one of {get_args(RepeatPolicy)}, got {repeats!r}")
+        rows = self.table[self.table[SPLIT] == split]
+        if repeats == "collapse":
+            return rows, np.ones(len(rows), dtype=np.int64)
+        agreeing = np.where(rows[DESIRABLE], rows[VOTES_DESIRABLE], rows[VOTES_UNDESIRABLE])
+        return rows, np.maximum(1, agreeing.astype(np.int64))
+
     def class_counts(self, split: str, repeats: RepeatPolicy = "collapse") -> tuple[int, int]:
         """(desirable, undesirable) of one split as training counts them under `repeats`:
         examples, or votes that agree with the labels."""
-        records = self.records(split, repeats)
-        weight = [r[4] if len(r) > 4 else 1.0 for r in records]
-        n_d = sum(w for r, w in zip(records, weight, strict=True) if r[3])
-        return round(n_d), round(sum(weight) - n_d)
+        rows, counts = self._votes(split, repeats)
+        desirable = rows[DESIRABLE].to_numpy(bool)
+        return int(counts[desirable].sum()), int(counts[~desirable].sum())
 
 
 # -- feedback -----------------------------------------------------------------------
