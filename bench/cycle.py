@@ -10,7 +10,7 @@ events through Kafka into a fresh store with the real consumer, then:
   class weights, training, the gate scoring the candidate and the base model on the
   held-out split, registration, publishing to vLLM, the report), timed as a whole and
   per step;
-- peer: `pipeline.trainer.train` called directly on the same snapshot records, options
+- peer: `flows.training.run_training` called directly on the same snapshot records, options
   and class weights, which is what a hand-written nightly script would minimally run.
 
 The ratio cycle/train is what the loop costs beyond training; "orchestration" is the
@@ -135,20 +135,20 @@ def main() -> None:
 def _train_directly(settings, model: Path, snapshot_path: str, tmp: Path) -> float:
     """The peer: the trainer alone, on the cycle's snapshot, options and weights."""
     from connectors.snapshots import read_snapshot
+    from flows.training import TrainInputs, run_training
     from pipeline.balance import choose_weights
-    from pipeline.trainer import TrainInputs, train
 
     snap = read_snapshot(snapshot_path)
     balance = choose_weights(
         *snap.class_counts("train", settings.train.repeats), settings.balance.options()
     )
     started = time.monotonic()
-    train(
+    run_training(
         TrainInputs.from_snapshot(
             snap, balance, model, tmp / "direct", settings.train.repeats, progress=False
         ),
-        settings.train.options(),
-        settings.lora.options(),
+        settings.train,
+        settings.lora,
     )
     return time.monotonic() - started
 

@@ -8,7 +8,7 @@ For each seed the whole feedback loop runs on a tiny chat model
 1. feedback: sample 3 answers to each of the task's 130 prompts from the base model
    (on-policy, as production feedback is) and label them with `liked`; 15% of the
    prompts, with all their answers, are held out for the trainer's early stopping;
-2. train: `pipeline.trainer.train` with TrainOptions defaults except the config's
+2. train: `flows.training.run_training` with TrainOptions defaults except the config's
    learning_rate, beta, sft_weight and early_stopping_patience, class weights from
    `pipeline.balance.choose_weights`, over `--epochs` passes (3: one pass of ~330
    records is 41 steps of 8, too few for any learning rate here to move the model);
@@ -46,6 +46,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from pipeline.examples import Example
 
 RESULTS = Path(__file__).parent / "results"
 FEEDBACK_PER_PROMPT = 3
@@ -124,8 +126,8 @@ class Seed:
 
     seed: int
     model: Path
-    train: list[tuple[str, None, str, bool]]
-    heldout: list[tuple[str, None, str, bool]]
+    train: list[Example]
+    heldout: list[Example]
     base: Sampled
     feedback_liked: float
 
@@ -140,7 +142,7 @@ def prepare_seed(seed: int, work: Path) -> Seed:
         model, None, prompts, FEEDBACK_PER_PROMPT, seed=seed, max_new_tokens=MAX_NEW_TOKENS
     )
     held = set(random.Random(seed).sample(prompts, round(HELDOUT_SHARE * len(prompts))))
-    records = [(a.prompt, None, a.text, liked(a.text)) for a in feedback]
+    records = [Example(a.prompt, None, a.text, liked(a.text)) for a in feedback]
     base = describe(
         sample_answers(
             model, None, prompts, EVAL_PER_PROMPT, seed=1000 + seed, max_new_tokens=MAX_NEW_TOKENS
@@ -149,28 +151,29 @@ def prepare_seed(seed: int, work: Path) -> Seed:
     return Seed(
         seed=seed,
         model=model,
-        train=[r for r in records if r[0] not in held],
-        heldout=[r for r in records if r[0] in held],
+        train=[r for r in records if r.prompt not in held],
+        heldout=[r for r in records if r.prompt in held],
         base=base,
-        feedback_liked=sum(r[3] for r in records) / len(records),
+        feedback_liked=sum(r.desirable for r in records) / len(records),
     )
 
 
 def run_one(s: Seed, config: Config, work: Path) -> dict[str, Any]:
     """Train the config on the seed's feedback and measure the adapter's answers."""
     from deploy.local.chat_model import chat_prompts, sample_answers
+    from flows.training import TrainInputs, run_training
     from pipeline.balance import choose_weights
+    from pipeline.train_errors import TrainError
     from pipeline.train_options import TrainOptions
-    from pipeline.trainer import TrainError, TrainInputs, train
 
-    n_d = sum(r[3] for r in s.train)
+    n_d = sum(r.desirable for r in s.train)
     balance = choose_weights(n_d, len(s.train) - n_d)
     out = work / f"seed{s.seed}" / config.name.replace(" ", "_")
     started = time.perf_counter()
     row: dict[str, Any] = {"config": config.name, **asdict(config), "seed": s.seed}
     row["before"] = asdict(s.base)
     try:
-        result = train(
+        result = run_training(
             TrainInputs(
                 s.model,
                 s.train,
@@ -202,12 +205,12 @@ def run_one(s: Seed, config: Config, work: Path) -> dict[str, Any]:
     row["train_seconds"] = round(time.perf_counter() - started, 1)
     manifest = result.manifest
     row |= {
-        "steps": manifest["steps"],
-        "planned_steps": manifest["planned_steps"],
-        "best_step": manifest["best_step"],
-        "stopped_early": manifest["stopped_early"],
-        "heldout_before": manifest["metrics"]["heldout_before"],
-        "heldout_after": manifest["metrics"]["heldout_after"],
+        "steps": manifest.steps,
+        "planned_steps": manifest.planned_steps,
+        "best_step": manifest.best_step,
+        "stopped_early": manifest.stopped_early,
+        "heldout_before": manifest.metrics.heldout_before,
+        "heldout_after": manifest.metrics.heldout_after,
     }
     after = describe(
         sample_answers(

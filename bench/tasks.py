@@ -18,7 +18,7 @@ For each task of bench/task_suite.py and each seed:
    LoRA of ours, on the same rows;
 4. ours: what `kto-loop train --data feedback.jsonl` does with the shipped defaults
    (and any --set overrides): the file becomes a snapshot, the class weights are
-   chosen, `pipeline.trainer.train` runs;
+   chosen, `flows.training.run_training` runs;
 5. measure: EVAL_SAMPLES answers sampled (temperature 1, the same sampling seed) for
    each held-out prompt, none of them in the feedback, from the base model, TRL's
    adapter and ours; the liked share of each.
@@ -209,8 +209,9 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
 def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
     """What `kto-loop train --data feedback.jsonl` does, then the held-out liked share."""
     from connectors.snapshots import load_training_data
+    from flows.training import TrainInputs, run_training
     from pipeline.balance import choose_weights
-    from pipeline.trainer import TrainError, TrainInputs, train
+    from pipeline.train_errors import TrainError
 
     started = time.perf_counter()
     snap = load_training_data(p.feedback, settings.snapshot.options())
@@ -224,23 +225,23 @@ def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
     if balance.skip_reason is not None:
         return row | {"status": "skipped", "reason": balance.skip_reason, "after": p.before}
     try:
-        result = train(
+        result = run_training(
             TrainInputs.from_snapshot(
                 snap, balance, p.model, out, repeats, progress=False, plots=False
             ),
-            settings.train.options(seed=p.seed),
-            settings.lora.options(),
+            settings.train.overridden(seed=p.seed),
+            settings.lora,
         )
     except TrainError as exc:
         return row | {"status": "failed", "reason": str(exc), "after": p.before}
     m = result.manifest
     _, after = _sample_liked(t, p.model, out, t.heldout_prompts, EVAL_SAMPLES, 10_000 + p.seed)
     return row | {
-        "status": m.get("status", "trained"),
-        "steps": m["steps"],
-        "planned_steps": m["planned_steps"],
-        "best_step": m["best_step"],
-        "kl_clamp_rate": m["diagnostics"]["kl_clamp_rate"],
+        "status": m.status,
+        "steps": m.steps,
+        "planned_steps": m.planned_steps,
+        "best_step": m.best_step,
+        "kl_clamp_rate": m.diagnostics["kl_clamp_rate"],
         "after": after,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -425,7 +426,7 @@ def main() -> None:
     report = {
         "bench": "tasks",
         "overrides": overrides,
-        "train": asdict(settings.train.options()),
+        "train": asdict(settings.train),
         "tasks": summary,
         "ours_gain_mean_all": statistics.mean(gains),
         "trl_gain_mean_all": statistics.mean(s["trl_gain_mean"] for s in summary.values()),

@@ -7,7 +7,7 @@ unpaired dataset, then trains it under the same settings (LoRA r=8 on q_proj and
 v_proj, beta 0.1, batch 8, max length 128, the same number of steps, fp32 on the CPU)
 three ways, each in its own process so that peak memory is each one's own:
 
-- ours: `pipeline.trainer.train` from the model directory to a written adapter;
+- ours: `flows.training.run_training` from the model directory to a written adapter;
 - trl: KTOTrainer with its defaults (reference log-probs computed at every step);
 - trl_precompute: KTOTrainer with precompute_ref_log_probs=True.
 
@@ -60,16 +60,18 @@ def run_ours(model: Path, n: int, steps: int) -> dict:
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    from pipeline.trainer import TrainInputs, TrainOptions, train
+    from flows.training import TrainInputs, run_training
+    from pipeline.examples import Example
+    from pipeline.train_options import TrainOptions
 
     rows = _records(n)
     records = [
-        (None, json.dumps(r["prompt"]), r["completion"][0]["content"], bool(r["label"]))
+        Example(None, json.dumps(r["prompt"]), r["completion"][0]["content"], bool(r["label"]))
         for r in rows
     ]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train(
+        run_training(
             TrainInputs(model, records, Path(out) / "adapter", progress=False, plots=False),
             TrainOptions(
                 beta=BETA,

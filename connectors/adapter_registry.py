@@ -30,6 +30,7 @@ import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from connectors.adapter_files import read_adapter
+from connectors.run_dir import read_manifest
 from connectors.store import fsync_dir, write_local_atomic
 from pipeline.adapter_check import AdapterRefused, ServingLimits, adapter_problems, check_adapter
 from pipeline.registry import (
@@ -171,9 +173,7 @@ class AdapterRegistry:
             )
         if parent is not None:
             self.info(parent)
-        trainer: dict[str, Any] = {}
-        if (src / TRAINER_MANIFEST).is_file():
-            trainer = json.loads((src / TRAINER_MANIFEST).read_text())
+        trainer = read_manifest(src)
         refused = "and not registered"
         try:
             adapter_config, tensors = read_adapter(src)
@@ -187,7 +187,7 @@ class AdapterRegistry:
                 tensors,
                 base_shapes,
                 limits,
-                adapter_base_fingerprint=trainer.get("base_model_fingerprint"),
+                adapter_base_fingerprint=trainer.base_model_fingerprint if trainer else None,
             )
         del tensors
         if problems:
@@ -197,11 +197,11 @@ class AdapterRegistry:
             "created_at": now_iso(),
             "source": str(src.resolve()),
             "sha256": _sha256(src / "adapter_model.safetensors"),
-            "base_model": trainer.get("base_model")
+            "base_model": (trainer.base_model if trainer else None)
             or adapter_config.get("base_model_name_or_path"),
-            "base_model_fingerprint": trainer.get("base_model_fingerprint"),
-            "snapshot_id": snapshot_id or trainer.get("snapshot_id"),
-            "metrics": trainer.get("metrics", {}),
+            "base_model_fingerprint": trainer.base_model_fingerprint if trainer else None,
+            "snapshot_id": snapshot_id or (trainer.snapshot_id if trainer else None),
+            "metrics": asdict(trainer.metrics) if trainer else {},
             "lora": {
                 "r": adapter_config.get("r"),
                 "alpha": adapter_config.get("lora_alpha"),
@@ -210,7 +210,7 @@ class AdapterRegistry:
             "note": note,
         }
         files = [src / f for f in ADAPTER_FILES]
-        if trainer:
+        if trainer is not None:
             files.append(src / TRAINER_MANIFEST)
         return self._write_version(files, record)
 

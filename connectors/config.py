@@ -1,6 +1,8 @@
 """Configuration: one TOML file plus environment overrides, validated once at the entry point.
 
-Each concern has its own small model. Environment variables override the file:
+Each concern has its own small model; `[train]` and `[lora]` are the pipeline's own
+TrainOptions and LoraOptions, which hold their fields, bounds and defaults. Environment
+variables override the file:
 `KTO_LOOP_<SECTION>__<KEY>`, e.g. `KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`
 or `KTO_LOOP_EVENTS__USER_HASH_KEY=...`. Secrets (SASL password, the user-hash key)
 belong in the environment, not in the file.
@@ -8,6 +10,7 @@ belong in the environment, not in the file.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import tomllib
@@ -36,7 +39,7 @@ from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
 from pipeline.gate import GateOptions
 from pipeline.registry import RegistryError, check_alias
 from pipeline.snapshot import SnapshotOptions, TiePolicy
-from pipeline.train_options import LoraOptions, TrainOptions
+from pipeline.train_options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
 CONFIG_ENV = "KTO_LOOP_CONFIG"
@@ -244,112 +247,6 @@ class BalanceConfig(_Section):
         )
 
 
-class TrainConfig(_Section):
-    """How the KTO trainer runs. Defaults suit a LoRA on a small or mid-size chat model;
-    see the README's training section for how they were chosen."""
-
-    beta: float = Field(
-        0.1, gt=0, description="reward scale; higher keeps the policy nearer the reference"
-    )
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(
-        8, ge=1, description="per device; z_ref rests on this many mismatched pairs"
-    )
-    grad_accum: int = Field(1, ge=1)
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(
-        None, ge=1, description="cap on optimizer steps (default: the epochs)"
-    )
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=2, description="prompt + completion tokens")
-    max_prompt_length: int = Field(384, ge=1, description="prompts are cut from the left to this")
-    max_completion_length: int | None = Field(
-        None, ge=1, description="completions are cut from the right"
-    )
-    prompt_format: Literal["chat", "raw"] = Field(
-        "chat",
-        description="chat: render prompts with the chat template, as vLLM's chat endpoint does",
-    )
-    seed: int = 0
-    sft_weight: float = Field(
-        1.0, ge=0, description="weight of an NLL term on desirable completions"
-    )
-    length_bucketing: bool = True
-    eval_every: int = Field(
-        0, ge=0, description="optimizer steps between held-out evaluations; 0 = a tenth of the run"
-    )
-    early_stopping_patience: int = Field(
-        3, ge=0, description="evaluations without a better held-out loss before stopping; 0 = never"
-    )
-    repeats: Literal["collapse", "keep", "weight"] = Field(
-        "keep",
-        description="what the votes of an answer given many times count for: one example "
-        "(collapse), one example per vote (keep), or one example weighted by its votes",
-    )
-    reference_point: bool = Field(
-        True,
-        description="z_ref = beta * KL from the batch's mismatched pairs; false: z_ref = 0",
-    )
-    selection: Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"] = Field(
-        "heldout_loss",
-        description="which evaluated step's weights are kept (the start included): the "
-        "lowest held-out KTO loss, the best held-out margin or accuracy, or the last one "
-        "the guards passed",
-    )
-    checkpoint_every: int = Field(
-        0, ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation"
-    )
-    max_general_nll_increase: float | None = Field(
-        None,
-        gt=0,
-        description="fail the run when the general held-out NLL rises by more than this share",
-    )
-    eos_guard: float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="stop (keeping the best step) when the share of sampled held-out "
-        "answers that end their turn falls this far below the reference's; 0 = off",
-    )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that has it"
-    )
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_length={self.max_length} leaves no room for a completion after "
-                f"max_prompt_length={self.max_prompt_length}; raise max_length or lower "
-                "max_prompt_length"
-            )
-        return self
-
-    def options(self, **overrides: Any) -> TrainOptions:
-        """The pipeline's training options, with command-line overrides."""
-        return TrainOptions(
-            **(self.model_dump() | {k: v for k, v in overrides.items() if v is not None})
-        )
-
-
-class LoraConfig(_Section):
-    """The LoRA adapter's shape. rank must not exceed the server's --max-lora-rank."""
-
-    r: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
-        8, description="a rank vLLM accepts: 1, 8, 16, 32, 64, 128, 256, 320 or 512"
-    )
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-
-    def options(self) -> LoraOptions:
-        return LoraOptions(self.r, self.alpha, self.dropout, tuple(self.target_modules))
-
-
 class RegistryConfig(_Section):
     """Where adapter versions and alias histories are kept: a local directory or any
     fsspec URL. Servers must be able to read the version directories (see [serving]
@@ -374,7 +271,7 @@ class ServingConfig(_Section):
         description="the servers' KTO_LOOP_ADMIN_KEY, sent on control-plane calls only (load, "
         "swap, retire); set KTO_LOOP_SERVING__ADMIN_KEY in the environment",
     )
-    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+    max_lora_rank: LoraRank = Field(
         8, description="the servers' --max-lora-rank; higher-rank adapters are refused"
     )
     base_model: str | None = Field(
@@ -526,12 +423,24 @@ class Settings(BaseSettings):
     events: EventsConfig = Field(default_factory=EventsConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainOptions = Field(default_factory=TrainOptions)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     cycle: CycleConfig = Field(default_factory=CycleConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _no_run_controls(cls, value: Any) -> Any:
+        # TrainOptions is the [train] section, less the fields that steer a single run.
+        named = [n for n in RUN_CONTROLS if isinstance(value, Mapping) and n in value]
+        if named:
+            raise ValueError(
+                f"{', '.join(named)} is not a configuration key: it steers a single run and "
+                "is set in code; remove it from [train]"
+            )
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -582,12 +491,23 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(_describe(exc, where)) from None
 
 
+def _section_keys(section: str) -> list[str]:
+    """The keys a section takes: its model's fields, or its options dataclass's."""
+    field = Settings.model_fields.get(section)
+    kind = field.annotation if field is not None else None
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        names = [f.name for f in dataclasses.fields(kind)]
+    else:
+        names = list(getattr(kind, "model_fields", {}))
+    return [n for n in names if not (section == "train" and n in RUN_CONTROLS)]
+
+
 def _environment_keys() -> list[str]:
-    names = []
-    for section, field in Settings.model_fields.items():
-        for key in getattr(field.annotation, "model_fields", {}):
-            names.append(f"{ENV_PREFIX}{section}__{key}".upper())
-    return names
+    return [
+        f"{ENV_PREFIX}{section}__{key}".upper()
+        for section in Settings.model_fields
+        for key in _section_keys(section)
+    ]
 
 
 def _unknown_environment_keys(environ: Mapping[str, str]) -> list[str]:
@@ -613,7 +533,8 @@ def _describe(exc: ValidationError, where: str) -> str:
         loc = [str(p) for p in err["loc"]]
         key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "?"
         message = err["msg"]
-        if err["type"] == "extra_forbidden":
+        # Unknown keys: extra_forbidden in a model, unexpected_keyword_argument in a dataclass.
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key" + _suggest(loc)
         elif "input" in err and err["type"] not in ("missing",) and not _secret(loc):
             message += f" (got {err['input']!r})"
@@ -627,12 +548,6 @@ def _secret(loc: list[str]) -> bool:
 
 
 def _suggest(loc: list[str]) -> str:
-    known: list[str]
-    if len(loc) == 1:
-        known = list(Settings.model_fields)
-    else:
-        section = Settings.model_fields.get(loc[0])
-        model = section.annotation if section is not None else None
-        known = list(getattr(model, "model_fields", {}))
+    known = list(Settings.model_fields) if len(loc) == 1 else _section_keys(loc[0])
     close = difflib.get_close_matches(loc[-1], known, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"

@@ -20,12 +20,10 @@ holds each once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from pipeline.records import Provenance
+from pipeline.records import DeadLetter
 
 KIND = "kto.error.kind"
 REASON = "kto.error.reason"
@@ -52,29 +50,24 @@ class DeadLetterTopic:
         self._max_value = max(0, max_message_bytes - _OVERHEAD)
         self._pending: list = []
 
-    def add(
-        self,
-        source: Provenance,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes]],
-        kind: str,
-        reason: str,
-    ) -> None:
+    def add(self, letter: DeadLetter) -> None:
+        source = letter.source
         ours = [
-            (KIND, kind.encode()),
-            (REASON, reason.encode("utf-8", "replace")[:4096]),
+            (KIND, letter.error_kind.encode()),
+            (REASON, letter.reason.encode("utf-8", "replace")[:4096]),
             (SOURCE_TOPIC, source.topic.encode()),
             (SOURCE_PARTITION, str(source.partition).encode()),
             (SOURCE_OFFSET, str(source.offset).encode()),
         ]
         if source.timestamp_ms is not None:
             ours.append((SOURCE_TIMESTAMP, str(source.timestamp_ms).encode()))
+        value = letter.value
         if value is not None and len(value) > self._max_value:
             value = value[: self._max_value]
             ours.append((TRUNCATED, b"true"))
+        headers = [*letter.headers, *ours]
         self._pending.append(
-            self._producer.send(self.topic, key=key, value=value, headers=[*headers, *ours])
+            self._producer.send(self.topic, key=letter.key, value=value, headers=headers)
         )
 
     def flush(self, timeout_seconds: float = 30.0) -> int:

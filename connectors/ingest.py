@@ -46,7 +46,7 @@ from connectors.dead_letters import DeadLetterError, DeadLetterTopic
 from connectors.faults import crash_point
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore, StoreError
 from pipeline.events import EventError, EventParser, RatingPolicy
-from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
+from pipeline.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class _PartitionBatch:
         self.rows = FeedbackRows(tp.topic, tp.partition)
         # Bytes of the keys and values taken into the batch.
         self.bytes = 0
-        # (source, key, value, headers, kind, reason): for the DLQ topic and the table.
-        self.dead_letters: list[tuple] = []
+        # For the DLQ topic and the table.
+        self.dead_letters: list[DeadLetter] = []
 
 
 class _RebalanceLog(ConsumerRebalanceListener):
@@ -359,8 +359,8 @@ class Ingestor:
     @staticmethod
     def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, kind: str, reason: str) -> None:
         source = Provenance(tp.topic, tp.partition, m.offset, m.timestamp)
-        headers = list(m.headers or [])
-        batch.dead_letters.append((source, m.key, m.value, headers, kind, reason))
+        letter = DeadLetter(source, m.key, m.value, tuple(m.headers or ()), kind, reason)
+        batch.dead_letters.append(letter)
 
     def _batch_full(self) -> bool:
         cfg = self.settings.ingest
@@ -465,7 +465,7 @@ class Ingestor:
         dlq.discard()
         for batch in batches.values():
             for letter in batch.dead_letters:
-                dlq.add(*letter)
+                dlq.add(letter)
         dlq.flush()
 
     def _make_durable(self, batches: dict[TopicPartition, _PartitionBatch]) -> None:
@@ -478,7 +478,7 @@ class Ingestor:
             if b.dead_letters:
                 dead = DeadLetterRows()
                 for letter in b.dead_letters:
-                    dead.append(*letter)
+                    dead.append(letter)
                 table = dead.to_table(now, self.name)
                 self.store.write_batch(DEAD_LETTERS, tp.topic, tp.partition, b.first, b.last, table)
         crash_point("ingest.durable.2")

@@ -33,9 +33,9 @@ from typing import Any
 from connectors.adapter_files import base_weight_shapes, read_adapter
 from connectors.adapter_registry import AdapterRegistry, now_iso
 from connectors.config import ServingConfig
+from connectors.fingerprint import model_fingerprint
 from connectors.vllm_admin import VllmAdmin, VllmError
 from pipeline.adapter_check import AdapterRefused, ServingLimits, check_adapter
-from pipeline.fingerprint import model_fingerprint
 from pipeline.registry import AliasHistory, RegistryError, served_name
 
 log = logging.getLogger(__name__)

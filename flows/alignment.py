@@ -48,14 +48,13 @@ from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
 from pipeline.encode import NonTextPrompt, prompt_messages
 from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
+from pipeline.manifest import NO_GAIN, Manifest
 from pipeline.registry import served_name
 from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
 
 log = logging.getLogger("kto_loop.cycle")
 
 PUBLISHED, SKIPPED, FAILED = "published", "skipped", "failed"
-# Training kept its starting point: nothing new to gate, register or publish.
-NO_GAIN = "no_gain"
 
 
 @dataclass
@@ -138,17 +137,20 @@ def snapshot_store(settings: Settings) -> tuple[Snapshot, Path] | str:
 @task(name="train-candidate", retries=0, cache_policy=NO_CACHE)
 def train_candidate(
     settings: Settings, runs: CycleRuns, snap: Snapshot, balance: Balance, run_id: str
-) -> dict[str, Any]:
+) -> Manifest:
     """Train the candidate; resume the checkpoint a crashed run left on this snapshot,
     or reuse the adapter it finished; start afresh on any other snapshot."""
-    from pipeline.trainer import MANIFEST, CheckpointMismatch, TrainInputs, train
+    from connectors.run_dir import read_manifest
+    from flows.training import TrainInputs, run_training
+    from pipeline.train_errors import CheckpointMismatch
 
     cycle = settings.cycle
     out = runs.candidate_dir
     resume = runs.candidate_snapshot() == snap.id
-    if resume and (out / MANIFEST).is_file():
+    finished = read_manifest(out) if resume else None
+    if finished is not None:
         log.info("reusing the candidate a previous run finished on snapshot %s", snap.id)
-        return json.loads((out / MANIFEST).read_text())
+        return finished
     if not resume:
         runs.fresh_candidate(snap.id, run_id)
     general = []
@@ -166,16 +168,17 @@ def train_candidate(
         resume=resume,
         progress=sys.stderr.isatty(),
     )
-    options, lora = settings.train.options(), settings.lora.options()
+    options, lora = settings.train, settings.lora
     try:
-        result = train(inputs, options, lora)
+        result = run_training(inputs, options, lora)
     except CheckpointMismatch as exc:
         if not resume:
             raise
         # Same snapshot, other options or base model: the checkpoint is of no use.
         log.warning("discarding the candidate checkpoint: %s", exc)
         runs.fresh_candidate(snap.id, run_id)
-        result = train(replace(inputs, resume=False), options, lora)
+        result = run_training(replace(inputs, resume=False), options, lora)
+    assert result.manifest is not None  # the cycle never pauses a run
     return result.manifest
 
 
@@ -184,7 +187,7 @@ def gate_candidate(
     settings: Settings, registry: AdapterRegistry, alias: str, candidate: Path, snap: Snapshot
 ) -> GateDecision:
     """Score the candidate and the serving version on the held-out split; judge."""
-    from pipeline.compare import score_adapters
+    from flows.adapter_scores import score_adapters
 
     heldout = snap.records("heldout")
     options = settings.gate.options()
@@ -198,7 +201,7 @@ def gate_candidate(
             _base_model(settings),
             {"serving": serving_dir, "candidate": candidate},
             heldout,
-            settings.train.options(),
+            settings.train,
             _chat_template(settings),
         )
     return judge(scores["candidate"], scores["serving"], options, serving_name)
@@ -303,6 +306,14 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
     _base_model(settings)  # fail before any work when it is not configured
+    snap = _take_snapshot(settings, runs, run)
+    balance = _choose_balance(settings, snap, run)
+    report_dir = _train(settings, runs, run, snap, balance)
+    _promote(settings, alias, runs, run, snap, report_dir)
+
+
+def _take_snapshot(settings: Settings, runs: CycleRuns, run: RunRecord) -> Snapshot:
+    """Snapshot the store; skip unless enough votes came since the last judged run."""
     with _timed(run, "snapshot"):
         taken = snapshot_store(settings)
     if isinstance(taken, str):
@@ -326,7 +337,10 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
             f"{max(run.new_votes, 0)} new votes {since}, fewer than cycle.min_new_votes="
             f"{settings.cycle.min_new_votes}"
         )
+    return snap
 
+
+def _choose_balance(settings: Settings, snap: Snapshot, run: RunRecord) -> Balance:
     balance = choose_weights(
         *snap.class_counts("train", settings.train.repeats), settings.balance.options()
     )
@@ -337,38 +351,53 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     }
     if balance.skip_reason is not None:
         raise _Skip(balance.skip_reason)
+    return balance
 
+
+def _train(
+    settings: Settings, runs: CycleRuns, run: RunRecord, snap: Snapshot, balance: Balance
+) -> Path:
+    """Train the candidate and record it; stop with no gain when it kept its start.
+    Returns the run's report directory (its plots are there)."""
     with _timed(run, "train"):
         manifest = train_candidate(settings, runs, snap, balance, run.run_id)
     run.trained = True
     run.training = {
-        k: manifest.get(k)
-        for k in (
-            "status",
-            "status_reason",
-            "steps",
-            "planned_steps",
-            "best_step",
-            "stopped_early",
-            "stop_reason",
-        )
-    } | {
-        "resumed_from_step": manifest.get("resumed_from_step"),
-        "seconds": manifest.get("seconds"),
-        "heldout_before": manifest["metrics"]["heldout_before"],
-        "heldout_after": manifest["metrics"]["heldout_after"],
-        "warnings": manifest.get("warnings", []),
+        "status": manifest.status,
+        "status_reason": manifest.status_reason,
+        "steps": manifest.steps,
+        "planned_steps": manifest.planned_steps,
+        "best_step": manifest.best_step,
+        "stopped_early": manifest.stopped_early,
+        "stop_reason": manifest.stop_reason,
+        "resumed_from_step": manifest.resumed_from_step,
+        "seconds": manifest.seconds,
+        "heldout_before": manifest.metrics.heldout_before,
+        "heldout_after": manifest.metrics.heldout_after,
+        "warnings": list(manifest.warnings),
     }
     report_dir = runs.report_dir(run.run_id)
-    for plot in manifest.get("plots", []):
+    for plot in manifest.plots:
         shutil.copyfile(runs.candidate_dir / plot, report_dir / Path(plot).name)
         run.plots.append(str(report_dir / Path(plot).name))
     runs.save(run.as_dict())
-    if manifest.get("status") == NO_GAIN:
+    if manifest.status == NO_GAIN:
         # The candidate is the starting point: gating it would only measure noise.
         runs.clear_candidate()
-        raise _NoGain(f"training kept its starting point: {manifest.get('status_reason')}")
+        raise _NoGain(f"training kept its starting point: {manifest.status_reason}")
+    return report_dir
 
+
+def _promote(
+    settings: Settings,
+    alias: str,
+    runs: CycleRuns,
+    run: RunRecord,
+    snap: Snapshot,
+    report_dir: Path,
+) -> None:
+    """Gate the candidate, register it, check its answers if a scorer is set, and
+    publish it; skip with the gate's reason when it is refused."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):
         decision = gate_candidate(settings, registry, alias, runs.candidate_dir, snap)
@@ -423,7 +452,7 @@ def _timed(run: RunRecord, step: str) -> Iterator[None]:
 
 
 def _record_gate(run: RunRecord, decision: GateDecision, report_dir: Path) -> None:
-    from pipeline.plots import plot_gate
+    from connectors.plots import plot_gate
 
     run.gate = decision.as_dict()
     if decision.checks:
@@ -483,9 +512,9 @@ def _local_version(registry: AdapterRegistry, version: str | None) -> Any:
 def _prompts(snap: Snapshot, n: int) -> list[list[dict[str, str]]]:
     """Up to n distinct held-out prompts, as chat messages."""
     out: dict[str, list[dict[str, str]]] = {}
-    for prompt, messages_json, _, _ in snap.records("heldout"):
+    for example in snap.records("heldout"):
         try:
-            messages = prompt_messages(prompt, messages_json)
+            messages = prompt_messages(example.prompt, example.messages_json)
         except NonTextPrompt:
             continue
         out.setdefault(json.dumps(messages, sort_keys=True), messages)

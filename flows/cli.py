@@ -3,90 +3,24 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-import signal
 import sys
-import threading
-import time
-from collections import deque
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
-from kafka.errors import KafkaError
-from rich.console import Console
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.table import Table
-from rich.text import Text
 
-from connectors.config import ConfigError, Settings, load_settings
-from connectors.ingest import IngestError, Ingestor, IngestStats
-from connectors.kafka_clients import BrokerUnavailable
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from flows.console import settings_from, setup_logging
 
 app = typer.Typer(
     help="kto-loop: production thumbs up/down -> KTO-trained LoRA adapters in vLLM.",
     no_args_is_help=True,
     add_completion=False,
 )
-err = Console(stderr=True)
-
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML config file (default: $KTO_LOOP_CONFIG)."),
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")]
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        _fail(exc, 2)
-
-
-def _fail(exc: Exception, code: int) -> NoReturn:
-    # soft_wrap: a path or URL in the message stays whole in logs (no fold at 80 columns).
-    err.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code) from None
-
-
-def _logging(level: str, rich: bool) -> None:
-    handler: logging.Handler
-    if rich:
-        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-        fmt = "%(message)s"
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
-
-
-class _StatusLine:
-    """A one-line live view of an ingest process: rate, lag, dead letters."""
-
-    def __init__(self, stats: IngestStats) -> None:
-        self.stats = stats
-        self._samples: deque[tuple[float, int]] = deque(maxlen=10)
-
-    def __rich__(self) -> Text:
-        s = self.stats
-        now = time.monotonic()
-        self._samples.append((now, s.consumed))
-        t0, c0 = self._samples[0]
-        rate = (s.consumed - c0) / (now - t0) if now > t0 else 0.0
-        lag = "?" if s.lag is None else f"{s.lag:,}"
-        return Text.assemble(
-            (f"{s.state:<18}", "bold cyan"),
-            f" consumed {s.consumed:>10,}  ",
-            (f"{rate:>9,.0f}/s", "green"),
-            f"  stored {s.stored:>10,}  lag {lag:>8}  ",
-            (f"dead letters {s.dead_lettered:,}", "yellow" if s.dead_lettered else ""),
-            f"  partitions {len(s.assigned)}",
-        )
 
 
 @app.command()
@@ -101,44 +35,9 @@ def ingest(
 ) -> None:
     """Consume the feedback topic into the store until SIGTERM or Ctrl-C (finishes the
     batch, commits, exits 0)."""
-    settings = _settings(config)
-    live = status and err.is_terminal
-    _logging(log_level, rich=live)
-    try:
-        ingestor = Ingestor(settings)
-    except IngestError as exc:
-        _fail(exc, 2)
-    stop = threading.Event()
+    from flows import ingest_cli
 
-    def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("kto_loop").info(
-            "%s: finishing the batch, then exiting", signal.Signals(signum).name
-        )
-        stop.set()
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        if live:
-            with Live(_StatusLine(ingestor.stats), console=err, refresh_per_second=2):
-                stats = ingestor.run(stop, idle_exit_seconds=idle_exit)
-        else:
-            stats = ingestor.run(stop, idle_exit_seconds=idle_exit)
-    except BrokerUnavailable as exc:
-        _fail(exc, 3)
-    except IngestError as exc:
-        _fail(exc, 1)
-    typer.echo(
-        json.dumps(
-            {
-                "consumed": stats.consumed,
-                "stored": stats.stored,
-                "dead_lettered": stats.dead_lettered,
-                "batches": stats.batches,
-            }
-        )
-    )
+    ingest_cli.ingest(settings_from(config), idle_exit, status, log_level)
 
 
 @app.command("produce-sample")
@@ -152,46 +51,17 @@ def produce_sample(
     pad_to: Annotated[int, typer.Option(help="Grow responses to about this many chars.")] = 0,
 ) -> None:
     """Send synthetic feedback events to the feedback topic."""
-    from rich.progress import Progress
+    from flows import ingest_cli
 
-    from connectors.produce import produce
-    from pipeline.sample import sample_messages
-
-    settings = _settings(config)
-    _logging("WARNING", rich=False)
-    # A failure is reported once below; kafka-python's per-retry lines add nothing.
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    messages = sample_messages(events, seed, pad_to=pad_to, malformed=malformed)
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("producing", total=len(messages))
-        try:
-            sent = produce(settings.kafka, messages, on_sent=lambda n: progress.advance(task, n))
-        except KafkaError as exc:
-            servers = ",".join(settings.kafka.bootstrap_servers)
-            _fail(RuntimeError(f"could not send to {settings.kafka.topic} at {servers}: {exc}"), 3)
-    typer.echo(json.dumps({"sent": sent, "topic": settings.kafka.topic}))
+    ingest_cli.produce_sample(settings_from(config), events, seed, malformed, pad_to)
 
 
 @app.command()
 def store(config: ConfigOption = None) -> None:
     """Summarise the feedback store: rows, labels, dead letters by kind."""
-    from pipeline import records
+    from flows import ingest_cli
 
-    settings = _settings(config)
-    fs = FeedbackStore(settings.store.url, settings.store.storage_options)
-    rows = fs.read(FEEDBACK)
-    dead = fs.read(DEAD_LETTERS)
-    table = Table(title=f"feedback store {settings.store.url}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    table.add_row("feedback rows", f"{len(rows):,}")
-    table.add_row("distinct events", f"{rows[records.EVENT_ID].nunique():,}")
-    for name, count in rows[records.FEEDBACK].value_counts().sort_index().items():
-        table.add_row(f"  {name}", f"{count:,}")
-    table.add_row("dead letters", f"{len(dead):,}")
-    for name, count in dead[records.ERROR_KIND].value_counts().sort_index().items():
-        table.add_row(f"  {name}", f"{count:,}")
-    Console().print(table)
+    ingest_cli.store(settings_from(config))
 
 
 @app.command()
@@ -211,80 +81,9 @@ def snapshot(
 ) -> None:
     """Freeze the store's feedback (or a TRL dataset) into a content-addressed training
     snapshot; the last line of stdout is its JSON summary."""
-    from connectors.snapshots import load_training_data, write_snapshot
-    from connectors.store import StoreError
-    from pipeline.snapshot import SnapshotError, build_snapshot
+    from flows import ingest_cli
 
-    settings = _settings(config)
-    options = settings.snapshot.options()
-    out_dir = out or Path(settings.snapshot.out_dir)
-    try:
-        if data is None:
-            fs = FeedbackStore(settings.store.url, settings.store.storage_options)
-            snap = build_snapshot(fs.read(FEEDBACK), options)
-            source = settings.store.url
-        else:
-            snap = load_training_data(data, options)
-            source = str(data)
-    except SnapshotError as exc:
-        _fail(exc, 2)
-    except (StoreError, OSError) as exc:
-        _fail(RuntimeError(f"could not read {data or settings.store.url}: {exc}"), 1)
-    try:
-        path = write_snapshot(snap, out_dir)
-    except OSError as exc:
-        _fail(RuntimeError(f"could not write the snapshot under {out_dir}: {exc}"), 1)
-
-    c, s = snap.counts, snap.stats
-    table = Table(title=f"snapshot {snap.id} from {source}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    for label, value in [
-        ("rows read", s.rows_read),
-        ("  duplicates (counted once)", s.duplicates),
-        ("  superseded by a later vote", s.superseded),
-        ("  retracted", s.retracted),
-        ("  unlabelled (neutral rating)", s.unlabelled),
-        ("votes counted", s.votes),
-        ("  tied examples", s.ties),
-        ("  ties dropped", s.ties_dropped),
-        ("rows skipped (unreadable)", s.skipped_rows),
-        ("train desirable", c.train_desirable),
-        ("train undesirable", c.train_undesirable),
-        ("heldout desirable", c.heldout_desirable),
-        ("heldout undesirable", c.heldout_undesirable),
-    ]:
-        table.add_row(label, f"{value:,}")
-    Console().print(table)
-    _warn_skipped(snap)
-    typer.echo(
-        json.dumps(
-            {
-                "snapshot": snap.id,
-                "path": str(path),
-                "examples": c.total,
-                "train_desirable": c.train_desirable,
-                "train_undesirable": c.train_undesirable,
-                "heldout_desirable": c.heldout_desirable,
-                "heldout_undesirable": c.heldout_undesirable,
-                "skipped_rows": s.skipped_rows,
-            }
-        )
-    )
-
-
-def _warn_skipped(snap: Any) -> None:
-    """Say on stderr which rows of the data were left out, and why (the first few)."""
-    s = snap.stats
-    if not s.skipped_rows:
-        return
-    err.print(
-        f"warning: {s.skipped_rows} of {s.rows_read} rows skipped: a value in them cannot be read",
-        style="yellow",
-        markup=False,
-    )
-    for reason in s.skipped_reasons:
-        err.print(f"  {reason}", style="yellow", markup=False, highlight=False)
+    ingest_cli.snapshot(settings_from(config), data, out)
 
 
 @app.command()
@@ -342,130 +141,22 @@ def train(
     Exit codes: 0 trained, no_gain or skipped (see "status"), 1 the run failed
     (diverged, general-ability bound), 2 bad input.
     """
-    from connectors.snapshots import load_training_data
-    from pipeline.balance import choose_weights
-    from pipeline.encode import EncodeError
-    from pipeline.snapshot import SnapshotError
+    from flows import train_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    settings = _settings(config)
-    try:
-        snap = load_training_data(data, settings.snapshot.options())
-        general_records = []
-        if general is not None:
-            g = load_training_data(general, settings.snapshot.options())
-            general_records = g.records("train") + g.records("heldout")
-        template = chat_template.read_text() if chat_template is not None else None
-    except SnapshotError as exc:
-        _fail(exc, 2)
-    except OSError as exc:
-        _fail(RuntimeError(f"could not read input: {exc}"), 2)
-    _warn_skipped(snap)
-    skipped_rows = snap.stats.skipped_rows
-    balance = choose_weights(
-        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
-    )
-    err.print(balance.explanation, markup=False, highlight=False)
-    if balance.skip_reason is not None:
-        typer.echo(
-            json.dumps(
-                {
-                    "status": "skipped",
-                    "reason": balance.skip_reason,
-                    "snapshot": snap.id,
-                    "skipped_rows": skipped_rows,
-                }
-            )
-        )
-        return
-
-    from pipeline.trainer import DivergedError, GeneralAbilityError, TrainError, TrainInputs
-    from pipeline.trainer import train as run_training
-
-    _init_distributed()
-    inputs = TrainInputs.from_snapshot(
-        snap,
-        balance,
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    train_cli.train(
+        settings_from(config),
         base_model,
+        data,
         out,
-        settings.train.repeats,
-        general=general_records,
         init_adapter=init_adapter,
         reference_adapter=reference_adapter,
-        chat_template=template,
+        general=general,
+        chat_template=chat_template,
+        max_steps=max_steps,
+        seed=seed,
         resume=resume,
-        progress=True,
     )
-    try:
-        result = run_training(
-            inputs, settings.train.options(max_steps=max_steps, seed=seed), settings.lora.options()
-        )
-    except (DivergedError, GeneralAbilityError) as exc:
-        _fail(exc, 1)
-    except (TrainError, EncodeError) as exc:
-        _fail(exc, 2)
-    m = result.manifest
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # under torchrun, rank 0 reports
-    if result.adapter_dir is None:
-        typer.echo(json.dumps({"status": "paused", **m, "skipped_rows": skipped_rows}))
-        return
-    before = m["metrics"]["heldout_before"] or {}
-    after = m["metrics"]["heldout_after"] or {}
-    table = Table(title=f"adapter {out}")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for key in ("loss", "accuracy", "reward_desirable", "reward_undesirable", "margin", "kl"):
-        table.add_row(f"held-out {key}", _num(before.get(key)), _num(after.get(key)))
-    general_nll = (m["metrics"]["general_nll_before"], m["metrics"]["general_nll_after"])
-    if general_nll[0] is not None:
-        table.add_row("general NLL / token", _num(general_nll[0]), _num(general_nll[1]))
-    Console(stderr=True).print(table)
-    for warning in m["warnings"]:
-        err.print(f"warning: {warning}", style="yellow", markup=False)
-    if m["status_reason"]:
-        err.print(f"{m['status']}: {m['status_reason']}", style="yellow", markup=False)
-    typer.echo(
-        json.dumps(
-            {
-                "status": m["status"],
-                "status_reason": m["status_reason"],
-                "adapter": str(out),
-                "snapshot": snap.id,
-                "skipped_rows": skipped_rows,
-                "steps": m["steps"],
-                "best_step": m["best_step"],
-                "lambda_desirable": balance.lambda_desirable,
-                "lambda_undesirable": balance.lambda_undesirable,
-                "heldout_accuracy_before": before.get("accuracy"),
-                "heldout_accuracy_after": after.get("accuracy"),
-                "heldout_margin_after": after.get("margin"),
-                "heldout_kl_after": after.get("kl"),
-                "general_nll_before": general_nll[0],
-                "general_nll_after": general_nll[1],
-                "seconds": m["seconds"],
-            }
-        )
-    )
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
-    point: NCCL on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend)
 
 
 @app.command()
@@ -494,7 +185,7 @@ def register(
     """Copy an adapter into the registry as the next version (immutable from then on)."""
     from flows import serving_cli
 
-    serving_cli.register(_settings(config), adapter_dir, parent, note)
+    serving_cli.register(settings_from(config), adapter_dir, parent, note)
 
 
 @app.command()
@@ -510,8 +201,8 @@ def publish(
     """Serve a version as ALIAS on every replica, all or nothing, without a restart."""
     from flows import serving_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    serving_cli.publish(_settings(config), adapter, alias, reason)
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.publish(settings_from(config), adapter, alias, reason)
 
 
 @app.command()
@@ -524,8 +215,8 @@ def rollback(
     """Serve the version before the current one again, on every replica."""
     from flows import serving_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    serving_cli.rollback(_settings(config), alias, reason)
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.rollback(settings_from(config), alias, reason)
 
 
 @app.command()
@@ -537,8 +228,8 @@ def sync(
     """Make every replica serve the alias's recorded version (a restarted or new replica)."""
     from flows import serving_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    serving_cli.sync(_settings(config), alias)
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.sync(settings_from(config), alias)
 
 
 @app.command()
@@ -546,7 +237,7 @@ def adapters(config: ConfigOption = None) -> None:
     """List versions with their lineage, the aliases, and what each replica serves."""
     from flows import serving_cli
 
-    serving_cli.adapters(_settings(config))
+    serving_cli.adapters(settings_from(config))
 
 
 @app.command()
@@ -557,7 +248,7 @@ def gc(
     """Delete old versions no alias serves, no rollback needs and no server still reads."""
     from flows import serving_cli
 
-    serving_cli.gc(_settings(config), dry_run)
+    serving_cli.gc(settings_from(config), dry_run)
 
 
 AliasOption = Annotated[
@@ -576,8 +267,8 @@ def run(
     """
     from flows import cycle_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    cycle_cli.run(_settings(config), config, alias)
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    cycle_cli.run(settings_from(config), config, alias)
 
 
 @app.command()
@@ -602,8 +293,8 @@ def schedule(
     """Serve the nightly cycle as a Prefect deployment (one run at a time) until stopped."""
     from flows import cycle_cli
 
-    _logging(log_level, rich=sys.stderr.isatty())
-    cycle_cli.schedule(_settings(config), config, alias, cron, interval, start_server)
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    cycle_cli.schedule(settings_from(config), config, alias, cron, interval, start_server)
 
 
 @app.command()
@@ -618,7 +309,7 @@ def status(
     each adapter version earned in production."""
     from flows import cycle_cli
 
-    cycle_cli.status(_settings(config), alias or [], runs)
+    cycle_cli.status(settings_from(config), alias or [], runs)
 
 
 @app.command()
@@ -658,50 +349,20 @@ def simulate(
     Exit codes: 0 done, 1 the server or the broker failed, 2 bad input, 3 the broker
     could not be reached (checked before any chat).
     """
-    from flows.simulate import simulate as run_simulation
-    from flows.user_code import load_callable
-    from pipeline.simulation import read_prompts
+    from flows import simulate_cli
 
-    settings = _settings(config)
-    try:
-        taste_fn = load_callable(taste, "--taste")
-        if prompts is not None:
-            asked = read_prompts(prompts)
-        else:
-            from deploy.local.chat_model import chat_prompts
-
-            asked = [[{"role": "user", "content": p}] for p in chat_prompts()]
-    except (ValueError, OSError) as exc:
-        _fail(exc, 2)
-    from connectors.vllm_admin import VllmError
-
-    try:
-        result = run_simulation(
-            settings,
-            asked,
-            taste_fn,
-            model=model,
-            users=users,
-            chats=chats,
-            seed=seed,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            send=send,
-            progress=sys.stderr.isatty(),
-        )
-    except BrokerUnavailable as exc:
-        _fail(exc, 3)
-    except (VllmError, KafkaError) as exc:
-        _fail(exc, 1)
-    table = Table(title=f"{result.chats} simulated chats with {result.model}")
-    for col in ("served by", "chats", "liked", "liked share"):
-        table.add_column(col)
-    for name, (n, k) in sorted(result.by_model.items()):
-        table.add_row(name, f"{n:,}", f"{k:,}", f"{k / n:.1%}")
-    err.print(table)
-    if result.failed:
-        err.print(f"{result.failed} requests failed, e.g. {result.failures[0]}", style="yellow")
-    typer.echo(json.dumps(result.as_dict()))
+    simulate_cli.simulate(
+        settings_from(config),
+        model=model,
+        prompts=prompts,
+        taste=taste,
+        users=users,
+        chats=chats,
+        seed=seed,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        send=send,
+    )
 
 
 if __name__ == "__main__":

@@ -8,20 +8,17 @@ production. Each prints tables on stderr and ends with one JSON line on stdout.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from connectors.adapter_registry import AdapterRegistry
@@ -29,12 +26,12 @@ from connectors.config import Settings
 from connectors.cycle_runs import CycleRuns
 from connectors.publish import Publisher
 from connectors.store import FEEDBACK, FeedbackStore, StoreError
-from deploy.local.prefect_server import prefect_api
+from deploy.local.prefect_server import configured_api, prefect_api
 from deploy.local.processes import die_with_parent, interruptible
+from flows.console import err, number
 from flows.serving_cli import served_versions
 from pipeline.registry import parse_served_name
 
-err = Console(stderr=True)
 log = logging.getLogger("kto_loop.cycle")
 
 # Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
@@ -54,7 +51,7 @@ def run(settings: Settings, config: Path | None, alias: str | None) -> None:
 
     alias = alias or settings.cycle.alias
     logs = Path(settings.cycle.work_dir).resolve() / "prefect"
-    with interruptible(), _prefect_api(logs / "temporary-server.log", None, ui=False) as api:
+    with interruptible(), prefect_api(logs / "temporary-server.log", ui=False) as api:
         log.info("running %s's alignment cycle on %s", alias, api)
         state = run_cycle(str(config) if config else None, alias)
     record = _record_of(settings, alias, state)
@@ -112,7 +109,8 @@ def _print_run(record: dict[str, Any]) -> None:
 def _lambdas(balance: dict[str, Any]) -> str | None:
     if not balance:
         return None
-    return f"D {balance['lambda_desirable']:.3f} / U {balance['lambda_undesirable']:.3f}"
+    d, u = balance["lambda_desirable"], balance["lambda_undesirable"]
+    return f"D {number(d, 3)} / U {number(u, 3)}"
 
 
 # ---------------------------------------------------------------- schedule
@@ -144,7 +142,12 @@ def schedule(
     served = alignment_cycle.with_options(
         on_running=[*alignment_cycle.on_running_hooks, functools.partial(_end_with, os.getpid())]
     )
-    with interruptible(), _prefect_api(home / "server.log", home, start_server=start_server) as api:
+    if not start_server and configured_api() is None:
+        raise typer.BadParameter(
+            "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
+            "--no-start-server to start a local one"
+        )
+    with interruptible(), prefect_api(home / "server.log", home=home) as api:
         err.print(
             f"serving {alias}'s alignment cycle ({_describe(when)}) on {api}; Ctrl-C stops",
             markup=False,
@@ -175,23 +178,6 @@ def _end_with(scheduler_pid: int, *_: object) -> None:
     Linux signals when the thread that started the process ends: Prefect 3.9's runner
     starts runs from its event loop, in the main thread of `schedule`."""
     die_with_parent(scheduler_pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _prefect_api(
-    log_path: Path, home: Path | None, *, start_server: bool = True, ui: bool = True
-) -> Iterator[str]:
-    """PREFECT_API_URL if set, else a local server started here (its database under
-    `home`, default Prefect's) and stopped on the way out, also if this process is killed."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not start_server and not PREFECT_API_URL.value():
-        raise typer.BadParameter(
-            "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
-            "--no-start-server to start a local one"
-        )
-    with prefect_api(log_path, home=home, ui=ui) as url:
-        yield url
 
 
 # ---------------------------------------------------------------- status

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.local.processes import interruptible
+from flows.console import number
 
 # Training settings for the demo model; a real model (--model-dir) keeps the config
 # defaults. The toy's taste is an exact match with a few templates: at the default beta,
@@ -89,7 +90,7 @@ def run_demo(
     args: argparse.Namespace, run_dir: Path, console: Console, started: float
 ) -> dict[str, Any]:
     from connectors.ingest import Ingestor
-    from deploy.local.chat_model import build_chat_model, chat_prompts, taste
+    from deploy.local.chat_model import chat_prompts, taste
     from deploy.local.prefect_server import prefect_api
     from deploy.local.stack import local_stack
     from flows.simulate import simulate
@@ -102,19 +103,7 @@ def run_demo(
         return now
 
     t = time.monotonic()
-    user = _user_sections(args.config)
-    given = args.model_dir or (user.get("serving") or {}).get("base_model")
-    if given:
-        model = Path(given).resolve()
-    else:
-        with console.status("building the demo model (tokenizer, weights, a short SFT)"):
-            model = build_chat_model(run_dir / "model", seed=args.seed)
-    # The demo model says what it is (chat_model.json); any other model keeps the
-    # config defaults, made for real models. The user's sections come last.
-    overrides = dict(DEMO_OVERRIDES) if (model / "chat_model.json").is_file() else {}
-    for name in ("snapshot", "balance", "train", "lora", "gate"):
-        if name in user:
-            overrides[name] = {**overrides.get(name, {}), **user[name]}
+    model, overrides = _demo_model(args, run_dir, console)
     t = phase("model", t)
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
     console.print("starting the broker, vLLM and Prefect (health-checked, about a minute)")
@@ -162,6 +151,20 @@ def run_demo(
         ingest()
         t = phase("chat after", t)
 
+    return _summary(args, run_dir, console, started, before, after, record, phases)
+
+
+def _summary(
+    args: argparse.Namespace,
+    run_dir: Path,
+    console: Console,
+    started: float,
+    before: Any,
+    after: Any,
+    record: dict[str, Any],
+    phases: dict[str, float],
+) -> dict[str, Any]:
+    """The before/after table and chart, and the demo's JSON result."""
     gate = record.get("gate") or {}
     candidate = gate.get("candidate") or {}
     training = record.get("training") or {}
@@ -176,8 +179,8 @@ def run_demo(
         ("served by", ", ".join(sorted(before.by_model)), served_after),
         ("answers liked", f"{before.liked_share:.1%}", f"{after.liked_share:.1%}"),
         ("  of chats", f"{before.chats:,}", f"{after.chats:,}"),
-        ("held-out implied-reward accuracy", _fmt(0.0), _fmt(candidate.get("accuracy"))),
-        ("KL to the base model (held-out)", _fmt(0.0), _fmt(candidate.get("kl"))),
+        ("held-out implied-reward accuracy", number(0.0, 3), number(candidate.get("accuracy"), 3)),
+        ("KL to the base model (held-out)", number(0.0, 3), number(candidate.get("kl"), 3)),
         ("lambda_D / lambda_U", "", _lambdas(balance)),
         ("training steps", "", str(training.get("steps", "-"))),
     ]
@@ -204,6 +207,29 @@ def run_demo(
     }
 
 
+def _demo_model(
+    args: argparse.Namespace, run_dir: Path, console: Console
+) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The model to serve (the user's, or the demo model built here) and the config
+    sections that override the defaults for it."""
+    from deploy.local.chat_model import build_chat_model
+
+    user = _user_sections(args.config)
+    given = args.model_dir or (user.get("serving") or {}).get("base_model")
+    if given:
+        model = Path(given).resolve()
+    else:
+        with console.status("building the demo model (tokenizer, weights, a short SFT)"):
+            model = build_chat_model(run_dir / "model", seed=args.seed)
+    # The demo model says what it is (chat_model.json); any other model keeps the
+    # config defaults, made for real models. The user's sections come last.
+    overrides = dict(DEMO_OVERRIDES) if (model / "chat_model.json").is_file() else {}
+    for name in ("snapshot", "balance", "train", "lora", "gate"):
+        if name in user:
+            overrides[name] = {**overrides.get(name, {}), **user[name]}
+    return model, overrides
+
+
 def _user_sections(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
@@ -213,14 +239,10 @@ def _user_sections(path: Path | None) -> dict[str, dict[str, Any]]:
         return tomllib.load(f)
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _lambdas(balance: dict[str, Any]) -> str:
     if not balance:
         return "-"
-    return f"{balance['lambda_desirable']:.2f} / {balance['lambda_undesirable']:.2f}"
+    return f"{number(balance['lambda_desirable'], 2)} / {number(balance['lambda_undesirable'], 2)}"
 
 
 def _chart(before: Any, after: Any, phases: dict[str, float], path: Path) -> Path:

@@ -4,9 +4,10 @@ the gate's checks and decision, and the version served."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
+
+from flows.console import number
 
 _METRICS = ("accuracy", "margin", "kl", "reward_desirable", "reward_undesirable", "loss")
 
@@ -50,49 +51,15 @@ def render_report(run: dict[str, Any]) -> str:
             "",
             "## Class weights",
             "",
-            f"lambda_D = {balance['lambda_desirable']:.3f}, lambda_U = "
-            f"{balance['lambda_undesirable']:.3f}. {balance['explanation']}",
+            f"lambda_D = {number(balance['lambda_desirable'], 3)}, lambda_U = "
+            f"{number(balance['lambda_undesirable'], 3)}. {balance['explanation']}",
         ]
     training = run.get("training") or {}
     if training:
-        before, after = training.get("heldout_before") or {}, training.get("heldout_after") or {}
-        resumed = training.get("resumed_from_step")
-        lines += [
-            "",
-            "## Training",
-            "",
-            f"{training.get('steps')} of {training.get('planned_steps')} steps, best step "
-            f"{training.get('best_step')}"
-            + (f", resumed from step {resumed}" if resumed else "")
-            + (
-                f"; stopped early: {training['stop_reason']}"
-                if training.get("stopped_early")
-                else ""
-            )
-            + f" ({_num(training.get('seconds'))} s).",
-            "",
-            "| held-out | before | after |",
-            "|---|---:|---:|",
-        ]
-        lines += [f"| {k} | {_num(before.get(k))} | {_num(after.get(k))} |" for k in _METRICS]
-        lines += [f"- warning: {w}" for w in training.get("warnings", [])]
+        lines += _training_lines(training)
     gate = run.get("gate")
     if gate:
-        verdict = "promote" if gate["promote"] else "refuse"
-        lines += [
-            "",
-            "## Gate",
-            "",
-            f"Decision: **{verdict}**. {gate['reason']}",
-            "",
-            f"| check | candidate | {gate['serving_name']} | needs | passed |",
-            "|---|---:|---:|---|---|",
-        ]
-        lines += [
-            f"| {c['name']} | {_num(c['candidate'])} | {_num(c['serving'])} | {c['required']} "
-            f"| {'yes' if c['passed'] else 'no'} |"
-            for c in gate["checks"]
-        ]
+        lines += _gate_lines(gate)
     published = run.get("published")
     if published:
         lines += [
@@ -109,9 +76,48 @@ def render_report(run: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _training_lines(training: dict[str, Any]) -> list[str]:
+    """The training section: steps, how it ended, held-out metrics before and after."""
+    before, after = training.get("heldout_before") or {}, training.get("heldout_after") or {}
+    resumed = training.get("resumed_from_step")
+    lines = [
+        "",
+        "## Training",
+        "",
+        f"{training.get('steps')} of {training.get('planned_steps')} steps, best step "
+        f"{training.get('best_step')}"
+        + (f", resumed from step {resumed}" if resumed else "")
+        + (f"; stopped early: {training['stop_reason']}" if training.get("stopped_early") else "")
+        + f" ({_num(training.get('seconds'))} s).",
+        "",
+        "| held-out | before | after |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {_num(before.get(k))} | {_num(after.get(k))} |" for k in _METRICS]
+    lines += [f"- warning: {w}" for w in training.get("warnings", [])]
+    return lines
+
+
+def _gate_lines(gate: dict[str, Any]) -> list[str]:
+    """The gate section: its decision and each check against the serving adapter."""
+    verdict = "promote" if gate["promote"] else "refuse"
+    lines = [
+        "",
+        "## Gate",
+        "",
+        f"Decision: **{verdict}**. {gate['reason']}",
+        "",
+        f"| check | candidate | {gate['serving_name']} | needs | passed |",
+        "|---|---:|---:|---|---|",
+    ]
+    lines += [
+        f"| {c['name']} | {_num(c['candidate'])} | {_num(c['serving'])} | {c['required']} "
+        f"| {'yes' if c['passed'] else 'no'} |"
+        for c in gate["checks"]
+    ]
+    return lines
+
+
 def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    """A value in the report: a float to 4 significant digits, a count whole."""
+    return number(value, significant=True)

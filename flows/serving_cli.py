@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from connectors.adapter_registry import AdapterRegistry
 from connectors.config import Settings
 from connectors.publish import Publisher, PublishError, PublishResult
 from connectors.vllm_admin import VllmError
+from flows.console import err, fail, number
 from pipeline.adapter_check import AdapterRefused
 from pipeline.registry import RegistryError, parse_served_name, retention
-
-err = Console(stderr=True)
 
 
 def _registry(settings: Settings) -> AdapterRegistry:
@@ -38,20 +36,15 @@ def _publisher(settings: Settings) -> Publisher:
     )
 
 
-def _fail(exc: Exception, code: int) -> None:
-    err.print(str(exc), style="red", markup=False, highlight=False)
-    raise typer.Exit(code) from None
-
-
 def _report(status: str, switch: Callable[[], PublishResult]) -> None:
     """Run a switch of an alias; print its JSON line, or exit 2 (bad input) or 1 (a
     server failed, nothing changed)."""
     try:
         result = switch()
     except (AdapterRefused, RegistryError) as e:
-        _fail(e, 2)
+        fail(e, 2)
     except (PublishError, VllmError) as e:
-        _fail(e, 1)
+        fail(e, 1)
     typer.echo(json.dumps({"status": status, **result.as_dict()}))
 
 
@@ -61,7 +54,7 @@ def register(settings: Settings, adapter_dir: Path, parent: str | None, note: st
     try:
         info = _publisher(settings).register(adapter_dir, parent=parent, note=note)
     except (AdapterRefused, RegistryError) as e:
-        _fail(e, 2)
+        fail(e, 2)
     typer.echo(json.dumps({"status": "registered", **info}))
 
 
@@ -121,7 +114,7 @@ def adapters(settings: Settings) -> None:
             info.get("created_at", "")[:19],
             (info.get("snapshot_id") or "-")[:12],
             str((info.get("lora") or {}).get("r", "-")),
-            "-" if acc is None else f"{acc:.3f}",
+            number(acc, 3),
             ", ".join(roles) or "-",
         )
         rows.append({"version": v, "parent": info.get("parent"), "roles": roles})

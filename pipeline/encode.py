@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+
+from pipeline.examples import Example
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +150,12 @@ def check_chat_template(tokenizer: Any, prompt_format: str) -> None:
 
 
 def encode_records(
-    records: list[
-        tuple[str | None, str | None, str, bool] | tuple[str | None, str | None, str, bool, float]
-    ],
+    records: Sequence[Example],
     tokenizer: Any,
     lengths: Lengths,
     prompt_format: str = "chat",
 ) -> tuple[list[Encoded], EncodeReport]:
-    """Tokenize (prompt, messages_json, completion, desirable[, weight]) records; a
-    record without a weight weighs 1.
+    """Tokenize examples, each keeping its weight.
 
     Returns:
         The encoded examples (those left with no completion token are dropped) and a
@@ -165,19 +165,77 @@ def encode_records(
     """
     check_chat_template(tokenizer, prompt_format)
     eot = end_of_turn_id(tokenizer)
-    texts = []
-    renderable = []
+    texts, renderable, unrenderable = _render_prompts(records, tokenizer, prompt_format)
+    records = renderable
+    completions = [record.completion for record in records]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(
+        [t + c for t, c in zip(texts, completions, strict=True)], add_special_tokens=False
+    )["input_ids"]
+
+    out: list[Encoded] = []
+    dropped = cut_prompts = cut_completions = mismatches = 0
+    completion_cap = lengths.max_completion_length or lengths.max_length
+    for record, p, c, j in zip(records, prompt_ids, completion_ids, joined, strict=True):
+        if j != p + c:
+            mismatches += 1
+        c = [*c, eot]
+        if len(c) > completion_cap:
+            c = c[:completion_cap]
+            cut_completions += 1
+        if len(p) > lengths.max_prompt_length:
+            p = p[-lengths.max_prompt_length :]
+            cut_prompts += 1
+        room = lengths.max_length - len(p)
+        if len(c) > room:
+            c = c[:room]
+            cut_completions += 1
+        if not c:
+            dropped += 1
+            continue
+        out.append(Encoded(tuple(p), tuple(c), record.desirable, float(record.weight)))
+    if mismatches:
+        log.warning(
+            "%d of %d records tokenize differently as prompt+completion than as prompt, "
+            "then completion (tokens merge across the boundary, e.g. a chat template whose "
+            "generation prompt ends in a space). Training uses prompt, then completion, "
+            "which is what the server generates after the prompt.",
+            mismatches,
+            len(records),
+        )
+    if not out:
+        raise EncodeError(
+            f"no record fits max_length={lengths.max_length} with "
+            f"max_prompt_length={lengths.max_prompt_length}: raise max_length"
+        )
+    report = EncodeReport(
+        len(out), dropped, len(unrenderable), cut_prompts, cut_completions, mismatches
+    )
+    return out, report
+
+
+def _render_prompts(
+    records: Sequence[Example], tokenizer: Any, prompt_format: str
+) -> tuple[list[str], list[Example], list[str]]:
+    """The prompt texts as serving renders them, the examples they belong to, and why
+    each left-out example's prompt cannot be rendered as text.
+
+    Raises:
+        EncodeError: no prompt renders.
+    """
+    texts: list[str] = []
+    renderable: list[Example] = []
     unrenderable: list[str] = []
     for record in records:
-        prompt, messages_json = record[0], record[1]
         if prompt_format != "chat":
-            texts.append(prompt or "")
+            texts.append(record.prompt or "")
             renderable.append(record)
             continue
         try:
             texts.append(
                 tokenizer.apply_chat_template(
-                    prompt_messages(prompt, messages_json),
+                    prompt_messages(record.prompt, record.messages_json),
                     add_generation_prompt=True,
                     tokenize=False,
                 )
@@ -198,51 +256,4 @@ def encode_records(
             f"none of the {len(unrenderable)} records has a prompt that renders as text: "
             f"{unrenderable[0]}"
         )
-    records = renderable
-    completions = [record[2] for record in records]
-    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    joined = tokenizer(
-        [t + c for t, c in zip(texts, completions, strict=True)], add_special_tokens=False
-    )["input_ids"]
-
-    out: list[Encoded] = []
-    dropped = cut_prompts = cut_completions = mismatches = 0
-    completion_cap = lengths.max_completion_length or lengths.max_length
-    for record, p, c, j in zip(records, prompt_ids, completion_ids, joined, strict=True):
-        desirable, weight = record[3], record[4] if len(record) > 4 else 1.0
-        if j != p + c:
-            mismatches += 1
-        c = [*c, eot]
-        if len(c) > completion_cap:
-            c = c[:completion_cap]
-            cut_completions += 1
-        if len(p) > lengths.max_prompt_length:
-            p = p[-lengths.max_prompt_length :]
-            cut_prompts += 1
-        room = lengths.max_length - len(p)
-        if len(c) > room:
-            c = c[:room]
-            cut_completions += 1
-        if not c:
-            dropped += 1
-            continue
-        out.append(Encoded(tuple(p), tuple(c), bool(desirable), float(weight)))
-    if mismatches:
-        log.warning(
-            "%d of %d records tokenize differently as prompt+completion than as prompt, "
-            "then completion (tokens merge across the boundary, e.g. a chat template whose "
-            "generation prompt ends in a space). Training uses prompt, then completion, "
-            "which is what the server generates after the prompt.",
-            mismatches,
-            len(records),
-        )
-    if not out:
-        raise EncodeError(
-            f"no record fits max_length={lengths.max_length} with "
-            f"max_prompt_length={lengths.max_prompt_length}: raise max_length"
-        )
-    report = EncodeReport(
-        len(out), dropped, len(unrenderable), cut_prompts, cut_completions, mismatches
-    )
-    return out, report
+    return texts, renderable, unrenderable

@@ -139,6 +139,19 @@ class Provenance:
     timestamp_ms: int | None
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be stored: where it came from, its key, value and
+    headers as received, and why (for the dead-letter topic and table)."""
+
+    source: Provenance
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    error_kind: str  # a stable short code: not_json, missing_field, too_large, ...
+    reason: str  # what was wrong, for a person
+
+
 class FeedbackRows:
     """Feedback rows of one partition's batch.
 
@@ -231,24 +244,18 @@ class DeadLetterRows:
     def __len__(self) -> int:
         return len(self.columns[REASON])
 
-    def append(
-        self,
-        source: Provenance,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-        error_kind: str,
-        reason: str,
-    ) -> None:
+    def append(self, letter: DeadLetter) -> None:
         cols = self.columns
-        _append_provenance(cols, source)
-        cols[KEY].append(key)
-        cols[VALUE].append(value)
+        _append_provenance(cols, letter.source)
+        cols[KEY].append(letter.key)
+        cols[VALUE].append(letter.value)
         cols[HEADERS_JSON].append(
-            json.dumps([[k, v.decode("utf-8", "replace") if v else None] for k, v in headers])
+            json.dumps(
+                [[k, v.decode("utf-8", "replace") if v else None] for k, v in letter.headers]
+            )
         )
-        cols[ERROR_KIND].append(error_kind)
-        cols[REASON].append(reason)
+        cols[ERROR_KIND].append(letter.error_kind)
+        cols[REASON].append(letter.reason)
 
     def to_table(self, ingested_at: dt.datetime, ingested_by: str) -> pa.Table:
         constants = {INGESTED_AT: ingested_at, INGESTED_BY: ingested_by}

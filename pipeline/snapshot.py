@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.examples import Example
 from pipeline.records import (
     ADAPTER,
     CHOSEN,
@@ -209,31 +210,33 @@ class Snapshot:
     stats: SnapshotStats
     options: SnapshotOptions | None
 
-    def records(
-        self, split: str, repeats: RepeatPolicy = "collapse"
-    ) -> list[
-        tuple[str | None, str | None, str, bool] | tuple[str | None, str | None, str, bool, float]
-    ]:
-        """(prompt, messages_json, completion, desirable) of one split ("train" or
-        "heldout"), in table order, with None (not pandas' NaN) for the absent one of
-        prompt and messages_json.
+    def records(self, split: str, repeats: RepeatPolicy = "collapse") -> list[Example]:
+        """The examples of one split ("train" or "heldout"), in table order.
 
         An answer the model gave many times carries many votes; `repeats` says what
         they count for: "collapse", one example whatever its votes; "keep", the example
         once per vote that agrees with its label (what a file of raw votes gives);
-        "weight", one example with that number of votes as a fifth element, its weight
-        in the loss."""
+        "weight", one example weighing that number of votes in the loss."""
         rows, votes_of = self._votes(split, repeats)
+        adapters = rows[ADAPTER].tolist() if ADAPTER in rows.columns else [None] * len(rows)
         columns = [rows[c].tolist() for c in (PROMPT, MESSAGES_JSON, COMPLETION, DESIRABLE)]
-        out: list = []
-        for (p, m, c, d), votes in zip(zip(*columns, strict=True), votes_of.tolist(), strict=True):
-            record = (None if _is_missing(p) else p, None if _is_missing(m) else m, c, bool(d))
+        out: list[Example] = []
+        for (p, m, c, d), a, votes in zip(
+            zip(*columns, strict=True), adapters, votes_of.tolist(), strict=True
+        ):
+            example = Example(
+                None if _is_missing(p) else p,
+                None if _is_missing(m) else m,
+                c,
+                bool(d),
+                adapter=None if _is_missing(a) else a,
+            )
             if repeats == "keep":
-                out += [record] * votes
+                out += [example] * votes
             elif repeats == "weight":
-                out.append((*record, float(votes)))
+                out.append(replace(example, weight=float(votes)))
             else:
-                out.append(record)
+                out.append(example)
         return out
 
     def _votes(self, split: str, repeats: RepeatPolicy) -> tuple[pd.DataFrame, np.ndarray]:

@@ -1,60 +1,172 @@
 """The options of a training run, apart from the trainer so that reading the
-configuration does not import torch."""
+configuration does not import torch.
+
+They are the single source of the `[train]` and `[lora]` configuration sections:
+names, types, bounds, descriptions and defaults live here only, and an instance is
+validated whenever it is built (`dataclasses.replace` included), so the trainer can
+rely on every value being in range.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from pipeline.encode import Lengths
+from pipeline.snapshot import RepeatPolicy
 
 # How the step whose weights are kept is chosen among the evaluated ones (the start
 # included): the lowest held-out KTO loss, the highest held-out margin or accuracy, or
 # the last one that passed the guards.
-SELECTIONS = ("final", "heldout_loss", "heldout_margin", "heldout_accuracy")
+Selection = Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"]
+SELECTIONS: tuple[str, ...] = get_args(Selection)
+
+# The ranks vLLM accepts for a LoRA adapter.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+# Fields a caller sets in code for one run; a configuration file setting them would
+# steer every run.
+RUN_CONTROLS = ("stop_after_steps",)
+
+# extra="forbid": a misspelled option is an error, not a silently ignored keyword.
+_STRICT = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class LoraOptions:
-    """The adapter's shape (ignored when warm-starting: the served adapter's is kept)."""
+    """The LoRA adapter's shape (ignored when warm-starting: the served adapter's is
+    kept). The rank must not exceed the server's --max-lora-rank."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    r: Annotated[
+        LoraRank, Field(description="a rank vLLM accepts: 1, 8, 16, 32, 64, 128, 256, 320 or 512")
+    ] = 8
+    alpha: Annotated[int, Field(ge=1)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = ("q_proj", "v_proj")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class TrainOptions:
-    """Hyper-parameters of one run. See deploy/kto-loop.example.toml for each."""
+    """Hyper-parameters of one run. Defaults suit a LoRA on a small or mid-size chat
+    model; see the README's training section for how they were chosen, and
+    deploy/kto-loop.example.toml for each."""
 
-    beta: float = 0.1
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 3
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    max_prompt_length: int = 384
-    max_completion_length: int | None = None
-    prompt_format: str = "chat"
+    beta: Annotated[
+        float, Field(gt=0, description="reward scale; higher keeps the policy nearer the reference")
+    ] = 0.1
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    batch_size: Annotated[
+        int, Field(ge=1, description="per device; z_ref rests on this many mismatched pairs")
+    ] = 8
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    epochs: Annotated[int, Field(ge=1)] = 3
+    max_steps: Annotated[
+        int | None, Field(ge=1, description="cap on optimizer steps (default: the epochs)")
+    ] = None
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_length: Annotated[int, Field(ge=2, description="prompt + completion tokens")] = 512
+    max_prompt_length: Annotated[
+        int, Field(ge=1, description="prompts are cut from the left to this")
+    ] = 384
+    max_completion_length: Annotated[
+        int | None, Field(ge=1, description="completions are cut from the right")
+    ] = None
+    prompt_format: Annotated[
+        Literal["chat", "raw"],
+        Field(
+            description="chat: render prompts with the chat template, as vLLM's chat endpoint does"
+        ),
+    ] = "chat"
     seed: int = 0
-    sft_weight: float = 1.0
+    sft_weight: Annotated[
+        float, Field(ge=0, description="weight of an NLL term on desirable completions")
+    ] = 1.0
     length_bucketing: bool = True
-    eval_every: int = 0
-    early_stopping_patience: int = 3
-    selection: str = "heldout_loss"
-    repeats: str = "keep"
-    reference_point: bool = True
-    checkpoint_every: int = 0
-    stop_after_steps: int | None = None
-    max_general_nll_increase: float | None = None
-    eos_guard: float = 0.1
-    precision: str = "auto"
-    device: str = "auto"
+    eval_every: Annotated[
+        int,
+        Field(
+            ge=0, description="optimizer steps between held-out evaluations; 0 = a tenth of the run"
+        ),
+    ] = 0
+    early_stopping_patience: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="evaluations without a better held-out loss before stopping; 0 = never",
+        ),
+    ] = 3
+    selection: Annotated[
+        Selection,
+        Field(
+            description="which evaluated step's weights are kept (the start included): the "
+            "lowest held-out KTO loss, the best held-out margin or accuracy, or the last one "
+            "the guards passed"
+        ),
+    ] = "heldout_loss"
+    repeats: Annotated[
+        RepeatPolicy,
+        Field(
+            description="what the votes of an answer given many times count for: one example "
+            "(collapse), one example per vote (keep), or one example weighted by its votes"
+        ),
+    ] = "keep"
+    reference_point: Annotated[
+        bool,
+        Field(description="z_ref = beta * KL from the batch's mismatched pairs; false: z_ref = 0"),
+    ] = True
+    checkpoint_every: Annotated[
+        int,
+        Field(ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation"),
+    ] = 0
+    stop_after_steps: Annotated[
+        int | None,
+        Field(
+            description="pause after this many more optimizer steps, leaving a resume point "
+            "and no adapter; a run control (RUN_CONTROLS), not configuration"
+        ),
+    ] = None
+    max_general_nll_increase: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="fail the run when the general held-out NLL rises by more than this share",
+        ),
+    ] = None
+    eos_guard: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=1,
+            description="stop (keeping the best step) when the share of sampled held-out "
+            "answers that end their turn falls this far below the reference's; 0 = off",
+        ),
+    ] = 0.1
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"],
+        Field(description="auto: bf16 autocast on a GPU that has it"),
+    ] = "auto"
+    device: Annotated[str, Field(description="auto, cpu, cuda, cuda:1, ...")] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainOptions:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a completion after "
+                f"max_prompt_length={self.max_prompt_length}; raise max_length or lower "
+                "max_prompt_length"
+            )
+        return self
+
+    def overridden(self, **changes: Any) -> TrainOptions:
+        """These options with `changes` applied, validated; a change of None leaves the
+        value as it is (a command-line flag that was not given)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def lengths(self) -> Lengths:
         return Lengths(self.max_length, self.max_prompt_length, self.max_completion_length)

@@ -13,7 +13,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from connectors.ingest import IngestStats
-from flows.cli import _StatusLine, app
+from flows.cli import app
+from flows.ingest_cli import _StatusLine
 from pipeline.events import json_schema
 from tests.conftest import HASH_KEY
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from connectors.config import ConfigError, load_settings
+from pipeline.train_options import LoraOptions, TrainOptions
 
 SECRET = "3a7bd3e2360a3d29eea436fcfb7e44c7"
 
@@ -140,3 +143,50 @@ def test_a_misspelled_environment_variable_gets_a_did_you_mean(
     monkeypatch.setenv("KTO_LOOP_GIT_COMMIT", "abc")  # not shaped like a config key
     monkeypatch.setenv("KTO_LOOP_STORE__STORAGE_OPTIONS__ANON", "true")  # nested: known
     load_settings(None)
+
+
+def test_train_and_lora_sections_are_the_pipeline_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[train]\nmax_steps = 5\nselection = "final"\n[lora]\ntarget_modules = ["q"]\n'
+    )
+    s = load_settings(path)
+    assert s.train == TrainOptions(max_steps=5, selection="final")
+    assert s.lora == LoraOptions(target_modules=("q",))
+    assert load_settings(None).train == TrainOptions()
+
+
+def test_train_and_lora_errors_name_the_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[train]\nmax_step = 3\nlr_schedule = "cos"\n[lora]\nr = 4\n',
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    text = str(err.value)
+    assert "[train] max_step: unknown key; did you mean 'max_steps'?" in text
+    assert "[train] lr_schedule: Input should be 'cosine', 'linear' or 'constant'" in text
+    assert "[lora] r: Input should be 1, 8, 16" in text and "KTO_LOOP_LORA__R" in text
+    with pytest.raises(ConfigError, match="leaves no room for a completion"):
+        load_settings(write(tmp_path, "[train]\nmax_length = 64\nmax_prompt_length = 64\n"))
+
+
+def test_a_run_control_is_not_a_configuration_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="stop_after_steps is not a configuration key"):
+        load_settings(write(tmp_path, "[train]\nstop_after_steps = 3\n"))
+    monkeypatch.setenv("KTO_LOOP_TRAIN__STOP_AFTER_STEPS", "3")
+    with pytest.raises(ConfigError, match="KTO_LOOP_TRAIN__STOP_AFTER_STEPS names no"):
+        load_settings(None)
+
+
+def test_options_are_validated_whenever_built() -> None:
+    options = TrainOptions(max_steps=7)
+    assert options.overridden(max_steps=None, seed=3) == replace(options, seed=3)
+    for bad in ({"batch_size": 0}, {"selection": "best"}, {"max_steps_": 1}):
+        with pytest.raises(ValidationError):
+            options.overridden(**bad)
+    with pytest.raises(ValidationError, match="leaves no room for a completion"):
+        replace(options, max_length=16, max_prompt_length=16)
+    with pytest.raises(ValidationError):
+        LoraOptions(target_modules=())

@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
+from connectors.models import load_tokenizer
 from pipeline.encode import EncodeError, Lengths, encode_records
-from pipeline.trainer import load_tokenizer
+from pipeline.examples import Example
 
 MESSAGES = json.dumps([{"role": "user", "content": "Tell me about tea."}])
 
@@ -21,7 +22,7 @@ def tokenizer(tiny_model_dir):
 
 def test_prompt_is_rendered_as_the_chat_server_renders_it(tokenizer):
     [encoded], report = encode_records(
-        [(None, MESSAGES, "Sure! Tea is nice.", True)], tokenizer, Lengths()
+        [Example(None, MESSAGES, "Sure! Tea is nice.", True)], tokenizer, Lengths()
     )
     rendered = tokenizer.apply_chat_template(
         json.loads(MESSAGES), add_generation_prompt=True, tokenize=False
@@ -34,8 +35,10 @@ def test_prompt_is_rendered_as_the_chat_server_renders_it(tokenizer):
 
 
 def test_plain_prompt_becomes_one_user_turn(tokenizer):
-    [a], _ = encode_records([("Tell me about tea.", None, "Yes.", True)], tokenizer, Lengths())
-    [b], _ = encode_records([(None, MESSAGES, "Yes.", True)], tokenizer, Lengths())
+    [a], _ = encode_records(
+        [Example("Tell me about tea.", None, "Yes.", True)], tokenizer, Lengths()
+    )
+    [b], _ = encode_records([Example(None, MESSAGES, "Yes.", True)], tokenizer, Lengths())
     assert a == b
 
 
@@ -43,7 +46,9 @@ def test_prompt_is_cut_from_the_left_and_completion_from_the_right(tokenizer):
     long_prompt = json.dumps([{"role": "user", "content": "tea " * 200}])
     long_answer = "coffee " * 200
     lengths = Lengths(max_length=64, max_prompt_length=40, max_completion_length=30)
-    [e], report = encode_records([(None, long_prompt, long_answer, False)], tokenizer, lengths)
+    [e], report = encode_records(
+        [Example(None, long_prompt, long_answer, False)], tokenizer, lengths
+    )
     full_prompt = tokenizer(
         tokenizer.apply_chat_template(
             json.loads(long_prompt), add_generation_prompt=True, tokenize=False
@@ -67,7 +72,9 @@ def test_boundary_merge_is_warned(tokenizer, caplog):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} Answer: "
     with caplog.at_level(logging.WARNING, logger="pipeline.encode"):
-        _, report = encode_records([(None, MESSAGES, "tea is nice", True)], tokenizer, Lengths())
+        _, report = encode_records(
+            [Example(None, MESSAGES, "tea is nice", True)], tokenizer, Lengths()
+        )
     assert report.boundary_mismatches == 1
     assert "tokenize differently" in caplog.text
 
@@ -76,8 +83,10 @@ def test_raw_prompts_need_no_chat_template(tokenizer):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = None
     with pytest.raises(EncodeError, match="no chat template"):
-        encode_records([("Q:", None, "A", True)], tokenizer, Lengths())
-    [e], _ = encode_records([("Q:", None, "A", True)], tokenizer, Lengths(), prompt_format="raw")
+        encode_records([Example("Q:", None, "A", True)], tokenizer, Lengths())
+    [e], _ = encode_records(
+        [Example("Q:", None, "A", True)], tokenizer, Lengths(), prompt_format="raw"
+    )
     assert list(e.prompt_ids) == tokenizer("Q:", add_special_tokens=False).input_ids
 
 
@@ -94,8 +103,8 @@ def test_content_parts_render_as_their_text_joined_by_newlines(tokenizer):
         ]
     )
     plain = json.dumps([{"role": "user", "content": "Tell me\nabout tea."}])
-    [a], _ = encode_records([(None, parts, "Yes.", True)], tokenizer, Lengths())
-    [b], _ = encode_records([(None, plain, "Yes.", True)], tokenizer, Lengths())
+    [a], _ = encode_records([Example(None, parts, "Yes.", True)], tokenizer, Lengths())
+    [b], _ = encode_records([Example(None, plain, "Yes.", True)], tokenizer, Lengths())
     assert a == b
 
 
@@ -111,7 +120,7 @@ def test_a_prompt_with_an_image_is_left_out_and_counted_not_fatal(tokenizer, cap
             }
         ]
     )
-    records = [(None, image, "A cat.", True), (None, MESSAGES, "Yes.", True)]
+    records = [Example(None, image, "A cat.", True), Example(None, MESSAGES, "Yes.", True)]
     with caplog.at_level(logging.WARNING):
         encoded, report = encode_records(records, tokenizer, Lengths())
     assert (len(encoded), report.kept, report.dropped_unrenderable) == (1, 1, 1)

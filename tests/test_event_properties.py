@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline import records
 from pipeline.events import EventError, EventParser, FeedbackEvent
-from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
+from pipeline.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
 
 KEY = b"0123456789abcdef0123456789abcdef"
 KINDS = {
@@ -165,7 +165,9 @@ def stored_or_dead_lettered(raw: bytes) -> tuple[str, Any]:
 
 def dead_letter_round_trip(store: FeedbackStore, raw: bytes, kind: str, reason: str) -> str:
     letters = DeadLetterRows()
-    letters.append(Provenance("t", 0, 7, None), b"k", raw, [("h", b"\xff")], kind, reason)
+    letters.append(
+        DeadLetter(Provenance("t", 0, 7, None), b"k", raw, (("h", b"\xff"),), kind, reason)
+    )
     path = store.write_batch(DEAD_LETTERS, "t", 0, 7, 7, letters.to_table(NOW, "test"))
     (row,) = pq.read_table(path, schema=records.DEAD_LETTER_SCHEMA).to_pylist()
     assert row[records.VALUE] == raw  # the whole raw bytes, whatever they are

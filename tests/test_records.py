@@ -47,12 +47,14 @@ def test_a_large_dead_letter_is_stored_whole_from_a_view_of_its_own_bytes(tmp_pa
     import pyarrow.parquet as pq
 
     from connectors.store import DEAD_LETTERS, FeedbackStore
-    from pipeline.records import DeadLetterRows, Provenance
+    from pipeline.records import DeadLetter, DeadLetterRows, Provenance
 
     big = bytes(range(256)) * (5 * 4096)  # 5 MiB
     letters = DeadLetterRows()
     for offset, value in enumerate([b"small", big, None, b"", big[:70_000]]):
-        letters.append(Provenance("t", 0, offset, None), None, value, [], "too_large", "r")
+        letters.append(
+            DeadLetter(Provenance("t", 0, offset, None), None, value, (), "too_large", "r")
+        )
     table = letters.to_table(NOW, "test")
     chunks = table[records.VALUE].chunks
     # The large values' chunks point at the bytes the consumer already holds.

@@ -1,5 +1,4 @@
-"""Simulated users, the pure part: the plan of chats, the events their votes make, and
-reading recorded prompts."""
+"""Simulated users, the pure part: the plan of chats and the events their votes make."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import msgspec
 import pytest
 
 from pipeline.events import parse_event
-from pipeline.simulation import feedback_event, plan_chats, read_prompts
+from pipeline.simulation import feedback_event, plan_chats
 
 PROMPTS = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
 TS = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
@@ -46,27 +45,3 @@ def test_votes_are_valid_events_naming_the_adapter_that_answered(model, adapter)
     assert json.loads(event.messages_json) == chat.messages
     disliked = feedback_event(chat, "No.", model, False, TS)
     assert disliked["feedback"] == "dislike"
-
-
-def test_recorded_prompts_in_three_shapes_and_a_bad_line_named(tmp_path) -> None:
-    path = tmp_path / "traffic.jsonl"
-    lines = [
-        json.dumps("plain text"),
-        json.dumps({"prompt": "as a prompt"}),
-        "",
-        json.dumps(
-            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}
-        ),
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    assert read_prompts(path) == [
-        [{"role": "user", "content": "plain text"}],
-        [{"role": "user", "content": "as a prompt"}],
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-    ]
-    path.write_text(json.dumps("ok") + "\n" + json.dumps({"text": "what?"}) + "\n")
-    with pytest.raises(ValueError, match=r"traffic.jsonl:2 is not a prompt"):
-        read_prompts(path)
-    path.write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        read_prompts(path)

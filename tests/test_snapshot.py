@@ -17,6 +17,7 @@ import pytest
 from connectors.config import ConfigError, load_settings
 from connectors.snapshots import load_training_data, read_snapshot, write_snapshot
 from pipeline import records
+from pipeline.examples import Example
 from pipeline.records import FEEDBACK_SCHEMA, TRAINING_COLUMNS, TRAINING_SCHEMA
 from pipeline.snapshot import (
     HELDOUT,
@@ -228,13 +229,15 @@ def test_records_of_a_split_use_none_for_the_absent_prompt_form() -> None:
     history = [{"role": "user", "content": "Hi?"}]
     rows = [event("e1", messages=history), event("e2", user="u2", message="m2", feedback="dislike")]
     snap = build_snapshot(frame(rows), SnapshotOptions(heldout_fraction=0.0))
-    assert sorted(snap.records("train"), key=str) == sorted(
+    assert sorted(map(_fields, snap.records("train")), key=str) == sorted(
         [
-            (None, json.dumps(history), "Open Settings, then Security.", True),
-            ("How do I reset my password?", None, "Open Settings, then Security.", False),
+            (None, json.dumps(history), "Open Settings, then Security.", True, 1.0),
+            ("How do I reset my password?", None, "Open Settings, then Security.", False, 1.0),
         ],
         key=str,
     )
+    # Provenance: the served version that gave each answer.
+    assert {e.adapter for e in snap.records("train")} == {"chat@v1"}
     assert snap.records("heldout") == []
     with pytest.raises(ValueError, match="split must be"):
         snap.records("test")
@@ -583,8 +586,8 @@ def test_a_file_with_no_readable_row_is_refused_with_the_first_reasons(tmp_path:
 def test_an_empty_completion_is_an_answer_that_trains_as_the_end_of_turn_alone(
     tmp_path: Path, style: str, tiny_model_dir: Path
 ) -> None:
+    from connectors.models import load_tokenizer
     from pipeline.encode import Lengths, encode_records, end_of_turn_id
-    from pipeline.trainer import load_tokenizer
 
     rows = [*UNPAIRED, {"prompt": "Say nothing.", "completion": "", "label": True}]
     rows.append({"prompt": "Say nothing twice.", "completion": " \n", "label": False})
@@ -596,7 +599,7 @@ def test_an_empty_completion_is_an_answer_that_trains_as_the_end_of_turn_alone(
     assert sorted(empty[records.DESIRABLE]) == [False, True]  # whitespace-only is "" too
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    kept = [r for r in snap.records("train") + snap.records("heldout") if r[2] == ""]
+    kept = [r for r in snap.records("train") + snap.records("heldout") if r.completion == ""]
     encoded, report = encode_records(kept, tokenizer, Lengths())
     assert report.kept == 2 and report.dropped_empty_completion == 0
     assert [e.completion_ids for e in encoded] == [(end_of_turn_id(tokenizer),)] * 2
@@ -650,14 +653,27 @@ def test_repeated_answers_count_once_or_per_vote_or_as_a_weight(tmp_path: Path) 
     snap = load_training_data(
         write_jsonl(tmp_path / "kto.jsonl", rows), SnapshotOptions(heldout_fraction=0.0)
     )
-    assert sorted(snap.records("train")) == [("2+2?", None, "4", True), ("2+2?", None, "5", False)]
-    assert sorted(snap.records("train", "keep")) == sorted(
-        [("2+2?", None, "4", True)] * 3 + [("2+2?", None, "5", False)] * 2
+    assert sorted(map(_fields, snap.records("train"))) == [
+        ("2+2?", None, "4", True, 1.0),
+        ("2+2?", None, "5", False, 1.0),
+    ]
+    assert sorted(map(_fields, snap.records("train", "keep"))) == sorted(
+        [("2+2?", None, "4", True, 1.0)] * 3 + [("2+2?", None, "5", False, 1.0)] * 2
     )
-    assert sorted(snap.records("train", "weight")) == sorted(
+    assert sorted(map(_fields, snap.records("train", "weight"))) == sorted(
         [("2+2?", None, "4", True, 3.0), ("2+2?", None, "5", False, 2.0)]
     )
     assert snap.class_counts("train") == (1, 1)
     assert snap.class_counts("train", "keep") == snap.class_counts("train", "weight") == (3, 2)
     with pytest.raises(ValueError, match="repeats must be one of"):
         snap.records("train", "sum")
+
+
+def _fields(example: Example) -> tuple:
+    return (
+        example.prompt,
+        example.messages_json,
+        example.completion,
+        example.desirable,
+        example.weight,
+    )

@@ -19,7 +19,7 @@ from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
 from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline import records
 from pipeline.events import FeedbackEvent, parse_event
-from pipeline.records import DeadLetterRows, FeedbackRows, Provenance
+from pipeline.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
 from pipeline.sample import sample_events
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
@@ -46,7 +46,9 @@ def feedback_rows(offsets: list[int]) -> pa.Table:
 def dead_letters(offsets: list[int]) -> pa.Table:
     rows = DeadLetterRows()
     for offset in offsets:
-        rows.append(Provenance("fb", 0, offset, None), b"k", b"oops", [], "not_json", "bad")
+        rows.append(
+            DeadLetter(Provenance("fb", 0, offset, None), b"k", b"oops", (), "not_json", "bad")
+        )
     return rows.to_table(NOW, "test")
 
 

@@ -12,21 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from connectors.run_dir import ADAPTER_FILES, CHECKPOINT, MANIFEST, METRICS, read_manifest
 from deploy.local.synthetic import unpaired_examples
+from flows.training import TrainInputs, run_training
 from pipeline.encode import EncodeError
+from pipeline.examples import Example
+from pipeline.train_errors import CheckpointMismatch, DivergedError, GeneralAbilityError, TrainError
 from pipeline.train_options import TrainOptions
-from pipeline.trainer import (
-    ADAPTER_FILES,
-    CHECKPOINT,
-    MANIFEST,
-    METRICS,
-    CheckpointMismatch,
-    DivergedError,
-    GeneralAbilityError,
-    TrainError,
-    TrainInputs,
-    train,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -44,17 +36,17 @@ FAST = TrainOptions(
 )
 
 
-def records(n: int, seed: int, desirable_share: float = 0.5, flip: bool = False) -> list[tuple]:
+def records(n: int, seed: int, desirable_share: float = 0.5, flip: bool = False) -> list[Example]:
     frame = unpaired_examples(n, seed=seed, desirable_share=desirable_share)
     return [
-        (None, json.dumps(r.prompt), r.completion[0]["content"], bool(r.label) != flip)
+        Example(None, json.dumps(r.prompt), r.completion[0]["content"], bool(r.label) != flip)
         for r in frame.itertuples()
     ]
 
 
 TRAIN = records(240, seed=1)
 HELDOUT = records(48, seed=2)
-DISLIKES = [r for r in TRAIN if not r[3]]
+DISLIKES = [r for r in TRAIN if not r.desirable]
 
 
 def inputs(model: Path, out: Path, **changes) -> TrainInputs:
@@ -76,25 +68,26 @@ def no_adapter(out: Path) -> bool:
 
 def test_learns_a_separable_task_and_writes_a_complete_adapter(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
-    result = train(inputs(tiny_model_dir, out), replace(FAST, epochs=2))
+    result = run_training(inputs(tiny_model_dir, out), replace(FAST, epochs=2))
 
-    after = result.manifest["metrics"]["heldout_after"]
-    assert result.manifest["best_step"] > 0
-    assert (result.manifest["status"], result.manifest["status_reason"]) == ("trained", None)
+    after = result.manifest.metrics.heldout_after
+    assert result.manifest.best_step > 0
+    assert (result.manifest.status, result.manifest.status_reason) == ("trained", None)
     assert after["reward_desirable"] > after["reward_undesirable"]
     assert after["accuracy"] > 0.75
     for name in (*ADAPTER_FILES, MANIFEST, METRICS, "plots/training.png"):
         assert (out / name).is_file(), name
     assert not (out / CHECKPOINT).exists()
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["counts"]["train_desirable"] + manifest["counts"]["train_undesirable"] == 240
-    assert manifest["beta"] == FAST.beta
-    assert manifest["lambdas"]["desirable"] == 1.0
-    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"][
+    manifest = read_manifest(out)
+    assert manifest.as_dict() == json.loads(json.dumps(result.manifest.as_dict(), default=str))
+    assert manifest.counts["train_desirable"] + manifest.counts["train_undesirable"] == 240
+    assert manifest.beta == FAST.beta
+    assert manifest.lambdas["desirable"] == 1.0
+    assert manifest.versions["torch"] == torch.__version__.split("+")[0] or manifest.versions[
         "torch"
     ].startswith(torch.__version__.split("+")[0])
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, manifest["steps"] + 1))
+    assert [r["step"] for r in rows] == list(range(1, manifest.steps + 1))
     assert {"loss", "kl", "reward_desirable", "reward_undesirable", "lr"} <= rows[0].keys()
     assert any("heldout_loss" in r for r in rows)
 
@@ -107,7 +100,7 @@ def test_saved_adapter_loads_with_peft_changes_outputs_and_leaves_base_untouched
 
     before = digest(tiny_model_dir)
     out = tmp_path / "adapter"
-    train(inputs(tiny_model_dir, out), FAST)
+    run_training(inputs(tiny_model_dir, out), FAST)
     assert digest(tiny_model_dir) == before
 
     ids = torch.tensor([[1, 4, 200, 201, 202, 2, 5]])
@@ -127,34 +120,34 @@ def test_trains_on_dislikes_only(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     # The guard is off: on this random model, pushing dislikes down at this rate also
     # lowers the liked answers' end-of-turn token (test_eos_guard_... covers that).
-    heldout = [r for r in HELDOUT if not r[3]]
-    result = train(
+    heldout = [r for r in HELDOUT if not r.desirable]
+    result = run_training(
         inputs(tiny_model_dir, out, train=DISLIKES, heldout=heldout), replace(FAST, eos_guard=0)
     )
 
     assert (out / MANIFEST).is_file()
-    after = result.manifest["metrics"]["heldout_after"]
-    assert result.manifest["counts"]["train_desirable"] == 0
+    after = result.manifest.metrics.heldout_after
+    assert result.manifest.counts["train_desirable"] == 0
     # Pushed the disliked style down against the reference point.
     assert after["reward_undesirable"] < 0
-    assert result.manifest["diagnostics"]["one_class_rate"] == 1.0
-    assert any("one class" in w for w in result.manifest["warnings"])
+    assert result.manifest.diagnostics["one_class_rate"] == 1.0
+    assert any("one class" in w for w in result.manifest.warnings)
 
 
 def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
     options = replace(FAST, max_steps=8, checkpoint_every=2, eval_every=4)
-    straight = train(inputs(tiny_model_dir, tmp_path / "straight"), options)
+    straight = run_training(inputs(tiny_model_dir, tmp_path / "straight"), options)
 
     out = tmp_path / "interrupted"
-    paused = train(inputs(tiny_model_dir, out), replace(options, stop_after_steps=3))
-    assert paused.adapter_dir is None and paused.manifest["status"] == "paused"
+    paused = run_training(inputs(tiny_model_dir, out), replace(options, stop_after_steps=3))
+    assert paused.adapter_dir is None and paused.manifest is None and paused.step == 3
     assert (out / CHECKPOINT / "state.pt").is_file()
     assert no_adapter(out)
     with pytest.raises(TrainError, match="--resume"):
-        train(inputs(tiny_model_dir, out), options)
-    resumed = train(inputs(tiny_model_dir, out, resume=True), options)
+        run_training(inputs(tiny_model_dir, out), options)
+    resumed = run_training(inputs(tiny_model_dir, out, resume=True), options)
 
-    assert resumed.manifest["steps"] == straight.manifest["steps"] == 8
+    assert resumed.manifest.steps == straight.manifest.steps == 8
 
     def losses(path: Path) -> list[float]:
         return [json.loads(line)["loss"] for line in (path / METRICS).read_text().splitlines()]
@@ -171,9 +164,9 @@ def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
 def test_resume_refuses_a_checkpoint_of_other_data(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     options = replace(FAST, max_steps=6, checkpoint_every=2)
-    train(inputs(tiny_model_dir, out), replace(options, stop_after_steps=2))
+    run_training(inputs(tiny_model_dir, out), replace(options, stop_after_steps=2))
     with pytest.raises(CheckpointMismatch, match="other data"):
-        train(inputs(tiny_model_dir, out, train=TRAIN[:-8], resume=True), options)
+        run_training(inputs(tiny_model_dir, out, train=TRAIN[:-8], resume=True), options)
     assert no_adapter(out)
 
 
@@ -182,14 +175,14 @@ def test_early_stopping_keeps_the_best_step(tiny_model_dir, tmp_path):
     # held-out loss, so it must stop and keep an early step.
     options = replace(FAST, epochs=3, eval_every=2, early_stopping_patience=2)
     flipped = records(48, seed=2, flip=True)
-    result = train(inputs(tiny_model_dir, tmp_path / "a", heldout=flipped), options)
+    result = run_training(inputs(tiny_model_dir, tmp_path / "a", heldout=flipped), options)
 
     m = result.manifest
-    assert m["stopped_early"]
-    assert m["steps"] < m["planned_steps"]
-    assert m["best_step"] <= m["steps"] - 2 * options.eval_every
+    assert m.stopped_early
+    assert m.steps < m.planned_steps
+    assert m.best_step <= m.steps - 2 * options.eval_every
     assert (
-        m["metrics"]["heldout_after"]["loss"]
+        m.metrics.heldout_after["loss"]
         <= min(
             json.loads(line).get("heldout_loss", 9) for line in (tmp_path / "a" / METRICS).open()
         )
@@ -206,12 +199,12 @@ def test_a_run_that_keeps_its_starting_point_says_no_gain_and_writes_the_start(
     # threshold: no evaluated step beats step 0, so the start is what is kept.
     options = replace(FAST, learning_rate=1e-9, max_steps=2, eval_every=1)
     out = tmp_path / "a"
-    result = train(inputs(tiny_model_dir, out), options)
+    result = run_training(inputs(tiny_model_dir, out), options)
 
     m = result.manifest
-    assert (m["best_step"], m["steps"]) == (0, 2)
-    assert m["status"] == "no_gain"
-    assert "no evaluated step beat the starting point" in m["status_reason"]
+    assert (m.best_step, m.steps) == (0, 2)
+    assert m.status == "no_gain"
+    assert "no evaluated step beat the starting point" in m.status_reason
     assert json.loads((out / MANIFEST).read_text())["status"] == "no_gain"
     # The adapter is still written, and it is the start: a fresh LoRA's B is zero.
     weights = load_file(out / "adapter_model.safetensors")
@@ -220,26 +213,23 @@ def test_a_run_that_keeps_its_starting_point_says_no_gain_and_writes_the_start(
 
 
 def test_sft_term_is_reported_and_lowers_desirable_nll(tiny_model_dir, tmp_path):
-    general = [r for r in HELDOUT if r[3]]
-    plain = train(
+    general = [r for r in HELDOUT if r.desirable]
+    plain = run_training(
         inputs(tiny_model_dir, tmp_path / "plain", general=general), replace(FAST, max_steps=10)
     )
-    sft = train(
+    sft = run_training(
         inputs(tiny_model_dir, tmp_path / "sft", general=general),
         replace(FAST, max_steps=10, sft_weight=1.0),
     )
     rows = [json.loads(line) for line in (tmp_path / "sft" / METRICS).open()]
     assert all(r["sft"] > 0 for r in rows)
-    assert (
-        sft.manifest["metrics"]["general_nll_after"]
-        < plain.manifest["metrics"]["general_nll_after"]
-    )
+    assert sft.manifest.metrics.general_nll_after < plain.manifest.metrics.general_nll_after
 
 
 def test_general_nll_guard_stops_early_and_keeps_a_step_within_the_bound(tiny_model_dir, tmp_path):
     general = records(16, seed=5)
     bound = 0.01
-    result = train(
+    result = run_training(
         inputs(tiny_model_dir, tmp_path / "a", general=general, train=DISLIKES),
         replace(
             FAST,
@@ -251,8 +241,8 @@ def test_general_nll_guard_stops_early_and_keeps_a_step_within_the_bound(tiny_mo
         ),
     )
     m = result.manifest
-    assert m["stopped_early"] and "general held-out NLL" in m["stop_reason"]
-    before, after = m["metrics"]["general_nll_before"], m["metrics"]["general_nll_after"]
+    assert m.stopped_early and "general held-out NLL" in m.stop_reason
+    before, after = m.metrics.general_nll_before, m.metrics.general_nll_after
     assert after <= before * (1 + bound)
     rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
     assert any(r.get("heldout_general_nll", 0) > before * (1 + bound) for r in rows)
@@ -261,7 +251,7 @@ def test_general_nll_guard_stops_early_and_keeps_a_step_within_the_bound(tiny_mo
 def test_general_nll_bound_without_a_heldout_set_fails_the_run(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     with pytest.raises(GeneralAbilityError, match="general held-out NLL rose"):
-        train(
+        run_training(
             inputs(tiny_model_dir, out, general=records(16, seed=5), heldout=(), train=DISLIKES),
             replace(FAST, learning_rate=2e-2, max_steps=10, max_general_nll_increase=1e-6),
         )
@@ -273,24 +263,24 @@ def test_end_of_turn_guard_stops_a_collapsing_policy_and_keeps_an_earlier_step(
 ):
     # The chat model ends its sampled answers; pushed hard on dislikes only, the
     # probability taken off them goes to text that never ends its turn.
-    result = train(
+    result = run_training(
         inputs(chat_model_dir, tmp_path / "a", train=DISLIKES),
         replace(FAST, learning_rate=3e-2, max_steps=30, eval_every=3),
     )
     m = result.manifest
-    assert m["stopped_early"] and "end their turn" in m["stop_reason"], m["stop_reason"]
-    assert m["steps"] < 30
-    assert m["best_step"] < m["steps"]
+    assert m.stopped_early and "end their turn" in m.stop_reason, m.stop_reason
+    assert m.steps < 30
+    assert m.best_step < m.steps
     rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
     checked = [r["heldout_sampled_end_rate"] for r in rows if "heldout_sampled_end_rate" in r]
-    assert checked[-1] < 0.9 * m["metrics"]["heldout_before"]["sampled_end_rate"]
-    assert m["metrics"]["heldout_after"]["sampled_end_rate"] > checked[-1]
+    assert checked[-1] < 0.9 * m.metrics.heldout_before["sampled_end_rate"]
+    assert m.metrics.heldout_after["sampled_end_rate"] > checked[-1]
 
 
 def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     with pytest.raises(DivergedError, match="diverged"):
-        train(
+        run_training(
             inputs(tiny_model_dir, out),
             replace(FAST, learning_rate=1e38, max_grad_norm=1e38, max_steps=20),
         )
@@ -299,16 +289,16 @@ def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_
 
 def test_continual_round_uses_the_previous_adapter_as_reference(tiny_model_dir, tmp_path):
     first = tmp_path / "v1"
-    train(inputs(tiny_model_dir, first), replace(FAST, max_steps=6))
-    second = train(
+    run_training(inputs(tiny_model_dir, first), replace(FAST, max_steps=6))
+    second = run_training(
         inputs(tiny_model_dir, tmp_path / "v2", init_adapter=first, reference_adapter=first),
         replace(FAST, max_steps=4),
     )
     # Warm-started from the reference itself: before training, policy == reference.
-    before = second.manifest["metrics"]["heldout_before"]
+    before = second.manifest.metrics.heldout_before
     assert before["kl"] == pytest.approx(0, abs=1e-6)
     assert before["margin"] == pytest.approx(0, abs=1e-6)
-    assert second.manifest["reference_adapter"] == str(first)
+    assert second.manifest.reference_adapter == str(first)
 
 
 @pytest.mark.parametrize(
@@ -323,7 +313,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(
 ):
     out = tmp_path / "adapter"
     with pytest.raises(error, match=match):
-        train(inputs(tiny_model_dir, out, **change), FAST)
+        run_training(inputs(tiny_model_dir, out, **change), FAST)
     assert no_adapter(out)
 
 
@@ -333,16 +323,20 @@ def test_model_without_a_chat_template_says_how_to_supply_one(tmp_path_factory, 
     model = build_tiny_model(tmp_path_factory.mktemp("no-template"), chat_template=False)
     out = tmp_path / "adapter"
     with pytest.raises(EncodeError, match="--chat-template"):
-        train(inputs(model, out), replace(FAST, max_steps=2))
+        run_training(inputs(model, out), replace(FAST, max_steps=2))
     assert no_adapter(out)
-    result = train(inputs(model, out, chat_template=CHAT_TEMPLATE), replace(FAST, max_steps=2))
+    result = run_training(
+        inputs(model, out, chat_template=CHAT_TEMPLATE), replace(FAST, max_steps=2)
+    )
     assert result.adapter_dir == out
 
 
 def test_max_length_too_small_for_any_completion(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
-    with pytest.raises(EncodeError, match="too small for any completion"):
-        train(inputs(tiny_model_dir, out), replace(FAST, max_length=16, max_prompt_length=16))
+    with pytest.raises(ValueError, match="leaves no room for a completion"):
+        run_training(
+            inputs(tiny_model_dir, out), replace(FAST, max_length=16, max_prompt_length=16)
+        )
     assert no_adapter(out)
 
 
@@ -411,12 +405,12 @@ def test_two_ranks_under_torchrun_average_kl_and_gradients(tiny_model_dir, tmp_p
 
 
 def test_gradient_accumulation_makes_one_step_of_several_batches(tiny_model_dir, tmp_path):
-    result = train(
+    result = run_training(
         inputs(tiny_model_dir, tmp_path / "a"),
         replace(FAST, batch_size=4, grad_accum=3, max_steps=4, eval_every=2),
     )
     rows = [json.loads(line) for line in (tmp_path / "a" / METRICS).open()]
-    assert result.manifest["steps"] == 4 and len(rows) == 4
+    assert result.manifest.steps == 4 and len(rows) == 4
     # Each step saw three batches of four.
     assert all(r["n_desirable"] + r["n_undesirable"] == 12 for r in rows)
 
@@ -429,40 +423,40 @@ def test_vote_weights_scale_each_examples_term_in_the_loss(tiny_model_dir, tmp_p
     # lambda_U = 1 and one batch of all eight the loss is
     # (2 * 2 * 2 + 6 * 1 * 2/3) / 8 / 2 = 0.75; unweighted it would be
     # (2 * 2 + 6 * 1) / 8 / 2 = 0.625.
-    likes = [(*r, 3.0) for r in TRAIN if r[3]][:2]
-    dislikes = [(*r, 1.0) for r in TRAIN if not r[3]][:6]
+    likes = [replace(r, weight=3.0) for r in TRAIN if r.desirable][:2]
+    dislikes = [r for r in TRAIN if not r.desirable][:6]
     options = replace(FAST, max_steps=1, length_bucketing=False)
-    weighted = train(
+    weighted = run_training(
         inputs(
             tiny_model_dir, tmp_path / "w", train=likes + dislikes, heldout=(), desirable_weight=2.0
         ),
         options,
     )
-    plain = train(
+    plain = run_training(
         inputs(
             tiny_model_dir,
             tmp_path / "p",
-            train=[r[:4] for r in likes + dislikes],
+            train=[replace(r, weight=1.0) for r in likes + dislikes],
             heldout=(),
             desirable_weight=2.0,
         ),
         options,
     )
-    assert weighted.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.75, abs=1e-5)
-    assert plain.manifest["metrics"]["train_final"]["loss"] == pytest.approx(0.625, abs=1e-5)
+    assert weighted.manifest.metrics.train_final["loss"] == pytest.approx(0.75, abs=1e-5)
+    assert plain.manifest.metrics.train_final["loss"] == pytest.approx(0.625, abs=1e-5)
 
 
 def test_empty_answers_train_as_the_end_of_turn_alone(tiny_model_dir, tmp_path):
     # A model that ends its turn at once gave an answer too, and users dislike it.
-    prompt = TRAIN[0][1]
-    empty = [(None, prompt, "", False)] * 8
-    result = train(
+    prompt = TRAIN[0].messages_json
+    empty = [Example(None, prompt, "", False)] * 8
+    result = run_training(
         inputs(tiny_model_dir, tmp_path / "a", train=TRAIN[:56] + empty, heldout=()),
         replace(FAST, max_steps=2),
     )
     m = result.manifest
-    assert m["status"] == "trained"
-    assert m["encoding"]["kept"] == 64
-    assert m["encoding"]["dropped_empty_completion"] == 0
-    n_u = sum(not r[3] for r in TRAIN[:56]) + 8
-    assert m["counts"]["train_undesirable"] == n_u
+    assert m.status == "trained"
+    assert m.encoding["kept"] == 64
+    assert m.encoding["dropped_empty_completion"] == 0
+    n_u = sum(not r.desirable for r in TRAIN[:56]) + 8
+    assert m.counts["train_undesirable"] == n_u

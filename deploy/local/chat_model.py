@@ -132,11 +132,12 @@ def fine_tune(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.encode import Lengths, encode_records
+    from pipeline.examples import Example
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     encoded, _ = encode_records(
-        [(prompt, messages, answer, True) for prompt, messages, answer in examples],
+        [Example(prompt, messages, answer, True) for prompt, messages, answer in examples],
         tokenizer,
         Lengths(max_length=max_length, max_prompt_length=max_prompt_length),
     )

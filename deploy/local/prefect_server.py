@@ -83,15 +83,20 @@ def running_prefect_server(
 def prefect_api(log_path: Path, *, home: Path | None = None, ui: bool = True) -> Iterator[str]:
     """The Prefect API to run against: PREFECT_API_URL when set (the team's server,
     Prefect Cloud), else a local server from `running_prefect_server` for the block."""
-    from prefect.settings import PREFECT_API_URL
-
-    configured = PREFECT_API_URL.value()
+    configured = configured_api()
     if configured:
         yield configured
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with running_prefect_server(log_path, home=home, ui=ui) as url:
         yield url
+
+
+def configured_api() -> str | None:
+    """PREFECT_API_URL when it names a server (the team's, Prefect Cloud), else None."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 def _drain_clients() -> None:

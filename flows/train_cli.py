@@ -1,0 +1,175 @@
+"""`kto-loop train`: a LoRA adapter trained with KTO from a snapshot or a TRL file.
+
+Prints the class weights and why on stderr, a before/after table of the held-out
+metrics, and ends with one JSON line on stdout. Under torchrun, rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from connectors.config import Settings
+from flows.console import err, fail, number
+from flows.ingest_cli import warn_skipped
+from pipeline.manifest import Manifest
+
+
+def train(
+    settings: Settings,
+    base_model: Path,
+    data: Path,
+    out: Path,
+    *,
+    init_adapter: Path | None,
+    reference_adapter: Path | None,
+    general: Path | None,
+    chat_template: Path | None,
+    max_steps: int | None,
+    seed: int | None,
+    resume: bool,
+) -> None:
+    """Train on `data` into `out` and print the JSON summary ("status": trained,
+    no_gain, skipped or paused). Exit 1 when the run failed (diverged, general-ability
+    bound), 2 for bad input."""
+    from pipeline.balance import choose_weights
+    from pipeline.encode import EncodeError
+
+    snap, general_records, template = _read_inputs(settings, data, general, chat_template)
+    warn_skipped(snap)
+    skipped_rows = snap.stats.skipped_rows
+    balance = choose_weights(
+        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
+    )
+    err.print(balance.explanation, markup=False, highlight=False)
+    if balance.skip_reason is not None:
+        typer.echo(
+            json.dumps(
+                {
+                    "status": "skipped",
+                    "reason": balance.skip_reason,
+                    "snapshot": snap.id,
+                    "skipped_rows": skipped_rows,
+                }
+            )
+        )
+        return
+
+    from flows.training import TrainInputs, run_training
+    from pipeline.train_errors import DivergedError, GeneralAbilityError, TrainError
+
+    try:
+        options = settings.train.overridden(max_steps=max_steps, seed=seed)
+    except ValueError as exc:
+        fail(exc, 2)
+    _init_distributed()
+    inputs = TrainInputs.from_snapshot(
+        snap,
+        balance,
+        base_model,
+        out,
+        settings.train.repeats,
+        general=general_records,
+        init_adapter=init_adapter,
+        reference_adapter=reference_adapter,
+        chat_template=template,
+        resume=resume,
+        progress=True,
+    )
+    try:
+        result = run_training(inputs, options, settings.lora)
+    except (DivergedError, GeneralAbilityError) as exc:
+        fail(exc, 1)
+    except (TrainError, EncodeError) as exc:
+        fail(exc, 2)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
+    if result.manifest is None:
+        paused = {"status": "paused", "step": result.step, "steps": result.planned_steps}
+        typer.echo(json.dumps(paused | {"skipped_rows": skipped_rows}))
+        return
+    _report(result.manifest, out, snap.id, skipped_rows, balance)
+
+
+def _read_inputs(
+    settings: Settings, data: Path, general: Path | None, chat_template: Path | None
+) -> tuple[Any, list[Any], str | None]:
+    """The snapshot to train on, the general held-out records and the chat template;
+    exit 2 when one cannot be read."""
+    from connectors.snapshots import load_training_data
+    from pipeline.snapshot import SnapshotError
+
+    try:
+        snap = load_training_data(data, settings.snapshot.options())
+        general_records = []
+        if general is not None:
+            g = load_training_data(general, settings.snapshot.options())
+            general_records = g.records("train") + g.records("heldout")
+        template = chat_template.read_text() if chat_template is not None else None
+    except SnapshotError as exc:
+        fail(exc, 2)
+    except OSError as exc:
+        fail(RuntimeError(f"could not read input: {exc}"), 2)
+    return snap, general_records, template
+
+
+def _report(m: Manifest, out: Path, snapshot_id: str, skipped_rows: int, balance: Any) -> None:
+    """The held-out metrics before and after as a table on stderr, the manifest's
+    warnings, then the JSON summary on stdout."""
+    before = m.metrics.heldout_before or {}
+    after = m.metrics.heldout_after or {}
+    table = Table(title=f"adapter {out}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in ("loss", "accuracy", "reward_desirable", "reward_undesirable", "margin", "kl"):
+        table.add_row(f"held-out {key}", number(before.get(key)), number(after.get(key)))
+    general_nll = (m.metrics.general_nll_before, m.metrics.general_nll_after)
+    if general_nll[0] is not None:
+        table.add_row("general NLL / token", number(general_nll[0]), number(general_nll[1]))
+    err.print(table)
+    for warning in m.warnings:
+        err.print(f"warning: {warning}", style="yellow", markup=False)
+    if m.status_reason:
+        err.print(f"{m.status}: {m.status_reason}", style="yellow", markup=False)
+    typer.echo(
+        json.dumps(
+            {
+                "status": m.status,
+                "status_reason": m.status_reason,
+                "adapter": str(out),
+                "snapshot": snapshot_id,
+                "skipped_rows": skipped_rows,
+                "steps": m.steps,
+                "best_step": m.best_step,
+                "lambda_desirable": balance.lambda_desirable,
+                "lambda_undesirable": balance.lambda_undesirable,
+                "heldout_accuracy_before": before.get("accuracy"),
+                "heldout_accuracy_after": after.get("accuracy"),
+                "heldout_margin_after": after.get("margin"),
+                "heldout_kl_after": after.get("kl"),
+                "general_nll_before": general_nll[0],
+                "general_nll_after": general_nll[1],
+                "seconds": m.seconds,
+            }
+        )
+    )
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
+    point: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)

@@ -1,0 +1,190 @@
+"""A training run from an entry point's side (the `train` command, the cycle, the
+benchmarks): set up the process (device, seed, ranks), load the model from its
+directory, and hand the trainer a run directory to write to."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from connectors.fingerprint import model_fingerprint
+from connectors.models import check_model_dir, load_policy, load_tokenizer
+from connectors.run_dir import RunDir
+from pipeline.balance import Balance
+from pipeline.examples import Example
+from pipeline.manifest import Provenance
+from pipeline.progress import Progress, silent
+from pipeline.runtime import Runtime
+from pipeline.snapshot import RepeatPolicy, Snapshot
+from pipeline.train_options import LoraOptions, TrainOptions
+from pipeline.trainer import TrainData, TrainResult, train
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What to train on and where the result goes."""
+
+    base_model: Path
+    train: Sequence[Example]
+    out_dir: Path
+    heldout: Sequence[Example] = ()
+    general: Sequence[Example] = ()
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    balance_explanation: str = ""
+    snapshot_id: str | None = None
+    init_adapter: Path | None = None
+    reference_adapter: Path | None = None
+    chat_template: str | None = None
+    resume: bool = False
+    progress: bool = True
+    plots: bool = True
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snap: Snapshot,
+        balance: Balance,
+        base_model: Path,
+        out_dir: Path,
+        repeats: RepeatPolicy = "keep",
+        **more: Any,
+    ) -> TrainInputs:
+        """Train on the snapshot's train split, evaluate on its held-out split, with the
+        class weights chosen for it (from `snap.class_counts("train", repeats)`), the
+        votes of repeated answers counted as `repeats` says; `more` sets the other
+        fields."""
+        return cls(
+            base_model=base_model,
+            train=snap.records("train", repeats),
+            heldout=snap.records("heldout", repeats),
+            out_dir=out_dir,
+            desirable_weight=balance.lambda_desirable,
+            undesirable_weight=balance.lambda_undesirable,
+            balance_explanation=balance.explanation,
+            snapshot_id=snap.id,
+            **more,
+        )
+
+
+def run_training(
+    inputs: TrainInputs, options: TrainOptions, lora: LoraOptions | None = None
+) -> TrainResult:
+    """Train an adapter into `inputs.out_dir` and return the result (with `adapter_dir`
+    set when an adapter was written).
+
+    Raises:
+        TrainError: bad input, found before anything is written; DivergedError,
+            GeneralAbilityError: the run failed and wrote no adapter.
+    """
+    lora = lora or LoraOptions()
+    check_model_dir(inputs.base_model)
+    runtime = runtime_for(options)
+    seed_everything(options.seed)
+    tokenizer = load_tokenizer(inputs.base_model, inputs.chat_template)
+    dtype = torch.bfloat16 if runtime.autocast else torch.float32
+    model = load_policy(
+        inputs.base_model,
+        lora,
+        runtime.device,
+        dtype,
+        inputs.init_adapter,
+        inputs.reference_adapter,
+    )
+    provenance = Provenance(
+        base_model=str(inputs.base_model),
+        base_model_fingerprint=model_fingerprint(inputs.base_model),
+        snapshot_id=inputs.snapshot_id,
+        init_adapter=_text(inputs.init_adapter),
+        reference_adapter=_text(inputs.reference_adapter),
+        lora=asdict(lora),
+        versions=package_versions(),
+        extra=inputs.extra_manifest,
+    )
+    data = TrainData(
+        inputs.train,
+        inputs.heldout,
+        inputs.general,
+        inputs.desirable_weight,
+        inputs.undesirable_weight,
+        inputs.balance_explanation,
+    )
+    run = RunDir(inputs.out_dir, resume=inputs.resume, plots=inputs.plots)
+    progress = _bars() if inputs.progress and runtime.main else silent
+    result = train(model, tokenizer, data, options, run, runtime, provenance, progress)
+    return replace(result, adapter_dir=inputs.out_dir if result.manifest else None)
+
+
+def runtime_for(options: TrainOptions) -> Runtime:
+    """Where this process trains: the configured device, or under torchrun its local
+    GPU (else the CPU); bf16 autocast where configured or available; its rank."""
+    if options.device != "auto":
+        device = torch.device(options.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Runtime(device, autocast_dtype(options, device), rank, world)
+
+
+def autocast_dtype(options: TrainOptions, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked for, or on "auto" with a GPU that has it; else None (fp32)."""
+    if options.precision == "fp32":
+        return None
+    if options.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (the LoRA's initial weights, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def package_versions() -> dict[str, str]:
+    """The versions a manifest records: ours, torch, transformers, peft, and the git
+    commit ($KTO_LOOP_GIT_COMMIT, else the checkout's HEAD)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("kto-loop", "torch", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    commit = os.environ.get("KTO_LOOP_GIT_COMMIT")
+    if commit is None:
+        head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+        with contextlib.suppress(OSError):
+            ref = head.read_text().strip()
+            if ref.startswith("ref: "):
+                ref = (head.parent / ref[5:]).read_text().strip()
+            commit = ref
+    out["git_commit"] = commit or "unknown"
+    return out
+
+
+def _bars() -> Progress:
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _text(path: Path | None) -> str | None:
+    return str(path) if path is not None else None

@@ -1,0 +1,23 @@
+"""Where a run computes: decided once at the entry point and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device, the autocast dtype (None: full precision), and this process's rank
+    among `world` data-parallel ranks."""
+
+    device: torch.device
+    autocast: torch.dtype | None = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (rank 0)."""
+        return self.rank == 0

@@ -1,0 +1,138 @@
+"""Scoring without gradient: summed completion log-probs of (prompt, completion) pairs,
+the mean per-token NLL of a set, and the share of sampled answers that end their turn.
+
+The reference is frozen, so the trainer scores every pair it will need once, up front,
+here; the evaluations score the policy the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from pipeline.encode import Encoded
+from pipeline.logps import (
+    collate_continuations,
+    collate_prompts,
+    continuation_logps_and_last,
+    run_prompts,
+)
+from pipeline.progress import Progress, silent
+
+# Sequences per no-grad forward when scoring the reference up front.
+REFERENCE_BATCH = 16
+# Answers sampled per held-out prompt when checking that answers end their turn.
+END_CHECK_SAMPLES = 2
+
+
+@contextlib.contextmanager
+def reference(model: Any) -> Iterator[None]:
+    """Run the reference: the previous adapter if one was loaded, else no adapter."""
+    if "reference" in model.peft_config:
+        model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter("default")
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def score_pairs(
+    model: Any,
+    examples: Sequence[Encoded],
+    pairs: Sequence[tuple[int, int]],
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: Progress = silent,
+    with_last: bool = False,
+) -> dict[tuple[int, int], Any]:
+    """Summed completion log-probs of (prompt index, completion index) pairs, without
+    gradient: each prompt runs once, in batches of prompts of similar length, and all
+    its completions follow it; `progress` makes the bar that counts the pairs. With
+    `with_last`, each value is (summed log-prob, last token's log-prob)."""
+    by_prompt: dict[int, list[int]] = {}
+    for i, j in pairs:
+        by_prompt.setdefault(i, []).append(j)
+    prompts = sorted(by_prompt, key=lambda i: len(examples[i].prompt_ids))
+    out: dict[tuple[int, int], float] = {}
+    bar = progress(total=len(pairs), initial=0, desc="reference", unit="pair")
+    for s in range(0, len(prompts), REFERENCE_BATCH):
+        chunk = prompts[s : s + REFERENCE_BATCH]
+        batch = collate_prompts([examples[i].prompt_ids for i in chunk], pad_id)
+        rows, completions, keys = [], [], []
+        for row, i in enumerate(chunk):
+            for j in by_prompt[i]:
+                rows.append(row)
+                completions.append(examples[j].completion_ids)
+                keys.append((i, j))
+        conts = collate_continuations(batch, rows, completions, pad_id)
+        with torch.inference_mode(), autocast_to(device, dtype):
+            state = run_prompts(model, batch.to(device))
+            sums, last = continuation_logps_and_last(model, state, conts.to(device))
+        values = zip(sums.tolist(), last.tolist(), strict=True) if with_last else sums.tolist()
+        out.update(zip(keys, values, strict=True))
+        bar.update(len(keys))
+    bar.close()
+    return out
+
+
+@contextlib.contextmanager
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+def sampled_end_rate(
+    model: Any,
+    prompts: Sequence[tuple[int, ...]],
+    max_new_tokens: int,
+    eot: int,
+    pad_id: int,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """Share of answers sampled (temperature 1) for the prompts that end with the
+    end-of-turn token within max_new_tokens. Seeded apart from the training RNG."""
+    batch = collate_prompts(prompts, pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=END_CHECK_SAMPLES,
+            eos_token_id=eot,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+    new = out[:, batch.input_ids.shape[1] :]
+    return (new == eot).any(dim=1).float().mean().item()
+
+
+def mean_nll(
+    model: Any,
+    examples: Sequence[Encoded],
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """Mean per-token negative log-likelihood of the completions."""
+    scores = score_pairs(
+        model, examples, [(i, i) for i in range(len(examples))], pad_id, device, dtype
+    )
+    tokens = sum(len(e.completion_ids) for e in examples)
+    return -sum(scores.values()) / tokens
