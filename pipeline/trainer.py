@@ -60,6 +60,10 @@ from pipeline.train_options import TrainOptions
 
 log = logging.getLogger(__name__)
 
+# What a resume point holds changes with the trainer's state: one of another format is
+# refused as a checkpoint of another run.
+CHECKPOINT_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class TrainData:
@@ -622,6 +626,7 @@ def _checkpoint(
     with it: a resumed run continues the same stream."""
     fields = {k: v for k, v in vars(state).items() if k not in ("early", "diagnostics")}
     return {
+        "format": CHECKPOINT_FORMAT,
         "run_id": run_id,
         "adapter": _adapter_state(model),
         "optimizer": optimizer.state_dict(),
@@ -636,6 +641,11 @@ def _checkpoint(
 def _restore(
     payload: dict[str, Any], run_id: str, model: Any, optimizer: Any, scheduler: Any
 ) -> _State:
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatch(
+            "the checkpoint to resume was written by another version of kto-loop; start "
+            "afresh (choose another --out, or delete its checkpoint/)"
+        )
     if payload["run_id"] != run_id:
         raise CheckpointMismatch(
             "the checkpoint to resume belongs to a run with other data, model or options; "

@@ -168,6 +168,12 @@ def test_resume_refuses_a_checkpoint_of_other_data(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointMismatch, match="other data"):
         run_training(inputs(tiny_model_dir, out, train=TRAIN[:-8], resume=True), options)
     assert no_adapter(out)
+    # A resume point another version of the trainer wrote is refused the same way (the
+    # cycle then starts afresh), not misread.
+    state = out / CHECKPOINT / "state.pt"
+    torch.save({**torch.load(state, weights_only=False), "format": 1}, state)
+    with pytest.raises(CheckpointMismatch, match="another version"):
+        run_training(inputs(tiny_model_dir, out, resume=True), options)
 
 
 def test_early_stopping_keeps_the_best_step(tiny_model_dir, tmp_path):
