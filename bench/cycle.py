@@ -139,9 +139,7 @@ def _train_directly(settings, model: Path, snapshot_path: str, tmp: Path) -> flo
     from pipeline.balance import choose_weights
 
     snap = read_snapshot(snapshot_path)
-    balance = choose_weights(
-        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
-    )
+    balance = choose_weights(*snap.class_counts("train", settings.train.repeats), settings.balance)
     started = time.monotonic()
     run_training(
         TrainInputs.from_snapshot(

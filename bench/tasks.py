@@ -217,7 +217,7 @@ def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
     snap = load_training_data(p.feedback, settings.snapshot.options())
     c = snap.counts
     repeats = settings.train.repeats
-    balance = choose_weights(*snap.class_counts("train", repeats), settings.balance.options())
+    balance = choose_weights(*snap.class_counts("train", repeats), settings.balance)
     row: dict[str, Any] = {
         "examples": c.total,
         "heldout": c.heldout_desirable + c.heldout_undesirable,

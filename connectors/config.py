@@ -35,7 +35,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pipeline.balance import BAND_HIGH, BAND_LOW, BalanceOptions
+from pipeline.balance import BalanceOptions
 from pipeline.gate import GateOptions
 from pipeline.registry import RegistryError, check_alias
 from pipeline.snapshot import SnapshotOptions, TiePolicy
@@ -225,28 +225,6 @@ class SnapshotConfig(_Section):
         return SnapshotOptions(self.heldout_fraction, self.split_seed, self.tie_policy)
 
 
-class BalanceConfig(_Section):
-    """How the KTO class weights are chosen, and when a run has too little data."""
-
-    target_ratio: float = Field(
-        7 / 6,
-        ge=BAND_LOW,
-        le=BAND_HIGH,
-        description="(lambda_D n_D) / (lambda_U n_U) for imbalanced data, in [1, 4/3]",
-    )
-    min_examples: int = Field(32, ge=1, description="fewer training examples skip the run")
-    min_per_class: int = Field(
-        8, ge=1, description="a class present with fewer examples skips the run"
-    )
-    max_weight: float = Field(10.0, ge=1, description="cap on the minority class's lambda")
-
-    def options(self) -> BalanceOptions:
-        """The pipeline's options for choosing class weights."""
-        return BalanceOptions(
-            self.target_ratio, self.min_examples, self.min_per_class, self.max_weight
-        )
-
-
 class RegistryConfig(_Section):
     """Where adapter versions and alias histories are kept: a local directory or any
     fsspec URL. Servers must be able to read the version directories (see [serving]
@@ -422,7 +400,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
-    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    balance: BalanceOptions = Field(default_factory=BalanceOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

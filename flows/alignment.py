@@ -341,9 +341,7 @@ def _take_snapshot(settings: Settings, runs: CycleRuns, run: RunRecord) -> Snaps
 
 
 def _choose_balance(settings: Settings, snap: Snapshot, run: RunRecord) -> Balance:
-    balance = choose_weights(
-        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
-    )
+    balance = choose_weights(*snap.class_counts("train", settings.train.repeats), settings.balance)
     run.balance = {
         "lambda_desirable": balance.lambda_desirable,
         "lambda_undesirable": balance.lambda_undesirable,

@@ -43,9 +43,7 @@ def train(
     snap, general_records, template = _read_inputs(settings, data, general, chat_template)
     warn_skipped(snap)
     skipped_rows = snap.stats.skipped_rows
-    balance = choose_weights(
-        *snap.class_counts("train", settings.train.repeats), settings.balance.options()
-    )
+    balance = choose_weights(*snap.class_counts("train", settings.train.repeats), settings.balance)
     err.print(balance.explanation, markup=False, highlight=False)
     if balance.skip_reason is not None:
         typer.echo(

@@ -26,34 +26,37 @@ that change by a few examples between rounds still lands inside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 BAND_LOW = 1.0
 BAND_HIGH = 4 / 3
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class BalanceOptions:
-    """target_ratio: where in [1, 4/3] (lambda_D n_D) / (lambda_U n_U) is put when the
-    counts are outside the band. min_examples: fewer examples in all skips the run.
-    min_per_class: a class present with fewer examples than this skips the run (a
-    class with none is fine: one-class training). max_weight: the cap on the raised
-    lambda."""
+    """How the class weights are chosen, and when a run has too little data: the
+    `[balance]` configuration section (bounds checked whenever one is built)."""
 
-    target_ratio: float = 7 / 6
-    min_examples: int = 32
-    min_per_class: int = 8
-    max_weight: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not BAND_LOW <= self.target_ratio <= BAND_HIGH:
-            raise ValueError(f"target_ratio must be in [1, 4/3], got {self.target_ratio}")
-        if self.min_examples < 1 or self.min_per_class < 1:
-            raise ValueError(
-                "min_examples and min_per_class must be at least 1, got "
-                f"{self.min_examples} and {self.min_per_class}"
-            )
-        if self.max_weight < 1:
-            raise ValueError(f"max_weight must be at least 1, got {self.max_weight}")
+    target_ratio: Annotated[
+        float,
+        Field(
+            ge=BAND_LOW,
+            le=BAND_HIGH,
+            description="(lambda_D n_D) / (lambda_U n_U) for imbalanced data, in [1, 4/3]",
+        ),
+    ] = 7 / 6
+    min_examples: Annotated[
+        int, Field(ge=1, description="fewer training examples skip the run")
+    ] = 32
+    min_per_class: Annotated[
+        int, Field(ge=1, description="a class present with fewer examples skips the run")
+    ] = 8
+    max_weight: Annotated[float, Field(ge=1, description="cap on the minority class's lambda")] = (
+        10.0
+    )
 
 
 @dataclass(frozen=True)

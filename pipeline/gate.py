@@ -26,8 +26,11 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.evaluate import HeldoutMetrics
+if TYPE_CHECKING:
+    # For annotations only: the gate's rules need no torch, and the config reads them.
+    from pipeline.evaluate import HeldoutMetrics
 
 # Accuracy is a ratio of counts; differences below this are float noise, not a loss.
 _EPS = 1e-9

@@ -100,9 +100,9 @@ def test_a_tiny_class_skips_but_an_absent_one_does_not() -> None:
 
 
 def test_bad_options_and_counts_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"target_ratio must be in \[1, 4/3\]"):
+    with pytest.raises(ValueError, match=r"target_ratio\n.*less than or equal to 1.33"):
         BalanceOptions(target_ratio=1.5)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"min_per_class\n.*greater than or equal to 1"):
         BalanceOptions(min_per_class=0)
     with pytest.raises(ValueError, match="non-negative"):
         choose_weights(-1, 3)
@@ -111,7 +111,7 @@ def test_bad_options_and_counts_are_refused() -> None:
 def test_balance_config_becomes_the_pipeline_options(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[balance]\ntarget_ratio = 1.25\nmin_examples = 10\nmax_weight = 5\n")
-    options = load_settings(path).balance.options()
+    options = load_settings(path).balance
     assert options == BalanceOptions(1.25, 10, 8, 5.0)
     path.write_text("[balance]\ntarget_ratio = 1.5\n")
     with pytest.raises(ConfigError, match=r"\[balance\] target_ratio: .*(got 1.5)"):
