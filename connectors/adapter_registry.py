@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from connectors.adapter_files import read_adapter
-from connectors.run_dir import read_manifest
+from connectors.run_dir import ADAPTER_FILES, MANIFEST, read_manifest
 from connectors.store import fsync_dir, write_local_atomic
 from pipeline.adapter_check import AdapterRefused, ServingLimits, adapter_problems, check_adapter
 from pipeline.registry import (
@@ -51,8 +51,7 @@ from pipeline.registry import (
     version_number,
 )
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-TRAINER_MANIFEST = "manifest.json"
+TRAINER_MANIFEST = MANIFEST
 VERSION_FILE = "version.json"
 _KEPT_TRAINER_MANIFEST = "trainer_manifest.json"
 # No alias can have this lock's name: aliases' lock files are ".<alias>.lock", and an

@@ -7,8 +7,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from connectors.models import attach_adapter, check_model_dir, load_base, load_tokenizer
 from flows.training import runtime_for
 from pipeline.compare import HeldoutComparison
@@ -40,8 +38,7 @@ def score_adapters(
     check_model_dir(base_model)
     runtime = runtime_for(options)
     tokenizer = load_tokenizer(base_model, chat_template)
-    dtype = torch.bfloat16 if runtime.autocast else torch.float32
-    base = load_base(base_model, dtype).to(runtime.device)
+    base = load_base(base_model, runtime.weights_dtype).to(runtime.device)
     comparison = HeldoutComparison(base, tokenizer, heldout, options, runtime)
     out: dict[str, HeldoutMetrics] = {}
     model = base

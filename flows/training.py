@@ -90,12 +90,11 @@ def run_training(
     runtime = runtime_for(options)
     seed_everything(options.seed)
     tokenizer = load_tokenizer(inputs.base_model, inputs.chat_template)
-    dtype = torch.bfloat16 if runtime.autocast else torch.float32
     model = load_policy(
         inputs.base_model,
         lora,
         runtime.device,
-        dtype,
+        runtime.weights_dtype,
         inputs.init_adapter,
         inputs.reference_adapter,
     )

@@ -18,6 +18,11 @@ class Runtime:
     world: int = 1
 
     @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype to load weights in: bf16 under bf16 autocast, else fp32."""
+        return torch.bfloat16 if self.autocast is not None else torch.float32
+
+    @property
     def main(self) -> bool:
         """Whether this process writes the run's files (rank 0)."""
         return self.rank == 0

@@ -434,14 +434,13 @@ def _setup_examples(data: TrainData, tokenizer: Any, options: TrainOptions) -> _
         raise TrainError("no training records: the snapshot or data file is empty")
     lengths = options.lengths()
 
-    def encode(records: Sequence[Example]) -> tuple[list[Encoded], EncodeReport | None]:
+    def encode(records: Sequence[Example]) -> list[Encoded]:
         if not records:
-            return [], None
-        return encode_records(list(records), tokenizer, lengths, options.prompt_format)
+            return []
+        return encode_records(list(records), tokenizer, lengths, options.prompt_format)[0]
 
-    train_ex, report = encode(data.train)
-    heldout = encode(data.heldout)[0]
-    train_ex = normalised_weights(train_ex)
+    train_ex, report = encode_records(list(data.train), tokenizer, lengths, options.prompt_format)
+    train_ex, heldout = normalised_weights(train_ex), encode(data.heldout)
     n_d, h_d = sum(e.desirable for e in train_ex), sum(e.desirable for e in heldout)
     counts = {
         "train_desirable": n_d,
@@ -449,8 +448,7 @@ def _setup_examples(data: TrainData, tokenizer: Any, options: TrainOptions) -> _
         "heldout_desirable": h_d,
         "heldout_undesirable": len(heldout) - h_d,
     }
-    assert report is not None
-    return _Examples(train_ex, heldout, encode(data.general)[0], report, counts)
+    return _Examples(train_ex, heldout, encode(data.general), report, counts)
 
 
 def _setup_reference(
