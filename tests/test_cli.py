@@ -192,3 +192,16 @@ def test_simulate_with_no_broker_exits_3_before_any_chat(tmp_path: Path) -> None
     assert result.returncode == 3, output
     assert "no Kafka broker reachable" in output
     assert "users chatting" not in output and "Traceback" not in output
+
+
+def test_train_with_an_out_of_range_flag_exits_2_before_any_work(tmp_path: Path) -> None:
+    from deploy.local.synthetic import unpaired_examples
+
+    data = tmp_path / "data.jsonl"
+    unpaired_examples(64, seed=0).to_json(data, orient="records", lines=True)
+    out = tmp_path / "adapter"
+    args = ["train", "--base-model", str(tmp_path / "no-model"), "--data", str(data)]
+    result = runner.invoke(app, [*args, "--out", str(out), "--max-steps", "0"])
+    assert result.exit_code == 2
+    assert "max_steps" in result.output and "Traceback" not in result.output
+    assert not out.exists()
