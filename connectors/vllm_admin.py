@@ -3,7 +3,10 @@
 vLLM answers expected failures with a JSON error and a status; those become exceptions
 whose message says what to do. Only calls that are safe to repeat are retried (reads, and
 the swap, which sets the alias to a target and so means the same the second time); a
-load is checked against the server's state instead of being sent twice.
+load is checked against the server's state instead of being sent twice. A completion
+whose connection dropped before any answer came (the server closed an idle keep-alive
+connection as the request went out, a replica restarted) is sent once more: it changes
+nothing on the server. Each such retry is counted in `retried`, never hidden.
 
 Two keys: the inference key (vLLM's --api-key) goes as `Authorization: Bearer` on every
 call; the admin key (the server's KTO_LOOP_ADMIN_KEY) goes in its own header,
@@ -14,6 +17,7 @@ swap state), so it never travels with an inference request.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +49,11 @@ class VllmError(Exception):
 
 class ServerUnreachable(VllmError):
     """No answer from the replica (down, wrong URL, or a timeout)."""
+
+
+class ConnectionDropped(ServerUnreachable):
+    """The connection failed or closed before an answer came (not a timeout: a slow
+    server is not asked twice)."""
 
 
 class AdapterNotFound(VllmError):
@@ -159,6 +168,19 @@ class VllmAdmin:
             wait=wait_exponential(multiplier=0.2, max=2.0),
             reraise=True,
         )
+        # Inference: once more at once, and only for a dropped connection.
+        self._resending = retry(
+            retry=retry_if_exception_type(ConnectionDropped),
+            stop=stop_after_attempt(2),
+            before_sleep=lambda state: self._count_retry(),
+            reraise=True,
+        )
+        self._lock = threading.Lock()
+        self.retried = 0  # inference requests sent a second time after a dropped connection
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retried += 1
 
     def close(self) -> None:
         self._client.close()
@@ -176,9 +198,9 @@ class VllmAdmin:
         try:
             response = self._client.request(method, path, json=json, headers=headers)
         except httpx.TransportError as e:
-            raise ServerUnreachable(
-                self.url, f"no answer to {method} {path} ({type(e).__name__}: {e})"
-            ) from e
+            dropped = isinstance(e, httpx.NetworkError | httpx.RemoteProtocolError)
+            kind = ConnectionDropped if dropped else ServerUnreachable
+            raise kind(self.url, f"no answer to {method} {path} ({type(e).__name__}: {e})") from e
         if response.status_code >= 400:
             message, kind = _error_message(response)
             raise _as_error(self.url, method, path, response.status_code, message, kind)
@@ -275,7 +297,7 @@ class VllmAdmin:
             "return_token_ids": True,
             **params,
         }
-        data = self._call("POST", "/v1/completions", body).json()
+        data = self._resending(self._call)("POST", "/v1/completions", body).json()
         choice = data["choices"][0]
         return Completion(
             text=choice.get("text") or "",
@@ -296,7 +318,7 @@ class VllmAdmin:
             "temperature": 0.0,
             **params,
         }
-        data = self._call("POST", "/v1/chat/completions", body).json()
+        data = self._resending(self._call)("POST", "/v1/chat/completions", body).json()
         choice = data["choices"][0]
         return Completion(
             text=(choice.get("message") or {}).get("content") or "",

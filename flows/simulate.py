@@ -39,6 +39,7 @@ class Simulation:
     chats: int = 0
     liked: int = 0
     failed: int = 0
+    retried: int = 0  # requests sent twice because their connection dropped (not failed)
     sent: int = 0
     seconds: float = 0.0
     by_model: dict[str, list[int]] = field(default_factory=dict)  # served name -> [n, liked]
@@ -55,6 +56,7 @@ class Simulation:
             "liked": self.liked,
             "liked_share": round(self.liked_share, 4),
             "failed": self.failed,
+            "retried": self.retried,
             "sent": self.sent,
             "seconds": round(self.seconds, 2),
             "by_model": {
@@ -155,6 +157,7 @@ def simulate(
                 feedback_event(chat, answer.text, answer.model, liked, dt.datetime.now(dt.UTC))
             )
     admin.close()
+    result.retried = admin.retried
     if result.chats == 0:
         raise VllmError(admin.url, f"every request failed: {result.failures[:1]}")
     if send:

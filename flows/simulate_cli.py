@@ -75,4 +75,9 @@ def simulate(
     err.print(table)
     if result.failed:
         err.print(f"{result.failed} requests failed, e.g. {result.failures[0]}", style="yellow")
+    if result.retried:
+        err.print(
+            f"{result.retried} requests were sent twice: their connection dropped before an answer",
+            style="yellow",
+        )
     typer.echo(json.dumps(result.as_dict()))

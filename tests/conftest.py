@@ -248,6 +248,7 @@ def _second_replica(
         log,
         api_key=vllm_server.api_key,
         admin_key=vllm_server.admin_key,
+        trace=log.parent / "trace.jsonl",
         retire_grace_s=1.0,
         dtype="float32",
         max_model_len=512,
@@ -259,7 +260,7 @@ def _second_replica(
 @pytest.fixture
 def second_replica(_second_replica: Any) -> Any:
     """A second real vLLM server, started once per session like `vllm_server` and with
-    the same keys (one [serving] config holds both). A test may kill it: the next test
+    the same keys (one [serving] config holds both), tracing to `env["KTO_LOOP_TRACE"]`. A test may kill it: the next test
     that asks for it gets it restarted on the same port, knowing no adapters."""
     import httpx
 

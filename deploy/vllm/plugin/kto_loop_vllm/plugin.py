@@ -50,6 +50,8 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kto_loop_vllm import trace as tracing
+
 # A child of "vllm": its lines go wherever vLLM sends its own.
 log = logging.getLogger("vllm.kto_loop_swap")
 
@@ -100,10 +102,14 @@ class LookupTable(dict):
 class SwapState:
     """What the routes share: the serving models object, the engine and the retirements."""
 
-    def __init__(self, models: Any, engine: Any, grace_s: float) -> None:
+    def __init__(
+        self, models: Any, engine: Any, grace_s: float, trace: tracing.Trace | None = None
+    ) -> None:
         self.models = models
         self.engine = engine
         self.grace_s = grace_s
+        self.trace = trace or tracing.Trace(None)
+        self.background: list[asyncio.Task] = []
         self.retiring: dict[str, Any] = {}  # name -> LoRARequest waiting to be retired
         self.retired = 0
         self.retire_task: asyncio.Task | None = None
@@ -147,10 +153,12 @@ class SwapState:
                 if dict.get(table, name) is request:
                     dict.__delitem__(table, name)
             del self.retiring[name]
+            removing = time.monotonic()
             try:
                 await self.engine.remove_lora(request.lora_int_id)
             except Exception:  # the engine already dropped it: nothing left to free
                 log.exception("removing %s (id %d) from the engine", name, request.lora_int_id)
+            self.trace("retire", name=name, id=request.lora_int_id, start=removing)
             self.retired += 1
             log.info("retired LoRA adapter %s (id %d)", name, request.lora_int_id)
 
@@ -298,11 +306,22 @@ async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
             f"adapter {body.target!r} is not loaded on this server: load it first with "
             "POST /v1/load_lora_adapter",
         )
+    asked = time.monotonic()
     async with models.lora_resolver_lock[alias]:
+        locked = time.monotonic()
         target = dict.__getitem__(table, body.target)
         previous = dict.get(table, alias)
         table[alias] = target  # the one step clients can observe
         state.swaps += 1
+    state.trace(
+        "swap",
+        alias=alias,
+        target=body.target,
+        previous=previous and previous.lora_name,
+        start=asked,
+        locked=locked,
+        in_flight=state.in_flight(),
+    )
     # Only versions this alias served before are retired: a version loaded for the next
     # publish, or under another alias, is not this swap's to drop.
     served_before = state.served_by_alias.setdefault(alias, set())
@@ -413,6 +432,7 @@ class SwapPlugin:
 
     def __init__(self) -> None:
         self.policy = AdminPolicy()
+        self.trace = tracing.Trace.from_env()
 
     def attach_router(self, app: FastAPI) -> None:
         import vllm
@@ -429,6 +449,8 @@ class SwapPlugin:
         app.include_router(router)
         # Added before vLLM adds its own middleware, so vLLM's --api-key check runs first.
         app.add_middleware(AdminGuard, policy=self.policy)
+        if self.trace:
+            app.add_middleware(tracing.TraceRequests, trace=self.trace)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         key = os.environ.get(ADMIN_KEY_ENV) or None
@@ -462,5 +484,9 @@ class SwapPlugin:
         models = state.openai_serving_models
         models.lora_requests = LookupTable(models.lora_requests)
         grace = float(os.environ.get("KTO_LOOP_RETIRE_GRACE_S", "10"))
-        state.kto_loop_swap = SwapState(models, engine_client, grace)
+        swap_state = SwapState(models, engine_client, grace, self.trace)
+        swap_state.background = tracing.start(self.trace, engine_client, swap_state.in_flight)
+        state.kto_loop_swap = swap_state
         log.info("kto-loop swap plugin ready (retire grace %.1f s)", grace)
+        if self.trace:
+            log.info("kto-loop trace: appending events to %s", self.trace.path)
