@@ -8,6 +8,7 @@ on the host's monotonic clock, and prints:
 
 - each failed request with what the server logged for its connection around it;
 - the event loop's stalls and the engine's slowest steps, each with the nearest publish;
+- the longest waits from handing a request to the engine to its first output;
 - the slowest requests, with the engine steps that ran while they waited.
 
 The last line is one JSON object with the counts.
@@ -108,6 +109,16 @@ def main() -> None:
             f"loras {e.get('loras')}; {nearest_swap(t - gap, swaps)}"
         )
 
+    admitted = {e["request"]: e["mono"] for e in server if e["event"] == "admit"}
+    waits = sorted(
+        ((s["mono"] - admitted[r], admitted[r], r) for s in steps for r in s.get("first", ())
+         if r in admitted),
+        reverse=True,
+    )  # fmt: skip
+    print(f"\nrequests handed to the engine: {len(waits)}; the longest waits for a first output:")
+    for wait, t, rid in waits[: args.top]:
+        print(f"  {t - t0:8.2f} s  {wait * 1000:8.0f} ms  {rid}; {nearest_swap(t, swaps)}")
+
     slow = sorted((c for c in clients if c["ok"]), key=lambda c: c["started"] - c["ended"])
     print("\nslowest requests:")
     for c in slow[: args.top]:
@@ -124,6 +135,10 @@ def main() -> None:
         "loop_stalls": len(stalls),
         "loop_stall_max_ms": max((e["ms"] for e in stalls), default=0),
         "step_gap_max_s": round(gaps[0][1], 3) if gaps else None,
+        "first_output_wait_p50_ms": round(statistics.median(w for w, _, _ in waits) * 1000, 1)
+        if waits
+        else None,
+        "first_output_wait_max_ms": round(waits[0][0] * 1000, 1) if waits else None,
         "step_gap_p50_ms": round(statistics.median(g for _, g, _ in gaps) * 1000, 1)
         if gaps
         else None,

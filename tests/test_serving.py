@@ -517,6 +517,13 @@ def test_the_servers_trace_lines_up_requests_engine_steps_and_swaps(
     # Each step while it ran counts it against its version, with the step's own tokens.
     assert steps and all(e["loras"].get(f"traced@{v2}") == 1 for e in steps)
     assert sum(e["decode_tokens"] or 0 for e in steps) >= 7
+    # It was handed to the engine once, and one step carried its first output.
+    admitted = [
+        e["request"] for e in lines
+        if e["event"] == "admit" and request["start"] <= e["mono"] <= request["end"]
+    ]  # fmt: skip
+    assert len(admitted) == 1
+    assert [e for e in steps if admitted[0] in e["first"]]
     assert any(e["event"] == "conn" and e["port"] == request["port"] for e in lines)
 
 

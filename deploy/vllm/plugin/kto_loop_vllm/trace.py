@@ -10,14 +10,16 @@ on the host, so the engine's and the clients' times line up with it) and `event`
   `--uvicorn-log-level trace` for them), with the client port;
 - `loop_stall`: the API server's event loop did not run for `ms` milliseconds (over
   STALL_MS), so it read no socket and answered no request meanwhile;
+- `admit`: the API server handing a request to the engine (`request`, its id);
 - `step`: each engine step's output reaching the API server: the engine's own time for
-  the step (`elapsed_ms`, with `--enable-logging-iteration-details`), its prefill and
+  the step (`elapsed_ms`, with `--enable-logging-iteration-details`), the ids of the
+  requests whose first output it carries (`first`), its prefill and
   decode tokens, the running and waiting requests, and the adapters the unfinished
   requests use (name -> count: how many LoRAs a batch can touch);
 - `swap`, `retire`: the plugin's own steps, with how long each took.
 
-The `step` events wrap the engine client's output call, a vLLM internal the plugin's
-tests pin; everything else stays outside vLLM.
+The `admit` and `step` events wrap the engine client's input and output calls, vLLM
+internals the plugin's tests pin; everything else stays outside vLLM.
 """
 
 from __future__ import annotations
@@ -133,23 +135,39 @@ async def watch_loop(trace: Trace) -> None:
 def trace_engine_steps(
     engine: Any, trace: Trace, loras: Callable[[], dict[str, int]] = dict
 ) -> bool:
-    """Wrap the engine client's output call so each step's output becomes a `step` event.
+    """Wrap the engine client's input and output calls: each request handed over becomes
+    an `admit` event, each step's output a `step` event.
 
-    Returns False (and traces no steps) when this vLLM has no such call.
+    Returns False (and traces nothing) when this vLLM has no such calls.
     """
     core = getattr(engine, "engine_core", None)
     get_output = getattr(core, "get_output_async", None)
-    if get_output is None:
+    add_request = getattr(core, "add_request_async", None)
+    if get_output is None or add_request is None:
         return False
+    started: set[str] = set()  # requests that have had their first output
 
-    async def traced() -> Any:
+    async def traced_add(request: Any) -> Any:
+        trace("admit", request=getattr(request, "request_id", None))
+        return await add_request(request)
+
+    async def traced_output() -> Any:
         outputs = await get_output()
         stats = getattr(outputs, "scheduler_stats", None)
         details = getattr(stats, "iteration_details", None)
+        first = []
+        for out in getattr(outputs, "outputs", None) or ():
+            rid = getattr(out, "request_id", None)
+            if rid not in started:
+                first.append(rid)
+                started.add(rid)
+            if getattr(out, "finish_reason", None) is not None:
+                started.discard(rid)
         trace(
             "step",
             engine_mono=getattr(outputs, "timestamp", None),
             outputs=len(getattr(outputs, "outputs", ()) or ()),
+            first=first,
             elapsed_ms=getattr(details, "elapsed_ms", None),
             prefill_tokens=getattr(details, "num_ctx_tokens", None),
             decode_tokens=getattr(details, "num_generation_tokens", None),
@@ -159,7 +177,8 @@ def trace_engine_steps(
         )
         return outputs
 
-    core.get_output_async = traced
+    core.get_output_async = traced_output
+    core.add_request_async = traced_add
     return True
 
 
@@ -171,5 +190,9 @@ def start(
     if not trace:
         return []
     if engine is not None and not trace_engine_steps(engine, trace, loras):
-        trace("note", text="this vLLM has no engine_core.get_output_async: no step events")
+        trace(
+            "note",
+            text="this vLLM's engine client lacks get_output_async or add_request_async: "
+            "no admit or step events",
+        )
     return [asyncio.get_running_loop().create_task(watch_loop(trace))]
