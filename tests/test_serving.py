@@ -51,6 +51,7 @@ from connectors.vllm_admin import (
 )
 from deploy.local.adapters import make_random_adapter, poison_adapter
 from deploy.local.broker import free_port
+from deploy.local.vllm_server import ENGINE_NICE
 from flows.cli import app
 from pipeline.adapter_check import AdapterRefused
 from pipeline.registry import AliasHistory
@@ -434,6 +435,21 @@ def test_the_server_keeps_an_idle_connection_longer_than_clients_keep_theirs(
     assert second.startswith(b"HTTP/1.1 200"), (
         f"the server closed a connection idle for {idle:.0f} s: {second[:80]!r}"
     )
+
+
+def test_the_engine_yields_the_cpu_to_the_api_server_and_its_clients(vllm_server: Any) -> None:
+    # On a CPU vLLM's engine core and worker spin on each other. Niced, and in our session
+    # (autogroup scheduling shares the CPU between sessions, whatever the niceness), they
+    # leave the API server, the publisher and the clients the cores they need.
+    server = psutil.Process(vllm_server.process.pid)
+    engine = server.children(recursive=True)
+    assert engine, "no engine processes under the API server"
+    assert os.getsid(server.pid) == os.getsid(0)
+    assert server.nice() == 0
+    for child in engine:
+        assert os.getsid(child.pid) == os.getsid(0)
+        niceness = {os.getpriority(os.PRIO_PROCESS, t.id) for t in child.threads()}
+        assert niceness == {ENGINE_NICE}, f"{child.name()} threads at {niceness}"
 
 
 class DropsConnections(httpx.BaseTransport):
