@@ -120,11 +120,14 @@ def _as_error(
         )
     if status == 404:
         return AdapterNotFound(url, f"{where}: {message}", status)
-    if path == "/v1/load_lora_adapter" and "rank" in message.lower():
+    if path == "/v1/load_lora_adapter" and status == 400:
+        # vLLM refuses an adapter it cannot serve with 400; its wording is not ours to
+        # parse, so the usual way out is given as a possibility.
         return VllmError(
             url,
-            f"{where}: {message} Train with a smaller [lora] r or raise vLLM's "
-            "--max-lora-rank (and [serving] max_lora_rank)",
+            f"{where}: {message} If the adapter's rank is above the server's "
+            "--max-lora-rank, train with a smaller [lora] r or raise vLLM's --max-lora-rank "
+            "(and [serving] max_lora_rank)",
             status,
         )
     if status in (502, 503, 504):
