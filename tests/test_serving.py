@@ -742,6 +742,14 @@ def test_cli_publish_rollback_and_adapters_with_exit_codes(
     assert registry.history("cli").current == v1
 
 
+def _highest(*admins: VllmAdmin) -> int:
+    """The highest N of any `alias@vN` the replicas have loaded (0 for none)."""
+    numbers = [
+        a["name"].rpartition("@v")[2] for admin in admins for a in admin.swap_state()["adapters"]
+    ]
+    return max((int(n) for n in numbers if n.isdigit()), default=0)
+
+
 def test_gc_deletes_only_what_no_server_reads(
     registry: AdapterRegistry,
     publisher: Publisher,
@@ -754,9 +762,7 @@ def test_gc_deletes_only_what_no_server_reads(
 ) -> None:
     # gc keeps a version any replica lists under any name (`alias@vN`), and other tests
     # leave versions loaded under their own aliases: number ours past all of them.
-    listed = [a["name"].rpartition("@v")[2] for a in admin.swap_state()["adapters"]]
-    past = max((int(n) for n in listed if n.isdigit()), default=0)
-    versions = [registry.add(adapters[i % 4])["version"] for i in range(past + 3)]
+    versions = [registry.add(adapters[i % 4])["version"] for i in range(_highest(admin) + 3)]
     for v in versions[-3:]:
         publisher.publish("gcx", v)
     wait_until(
@@ -951,13 +957,15 @@ def test_gc_keeps_every_version_any_replica_lists_under_any_name(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    versions = [registry.add(adapters[i % 4])["version"] for i in range(30)]
-    by_path, by_name = versions[26], versions[27]
     _keys_in_env(monkeypatch, vllm_server)
     replicas = [vllm_server.url, second_replica.url]
     config = _cli_config(tmp_path, registry, replicas, tiny_model_dir)
     with _admin(vllm_server) as admin1, _admin(second_replica) as admin2:
         _settled(admin1, admin2)
+        # Two of ours past every number other tests left loaded, and some below them.
+        past = _highest(admin1, admin2)
+        versions = [registry.add(adapters[i % 4])["version"] for i in range(past + 4)]
+        by_path, by_name = versions[-3], versions[-2]
         # On the second replica only: one under a name of no alias@vN form (found by the
         # path it was loaded from), one under an alias's internal name.
         admin2.load("hand-loaded", registry.path(by_path))
