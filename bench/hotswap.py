@@ -172,10 +172,6 @@ class Load:
         for t in self.threads:
             t.join(timeout=300)
 
-    def tokens_per_s(self, window: tuple[float, float]) -> float:
-        start, end = window
-        return sum(d.tokens for d in list(self.done) if start <= d.ended < end) / (end - start)
-
     def wait_served(self, name: str, since: float, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -244,23 +240,28 @@ def _first_answer(done: list[Done], name: str, since: float) -> float | None:
     return min(ends) if ends else None
 
 
-def swap_windows(phase: Phase) -> list[tuple[float, float]]:
+def first_answers(phase: Phase) -> list[tuple[Swap, float | None]]:
+    """Every swap with the end of the new version's first answer (None where answers do
+    not say which version served, or none came)."""
+    return [
+        (s, _first_answer(phase.done, s.name, s.start) if s.name else None)
+        for rnd in phase.rounds
+        for s in rnd.swaps
+    ]
+
+
+def swap_windows(firsts: list[tuple[Swap, float | None]]) -> list[tuple[float, float]]:
     """Per swap: from the call to the first answer from the new version (to the end of
     the call where answers do not say which version served)."""
-    windows = []
-    for rnd in phase.rounds:
-        for s in rnd.swaps:
-            first = _first_answer(phase.done, s.name, s.start) if s.name else None
-            windows.append((s.start, max(s.end, first or s.end)))
-    return windows
+    return [(s.start, max(s.end, first or s.end)) for s, first in firsts]
 
 
 def summarize(phase: Phase) -> dict:
     done = phase.done
-    swaps = [s for rnd in phase.rounds for s in rnd.swaps]
+    firsts = first_answers(phase)
+    swaps = [s for s, _ in firsts]
     latency, after_switch = [], []
-    for s in swaps:
-        first = _first_answer(done, s.name, s.start) if s.name else None
+    for s, first in firsts:
         if first is not None:
             latency.append(first - s.start)
             if s.switched is not None:
@@ -271,7 +272,7 @@ def summarize(phase: Phase) -> dict:
     for d in done:
         if not d.ok:
             failed_per_round[next(i for i, e in enumerate(ends) if d.ended < e)] += 1
-    windows = swap_windows(phase)
+    windows = swap_windows(firsts)
     quiet = [w for rnd in phase.rounds for w in (rnd.before, rnd.after)]
 
     def overlaps(d: Done, spans: list[tuple[float, float]]) -> bool:
@@ -311,12 +312,8 @@ def summarize(phase: Phase) -> dict:
         "p99_during_swaps_s": p99_during,
         "p99_without_swaps_s": p99_without,
         "p99_ratio": round(p99_during / p99_without, 3) if p99_during and p99_without else None,
-        "tokens_per_s_before": round(
-            statistics.median(_tps(done, r.before) for r in phase.rounds), 1
-        ),
-        "tokens_per_s_after": round(
-            statistics.median(_tps(done, r.after) for r in phase.rounds), 1
-        ),
+        "tokens_per_s_before": round(statistics.median(b for b, _ in windows_tps), 1),
+        "tokens_per_s_after": round(statistics.median(a for _, a in windows_tps), 1),
         "round_ratios": ratios,
         "min_round_ratio": min(ratios),
         "median_round_ratio": round(statistics.median(ratios), 3),
@@ -352,7 +349,7 @@ def plot(phases: list[tuple[str, Phase]], path: Path) -> None:
     for ax, (title, phase) in zip(axes[:, 0], phases, strict=True):
         done = phase.done
         t0 = min(d.started for d in done)
-        for a, b in swap_windows(phase):
+        for a, b in swap_windows(first_answers(phase)):
             ax.axvspan(a - t0, b - t0, color="tab:red", alpha=0.25, lw=0)
         failed = [d for d in done if not d.ok]
         groups = [

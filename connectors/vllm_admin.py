@@ -214,6 +214,9 @@ class VllmAdmin:
     ) -> httpx.Response:
         return self._retrying(self._call)(method, path, json, admin)
 
+    def _inference(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self._resending(self._call)("POST", path, body)
+
     def health(self) -> bool:
         """True when the server answers /health with 200."""
         try:
@@ -300,7 +303,7 @@ class VllmAdmin:
             "return_token_ids": True,
             **params,
         }
-        data = self._resending(self._call)("POST", "/v1/completions", body).json()
+        data = self._inference("/v1/completions", body).json()
         choice = data["choices"][0]
         return Completion(
             text=choice.get("text") or "",
@@ -321,7 +324,7 @@ class VllmAdmin:
             "temperature": 0.0,
             **params,
         }
-        data = self._resending(self._call)("POST", "/v1/chat/completions", body).json()
+        data = self._inference("/v1/chat/completions", body).json()
         choice = data["choices"][0]
         return Completion(
             text=(choice.get("message") or {}).get("content") or "",

@@ -260,8 +260,9 @@ def _second_replica(
 @pytest.fixture
 def second_replica(_second_replica: Any) -> Any:
     """A second real vLLM server, started once per session like `vllm_server` and with
-    the same keys (one [serving] config holds both), tracing to `env["KTO_LOOP_TRACE"]`. A test may kill it: the next test
-    that asks for it gets it restarted on the same port, knowing no adapters."""
+    the same keys (one [serving] config holds both), tracing to `env["KTO_LOOP_TRACE"]`.
+    A test may kill it: the next test that asks for it gets it restarted on the same
+    port, knowing no adapters."""
     import httpx
 
     server = _second_replica

@@ -19,10 +19,10 @@ What these prove against the vLLM we pin, trap by trap (deploy/vllm/README.md):
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -393,29 +393,6 @@ def test_rapid_swaps_with_long_generations_in_flight_keep_the_server_alive(
     ]
 
 
-def _read_response(sock: socket.socket) -> bytes:
-    """One HTTP/1.1 response (headers and a Content-Length body) from a raw socket; b""
-    when the server closed the connection first."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":")[1]) for line in head.split(b"\r\n")
-         if line.lower().startswith(b"content-length:")),
-        0,
-    )  # fmt: skip
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
 def test_the_server_keeps_an_idle_connection_longer_than_clients_keep_theirs(
     vllm_server: Any,
 ) -> None:
@@ -425,16 +402,24 @@ def test_the_server_keeps_an_idle_connection_longer_than_clients_keep_theirs(
     # ("Server disconnected without sending a response"). The launcher's servers keep
     # them for longer, so a connection a client still holds is open.
     idle = httpx.Limits().keepalive_expiry + 1.0
-    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", vllm_server.port), timeout=30) as sock:
-        sock.sendall(request)
-        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection("127.0.0.1", vllm_server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        sock = conn.sock
         time.sleep(idle)  # the idleness is what is tested, not a wait for an event
-        sock.sendall(request)
-        second = _read_response(sock)
-    assert second.startswith(b"HTTP/1.1 200"), (
-        f"the server closed a connection idle for {idle:.0f} s: {second[:80]!r}"
-    )
+        try:
+            conn.request("GET", "/health")
+            second: int | str = conn.getresponse().status
+            reused = conn.sock is sock
+        except (http.client.RemoteDisconnected, ConnectionError) as e:
+            second, reused = repr(e), True
+    finally:
+        conn.close()
+    assert second == 200, f"the server closed a connection idle for {idle:.0f} s: {second}"
+    assert reused, "the second request went out on a new connection"
 
 
 def test_the_engine_yields_the_cpu_to_the_api_server_and_its_clients(vllm_server: Any) -> None:

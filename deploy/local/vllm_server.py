@@ -116,11 +116,10 @@ class VllmServer:
         self.wait_healthy(timeout)
         self.lower_engine_priority()
 
-    def lower_engine_priority(self) -> list[int]:
-        """Apply `engine_nice` to the engine's processes; return their pids."""
-        if not self.engine_nice:
-            return []
-        return lower_engine_priority(self.process.pid, self.engine_nice)
+    def lower_engine_priority(self) -> None:
+        """Apply `engine_nice` to the engine's processes."""
+        if self.engine_nice:
+            lower_engine_priority(self.process.pid, self.engine_nice)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -215,9 +214,9 @@ def vllm_env(
     return env
 
 
-def lower_engine_priority(server_pid: int, nice: int) -> list[int]:
+def lower_engine_priority(server_pid: int, nice: int) -> None:
     """Give every thread of the server's engine processes (the API server's descendants:
-    the engine core and its workers) the niceness `nice`; return their pids.
+    the engine core and its workers) the niceness `nice`.
 
     On a CPU the engine core busy-waits on its worker's output (vLLM's shared-memory
     queue spins with sched_yield for up to a second after each read) while the worker
@@ -228,15 +227,10 @@ def lower_engine_priority(server_pid: int, nice: int) -> list[int]:
     """
     import psutil
 
-    pids = []
     for child in psutil.Process(server_pid).children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
             for thread in child.threads():
                 os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-            pids.append(child.pid)
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            continue
-    return pids
 
 
 def start_vllm(

@@ -313,15 +313,16 @@ async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
         previous = dict.get(table, alias)
         table[alias] = target  # the one step clients can observe
         state.swaps += 1
-    state.trace(
-        "swap",
-        alias=alias,
-        target=body.target,
-        previous=previous and previous.lora_name,
-        start=asked,
-        locked=locked,
-        in_flight=state.in_flight(),
-    )
+    if state.trace:
+        state.trace(
+            "swap",
+            alias=alias,
+            target=body.target,
+            previous=previous and previous.lora_name,
+            start=asked,
+            locked=locked,
+            in_flight=state.in_flight(),
+        )
     # Only versions this alias served before are retired: a version loaded for the next
     # publish, or under another alias, is not this swap's to drop.
     served_before = state.served_by_alias.setdefault(alias, set())
