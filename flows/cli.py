@@ -49,11 +49,19 @@ def produce_sample(
         bool, typer.Option(help="Also send one message of every malformed kind.")
     ] = False,
     pad_to: Annotated[int, typer.Option(help="Grow responses to about this many chars.")] = 0,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter",
+            help="Credit the events to this served version (alias@vN); default: none, "
+            "as votes on the base model.",
+        ),
+    ] = None,
 ) -> None:
     """Send synthetic feedback events to the feedback topic."""
     from flows import ingest_cli
 
-    ingest_cli.produce_sample(settings_from(config), events, seed, malformed, pad_to)
+    ingest_cli.produce_sample(settings_from(config), events, seed, malformed, pad_to, adapter)
 
 
 @app.command()

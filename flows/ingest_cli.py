@@ -100,19 +100,28 @@ def ingest(settings: Settings, idle_exit: float | None, status: bool, log_level:
 
 
 def produce_sample(
-    settings: Settings, events: int, seed: int, malformed: bool, pad_to: int
+    settings: Settings,
+    events: int,
+    seed: int,
+    malformed: bool,
+    pad_to: int,
+    adapter: str | None = None,
 ) -> None:
-    """Send `events` synthetic events (and with `malformed` one of each malformed kind);
-    print how many were sent as JSON. Exit 3 when the broker refused them."""
+    """Send `events` synthetic events (and with `malformed` one of each malformed kind),
+    credited to `adapter` (alias@vN) when given; print how many were sent as JSON. Exit 2
+    for an adapter that is not alias@vN, 3 when the broker refused them."""
     from rich.progress import Progress
 
     from connectors.produce import produce
+    from pipeline.registry import parse_served_name
     from pipeline.sample import sample_messages
 
+    if adapter is not None and parse_served_name(adapter) is None:
+        fail(ValueError(f"--adapter {adapter!r} is not a served version name: use alias@vN"), 2)
     setup_logging("WARNING", rich=False)
     # A failure is reported once below; kafka-python's per-retry lines add nothing.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    messages = sample_messages(events, seed, pad_to=pad_to, malformed=malformed)
+    messages = sample_messages(events, seed, pad_to=pad_to, malformed=malformed, adapter=adapter)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("producing", total=len(messages))
         try:

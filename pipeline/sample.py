@@ -32,11 +32,14 @@ def sample_events(
     *,
     start: dt.datetime | None = None,
     model: str = "tiny-chat",
-    adapter: str | None = "chat@v1",
+    adapter: str | None = None,
     pad_to: int = 0,
 ) -> Iterator[dict]:
     """Yield n valid events as dicts; pad_to grows the response to about that many
-    characters (benchmarks use ~700-byte events)."""
+    characters (benchmarks use ~700-byte events).
+
+    The events name no adapter unless `adapter` (alias@vN) is given: a made-up vote
+    credited to a version would count as that version's production feedback."""
     rng = random.Random(seed)
     start = start or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     for i in range(n):
@@ -55,8 +58,9 @@ def sample_events(
             "user_id": f"user-{rng.randrange(1000)}",
             "response": response,
             "model": model,
-            "adapter": adapter,
         }
+        if adapter is not None:
+            event["adapter"] = adapter
         question = f"How do I {topic}?"
         if rng.random() < 0.3:
             event["messages"] = [
@@ -82,12 +86,17 @@ def encode(event: dict) -> tuple[bytes, bytes]:
 
 
 def sample_messages(
-    n: int, seed: int = 0, *, pad_to: int = 0, malformed: bool = False
+    n: int,
+    seed: int = 0,
+    *,
+    pad_to: int = 0,
+    malformed: bool = False,
+    adapter: str | None = None,
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """(key, value) messages of n sample events, then optionally one message of every
-    malformed kind (keyed b"malformed")."""
+    """(key, value) messages of n sample events (naming `adapter` when given), then
+    optionally one message of every malformed kind (keyed b"malformed")."""
     messages: list[tuple[bytes | None, bytes | None]] = [
-        encode(e) for e in sample_events(n, seed, pad_to=pad_to)
+        encode(e) for e in sample_events(n, seed, adapter=adapter, pad_to=pad_to)
     ]
     if malformed:
         messages += [(b"malformed", raw) for raw in malformed_samples().values()]

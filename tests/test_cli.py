@@ -74,6 +74,12 @@ def test_produce_sample_to_an_absent_broker_exits_3_naming_it(
     assert f"127.0.0.1:{port}" in result.output
 
 
+def test_produce_sample_with_an_adapter_not_alias_at_version_exits_2() -> None:
+    result = runner.invoke(app, ["produce-sample", "--events", "3", "--adapter", "chat-v1"])
+    assert result.exit_code == 2
+    assert "alias@vN" in result.output and "Traceback" not in result.output
+
+
 def _store_with_sample_feedback(root: Path, n: int = 400) -> None:
     import datetime as dt
 

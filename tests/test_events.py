@@ -130,6 +130,14 @@ def test_sample_events_are_valid_and_deterministic() -> None:
     assert {e.feedback for e in a} == {"like", "dislike", "rating", "retract"}
 
 
+def test_sample_events_credit_no_adapter_unless_asked() -> None:
+    # Synthetic votes credited to chat@v1 would count as v1's production feedback.
+    plain = [parse_event(json.dumps(e).encode(), user_hash_key=KEY) for e in sample_events(50)]
+    assert {e.adapter for e in plain} == {None}
+    credited = list(sample_events(50, adapter="chat@v3"))
+    assert {e["adapter"] for e in credited} == {"chat@v3"}
+
+
 def test_published_json_schema_matches_the_code() -> None:
     path = Path(__file__).resolve().parent.parent / "pipeline/schema/feedback-event.v1.json"
     assert json.loads(path.read_text()) == json_schema(), (
