@@ -21,7 +21,7 @@ from connectors.publish import Publisher, PublishError, PublishResult
 from connectors.vllm_admin import VllmError
 from flows.console import err, fail, number
 from pipeline.adapter_check import AdapterRefused
-from pipeline.registry import RegistryError, parse_served_name, retention
+from pipeline.registry import RegistryError, parse_served_name, retention, version_number
 
 
 def _registry(settings: Settings) -> AdapterRegistry:
@@ -62,14 +62,34 @@ def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
     publisher = _publisher(settings)
 
     def switch() -> PublishResult:
-        version = adapter
-        if Path(adapter).is_dir():
+        target = _adapter_target(adapter)
+        if isinstance(target, Path):
             # Checked before it becomes a version: a refused adapter leaves no trace.
-            version = publisher.register(Path(adapter), note="registered by publish")["version"]
+            version = publisher.register(target, note="registered by publish")["version"]
             err.print(f"registered {adapter} as {version}", markup=False, highlight=False)
+        else:
+            version = target
         return publisher.publish(alias, version, reason)
 
     _report("published", switch)
+
+
+def _adapter_target(adapter: str) -> Path | str:
+    """`--adapter` as an adapter directory (a Path) or a version name, or a
+    RegistryError saying which of the two it failed to be."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        return path
+    if "/" in adapter or adapter.startswith((".", "~")) or path.exists():
+        what = "a file, not a directory" if path.exists() else "nothing there"
+        raise RegistryError(f"no adapter directory at {adapter} ({what})")
+    try:
+        version_number(adapter)
+    except RegistryError:
+        raise RegistryError(
+            f"{adapter!r} is neither an adapter directory nor a version name (v1, v2, ...)"
+        ) from None
+    return adapter  # the registry names the versions it has when it has no such one
 
 
 def rollback(settings: Settings, alias: str, reason: str) -> None:

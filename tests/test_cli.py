@@ -211,3 +211,37 @@ def test_train_with_an_out_of_range_flag_exits_2_before_any_work(tmp_path: Path)
     assert result.exit_code == 2
     assert "max_steps" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def _registry_config(tmp_path: Path) -> Path:
+    from deploy.local.broker import free_port
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[registry]\nurl = "{tmp_path / "adapters"}"\n'
+        f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\n'
+    )
+    return config
+
+
+@pytest.mark.parametrize("given", ["out/adapter", "./adapter", "~/no-such-adapter-here"])
+def test_publish_of_a_path_that_does_not_exist_says_there_is_no_adapter_there(
+    tmp_path: Path, given: str
+) -> None:
+    config = _registry_config(tmp_path)
+    args = ["publish", "--adapter", given, "--alias", "chat", "--config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"no adapter directory at {given}" in result.output
+    assert "version name" not in result.output
+
+
+def test_publish_of_an_unregistered_version_names_the_versions_there_are(tmp_path: Path) -> None:
+    config = _registry_config(tmp_path)
+    args = ["publish", "--adapter", "v7", "--alias", "chat", "--config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "no version v7" in result.output and "none yet" in result.output
+    result = runner.invoke(app, [*args[:2], "my-adapter", *args[3:]])
+    assert result.exit_code == 2
+    assert "neither an adapter directory nor a version name" in result.output
