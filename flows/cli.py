@@ -96,10 +96,6 @@ def snapshot(
 
 @app.command()
 def train(
-    base_model: Annotated[
-        Path,
-        typer.Option("--base-model", help="Local directory of the causal LM that vLLM serves."),
-    ],
     data: Annotated[
         Path,
         typer.Option(
@@ -109,6 +105,14 @@ def train(
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the adapter and its reports.")],
     config: ConfigOption = None,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="Local directory of the causal LM that vLLM serves (default: [serving] "
+            "base_model).",
+        ),
+    ] = None,
     init_adapter: Annotated[
         Path | None,
         typer.Option("--init-adapter", help="Warm start from this adapter (the served one)."),

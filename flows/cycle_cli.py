@@ -22,13 +22,14 @@ import typer
 from rich.table import Table
 
 from connectors.adapter_registry import AdapterRegistry
-from connectors.config import Settings
+from connectors.config import ConfigError, Settings
 from connectors.cycle_runs import CycleRuns
 from connectors.publish import Publisher
 from connectors.store import FEEDBACK, FeedbackStore, StoreError
 from deploy.local.prefect_server import configured_api, prefect_api
 from deploy.local.processes import die_with_parent, interruptible
-from flows.console import err, number
+from flows.console import err, fail, number
+from flows.preflight import check_cycle
 from flows.serving_cli import served_versions
 from pipeline.registry import parse_served_name
 
@@ -49,6 +50,7 @@ def run(settings: Settings, config: Path | None, alias: str | None) -> None:
     """
     from flows.alignment import FAILED, run_cycle
 
+    _check(settings)
     alias = alias or settings.cycle.alias
     logs = Path(settings.cycle.work_dir).resolve() / "prefect"
     with interruptible(), prefect_api(logs / "temporary-server.log", ui=False) as api:
@@ -71,6 +73,14 @@ def run(settings: Settings, config: Path | None, alias: str | None) -> None:
     typer.echo(json.dumps(line))
     if state.is_failed() or state.is_crashed():
         raise typer.Exit(1)
+
+
+def _check(settings: Settings) -> None:
+    """Exit 2 naming every key the cycle needs and lacks, before Prefect starts."""
+    try:
+        check_cycle(settings)
+    except ConfigError as exc:
+        fail(exc, 2)
 
 
 def _record_of(settings: Settings, alias: str, state: Any) -> dict[str, Any]:
@@ -131,6 +141,7 @@ def schedule(
 
     from flows.alignment import alignment_cycle
 
+    _check(settings)
     alias = alias or settings.cycle.alias
     when = (
         Interval(interval)

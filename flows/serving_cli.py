@@ -16,10 +16,11 @@ import typer
 from rich.table import Table
 
 from connectors.adapter_registry import AdapterRegistry
-from connectors.config import Settings
+from connectors.config import ConfigError, Settings
 from connectors.publish import Publisher, PublishError, PublishResult
 from connectors.vllm_admin import VllmError
 from flows.console import err, fail, number
+from flows.preflight import check_serving
 from pipeline.adapter_check import AdapterRefused
 from pipeline.registry import RegistryError, parse_served_name, retention, version_number
 
@@ -52,13 +53,20 @@ def register(settings: Settings, adapter_dir: Path, parent: str | None, note: st
     """Register a directory, checked as a publish to [serving] would check it (exit 2 and
     nothing registered when refused)."""
     try:
+        check_serving(settings)
         info = _publisher(settings).register(adapter_dir, parent=parent, note=note)
-    except (AdapterRefused, RegistryError) as e:
+    except (AdapterRefused, RegistryError, ConfigError) as e:
         fail(e, 2)
     typer.echo(json.dumps({"status": "registered", **info}))
 
 
 def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
+    """Publish a version or an adapter directory (exit 2 before anything is read when
+    [serving] base_model, which the checks compare with, names no model)."""
+    try:
+        check_serving(settings)
+    except ConfigError as exc:
+        fail(exc, 2)
     publisher = _publisher(settings)
 
     def switch() -> PublishResult:

@@ -14,15 +14,16 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from connectors.config import Settings
+from connectors.config import ConfigError, Settings
 from flows.console import err, fail, number
 from flows.ingest_cli import warn_skipped
+from flows.preflight import base_model_dir
 from pipeline.manifest import Manifest
 
 
 def train(
     settings: Settings,
-    base_model: Path,
+    base_model: Path | None,
     data: Path,
     out: Path,
     *,
@@ -34,12 +35,17 @@ def train(
     seed: int | None,
     resume: bool,
 ) -> None:
-    """Train on `data` into `out` and print the JSON summary ("status": trained,
-    no_gain, skipped or paused). Exit 1 when the run failed (diverged, general-ability
-    bound), 2 for bad input."""
+    """Train `base_model` (default: [serving] base_model) on `data` into `out` and print
+    the JSON summary ("status": trained, no_gain, skipped or paused). Exit 1 when the
+    run failed (diverged, general-ability bound), 2 for bad input."""
     from pipeline.balance import choose_weights
     from pipeline.encode import EncodeError
 
+    try:
+        options = settings.train.overridden(max_steps=max_steps, seed=seed)
+        base_model = base_model_dir(settings, base_model)
+    except (ValueError, ConfigError) as exc:
+        fail(exc, 2)
     snap, general_records, template = _read_inputs(settings, data, general, chat_template)
     warn_skipped(snap)
     skipped_rows = snap.stats.skipped_rows
@@ -61,10 +67,6 @@ def train(
     from flows.training import TrainInputs, run_training
     from pipeline.train_errors import DivergedError, GeneralAbilityError, TrainError
 
-    try:
-        options = settings.train.overridden(max_steps=max_steps, seed=seed)
-    except ValueError as exc:
-        fail(exc, 2)
     _init_distributed()
     inputs = TrainInputs.from_snapshot(
         snap,

@@ -245,3 +245,80 @@ def test_publish_of_an_unregistered_version_names_the_versions_there_are(tmp_pat
     result = runner.invoke(app, [*args[:2], "my-adapter", *args[3:]])
     assert result.exit_code == 2
     assert "neither an adapter directory nor a version name" in result.output
+
+
+def _cycle_config(tmp_path: Path, serving: str = "", extra: str = "") -> Path:
+    config = tmp_path / "cycle.toml"
+    config.write_text(
+        f'[serving]\nreplicas = ["http://127.0.0.1:9"]\n{serving}\n'
+        f'[cycle]\nwork_dir = "{tmp_path / "cycles"}"\n{extra}\n'
+        f'[store]\nurl = "{tmp_path / "store"}"\n'
+    )
+    return config
+
+
+@pytest.mark.parametrize("command", ["run", "schedule"])
+def test_a_cycle_without_a_base_model_exits_2_before_prefect_starts(
+    tmp_path: Path, command: str
+) -> None:
+    config = _cycle_config(tmp_path)
+    result = runner.invoke(app, [command, "--config", str(config)])
+    assert result.exit_code == 2
+    assert "[serving] base_model" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cycles").exists()  # no Prefect server, no run directory
+
+
+def test_a_cycle_names_every_missing_file_and_unloadable_scorer_at_once(tmp_path: Path) -> None:
+    serving = f'base_model = "{tmp_path / "no-model"}"'
+    extra = f'chat_template = "{tmp_path / "t.jinja"}"\n[gate]\nscorer = "no_such_module:f"'
+    config = _cycle_config(tmp_path, serving, extra)
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    for key in ("[serving] base_model", "[cycle] chat_template", "[gate] scorer"):
+        assert key in result.output
+    assert not (tmp_path / "cycles").exists()
+
+
+def _train_data(tmp_path: Path, n: int) -> Path:
+    from deploy.local.synthetic import unpaired_examples
+
+    data = tmp_path / "data.jsonl"
+    unpaired_examples(n, seed=0).to_json(data, orient="records", lines=True)
+    return data
+
+
+def test_train_without_a_base_model_names_the_flag_and_the_key(tmp_path: Path) -> None:
+    data, out = _train_data(tmp_path, 64), tmp_path / "adapter"
+    config = _cycle_config(tmp_path)
+    args = ["train", "--data", str(data), "--out", str(out), "--config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "--base-model" in result.output and "[serving] base_model" in result.output
+    assert not out.exists()
+
+
+def test_train_takes_the_base_model_from_the_config(tmp_path: Path) -> None:
+    data, out = _train_data(tmp_path, 4), tmp_path / "adapter"
+    args = ["train", "--data", str(data), "--out", str(out), "--config"]
+    wrong = _cycle_config(tmp_path, f'base_model = "{tmp_path / "none"}"')
+    result = runner.invoke(app, [*args, str(wrong)])
+    assert result.exit_code == 2
+    assert f"[serving] base_model: no model directory at {tmp_path / 'none'}" in result.output
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    right = _cycle_config(tmp_path, f'base_model = "{model}"')
+    result = runner.invoke(app, [*args, str(right)])
+    # Accepted: the run goes on to the data, too little of it to train on.
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "skipped"
+
+
+def test_publish_with_a_base_model_that_is_no_model_exits_2_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    config = _cycle_config(tmp_path, f'base_model = "{tmp_path}"')
+    args = ["publish", "--adapter", "v1", "--alias", "chat", "--config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "[serving] base_model" in result.output and "config.json" in result.output
