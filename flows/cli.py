@@ -94,6 +94,64 @@ def snapshot(
     ingest_cli.snapshot(settings_from(config), data, out)
 
 
+@app.command("import")
+def import_(
+    source: Annotated[Path, typer.Argument(help="An export file, or a directory of them.")],
+    from_: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="openwebui, langsmith, langfuse or openai (TRL datasets: use "
+            "`kto-loop snapshot --data`).",
+        ),
+    ],
+    to: Annotated[str, typer.Option("--to", help="kafka (the feedback topic) or snapshot.")] = (
+        "kafka"
+    ),
+    config: ConfigOption = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base model of records that name none.")
+    ] = None,
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            help="LangSmith feedback key / Langfuse score name that is a thumbs (repeat; "
+            "'*' for any; default user_score, user_feedback, thumbs, feedback, vote).",
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="A [0, 1] score above is a like, below a dislike.")
+    ] = 0.5,
+    category: Annotated[
+        list[str] | None,
+        typer.Option("--category", help="VALUE=like or VALUE=dislike for a word (repeat)."),
+    ] = None,
+    rating_field: Annotated[
+        list[str] | None,
+        typer.Option("--rating-field", help="Dotted path of an OpenAI log's thumbs (repeat)."),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Report of what was not imported (default ./import-FORMAT-report.jsonl)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Snapshot directory with --to snapshot (default: snapshot.out_dir)."
+        ),
+    ] = None,
+) -> None:
+    """Import thumbs from Open WebUI, LangSmith, Langfuse or OpenAI-style logs into the
+    feedback topic or a snapshot; the last line of stdout is a JSON summary."""
+    from flows import import_cli
+
+    options = import_cli.options_from(model, key, threshold, category, rating_field)
+    import_cli.import_feedback(settings_from(config), from_, source, to, options, report, out)
+
+
 @app.command()
 def train(
     data: Annotated[
