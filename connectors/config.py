@@ -206,6 +206,65 @@ class EventsConfig(_Section):
         return self
 
 
+class FeedbackHttpConfig(_Section):
+    """`kto-loop serve-feedback`: the HTTP endpoint in front of the feedback topic.
+
+    API keys are named (`{name = key}`): the name labels metrics, logs and the per-key
+    rate limit, the key itself stays secret (KTO_LOOP_FEEDBACK_HTTP__API_KEYS='{"web":
+    "..."}'). Rate limits are in `limits` notation ("20/second;600/minute") and count
+    events, not requests."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8088, ge=0, le=65535)
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict, description="name -> key; clients send `Authorization: Bearer KEY`"
+    )
+    allow_anonymous: bool = Field(
+        False, description="accept requests without a key (a local try-out only)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to post, e.g. https://chat.example.com",
+    )
+    rate_per_key: str = Field("2000/second", description="events per API key")
+    rate_per_user: str = Field(
+        "5/second;300/hour", description="events per user_id (events without one: per key only)"
+    )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="where rate-limit counters live: memory:// (per process) or redis://host:6379 "
+        "(shared by every replica of the endpoint)",
+    )
+    max_events_per_request: int = Field(1000, ge=1)
+    produce_timeout_seconds: float = Field(
+        10.0, gt=0, description="longest wait for the broker's acknowledgement before a 503"
+    )
+
+    @field_validator("rate_per_key", "rate_per_user")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f'{value!r} is not a rate limit; write e.g. "20/second" or "5/second;300/hour"'
+            ) from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        short = [name for name, key in value.items() if len(key.get_secret_value()) < 16]
+        if short:
+            raise ValueError(
+                f"the keys named {', '.join(short)} are shorter than 16 characters; make one "
+                "with `openssl rand -hex 24`"
+            )
+        return value
+
+
 class SnapshotConfig(_Section):
     """How feedback becomes a training snapshot, and where snapshots are written."""
 
@@ -399,6 +458,7 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    feedback_http: FeedbackHttpConfig = Field(default_factory=FeedbackHttpConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     balance: BalanceOptions = Field(default_factory=BalanceOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)

@@ -43,7 +43,7 @@ class _NoListener(OSError):
     """No bootstrap server accepts TCP connections."""
 
 
-def _any_listening(servers: list[str], timeout: float = 2.0) -> None:
+def any_listening(servers: list[str], timeout: float = 2.0) -> None:
     errors = []
     for server in servers:
         host, _, port = server.rpartition(":")
@@ -89,7 +89,7 @@ def wait_for_broker(
         return (stop_after_delay(timeout_seconds) if timeout_seconds else stop_never)(state)
 
     def attempt() -> T:
-        _any_listening(kafka.bootstrap_servers)
+        any_listening(kafka.bootstrap_servers)
         return connect()
 
     retrying = Retrying(

@@ -64,6 +64,30 @@ def produce_sample(
     ingest_cli.produce_sample(settings_from(config), events, seed, malformed, pad_to, adapter)
 
 
+@app.command("serve-feedback")
+def serve_feedback(
+    config: ConfigOption = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Override [feedback_http] host.")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Override [feedback_http] port.")
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Serve POST /v1/feedback: validate events as ingest does and produce them to the
+    feedback topic, answering 202 once the broker has them (also /healthz, /metrics).
+
+    SIGTERM or Ctrl-C stops taking requests, finishes those in flight, flushes the
+    producer, and ends the process by that signal (as uvicorn does). Exit codes: 1 could
+    not start, 2 bad config.
+    """
+    from flows import feedback_http_cli
+
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    feedback_http_cli.serve(settings_from(config), host, port, log_level)
+
+
 @app.command()
 def store(config: ConfigOption = None) -> None:
     """Summarise the feedback store: rows, labels, dead letters by kind."""
@@ -383,6 +407,28 @@ def status(
 
 
 @app.command()
+def metrics(
+    config: ConfigOption = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of /metrics.")] = 9309,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    cache_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Scrapes this close reuse one reading.")
+    ] = 10.0,
+    store_refresh_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Least time between two reads of the store.")
+    ] = 300.0,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Serve the alignment loop's Prometheus metrics (cycle outcomes, served versions,
+    liked share, publish latency) until SIGTERM or Ctrl-C."""
+    from flows import metrics_cli
+
+    metrics_cli.metrics(
+        settings_from(config), port, host, cache_seconds, store_refresh_seconds, log_level
+    )
+
+
+@app.command()
 def simulate(
     config: ConfigOption = None,
     model: Annotated[
@@ -433,6 +479,59 @@ def simulate(
         max_tokens=max_tokens,
         send=send,
     )
+
+
+@app.command("local-stack")
+def local_stack(
+    model: Annotated[
+        Path, typer.Option("--model", help="The model directory to serve (config.json, weights).")
+    ],
+    root: Annotated[
+        Path, typer.Option("--root", help="Store, registry, snapshots, runs and logs go here.")
+    ] = Path("data/local"),
+    kafka_port: Annotated[int, typer.Option("--kafka-port", min=1, max=65535)] = 9092,
+    vllm_port: Annotated[int, typer.Option("--vllm-port", min=1, max=65535)] = 8000,
+    prefect_port: Annotated[int, typer.Option("--prefect-port", min=1, max=65535)] = 4200,
+    host: Annotated[
+        str, typer.Option("--host", help="The address vLLM listens on (others: 127.0.0.1).")
+    ] = "127.0.0.1",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Check this config against the stack instead of writing ROOT/kto-loop.toml.",
+        ),
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="vLLM's --dtype.")] = "auto",
+    max_model_len: Annotated[
+        int | None,
+        typer.Option("--max-model-len", min=1, help="Default: the model's, at most 4096."),
+    ] = None,
+    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1)] = 8,
+) -> None:
+    """Start the broker, vLLM (with the swap plugin) on MODEL and a Prefect server, print
+    where each listens and the config file to use, and stop them all on Ctrl-C or SIGTERM.
+
+    The vLLM API key comes from KTO_LOOP_SERVING__API_KEY and the admin key from
+    KTO_LOOP_SERVING__ADMIN_KEY when set. Exit codes: 130 Ctrl-C, 143 SIGTERM, 1 a part
+    failed or died, 2 bad input.
+    """
+    from flows import local_stack_cli
+
+    options = local_stack_cli.StackOptions(
+        model=model,
+        root=root.resolve(),
+        kafka_port=kafka_port,
+        vllm_port=vllm_port,
+        prefect_port=prefect_port,
+        host=host,
+        config=config,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_lora_rank=max_lora_rank,
+    )
+    local_stack_cli.local_stack(options)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,11 @@ class KafkaSetup:
             "events": {"user_hash_key": HASH_KEY},
         }
 
-    def config_file(self, **ingest: Any) -> Path:
+    def config_file(self, sections: dict[str, dict[str, Any]] | None = None, **ingest: Any) -> Path:
+        """A TOML file of `overrides`, plus `sections` (e.g. {"feedback_http": {...}})."""
         o = self.overrides(**ingest)
         o["events"] = {}  # the key comes from the environment, as in production
+        o.update(sections or {})
         path = self.tmp / f"kto-loop-{uuid.uuid4().hex[:6]}.toml"
         path.write_text(_toml(o))
         return path
