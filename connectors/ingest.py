@@ -30,6 +30,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class _InFlight:
     positions: dict[TopicPartition, int]
     stored: int
     dead: int
+    dead_kinds: Tally[str]
 
 
 class _PartitionBatch:
@@ -136,6 +138,12 @@ class _Metrics:
         self.consumed = Counter("ktoloop_ingest_consumed", "Messages consumed", registry=r)
         self.stored = Counter("ktoloop_ingest_stored", "Feedback rows stored", registry=r)
         self.dead = Counter("ktoloop_ingest_dead_lettered", "Messages dead-lettered", registry=r)
+        self.dead_kinds = Counter(
+            "ktoloop_ingest_dead_lettered_by_kind",
+            "Messages dead-lettered, by kind (not_json, missing_field, too_large, ...)",
+            ["kind"],
+            registry=r,
+        )
         self.batches = Counter("ktoloop_ingest_batches", "Batches committed", registry=r)
         self.lag = Gauge("ktoloop_ingest_lag", "Messages behind the high watermark", registry=r)
 
@@ -387,6 +395,7 @@ class Ingestor:
             {tp: b.last + 1 for tp, b in batches.items()},
             sum(len(b.rows) for b in batches.values()),
             sum(len(b.dead_letters) for b in batches.values()),
+            Tally(d.error_kind for b in batches.values() for d in b.dead_letters),
         )
 
     def _finish_in_flight(self, consumer: KafkaConsumer) -> None:
@@ -404,6 +413,8 @@ class Ingestor:
         self.stats.batches += 1
         self._metrics.stored.inc(in_flight.stored)
         self._metrics.dead.inc(in_flight.dead)
+        for kind, n in in_flight.dead_kinds.items():
+            self._metrics.dead_kinds.labels(kind).inc(n)
         self._metrics.batches.inc()
 
     def _wait_in_flight(self) -> None:
