@@ -160,6 +160,27 @@ class CycleRuns:
         except (OSError, ValueError):
             return None
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The run holding the lock, unless it was left by a run whose process died on
+        this machine (a holder on another host is taken at its word)."""
+        holder = self.holder()
+        if holder is None:
+            return None
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except (OSError, ValueError, KeyError):
+                return None
+        return holder
+
+
+def aliases_with_runs(work_dir: str | Path) -> list[str]:
+    """The aliases that have run records under `work_dir`, sorted."""
+    root = Path(work_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "runs").is_dir())
+
 
 def _describe(holder_file: Path) -> str:
     try:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -260,15 +259,7 @@ def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
 
 def _running(runs: CycleRuns) -> dict[str, Any] | None:
     """The run holding the lock, when its process is alive on this machine."""
-    holder = runs.holder()
-    if holder is None:
-        return None
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except (OSError, ValueError, KeyError):
-            return None  # left by a run that crashed
-    return holder
+    return runs.live_holder()
 
 
 def _liked_share(

@@ -1,0 +1,323 @@
+"""Prometheus metrics of the alignment loop, read from its records when scraped.
+
+The cycle is a batch job: a run lives for minutes once a night, in a process Prefect
+starts and ends, so counters kept in its memory would die with it, and a Pushgateway
+would keep only the last push per group and serve it forever after the loop stops.
+The durable truth is on disk already: every run leaves a record
+(`connectors.cycle_runs`), every promotion and rollback is in the alias's history
+(`connectors.adapter_registry`), and every vote is in the feedback store. So
+`LoopCollector` reads those when Prometheus scrapes, and holds what it built for
+`cache_seconds` (concurrent or frequent scrapes read nothing twice). The store is the
+expensive part: its liked share is recomputed only when its files changed, and at most
+once per `store_refresh_seconds`, whatever the scrape interval.
+
+Served by `kto-loop metrics` (its own long-running process, one per deployment: every
+value comes from shared files, so two of them would report the same numbers), or
+attached to any process's registry:
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(LoopCollector(settings))
+
+A source that cannot be read (a registry on an unreachable bucket) leaves its metrics
+out of that scrape and sets ktoloop_metrics_source_up{source} to 0; the rest still
+report. Counters here are counts of records on disk: they only grow as long as run
+records and alias histories are kept, which nothing in kto-loop deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import pandas as pd
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from connectors.adapter_registry import AdapterRegistry
+from connectors.config import Settings
+from connectors.cycle_runs import CycleRuns, aliases_with_runs
+from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from pipeline.loop_metrics import (
+    AliasSummary,
+    CycleSummary,
+    histogram,
+    summarize_alias,
+    summarize_runs,
+)
+from pipeline.production import LIKED_SHARE, VOTES, liked_share_by_adapter
+from pipeline.records import ADAPTER
+from pipeline.registry import RegistryError, parse_served_name
+from pipeline.snapshot import SnapshotError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9309
+# Publishing loads and smoke-tests on every replica, then swaps: under a second on one
+# idle replica, tens of seconds for many replicas or a slow smoke completion.
+PUBLISH_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RUNS, REGISTRY, STORE = "runs", "registry", "store"
+
+# The metrics `kto-loop serve-feedback` (the HTTP endpoint in front of the feedback
+# topic) is expected to export, as (family name, type) the way prometheus_client's
+# parser reports them (a counter family is named without its _total suffix). The
+# Grafana dashboard queries them, and tests/test_metrics.py checks them against that
+# app's /metrics once it exists: change this tuple and the app together.
+HTTP_METRICS = (
+    ("ktoloop_feedback_http_requests", "counter"),  # label: code
+    ("ktoloop_feedback_http_events_accepted", "counter"),
+    ("ktoloop_feedback_http_events_rejected", "counter"),  # label: reason
+    ("ktoloop_feedback_http_rate_limited", "counter"),
+    ("ktoloop_feedback_http_produce_seconds", "histogram"),
+)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What one scrape read: per alias, its runs and history; the store's liked share."""
+
+    runs: dict[str, CycleSummary]
+    running: dict[str, bool]
+    aliases: dict[str, AliasSummary]
+    liked_share: pd.DataFrame | None
+    store_read_at: float | None
+    up: dict[str, bool]
+
+
+class LoopCollector(Collector):
+    """A prometheus_client collector of the loop's state: cycle outcomes, what each
+    alias serves, liked share per adapter version, publish latency, and when each
+    happened last.
+
+    Args:
+        settings: where the run records ([cycle] work_dir), the registry and the store
+            are; [cycle] alias is reported even before its first run.
+        cache_seconds: a scrape within this long of the last one reuses its values.
+        store_refresh_seconds: the least time between two reads of the feedback store.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache_seconds: float = 10.0,
+        store_refresh_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.cache_seconds = cache_seconds
+        self.store_refresh_seconds = store_refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._families: list[Metric] | None = None
+        self._built_at = 0.0
+        self._store_files: list[str] | None = None
+        self._store_checked_at: float | None = None
+        self._liked_share: pd.DataFrame | None = None
+        self._store_read_at: float | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # The families this collector reports, without reading anything: registering
+        # it must not scan the store.
+        return _families(_Scan({}, {}, {}, None, None, {}))
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            now = self._clock()
+            if self._families is None or now - self._built_at >= self.cache_seconds:
+                self._families = list(_families(self._scan(now)))
+                self._built_at = now
+            return list(self._families)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _scan(self, now: float) -> _Scan:
+        s = self.settings
+        up = {RUNS: True, REGISTRY: True, STORE: True}
+        registry = AdapterRegistry(s.registry.url, s.registry.storage_options)
+        try:
+            registered = registry.aliases()
+        except (OSError, ValueError) as exc:
+            up[REGISTRY] = False
+            log.warning("metrics: cannot list the registry at %s: %s", s.registry.url, exc)
+            registered = []
+        names = sorted({s.cycle.alias, *registered, *aliases_with_runs(s.cycle.work_dir)})
+        runs, running, aliases = {}, {}, {}
+        for alias in names:
+            try:
+                cycle = CycleRuns(s.cycle.work_dir, alias)
+                runs[alias] = summarize_runs(cycle.recent(n=1_000_000))
+                running[alias] = cycle.live_holder() is not None
+            except (OSError, RegistryError) as exc:
+                up[RUNS] = False
+                log.warning("metrics: cannot read %s's run records: %s", alias, exc)
+            try:
+                aliases[alias] = summarize_alias(registry.history(alias))
+            except (OSError, ValueError, KeyError, RegistryError) as exc:
+                up[REGISTRY] = False
+                log.warning("metrics: cannot read %s's history: %s", alias, exc)
+        up[STORE] = self._refresh_liked_share(now)
+        return _Scan(runs, running, aliases, self._liked_share, self._store_read_at, up)
+
+    def _refresh_liked_share(self, now: float) -> bool:
+        """Recompute the liked share when the store's files changed and the last read
+        is store_refresh_seconds old; say whether the store could be read."""
+        checked = self._store_checked_at
+        if checked is not None and now - checked < self.store_refresh_seconds:
+            return True
+        s = self.settings.store
+        try:
+            store = FeedbackStore(s.url, s.storage_options)
+            files = store.files(FEEDBACK)
+            if files != self._store_files:
+                self._liked_share = liked_share_by_adapter(store.read(FEEDBACK))
+                self._store_files = files
+                self._store_read_at = time.time()
+        except (StoreError, OSError, SnapshotError) as exc:
+            log.warning("metrics: cannot read the feedback store at %s: %s", s.url, exc)
+            return False
+        self._store_checked_at = now
+        return True
+
+
+def _families(scan: _Scan) -> Iterator[Metric]:
+    yield from _cycle_families(scan)
+    yield from _alias_families(scan)
+    yield from _liked_share_families(scan)
+    up = GaugeMetricFamily(
+        "ktoloop_metrics_source_up",
+        "1 when the last scrape could read this source (runs, registry, store), else 0",
+        labels=["source"],
+    )
+    for source, ok in sorted(scan.up.items()):
+        up.add_metric([source], 1.0 if ok else 0.0)
+    yield up
+    read_at = GaugeMetricFamily(
+        "ktoloop_metrics_store_read_timestamp_seconds",
+        "When the liked share was last computed from the feedback store (Unix time)",
+    )
+    if scan.store_read_at is not None:
+        read_at.add_metric([], scan.store_read_at)
+    yield read_at
+
+
+def _cycle_families(scan: _Scan) -> Iterator[Metric]:
+    outcomes = CounterMetricFamily(
+        "ktoloop_cycle_runs",
+        "Finished alignment cycle runs by outcome: published, refused (by the gate or the "
+        "generation check), skipped (too little new feedback, busy), no_gain, failed, "
+        "crashed, unreadable",
+        labels=["alias", "outcome"],
+    )
+    running = GaugeMetricFamily(
+        "ktoloop_cycle_running", "1 while a cycle of the alias runs", labels=["alias"]
+    )
+    last_start = GaugeMetricFamily(
+        "ktoloop_cycle_last_run_timestamp_seconds",
+        "When the alias's newest cycle run started (Unix time)",
+        labels=["alias"],
+    )
+    last_end = GaugeMetricFamily(
+        "ktoloop_cycle_last_outcome_timestamp_seconds",
+        "When the alias's newest run with this outcome finished (Unix time)",
+        labels=["alias", "outcome"],
+    )
+    duration = GaugeMetricFamily(
+        "ktoloop_cycle_last_run_seconds",
+        "Wall time of the alias's newest finished cycle run",
+        labels=["alias"],
+    )
+    publish = HistogramMetricFamily(
+        "ktoloop_publish_seconds",
+        "Time to publish a version on every replica (load, smoke test, switch), per "
+        "cycle run that published",
+        labels=["alias"],
+    )
+    last_publish = GaugeMetricFamily(
+        "ktoloop_publish_last_seconds",
+        "Time the alias's newest cycle publish took",
+        labels=["alias"],
+    )
+    for alias, summary in sorted(scan.runs.items()):
+        for outcome, count in summary.outcomes.items():
+            outcomes.add_metric([alias, outcome], count)
+        running.add_metric([alias], 1.0 if scan.running.get(alias) else 0.0)
+        if summary.last_started is not None:
+            last_start.add_metric([alias], summary.last_started)
+        for outcome, at in sorted(summary.last_finished.items()):
+            last_end.add_metric([alias, outcome], at)
+        if summary.last_seconds is not None:
+            duration.add_metric([alias], summary.last_seconds)
+        seconds = summary.publish_seconds
+        publish.add_metric([alias], histogram(seconds, PUBLISH_BUCKETS), sum(seconds))
+        if seconds:
+            last_publish.add_metric([alias], seconds[-1])
+    yield from (outcomes, running, last_start, last_end, duration, publish, last_publish)
+
+
+def _alias_families(scan: _Scan) -> Iterator[Metric]:
+    served = GaugeMetricFamily(
+        "ktoloop_alias_served_version",
+        "N of the version vN the alias serves per its history (0: never published)",
+        labels=["alias"],
+    )
+    events = CounterMetricFamily(
+        "ktoloop_alias_events",
+        "Promotions and rollbacks of the alias",
+        labels=["alias", "action"],
+    )
+    changed = GaugeMetricFamily(
+        "ktoloop_alias_last_change_timestamp_seconds",
+        "When the alias last switched version, by publish or rollback (Unix time)",
+        labels=["alias"],
+    )
+    for alias, summary in sorted(scan.aliases.items()):
+        served.add_metric([alias], summary.served_version)
+        for action, count in summary.events.items():
+            events.add_metric([alias, action], count)
+        if summary.last_changed is not None:
+            changed.add_metric([alias], summary.last_changed)
+    yield from (served, events, changed)
+
+
+def _liked_share_families(scan: _Scan) -> Iterator[Metric]:
+    labels = ["adapter", "alias", "version"]
+    share = GaugeMetricFamily(
+        "ktoloop_adapter_liked_share",
+        "Share of production votes on the adapter version's answers that were likes",
+        labels=labels,
+    )
+    votes = GaugeMetricFamily(
+        "ktoloop_adapter_votes",
+        "Production votes counted for the adapter version (latest vote per user and "
+        "message, retractions withdrawn)",
+        labels=labels,
+    )
+    frame = scan.liked_share
+    if frame is not None:
+        for adapter, n, liked_share in zip(
+            frame[ADAPTER], frame[VOTES], frame[LIKED_SHARE], strict=True
+        ):
+            alias, version = parse_served_name(adapter) or ("", "")
+            share.add_metric([adapter, alias, version], float(liked_share))
+            votes.add_metric([adapter, alias, version], int(n))
+    yield from (share, votes)
+
+
+def serve(
+    collector: Collector, port: int = DEFAULT_PORT, host: str = "0.0.0.0"
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `collector` alone on http://host:port/metrics from a daemon thread; return
+    the server (call its shutdown() to stop) and its thread."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return start_http_server(port, addr=host, registry=registry)
