@@ -34,6 +34,7 @@ def export_files(path: Path) -> list[Path]:
         ImportInputError: the path does not exist, or the directory holds no such file.
     """
     if path.is_file():
+        _sniff(path)
         return [path]
     if not path.exists():
         raise ImportInputError(f"{path} does not exist; give an export file or a directory")
@@ -46,7 +47,24 @@ def export_files(path: Path) -> list[Path]:
     )
     if not files:
         raise ImportInputError(f"{path} holds no {', '.join(SUFFIXES)} file to import")
+    for file in files:
+        _sniff(file)
     return files
+
+
+def _sniff(file: Path) -> None:
+    """Refuse, before anything is sent, a file whose first character cannot start JSON
+    (an HTML error page or a CSV saved under a .json name)."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    except OSError as exc:
+        raise ImportInputError(f"could not read {file}: {exc}") from None
+    if head and head[:1] not in (b"[", b"{"):
+        raise ImportInputError(
+            f"{file} is not JSON (it starts with {head[:20]!r}); exports are JSON arrays, "
+            "JSON lines or API pages"
+        )
 
 
 def read_records(path: Path) -> Iterator[tuple[str, Any] | Unmapped]:
