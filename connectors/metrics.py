@@ -67,16 +67,16 @@ DEFAULT_PORT = 9309
 PUBLISH_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RUNS, REGISTRY, STORE = "runs", "registry", "store"
 
-# The metrics `kto-loop serve-feedback` (the HTTP endpoint in front of the feedback
-# topic) is expected to export, as (family name, type) the way prometheus_client's
-# parser reports them (a counter family is named without its _total suffix). The
-# Grafana dashboard queries them, and tests/test_metrics.py checks them against that
-# app's /metrics once it exists: change this tuple and the app together.
+# The metrics `kto-loop serve-feedback` (connectors/feedback_http.py, the HTTP endpoint
+# in front of the feedback topic) exports and the Grafana dashboard queries, as (family
+# name, type) the way prometheus_client's parser reports them (a counter family is
+# named without its _total suffix). tests/test_metrics.py checks them against that
+# app's registry: change this tuple, the app and the dashboard together.
 HTTP_METRICS = (
     ("ktoloop_feedback_http_requests", "counter"),  # label: code
     ("ktoloop_feedback_http_events_accepted", "counter"),
     ("ktoloop_feedback_http_events_rejected", "counter"),  # label: reason
-    ("ktoloop_feedback_http_rate_limited", "counter"),
+    ("ktoloop_feedback_http_rate_limited", "counter"),  # label: limit
     ("ktoloop_feedback_http_produce_seconds", "histogram"),
 )
 

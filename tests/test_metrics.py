@@ -361,12 +361,9 @@ def exported_series(text: str) -> dict[str, str]:
 
 
 def _http_metrics_text() -> str:
-    """serve-feedback's /metrics page from its real registry, or, until that app exists,
-    from the names connectors.metrics.HTTP_METRICS expects it to export."""
-    try:
-        from connectors.feedback_http import HttpMetrics
-    except ImportError:
-        return "".join(f"# TYPE {name} {kind}\n" for name, kind in HTTP_METRICS)
+    """serve-feedback's /metrics page, from its real registry."""
+    from connectors.feedback_http import HttpMetrics
+
     return generate_latest(HttpMetrics().registry).decode()
 
 
@@ -405,7 +402,6 @@ def test_every_metric_the_dashboard_queries_is_exported(tmp_path: Path) -> None:
 
 
 def test_serve_feedback_exports_the_http_metrics_the_dashboard_expects() -> None:
-    feedback_http = pytest.importorskip("connectors.feedback_http")
-    text = generate_latest(feedback_http.HttpMetrics().registry).decode()
+    text = _http_metrics_text()
     families = {(f.name, f.type) for f in text_string_to_metric_families(text)}
     assert set(HTTP_METRICS) <= families
