@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kto-loop-bench-cycle-") as tmp_name:
         tmp = Path(tmp_name)
         model = build_tiny_model(tmp / "model")
-        with local_stack(tmp, model, overrides) as stack:
+        with local_stack(tmp, model, overrides, api_key=secrets.token_hex(16)) as stack:
             settings, config = stack.settings, stack.config
             from flows.alignment import alignment_cycle
 

@@ -108,7 +108,7 @@ def run_demo(
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]
     console.print("starting the broker, vLLM and Prefect (health-checked, about a minute)")
     with (
-        local_stack(run_dir, model, overrides) as stack,
+        local_stack(run_dir, model, overrides, api_key=secrets.token_hex(16)) as stack,
         prefect_api(run_dir / "logs" / "prefect.log", home=run_dir / "prefect", ui=False) as api,
     ):
         t = phase("stack", t)

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from connectors.config import load_settings
 from connectors.ingest import IngestStats
 from flows.cli import app
 from flows.ingest_cli import _StatusLine
@@ -322,3 +323,95 @@ def test_publish_with_a_base_model_that_is_no_model_exits_2_naming_the_key(
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "[serving] base_model" in result.output and "config.json" in result.output
+
+
+def _local_stack(tmp_path: Path, *extra: str) -> list[str]:
+    from deploy.local.broker import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    return [
+        "local-stack",
+        "--root",
+        str(tmp_path / "local"),
+        "--kafka-port",
+        ports[0],
+        "--vllm-port",
+        ports[1],
+        "--prefect-port",
+        ports[2],
+        *extra,
+    ]
+
+
+def test_local_stack_without_a_model_directory_exits_2_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    result = runner.invoke(app, _local_stack(tmp_path, "--model", str(tmp_path / "none")))
+    assert result.exit_code == 2
+    assert f"--model: no model directory at {tmp_path / 'none'}" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, _local_stack(tmp_path, "--model", str(tmp_path / "empty")))
+    assert result.exit_code == 2 and "config.json" in result.output
+    assert not (tmp_path / "local").exists()
+
+
+def _fake_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return model
+
+
+def test_local_stack_without_the_vllm_venv_says_to_run_make_setup_vllm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KTO_LOOP_VLLM_PYTHON", str(tmp_path / "no-venv/bin/python"))
+    result = runner.invoke(app, _local_stack(tmp_path, "--model", str(_fake_model(tmp_path))))
+    assert result.exit_code == 2
+    assert "make setup-vllm" in result.output
+    assert not (tmp_path / "local").exists()
+
+
+def test_local_stack_refuses_a_port_in_use_and_a_config_that_points_elsewhere(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    model = _fake_model(tmp_path)
+    args = _local_stack(tmp_path, "--model", str(model))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(args[args.index("--vllm-port") + 1])))
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "is in use" in result.output and "--vllm-port" in result.output
+
+    config = tmp_path / "mine.toml"
+    config.write_text('[kafka]\nbootstrap_servers = ["127.0.0.1:9092"]\n')
+    result = runner.invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 2
+    for key in ("[kafka] bootstrap_servers", "[serving] replicas", "[serving] base_model"):
+        assert key in result.output
+    assert not (tmp_path / "local").exists()
+
+
+def test_the_local_config_example_points_where_local_stack_listens_by_default() -> None:
+    from flows.local_stack_cli import StackOptions, _mismatches
+
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(root / "deploy/kto-loop.local.toml")
+    options = StackOptions(
+        model=Path("/models/my-model"),
+        root=root / "data/local",
+        kafka_port=9092,
+        vllm_port=8000,
+        prefect_port=4200,
+        host="127.0.0.1",
+        config=None,
+        dtype="auto",
+        max_model_len=None,
+        max_lora_rank=8,
+    )
+    assert _mismatches(settings, options, Path("/models/my-model")) == []
+    assert _mismatches(settings, options, Path("/models/other"))[0].startswith(
+        "[serving] base_model"
+    )

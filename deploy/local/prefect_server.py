@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,12 +28,33 @@ from deploy.local.broker import free_port
 from deploy.local.processes import start_child, stop_child
 
 
-@contextlib.contextmanager
-def running_prefect_server(
-    log_path: Path, *, home: Path | None = None, ui: bool = True, timeout: float = 120.0
-) -> Iterator[str]:
-    """Start `prefect server start` on 127.0.0.1 and a free port, point this process's
-    Prefect settings at it (PREFECT_API_URL) until the block ends, then stop it.
+@dataclass
+class PrefectServer:
+    """A running `prefect server start`."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """Its API URL, what PREFECT_API_URL must say to use it."""
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def stop(self) -> None:
+        stop_child(self.process, timeout=15)
+
+
+def start_prefect_server(
+    log_path: Path,
+    *,
+    port: int | None = None,
+    home: Path | None = None,
+    ui: bool = True,
+    timeout: float = 120.0,
+) -> PrefectServer:
+    """Start `prefect server start` on 127.0.0.1:port (a free one by default) and return
+    once it answers /health.
 
     Args:
         log_path: the server's output, appended.
@@ -42,10 +65,7 @@ def running_prefect_server(
         RuntimeError: the server exited or did not answer /health within `timeout` s;
             the message holds the end of its log.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    port = port or free_port()
     env = {
         **os.environ,
         # Its telemetry errors on a locked SQLite database offline (DESIGN.md).
@@ -58,25 +78,47 @@ def running_prefect_server(
         env["PREFECT_HOME"] = str(home)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     process = start_child([*cmd, "--port", str(port)], log_path=log_path, env=env)
+    server = PrefectServer(process, port, log_path)
     try:
         deadline = time.monotonic() + timeout
-        while not _healthy(url):
+        while not _healthy(server.url):
             if process.poll() is not None:
                 state = f"exited ({process.returncode})"
             elif time.monotonic() > deadline:
-                state = f"did not answer {url}/health in {timeout:.0f} s"
+                state = f"did not answer {server.url}/health in {timeout:.0f} s"
             else:
                 time.sleep(0.5)  # the poll interval of a deadline loop
                 continue
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the local Prefect server {state}:\n{tail}")
-        with temporary_settings({PREFECT_API_URL: url}):
+    except BaseException:  # also Ctrl-C while it starts: nothing half-started stays
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_prefect_server(
+    log_path: Path,
+    *,
+    port: int | None = None,
+    home: Path | None = None,
+    ui: bool = True,
+    timeout: float = 120.0,
+) -> Iterator[str]:
+    """Start a server with `start_prefect_server`, point this process's Prefect settings
+    at it (PREFECT_API_URL) until the block ends, then stop it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = start_prefect_server(log_path, port=port, home=home, ui=ui, timeout=timeout)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.url}):
             try:
-                yield url
+                yield server.url
             finally:
                 _drain_clients()
     finally:
-        stop_child(process, timeout=15)
+        server.stop()
 
 
 @contextlib.contextmanager

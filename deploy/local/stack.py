@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,28 +58,53 @@ def stack_sections(root: Path, bootstrap: str, vllm_url: str, model_dir: Path) -
 
 @contextlib.contextmanager
 def local_stack(
-    root: Path, model_dir: Path, overrides: dict[str, dict[str, Any]] | None = None
+    root: Path,
+    model_dir: Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    kafka_port: int | None = None,
+    vllm_port: int | None = None,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    host: str = "127.0.0.1",
+    config: Path | None = None,
+    **vllm_flags: Any,
 ) -> Iterator[LocalStack]:
     """Start the broker and vLLM on `model_dir`, write `<root>/kto-loop.toml` (the local
-    parts, then `overrides` section by section), and stop both on the way out.
+    parts, then `overrides` section by section) unless `config` names the file to use,
+    and stop both on the way out.
 
-    The vLLM API key is made up here and handed over in the environment
-    (KTO_LOOP_SERVING__API_KEY), as production would, never written to the file.
+    Args:
+        kafka_port, vllm_port: fixed ports (default: free ones).
+        api_key: vLLM's --api-key. It is handed over in this process's environment
+            (KTO_LOOP_SERVING__API_KEY), as production would, never written to the file.
+        admin_key: the servers' control-plane key (see deploy/local/vllm_server.py).
+        host: the address vLLM listens on (reached at 127.0.0.1 here).
+        vllm_flags: more of `start_vllm`'s flags; dtype float32 and max_model_len 512
+            unless given.
     """
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(16)
-    with running_broker(log_path=logs / "broker.log") as broker:
+    flags = {"dtype": "float32", "max_model_len": 512, **vllm_flags}
+    with running_broker(kafka_port, log_path=logs / "broker.log") as broker:
         vllm = start_vllm(
-            model_dir, logs / "vllm.log", api_key=key, dtype="float32", max_model_len=512
+            model_dir,
+            logs / "vllm.log",
+            port=vllm_port,
+            api_key=api_key,
+            admin_key=admin_key,
+            host=host,
+            **flags,
         )
         try:
-            sections = stack_sections(root, broker.bootstrap, vllm.url, model_dir)
-            for name, values in (overrides or {}).items():
-                sections[name] = {**sections.get(name, {}), **values}
-            config = root / "kto-loop.toml"
-            config.write_text(_toml(sections))
-            os.environ["KTO_LOOP_SERVING__API_KEY"] = key
+            if config is None:
+                sections = stack_sections(root, broker.bootstrap, vllm.url, model_dir)
+                for name, values in (overrides or {}).items():
+                    sections[name] = {**sections.get(name, {}), **values}
+                config = root / "kto-loop.toml"
+                config.write_text(_toml(sections))
+            if api_key is not None:
+                os.environ["KTO_LOOP_SERVING__API_KEY"] = api_key
             yield LocalStack(root, broker, vllm, config, load_settings(config))
         finally:
             vllm.stop()
