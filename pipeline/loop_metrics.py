@@ -56,8 +56,8 @@ class CycleSummary:
     """One alias's cycle runs, summed up.
 
     Attributes:
-        outcomes: finished runs per outcome (every outcome present, zeros included).
-        running: runs whose record says they are running now.
+        outcomes: finished runs per outcome (every outcome present, zeros included;
+            runs still recorded as running are not counted).
         last_started: when the newest run started (epoch seconds), None before any.
         last_finished: per outcome, when the newest run with it finished.
         last_seconds: wall time of the newest finished run.
@@ -67,7 +67,6 @@ class CycleSummary:
     """
 
     outcomes: dict[str, int]
-    running: int = 0
     last_started: float | None = None
     last_finished: dict[str, float] = field(default_factory=dict)
     last_seconds: float | None = None
@@ -78,14 +77,12 @@ def summarize_runs(records: Iterable[Mapping[str, Any]]) -> CycleSummary:
     """Sum up an alias's run records (in any order)."""
     ordered = sorted(records, key=lambda r: r.get("started_at") or "")
     outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
-    running = 0
     last_finished: dict[str, float] = {}
     last_seconds = None
     publish_seconds = []
     for r in ordered:
         outcome = run_outcome(r)
         if outcome == RUNNING:
-            running += 1
             continue
         outcomes[outcome] += 1
         finished = timestamp(r.get("finished_at"))
@@ -99,7 +96,6 @@ def summarize_runs(records: Iterable[Mapping[str, Any]]) -> CycleSummary:
     starts = [t for t in (timestamp(r.get("started_at")) for r in ordered) if t is not None]
     return CycleSummary(
         outcomes=dict(outcomes),
-        running=running,
         last_started=max(starts, default=None),
         last_finished=last_finished,
         last_seconds=last_seconds,
