@@ -1,0 +1,94 @@
+"""The README's "Getting feedback in", run from its own code blocks against the real
+broker: votes over HTTP (curl and httpx), from a Kafka producer and from two tools'
+exports, all stored by `kto-loop ingest`.
+
+The ```sh and ```python blocks run in order as one script (the ```html one is a browser
+snippet). What differs from a user's terminal, and why:
+
+- the README's fixed addresses become the session's: its broker for 127.0.0.1:9092, a
+  free port for the endpoint's 127.0.0.1:8088, a fresh topic for chat-feedback;
+- `KTO_LOOP_CONFIG` names a config for them (the README's section runs with the local
+  stack's), and the user hash key comes from the environment, as there;
+- the script runs in a fresh directory whose `tests/` is the repository's, so the
+  example exports are where the README says and the import reports land there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connectors.store import FEEDBACK, FeedbackStore
+from deploy.local.broker import free_port
+from tests.conftest import HASH_KEY, KafkaSetup
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Getting feedback in"
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """The section's (language, code) blocks, in order."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return re.findall(r"```(\w+)\n(.*?)```", text[start:end], re.S)
+
+
+def script(blocks: list[tuple[str, str]]) -> str:
+    parts = ["set -euo pipefail"]
+    for language, code in blocks:
+        if language == "sh":
+            parts.append(code)
+        elif language == "python":
+            parts.append(f"python - <<'PYTHON'\n{code}PYTHON\n")
+    return "\n".join(parts)
+
+
+def test_the_section_walks_through_all_three_ways() -> None:
+    blocks = readme_blocks()
+    languages = [language for language, _ in blocks]
+    assert languages.count("python") == 2 and "html" in languages
+    code = "\n".join(c for _, c in blocks)
+    for step in ("kto-loop serve-feedback", "httpx.post", "KafkaProducer", "kto-loop import"):
+        assert step in code, step
+
+
+def test_every_way_in_the_readme_lands_in_the_store(kafka_setup: KafkaSetup, tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tests").symlink_to(ROOT / "tests")
+    port = free_port()
+    config = kafka_setup.config_file({"feedback_http": {"port": port}})
+    text = (
+        script(readme_blocks())
+        .replace("127.0.0.1:8088", f"127.0.0.1:{port}")
+        .replace("127.0.0.1:9092", kafka_setup.broker.bootstrap)
+        .replace('"chat-feedback"', f'"{kafka_setup.topic}"')
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "KTO_LOOP_CONFIG": str(config),
+        "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY,
+    }
+    done = subprocess.run(
+        ["bash", "-c", text], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    stored = FeedbackStore(str(kafka_setup.tmp / "store")).read(FEEDBACK)
+    ids = set(stored["event_id"])
+    assert {"readme-1", "readme-kafka-1"} <= ids  # curl, the Kafka producer
+    assert sum(len(i) == 36 and i.count("-") == 4 for i in ids) == 1  # httpx's uuid4
+    assert any(i.startswith("openwebui:") for i in ids)
+    assert any(i.startswith("langsmith:") for i in ids)
+    rows_line = next(line for line in done.stdout.splitlines() if "feedback rows" in line)
+    assert f" {len(stored):,} " in rows_line  # `kto-loop store`, last
+    assert (work / "langsmith-report.jsonl").exists()
+    assert (work / "import-openwebui-report.jsonl").exists()
