@@ -77,7 +77,10 @@ def _event(record: Any, options: ImportOptions) -> dict[str, Any]:
     chat_id = text_id(meta.get("chat_id")) or text_id(chat.get("id"))
     if message_id is None or chat_id is None:
         raise Skip("no_message", "meta names no chat_id or message_id")
-    rated, path = _branch(get_path(chat, "chat.history.messages"), message_id)
+    # Chats keep their tree in history.messages; older ones only a `messages` list,
+    # whose entries carry the same id and parentId.
+    tree = get_path(chat, "chat.history.messages") or get_path(chat, "chat.messages")
+    rated, path = _branch(tree, message_id)
     system = get_path(chat, "chat.params.system")
     messages = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
     messages += [_turn(m, f"message {m.get('id')}") for m in path]

@@ -116,6 +116,17 @@ def test_openwebui_attached_image_becomes_an_image_part() -> None:
     ]
 
 
+def test_openwebui_chat_with_only_a_messages_list_maps_from_it(tmp_path: Path) -> None:
+    # Chats saved before the history tree keep only `chat.messages`, same ids and parents.
+    record = json.loads((DATA / "openwebui" / "feedback-export-2025-03-01.json").read_text())[0]
+    chat = record["snapshot"]["chat"]["chat"]
+    chat["messages"] = list(chat.pop("history")["messages"].values())
+    (tmp_path / "old.json").write_text(json.dumps([record]))
+    (event,) = _events(_map("openwebui", tmp_path / "old.json")).values()
+    assert event["messages"][-1] == {"role": "user", "content": "What is the capital of France?"}
+    assert event["response"] == "Paris."
+
+
 def test_openwebui_report_names_each_record_it_could_not_map() -> None:
     assert _unmapped(_map("openwebui")) == {
         "feedback-export-2025-03-01.json[2]": "no_vote",
