@@ -128,7 +128,31 @@ def _checked(options: StackOptions) -> tuple[Path, int, str]:
             lines = [f"{options.config} does not point at this stack:", *problems]
             lines.append("fix it, or leave out --config to have one written")
             fail(ConfigError("\n".join(lines)), 2)
+        store, topic = settings.store.url, settings.kafka.topic
+    else:
+        store, topic = str(options.root / "store"), "chat-feedback"
+    if _holds_feedback(store, topic):
+        # The broker keeps its log in memory: a new one numbers offsets from 0 again,
+        # and the store, keyed by offsets, would take the new votes for stored ones.
+        fail(
+            ValueError(
+                f"the store {store} already holds feedback from an earlier broker, and this "
+                "one starts empty, so new votes would be lost there: pass a new --root, "
+                "or a --config whose [store] url is a new directory"
+            ),
+            2,
+        )
     return model, options.max_model_len or _max_model_len(model), python
+
+
+def _holds_feedback(store: str, topic: str) -> bool:
+    """Whether a local store has stored batches of `topic`."""
+    from connectors.store import FEEDBACK, FeedbackStore
+
+    if "://" in store:
+        return False  # object storage: not this machine's broker's to judge
+    directory = Path(FeedbackStore(store).partition_dir(FEEDBACK, topic, 0)).parent
+    return directory.is_dir() and any(directory.rglob("*.parquet"))
 
 
 def _mismatches(settings: Settings, options: StackOptions, model: Path) -> list[str]:

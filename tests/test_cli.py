@@ -415,3 +415,15 @@ def test_the_local_config_example_points_where_local_stack_listens_by_default() 
     assert _mismatches(settings, options, Path("/models/other"))[0].startswith(
         "[serving] base_model"
     )
+
+
+def test_local_stack_refuses_a_store_an_earlier_broker_filled(tmp_path: Path) -> None:
+    # The broker starts empty and numbers offsets from 0 again: the store would take new
+    # votes for ones it holds.
+    stored = tmp_path / "local/store/feedback/topic=chat-feedback/partition=2"
+    stored.mkdir(parents=True)
+    (stored / "00000000000000000000-00000000000000000009.parquet").write_bytes(b"")
+    result = runner.invoke(app, _local_stack(tmp_path, "--model", str(_fake_model(tmp_path))))
+    assert result.exit_code == 2
+    assert "already holds feedback" in result.output and "--root" in result.output
+    assert not (tmp_path / "local/logs").exists()
