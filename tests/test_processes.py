@@ -138,9 +138,13 @@ def test_kto_loop_run_leaves_no_prefect_server_behind(
     name: str, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
 ) -> None:
     signum, _ = SIGNALS[name]
+    model = tmp_path / "model"  # enough to pass the entry point's check; never loaded
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     config = tmp_path / "kto-loop.toml"
     config.write_text(
         f'[store]\nurl = "{tmp_path / "store"}"\n[cycle]\nwork_dir = "{tmp_path / "cycles"}"\n'
+        f'[serving]\nbase_model = "{model}"\n'
     )
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env["KTO_LOOP_EVENTS__USER_HASH_KEY"] = HASH_KEY
