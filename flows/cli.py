@@ -534,58 +534,5 @@ def local_stack(
     local_stack_cli.local_stack(options)
 
 
-@app.command("local-stack")
-def local_stack(
-    model: Annotated[
-        Path, typer.Option("--model", help="The model directory to serve (config.json, weights).")
-    ],
-    root: Annotated[
-        Path, typer.Option("--root", help="Store, registry, snapshots, runs and logs go here.")
-    ] = Path("data/local"),
-    kafka_port: Annotated[int, typer.Option("--kafka-port", min=1, max=65535)] = 9092,
-    vllm_port: Annotated[int, typer.Option("--vllm-port", min=1, max=65535)] = 8000,
-    prefect_port: Annotated[int, typer.Option("--prefect-port", min=1, max=65535)] = 4200,
-    host: Annotated[
-        str, typer.Option("--host", help="The address vLLM listens on (others: 127.0.0.1).")
-    ] = "127.0.0.1",
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="Check this config against the stack instead of writing ROOT/kto-loop.toml.",
-        ),
-    ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="vLLM's --dtype.")] = "auto",
-    max_model_len: Annotated[
-        int | None,
-        typer.Option("--max-model-len", min=1, help="Default: the model's, at most 4096."),
-    ] = None,
-    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1)] = 8,
-) -> None:
-    """Start the broker, vLLM (with the swap plugin) on MODEL and a Prefect server, print
-    where each listens and the config file to use, and stop them all on Ctrl-C or SIGTERM.
-
-    The vLLM API key comes from KTO_LOOP_SERVING__API_KEY and the admin key from
-    KTO_LOOP_SERVING__ADMIN_KEY when set. Exit codes: 130 Ctrl-C, 143 SIGTERM, 1 a part
-    failed or died, 2 bad input.
-    """
-    from flows import local_stack_cli
-
-    options = local_stack_cli.StackOptions(
-        model=model,
-        root=root.resolve(),
-        kafka_port=kafka_port,
-        vllm_port=vllm_port,
-        prefect_port=prefect_port,
-        host=host,
-        config=config,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        max_lora_rank=max_lora_rank,
-    )
-    local_stack_cli.local_stack(options)
-
-
 if __name__ == "__main__":
     app()
