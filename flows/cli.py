@@ -73,6 +73,9 @@ def serve_feedback(
     port: Annotated[
         int | None, typer.Option("--port", help="Override [feedback_http] port.")
     ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes serving the port.")
+    ] = 1,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Serve POST /v1/feedback: validate events as ingest does and produce them to the
@@ -85,7 +88,7 @@ def serve_feedback(
     from flows import feedback_http_cli
 
     setup_logging(log_level, rich=sys.stderr.isatty())
-    feedback_http_cli.serve(settings_from(config), host, port, log_level)
+    feedback_http_cli.serve(settings_from(config), config, host, port, workers, log_level)
 
 
 @app.command()

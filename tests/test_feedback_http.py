@@ -23,6 +23,7 @@ from kafka import KafkaConsumer, TopicPartition
 from connectors.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import Broker, free_port, start_broker
 from pipeline.snapshot import latest_votes
+from tests.children import Descendants
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,7 @@ def serve_feedback(tmp_path: Path) -> Iterator[Callable[..., Endpoint]]:
     with SIGTERM at the end, and must end by it."""
     started: list[Endpoint] = []
 
-    def start(setup: KafkaSetup, **feedback_http: Any) -> Endpoint:
+    def start(setup: KafkaSetup, *extra: str, **feedback_http: Any) -> Endpoint:
         port = free_port()
         config = setup.config_file({"feedback_http": {"port": port, **feedback_http}})
         log = tmp_path / f"serve-feedback-{port}.log"
@@ -79,7 +80,7 @@ def serve_feedback(tmp_path: Path) -> Iterator[Callable[..., Endpoint]]:
         }
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "serve-feedback", "-c", str(config)],
+                [sys.executable, "-m", "flows.cli", "serve-feedback", "-c", str(config), *extra],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -241,6 +242,30 @@ def test_a_user_over_the_rate_limit_gets_429_with_retry_after(
     accepted = sorted(json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup))
     assert accepted == [f"http-{i}" for i in (0, 1, 2, 4, 5, 6, 7)]
     assert 'ktoloop_feedback_http_rate_limited_total{limit="user"} 2.0' in endpoint.metrics()
+
+
+def test_worker_processes_share_the_port_and_die_with_the_server(
+    kafka_setup: KafkaSetup,
+    serve_feedback: Callable[..., Endpoint],
+    watch: Callable[[subprocess.Popen], Descendants],
+) -> None:
+    endpoint = serve_feedback(kafka_setup, "--workers", "2")
+    descendants = watch(endpoint.process)
+    with httpx.Client() as client:  # fresh connections, so both workers take some
+        for i in range(20):
+            r = client.post(
+                f"{endpoint.url}/v1/feedback",
+                json=event(i),
+                headers={"Authorization": f"Bearer {KEY}", "Connection": "close"},
+            )
+            assert r.status_code == 202, r.text
+    on_topic = sorted(json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup))
+    assert on_topic == sorted(f"http-{i}" for i in range(20))
+    workers = wait_until(lambda: descendants.running("spawn_main"), 30, "two workers")
+    assert len(workers) >= 2
+    endpoint.process.kill()  # SIGKILL: the workers cannot be told, they must notice
+    endpoint.process.wait(timeout=30)
+    descendants.wait_gone(30)
 
 
 # -- the broker failing under the endpoint ------------------------------------------
