@@ -35,7 +35,7 @@ from pipeline.imports import (
     Unmapped,
     content,
     get_path,
-    guarded,
+    map_each,
     require_model,
     response_text,
     text_id,
@@ -51,11 +51,7 @@ def map_export(
 ) -> Iterator[Mapped | Unmapped]:
     """One event, or the reason for none, per record read (what the reader could not
     read passes through)."""
-    for item in records:
-        if isinstance(item, Unmapped):
-            yield item
-        else:
-            yield guarded(item[0], _event, item[1], options)
+    return map_each(records, _event, options)
 
 
 def _event(record: Any, options: ImportOptions) -> dict[str, Any]:

@@ -380,6 +380,15 @@ def guarded(where: str, make: Any, *args: Any) -> Mapped | Unmapped:
         return Unmapped(where, skip.reason, skip.detail)
 
 
+def map_each(
+    records: Iterable[tuple[str, Any] | Unmapped], make: Any, options: ImportOptions
+) -> Iterator[Mapped | Unmapped]:
+    """`make(record, options)` guarded for each record read, for formats where one
+    record is one vote; what the reader could not read passes through."""
+    for item in records:
+        yield item if isinstance(item, Unmapped) else guarded(item[0], make, item[1], options)
+
+
 def check(items: Iterable[Mapped | Unmapped], parser: EventParser) -> Iterator[Checked | Unmapped]:
     """Each mapped event as the consumer parses it (the same `EventParser`), or why the
     consumer would dead-letter it; Unmapped items pass through."""
