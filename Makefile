@@ -60,6 +60,7 @@ bench: setup setup-vllm
 	$(PY) -m bench.train_vs_trl
 	$(PY) -m bench.hotswap
 	$(PY) -m bench.cycle
+	$(PY) -m bench.feedback_http
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
