@@ -3,11 +3,13 @@
 A snapshot is a directory named for its content id, under a local directory:
 
     <out_dir>/<id>/records.parquet   the training table (records.TRAINING_SCHEMA)
-    <out_dir>/<id>/snapshot.json     id, created_at, counts, stats and the options used
+    <out_dir>/<id>/snapshot.json     id, created_at, counts, stats, the options used and
+                                     the feedback window it was built from
 
 It is written into a temp directory beside it and renamed into place, so a reader
 never sees half a snapshot; writing one whose id already exists is a no-op (same id,
-same content).
+same content): its snapshot.json keeps the first build's window and run ids, while
+each adapter's version.json records the window of the build it was trained on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.lineage import FeedbackWindow
 from pipeline.records import TRAINING_SCHEMA
 from pipeline.snapshot import (
     Snapshot,
@@ -105,10 +108,12 @@ def read_snapshot(path: str | Path) -> Snapshot:
     stats = dict(metadata.get("stats", {}))
     # JSON gives a list back; the stats hold a tuple.
     stats["skipped_reasons"] = tuple(stats.get("skipped_reasons", ()))
+    window = metadata.get("window")  # absent in snapshots written before windows
     return dataclasses.replace(
         snapshot,
         stats=SnapshotStats(**stats),
         options=SnapshotOptions(**options) if options else None,
+        window=FeedbackWindow.from_dict(window) if window else None,
     )
 
 
@@ -122,7 +127,11 @@ def load_training_data(path: str | Path, options: SnapshotOptions | None = None)
     path = Path(path)
     if path.is_dir():
         return read_snapshot(path)
-    return snapshot_from_table(read_table_file(path), options)
+    snapshot = snapshot_from_table(read_table_file(path), options)
+    if snapshot.window is None:
+        return snapshot
+    window = dataclasses.replace(snapshot.window, file=str(path.resolve()))
+    return dataclasses.replace(snapshot, window=window)
 
 
 def read_table_file(path: str | Path) -> pd.DataFrame:
@@ -195,6 +204,7 @@ def _metadata(snapshot: Snapshot) -> dict[str, Any]:
         "counts": dataclasses.asdict(snapshot.counts),
         "stats": dataclasses.asdict(snapshot.stats),
         "config": dataclasses.asdict(snapshot.options) if snapshot.options else None,
+        "window": snapshot.window.as_dict() if snapshot.window else None,
     }
 
 

@@ -43,6 +43,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.examples import Example
+from pipeline.lineage import FeedbackWindow, feedback_window, votes_window
 from pipeline.records import (
     ADAPTER,
     CHOSEN,
@@ -201,7 +202,10 @@ class Snapshot:
 
     `table` has the columns of records.TRAINING_SCHEMA in a canonical order; treat it
     as read-only (the id describes it). `options` is None when the split was taken as
-    stored (a snapshot read back) rather than computed here.
+    stored (a snapshot read back) rather than computed here. `window` says which
+    feedback it was built from (pipeline/lineage.py); it describes the snapshot and is
+    not part of its content, so it leaves the id alone. None for a snapshot table
+    passed through, or read back from before windows were recorded.
     """
 
     id: str
@@ -209,6 +213,7 @@ class Snapshot:
     counts: SnapshotCounts
     stats: SnapshotStats
     options: SnapshotOptions | None
+    window: FeedbackWindow | None = field(default=None, compare=False)
 
     def records(self, split: str, repeats: RepeatPolicy = "collapse") -> list[Example]:
         """The examples of one split ("train" or "heldout"), in table order.
@@ -296,7 +301,8 @@ def build_snapshot(feedback: pd.DataFrame, options: SnapshotOptions | None = Non
     )
     # A vote on a message whose text is not in the row has nothing to train on.
     stats = replace(stats, unlabelled=stats.unlabelled + int((~has_text).sum()), votes=len(votes))
-    return _from_votes(votes, SOURCE_FEEDBACK, options, stats)
+    snapshot = _from_votes(votes, SOURCE_FEEDBACK, options, stats)
+    return replace(snapshot, window=feedback_window(feedback, counted))
 
 
 def latest_votes(feedback: pd.DataFrame) -> tuple[pd.DataFrame, SnapshotStats]:
@@ -432,7 +438,8 @@ def _from_trl_unpaired(frame: pd.DataFrame, options: SnapshotOptions) -> Snapsho
         }
     )
     stats = _with_skipped(SnapshotStats(rows_read=len(frame), votes=len(votes)), skipped)
-    return _from_votes(votes, SOURCE_TRL_UNPAIRED, options, stats)
+    snapshot = _from_votes(votes, SOURCE_TRL_UNPAIRED, options, stats)
+    return replace(snapshot, window=votes_window(votes))
 
 
 def _from_trl_paired(frame: pd.DataFrame, options: SnapshotOptions) -> Snapshot:
@@ -455,7 +462,9 @@ def _from_trl_paired(frame: pd.DataFrame, options: SnapshotOptions) -> Snapshot:
         }
     ).sort_values("_row", kind="mergesort")
     stats = _with_skipped(SnapshotStats(rows_read=len(frame), votes=len(votes)), skipped)
-    return _from_votes(votes.drop(columns="_row"), SOURCE_TRL_PAIRED, options, stats)
+    votes = votes.drop(columns="_row")
+    snapshot = _from_votes(votes, SOURCE_TRL_PAIRED, options, stats)
+    return replace(snapshot, window=votes_window(votes))
 
 
 def _readable_rows(
