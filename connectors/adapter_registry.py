@@ -3,7 +3,9 @@
     <root>/versions/v7/adapter_model.safetensors   the weights, as trained
     <root>/versions/v7/adapter_config.json
     <root>/versions/v7/trainer_manifest.json       the trainer's manifest, when there is one
-    <root>/versions/v7/version.json                lineage, base model, snapshot, metrics
+    <root>/versions/v7/version.json                lineage (parent, reference, snapshot and
+                                                   its feedback window, cycle run), base
+                                                   model, metrics
     <root>/aliases/chat.json                       every promotion and rollback of "chat"
 
 A version is written under a temporary name and renamed into place (locally), or written
@@ -43,6 +45,7 @@ from connectors.adapter_files import read_adapter
 from connectors.run_dir import ADAPTER_FILES, MANIFEST, read_manifest
 from connectors.store import fsync_dir, write_local_atomic
 from pipeline.adapter_check import AdapterRefused, ServingLimits, adapter_problems, check_adapter
+from pipeline.manifest import Manifest
 from pipeline.registry import (
     AliasHistory,
     RegistryError,
@@ -143,6 +146,8 @@ class AdapterRegistry:
         *,
         parent: str | None = None,
         snapshot_id: str | None = None,
+        snapshot_window: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
         note: str = "",
         limits: ServingLimits | None = None,
         base_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -150,10 +155,12 @@ class AdapterRegistry:
         """Check a trained adapter directory, copy it in as the next version, and return
         its version.json.
 
-        Lineage, base model, snapshot id and metrics come from the trainer's manifest.json
-        when the directory has one; `snapshot_id` overrides it.
+        Base model, snapshot id and window, warm start, reference and metrics come from
+        the trainer's manifest.json; `snapshot_id` and `snapshot_window` override them.
 
         Args:
+            parent: the version it continues (default: its warm start's); must exist.
+            run_id: the cycle run that trained it.
             limits: what the servers accept; with it (and `base_shapes`, the served base
                 model's weight shapes) the adapter must pass every check a publish makes.
                 Without it, only what no server would serve is refused.
@@ -208,10 +215,49 @@ class AdapterRegistry:
             },
             "note": note,
         }
+        record.update(self._lineage(record, trainer, snapshot_window, run_id))
         files = [src / f for f in ADAPTER_FILES]
         if trainer is not None:
             files.append(src / TRAINER_MANIFEST)
         return self._write_version(files, record)
+
+    def _lineage(
+        self,
+        record: Mapping[str, Any],
+        trainer: Manifest | None,
+        snapshot_window: Mapping[str, Any] | None,
+        run_id: str | None,
+    ) -> dict[str, Any]:
+        """The lineage fields of a new version.json besides parent and snapshot_id: the
+        snapshot's window, the run, the warm start and the reference (the parent, when
+        none was given, is the warm start's version)."""
+        init = self._named(trainer.init_adapter if trainer else None)
+        reference = self._named(trainer.reference_adapter if trainer else None)
+        if snapshot_window is None and trainer is not None:
+            snapshot_window = trainer.extra.get("snapshot_window")
+        return {
+            "parent": record["parent"] or (init or {}).get("version"),
+            "snapshot_window": dict(snapshot_window) if snapshot_window else None,
+            "run_id": run_id,
+            "init_adapter": init,
+            "reference": {"base_model": record["base_model"], **(reference or {"path": None})},
+        }
+
+    def _named(self, adapter: str | None) -> dict[str, Any] | None:
+        """{"path", "version"} of an adapter directory a run started from or referred
+        to: "version" is this registry's version with byte-identical weights whose
+        version.json the directory holds (a version's directory or a local copy of it),
+        else None. None for no directory."""
+        if adapter is None:
+            return None
+        path = Path(adapter)
+        version = None
+        with contextlib.suppress(OSError, ValueError, RegistryError):
+            named = json.loads((path / VERSION_FILE).read_text()).get("version")
+            digest = _sha256(path / "adapter_model.safetensors")
+            if named and self.info(named).get("sha256") == digest:
+                version = named
+        return {"path": adapter, "version": version}
 
     def _write_version(self, files: list[Path], record: dict[str, Any]) -> dict[str, Any]:
         def dest_name(f: Path) -> str:

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -283,6 +283,35 @@ class FeedbackStore:
     def read(self, table: str = FEEDBACK) -> pd.DataFrame:
         """All rows of a table as a DataFrame."""
         return self.read_arrow(table).to_pandas()
+
+    def read_ranges(
+        self,
+        ranges: Iterable[tuple[str, int, int, int]],
+        columns: Sequence[str],
+        table: str = FEEDBACK,
+    ) -> pa.Table:
+        """Only `columns` of the rows at the given offsets: (topic, partition, first,
+        last) ranges, inclusive. Only the batch files whose offsets overlap a range are
+        opened (their names say their offsets), and a pyarrow filter keeps the rows in
+        the ranges: a store grown since holds more."""
+        schema = _SCHEMAS[table]
+        paths: list[str] = []
+        keep: ds.Expression | None = None
+        for topic, partition, first, last in ranges:
+            files = self.batch_files(table, topic, partition)
+            paths += [f.path for f in files if f.first <= last and f.last >= first]
+            inside = (
+                (ds.field(records.KAFKA_TOPIC) == topic)
+                & (ds.field(records.KAFKA_PARTITION) == partition)
+                & (ds.field(records.KAFKA_OFFSET) >= first)
+                & (ds.field(records.KAFKA_OFFSET) <= last)
+            )
+            keep = inside if keep is None else keep | inside
+        if not paths:
+            return pa.schema([schema.field(c) for c in columns]).empty_table()
+        with _os_errors("read", f"{self.root}/{table}"):
+            dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.fs)
+            return dataset.to_table(columns=list(columns), filter=keep)
 
     def count(self, table: str = FEEDBACK) -> int:
         """Rows in a table, from Parquet footers only."""

@@ -121,9 +121,12 @@ def _only_io_errors(exceptions: tuple[type[BaseException], ...]) -> Callable[...
     retry_condition_fn=_only_io_errors((StoreError, OSError)),
     cache_policy=NO_CACHE,
 )
-def snapshot_store(settings: Settings) -> tuple[Snapshot, Path] | str:
+def snapshot_store(
+    settings: Settings, builds_on: dict[str, str | None] | None = None
+) -> tuple[Snapshot, Path] | str:
     """Freeze the store's feedback into a snapshot (content-addressed, so a retry
-    writes the same one); or say why there is nothing to freeze yet."""
+    writes the same one), its window naming the ids in `builds_on` (run_id, alias,
+    version); or say why there is nothing to freeze yet."""
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
@@ -131,6 +134,8 @@ def snapshot_store(settings: Settings) -> tuple[Snapshot, Path] | str:
         snap = build_snapshot(fs.read(FEEDBACK), settings.snapshot.options())
     except NothingToSnapshot as exc:
         return str(exc)
+    if snap.window is not None and builds_on:
+        snap = replace(snap, window=snap.window.built_on(**builds_on))
     return snap, write_snapshot(snap, Path(settings.snapshot.out_dir))
 
 
@@ -209,14 +214,22 @@ def gate_candidate(
 
 @task(name="register", retries=0, cache_policy=NO_CACHE)
 def register_candidate(
-    registry: AdapterRegistry, candidate: Path, parent: str | None, snapshot_id: str, run_id: str
+    registry: AdapterRegistry, candidate: Path, parent: str | None, snap: Snapshot, run_id: str
 ) -> str:
-    """Register the candidate, or find it registered by an earlier attempt."""
+    """Register the candidate with its lineage (parent, snapshot and its feedback window,
+    this run), or find it registered by an earlier attempt."""
     existing = registry.find(candidate)
     if existing is not None:
         log.info("the candidate is already registered as %s", existing)
         return existing
-    record = registry.add(candidate, parent=parent, snapshot_id=snapshot_id, note=f"cycle {run_id}")
+    record = registry.add(
+        candidate,
+        parent=parent,
+        snapshot_id=snap.id,
+        snapshot_window=snap.window.as_dict() if snap.window else None,
+        run_id=run_id,
+        note=f"cycle {run_id}",
+    )
     return record["version"]
 
 
@@ -306,16 +319,19 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
     _base_model(settings)  # fail before any work when it is not configured
-    snap = _take_snapshot(settings, runs, run)
+    snap = _take_snapshot(settings, alias, runs, run)
     balance = _choose_balance(settings, snap, run)
     report_dir = _train(settings, runs, run, snap, balance)
     _promote(settings, alias, runs, run, snap, report_dir)
 
 
-def _take_snapshot(settings: Settings, runs: CycleRuns, run: RunRecord) -> Snapshot:
-    """Snapshot the store; skip unless enough votes came since the last judged run."""
+def _take_snapshot(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> Snapshot:
+    """Snapshot the store, its window naming this run and what the alias serves; skip
+    unless enough votes came since the last judged run."""
+    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    builds_on = {"run_id": run.run_id, "alias": alias, "version": registry.history(alias).current}
     with _timed(run, "snapshot"):
-        taken = snapshot_store(settings)
+        taken = snapshot_store(settings, builds_on)
     if isinstance(taken, str):
         raise _Skip(taken)
     snap, snap_path = taken
@@ -406,9 +422,7 @@ def _promote(
         raise _Skip(decision.reason)
 
     with _timed(run, "register"):
-        version = register_candidate(
-            registry, runs.candidate_dir, run.previous, snap.id, run.run_id
-        )
+        version = register_candidate(registry, runs.candidate_dir, run.previous, snap, run.run_id)
     run.version = version
     runs.save(run.as_dict())
     publisher = Publisher(registry, settings.serving)

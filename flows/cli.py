@@ -330,11 +330,36 @@ def sync(
 
 
 @app.command()
-def adapters(config: ConfigOption = None) -> None:
-    """List versions with their lineage, the aliases, and what each replica serves."""
-    from flows import serving_cli
+def adapters(
+    config: ConfigOption = None,
+    lineage: Annotated[
+        str | None,
+        typer.Option(
+            "--lineage",
+            help="Trace this version (v7) back to the first: snapshots, feedback windows, "
+            "parents and references (no server is asked).",
+        ),
+    ] = None,
+    votes: Annotated[
+        bool,
+        typer.Option(
+            "--votes", help="With --lineage: list the store's votes inside the version's window."
+        ),
+    ] = False,
+) -> None:
+    """List versions with their lineage, the aliases, and what each replica serves; or
+    trace one version back to the feedback that made it (--lineage, --votes)."""
+    from flows import lineage_cli, serving_cli
 
-    serving_cli.adapters(settings_from(config))
+    settings = settings_from(config)
+    if lineage is None:
+        if votes:
+            raise typer.BadParameter("--votes needs --lineage VERSION", param_hint="--votes")
+        serving_cli.adapters(settings)
+    elif votes:
+        lineage_cli.window_votes(settings, lineage)
+    else:
+        lineage_cli.lineage(settings, lineage)
 
 
 @app.command()

@@ -61,7 +61,11 @@ class TrainInputs:
         """Train on the snapshot's train split, evaluate on its held-out split, with the
         class weights chosen for it (from `snap.class_counts("train", repeats)`), the
         votes of repeated answers counted as `repeats` says; `more` sets the other
-        fields."""
+        fields. The snapshot's feedback window goes into the manifest, so that
+        registering the adapter later names the votes it learned from."""
+        extra = dict(more.pop("extra_manifest", {}))
+        if snap.window is not None:
+            extra.setdefault("snapshot_window", snap.window.as_dict())
         return cls(
             base_model=base_model,
             train=snap.records("train", repeats),
@@ -71,6 +75,7 @@ class TrainInputs:
             undesirable_weight=balance.lambda_undesirable,
             balance_explanation=balance.explanation,
             snapshot_id=snap.id,
+            extra_manifest=extra,
             **more,
         )
 

@@ -229,7 +229,7 @@ def lineage_step(info: Mapping[str, Any]) -> dict[str, Any]:
         "init_adapter": info.get("init_adapter"),
         "reference": {
             "base_model": reference.get("base_model", info.get("base_model")),
-            "adapter": reference.get("adapter"),
+            "path": reference.get("path"),
             "version": reference.get("version"),
         },
         "snapshot_id": info.get("snapshot_id"),
