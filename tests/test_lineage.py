@@ -17,8 +17,11 @@ from connectors.snapshots import load_training_data, read_snapshot, write_snapsh
 from connectors.store import FEEDBACK, FeedbackStore
 from flows.cli import app
 from pipeline import records
+from pipeline.events import parse_event
 from pipeline.lineage import AdapterVotes, FeedbackWindow, PartitionWindow, lineage_chain
 from pipeline.manifest import Manifest, RunMetrics
+from pipeline.records import FeedbackRows
+from pipeline.sample import sample_events
 from pipeline.snapshot import Snapshot, SnapshotOptions, build_snapshot
 from tests.test_snapshot import T0, event, frame
 from tests.test_store import feedback_range
@@ -326,3 +329,38 @@ def test_votes_of_a_version_without_a_window_exit_2_saying_why(
     assert result.exit_code == 0
     [step] = _last_json(result.stdout)["chain"]
     assert step["window"] is None and step["parent"] is None
+
+
+def test_read_ranges_reads_only_the_asked_columns_and_offsets(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path / "store"))
+    store.write_batch(FEEDBACK, "fb", 0, 0, 9, feedback_range(0, 9))
+    store.write_batch(FEEDBACK, "fb", 0, 10, 19, feedback_range(10, 19))
+    other = FeedbackRows("fb", 1)
+    for offset, e in enumerate(sample_events(5)):
+        other.append(parse_event(json.dumps(e).encode(), user_hash_key=b"k"), offset, None)
+    store.write_batch(FEEDBACK, "fb", 1, 0, 4, other.to_table(T0, "test"))
+    columns = [records.KAFKA_PARTITION, records.KAFKA_OFFSET]
+    rows = store.read_ranges([("fb", 0, 8, 12), ("fb", 1, 3, 9), ("gone", 0, 0, 5)], columns)
+    assert rows.column_names == columns
+    pairs = sorted(zip(*(rows[c].to_pylist() for c in columns), strict=True))
+    assert pairs == [(0, 8), (0, 9), (0, 10), (0, 11), (0, 12), (1, 3), (1, 4)]
+    assert store.read_ranges([], columns).num_rows == 0
+
+
+def test_training_on_a_snapshot_keeps_its_window_in_the_manifest(tmp_path: Path) -> None:
+    from flows.training import TrainInputs
+    from pipeline.balance import BalanceOptions, choose_weights
+
+    snap = build_snapshot(frame(_rows()), OPTIONS)
+    balance = choose_weights(*snap.class_counts("train"), BalanceOptions())
+    inputs = TrainInputs.from_snapshot(
+        snap, balance, tmp_path, tmp_path / "out", extra_manifest={"note": "x"}
+    )
+    assert snap.window is not None
+    assert inputs.extra_manifest == {"note": "x", "snapshot_window": snap.window.as_dict()}
+
+
+def test_votes_without_lineage_exits_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["adapters", "--votes"])
+    assert result.exit_code == 2
+    assert "--lineage" in result.output
