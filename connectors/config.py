@@ -42,6 +42,8 @@ from pipeline.snapshot import SnapshotOptions, TiePolicy
 from pipeline.train_options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
+# [gate] max_drift's default, nats per answer token (README: The alignment cycle).
+DEFAULT_MAX_DRIFT = 1.0
 CONFIG_ENV = "KTO_LOOP_CONFIG"
 
 
@@ -390,6 +392,23 @@ class CycleConfig(_Section):
     general_data: str | None = Field(
         None, description="general held-out records (TRL file) whose NLL is watched in training"
     )
+    strategy: Literal["retrain", "continual"] = Field(
+        "retrain",
+        description="retrain: a fresh LoRA from the base on the feedback of the last "
+        "window_days, reference the base; continual: warm start from the served adapter, "
+        "reference the served adapter, on the votes gained since the last judged run plus "
+        "a replay sample of older ones (the first night, with nothing served, retrains)",
+    )
+    window_days: float | None = Field(
+        None, gt=0, description="retrain: only votes cast this many days back; None: all"
+    )
+    replay_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="continual: the share of the training examples drawn from older votes, "
+        "so that the adapter does not forget them",
+    )
 
 
 class GateConfig(_Section):
@@ -416,6 +435,15 @@ class GateConfig(_Section):
     min_score_gain: float = Field(
         0.0, description="candidate - serving mean score of the generation check, at least"
     )
+    max_drift: float | None = Field(
+        DEFAULT_MAX_DRIFT,
+        gt=0,
+        description="the candidate's KL to the serving adapter (the base when nothing "
+        "serves) per answer token, on answers it samples for held-out prompts, at most; "
+        "None: not checked",
+    )
+    drift_prompts: int = Field(16, ge=1, description="held-out prompts the drift is sampled on")
+    drift_max_tokens: int = Field(64, ge=1, description="longest answer sampled for the drift")
     noise_z: float = Field(
         1.0,
         ge=0,
@@ -441,6 +469,7 @@ class GateConfig(_Section):
             self.min_heldout,
             self.min_score_gain,
             self.noise_z,
+            self.max_drift,
         )
 
 

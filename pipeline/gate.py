@@ -53,6 +53,11 @@ class GateOptions:
             than one standard error: a tie or a win of a record or two on a small
             held-out set is refused. 2.0 is about a one-sided 98% test; 0 turns the noise
             bar off (the gain must still be above 0).
+        max_drift: the candidate's KL to the serving adapter (the base model when
+            nothing serves), per answer token, estimated on answers the candidate
+            samples for held-out prompts, must not exceed this; None: not checked.
+            Unlike max_kl (mismatched pairs, clamped at 0), this estimate is unbiased
+            and bounds how far one publish moves what users see.
     """
 
     min_accuracy_gain: float = 0.0
@@ -61,10 +66,13 @@ class GateOptions:
     min_heldout: int = 8
     min_score_gain: float = 0.0
     noise_z: float = 1.0
+    max_drift: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_kl <= 0:
             raise ValueError(f"max_kl must be positive, got {self.max_kl}")
+        if self.max_drift is not None and not self.max_drift > 0:
+            raise ValueError(f"max_drift must be positive, got {self.max_drift}")
         if self.min_heldout < 1:
             raise ValueError(f"min_heldout must be at least 1, got {self.min_heldout}")
         if not 0 <= self.min_accuracy_gain <= 1:
@@ -108,12 +116,14 @@ class GateDecision:
     candidate: HeldoutMetrics | None
     serving: HeldoutMetrics | None
     serving_name: str
+    drift: float | None = None
 
     def as_dict(self) -> dict:
         return {
             "promote": self.promote,
             "reason": self.reason,
             "serving_name": self.serving_name,
+            "drift": self.drift,
             "checks": [asdict(c) for c in self.checks],
             "candidate": self.candidate.as_dict() if self.candidate else None,
             "serving": self.serving.as_dict() if self.serving else None,
@@ -126,10 +136,13 @@ def judge(
     options: GateOptions,
     serving_name: str,
     generation: GenerationScores | None = None,
+    drift: float | None = None,
 ) -> GateDecision:
     """Decide whether `candidate` may replace `serving` (named `serving_name` in the
     reasons: "chat@v3", or "the base model"). Both must be scored on the same held-out
     records, with their per-record `correct` filled in (as heldout_metrics does).
+    `drift` is the candidate's sampled KL to `serving` per answer token (checked
+    against options.max_drift when both are set).
 
     Raises:
         ValueError: the per-record correctness is missing or of different lengths.
@@ -150,6 +163,16 @@ def judge(
             math.isfinite(candidate.kl) and candidate.kl <= options.max_kl,
         ),
     ]
+    if options.max_drift is not None and drift is not None:
+        checks.append(
+            Check(
+                "drift",
+                drift,
+                None,
+                f"<= {options.max_drift:g} nats/token",
+                math.isfinite(drift) and drift <= options.max_drift,
+            )
+        )
     if generation is not None:
         checks.append(
             _at_least(
@@ -163,13 +186,18 @@ def judge(
             f"held-out noise (±{accuracy.noise:.2g}), and is at least as good on every "
             "other check"
         )
-        return GateDecision(True, reason, tuple(checks), candidate, serving, serving_name)
+        return GateDecision(True, reason, tuple(checks), candidate, serving, serving_name, drift)
     parts = []
     for c in failed:
         if c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
             parts.append(
                 f"no better than {serving_name}: accuracy gain {gain:.4g} is within the "
                 f"held-out noise (±{c.noise:.2g})"
+            )
+        elif c.name == "drift":
+            parts.append(
+                f"drift {c.candidate:.4g} nats/token from {serving_name} on its own sampled "
+                f"answers (needs {c.required})"
             )
         elif c.serving is None or c.name == "kl":
             parts.append(f"{c.name} {c.candidate:.4g} (needs {c.required})")
@@ -179,7 +207,7 @@ def judge(
                 f"(needs {c.required})"
             )
     reason = "candidate refused: " + "; ".join(parts)
-    return GateDecision(False, reason, tuple(checks), candidate, serving, serving_name)
+    return GateDecision(False, reason, tuple(checks), candidate, serving, serving_name, drift)
 
 
 def paired_standard_error(candidate: Sequence[bool], serving: Sequence[bool]) -> float:

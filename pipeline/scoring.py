@@ -1,5 +1,6 @@
 """Scoring without gradient: summed completion log-probs of (prompt, completion) pairs,
-the mean per-token NLL of a set, and the share of sampled answers that end their turn.
+the mean per-token NLL of a set, the share of sampled answers that end their turn, and
+how far a policy drifted from a reference on answers it samples.
 
 The reference is frozen, so the trainer scores every pair it will need once, up front,
 here; the evaluations score the policy the same way.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -136,3 +138,71 @@ def mean_nll(
     )
     tokens = sum(len(e.completion_ids) for e in examples)
     return -sum(scores.values()) / tokens
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far a policy moved from a reference, measured on the policy's own answers:
+    KL(policy || reference) estimated by sampling (temperature 1, no truncation) and
+    averaging log pi(y|x) - log ref(y|x). Unbiased per answer; `per_token` divides the
+    sum by the tokens sampled, so answers of any length weigh by their length."""
+
+    per_token: float
+    per_answer: float
+    answers: int
+    tokens: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(vars(self))
+
+
+def sampled_answers(
+    model: Any,
+    prompts: Sequence[tuple[int, ...]],
+    max_new_tokens: int,
+    eot: int,
+    pad_id: int,
+    device: torch.device,
+    seed: int,
+    samples: int = END_CHECK_SAMPLES,
+) -> list[Encoded]:
+    """`samples` answers per prompt, sampled from `model` as it is (temperature 1, no
+    top-k or top-p), each cut after its end-of-turn token; seeded apart from the
+    training RNG."""
+    batch = collate_prompts(prompts, pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+            eos_token_id=eot,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+    answers = []
+    for row, tokens in enumerate(out[:, batch.input_ids.shape[1] :].tolist()):
+        end = tokens.index(eot) + 1 if eot in tokens else len(tokens)
+        if end:
+            answers.append(Encoded(tuple(prompts[row // samples]), tuple(tokens[:end]), True))
+    return answers
+
+
+def sampled_drift(
+    answers: Sequence[Encoded],
+    policy_logps: dict[tuple[int, int], float],
+    reference_logps: dict[tuple[int, int], float],
+) -> Drift:
+    """The drift estimate from answers sampled from the policy and each one's summed
+    log-prob under the policy and under the reference (score_pairs over (i, i))."""
+    if not answers:
+        return Drift(float("nan"), float("nan"), 0, 0)
+    diffs = [policy_logps[(i, i)] - reference_logps[(i, i)] for i in range(len(answers))]
+    tokens = sum(len(a.completion_ids) for a in answers)
+    return Drift(sum(diffs) / tokens, sum(diffs) / len(answers), len(answers), tokens)

@@ -273,3 +273,18 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
                  "Decision: **promote**", "| accuracy | 0.9 | 0.8 | > serving + 0.048 | yes |",
                  "`chat@v2` (previous: v1)", "[gate.png](file:///tmp/r1/gate.png)"):  # fmt: skip
         assert text in markdown, text
+
+
+def test_a_candidate_that_drifts_too_far_from_what_serves_is_refused():
+    good, serving = metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2)
+    options = GateOptions(noise_z=0, max_drift=0.05)
+    near = judge(good, serving, options, "chat@v3", drift=0.04)
+    assert near.promote and near.drift == 0.04
+    far = judge(good, serving, options, "chat@v3", drift=0.3)
+    assert not far.promote
+    assert "drift 0.3 nats/token from chat@v3" in far.reason and "<= 0.05" in far.reason
+    assert [c.name for c in far.checks if not c.passed] == ["drift"]
+    # Not measured, or not limited: no drift check at all.
+    assert judge(good, serving, options, "chat@v3").promote
+    assert judge(good, serving, GateOptions(noise_z=0), "chat@v3", drift=9.0).promote
+    assert not judge(good, serving, options, "chat@v3", drift=float("nan")).promote
