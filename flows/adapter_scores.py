@@ -1,20 +1,44 @@
 """The gate's held-out scores: the base model loaded once, each adapter attached to it
-in turn and scored against the base."""
+in turn and scored against the base; and how far the candidate drifted from what
+serves, on answers it samples."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from connectors.models import attach_adapter, check_model_dir, load_base, load_tokenizer
 from flows.training import runtime_for
 from pipeline.compare import HeldoutComparison
+from pipeline.encode import end_of_turn_id
 from pipeline.evaluate import HeldoutMetrics
 from pipeline.examples import Example
+from pipeline.scoring import Drift, sampled_answers, sampled_drift, score_pairs
 from pipeline.train_options import TrainOptions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriftRequest:
+    """Sample `prompts` held-out prompts' answers (up to `max_tokens`) from the adapter
+    named `policy` and measure its KL to the one named `reference` (None: the base)."""
+
+    policy: str
+    reference: str | None
+    prompts: int = 16
+    max_tokens: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateScores:
+    metrics: dict[str, HeldoutMetrics]
+    drift: Drift | None = None
 
 
 def score_adapters(
@@ -23,8 +47,10 @@ def score_adapters(
     heldout: Sequence[Example],
     options: TrainOptions,
     chat_template: str | None = None,
-) -> dict[str, HeldoutMetrics]:
-    """Held-out metrics of each named adapter (None = the base model itself).
+    drift: DriftRequest | None = None,
+) -> GateScores:
+    """Held-out metrics of each named adapter (None = the base model itself), and with
+    `drift`, the drift of one of them from another (or from the base).
 
     Args:
         base_model: the model every adapter was trained on.
@@ -55,4 +81,54 @@ def score_adapters(
             out[name].margin,
             out[name].kl,
         )
-    return out
+    if drift is None:
+        return GateScores(out)
+    measured = _drift(model, tokenizer, comparison, options, drift)
+    log.info(
+        "%s drifted %.4f nats/token (%.3f per answer) from %s on %d sampled answers",
+        drift.policy,
+        measured.per_token,
+        measured.per_answer,
+        drift.reference or "the base model",
+        measured.answers,
+    )
+    return GateScores(out, measured)
+
+
+def _drift(
+    model: Any,
+    tokenizer: Any,
+    comparison: HeldoutComparison,
+    options: TrainOptions,
+    req: DriftRequest,
+) -> Drift:
+    """Sample answers with `req.policy` active, score them under it and under the
+    reference."""
+    rt = comparison.runtime
+    prompts = list(dict.fromkeys(e.prompt_ids for e in comparison.examples))[: req.prompts]
+    room = options.max_length - max((len(p) for p in prompts), default=0)
+    if not prompts or room < 1:
+        return Drift(float("nan"), float("nan"), 0, 0)
+    pad, eot = tokenizer.pad_token_id, end_of_turn_id(tokenizer)
+    lm = model.get_base_model()  # the causal LM, its LoRA layers set by `model`
+    lm.eval()
+    with _active(model, req.policy):
+        answers = sampled_answers(
+            lm, prompts, min(req.max_tokens, room), eot, pad, rt.device, req.seed
+        )
+        pairs = [(i, i) for i in range(len(answers))]
+        policy = score_pairs(lm, answers, pairs, pad, rt.device, rt.autocast)
+    with _active(model, req.reference):
+        reference = score_pairs(lm, answers, pairs, pad, rt.device, rt.autocast)
+    return sampled_drift(answers, policy, reference)
+
+
+@contextlib.contextmanager
+def _active(model: Any, adapter: str | None) -> Iterator[None]:
+    """The named adapter active, or none at all (the base model)."""
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield

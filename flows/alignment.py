@@ -46,7 +46,18 @@ from connectors.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
+from pipeline.continual import (
+    ExampleKey,
+    TrainingSet,
+    class_counts,
+    continual_set,
+    key_of,
+    new_example_keys,
+    retrain_set,
+    votes_since,
+)
 from pipeline.encode import NonTextPrompt, prompt_messages
+from pipeline.examples import Example
 from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
 from pipeline.manifest import NO_GAIN, Manifest
 from pipeline.registry import served_name
@@ -72,6 +83,7 @@ class RunRecord:
     step_seconds: dict[str, float] = field(default_factory=dict)
     snapshot: dict[str, Any] = field(default_factory=dict)
     new_votes: int | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
     balance: dict[str, Any] = field(default_factory=dict)
     trained: bool = False
     training: dict[str, Any] = field(default_factory=dict)
@@ -122,42 +134,74 @@ def _only_io_errors(exceptions: tuple[type[BaseException], ...]) -> Callable[...
     cache_policy=NO_CACHE,
 )
 def snapshot_store(
-    settings: Settings, builds_on: dict[str, str | None] | None = None
-) -> tuple[Snapshot, Path] | str:
-    """Freeze the store's feedback into a snapshot (content-addressed, so a retry
-    writes the same one), its window naming the ids in `builds_on` (run_id, alias,
-    version); or say why there is nothing to freeze yet."""
+    settings: Settings,
+    builds_on: dict[str, str | None] | None = None,
+    window_days: float | None = None,
+    read_up_to: dict[tuple[str, int], int] | None = None,
+) -> tuple[Snapshot, Path, set[ExampleKey] | None] | str:
+    """Freeze the store's feedback (the votes of the last `window_days`, when given)
+    into a snapshot (content-addressed, so a retry writes the same one), its window
+    naming the ids in `builds_on` (run_id, alias, version); with `read_up_to` (the
+    offsets the last judged run read), also the examples voted on since. Or say why
+    there is nothing to freeze yet."""
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
+    feedback = fs.read(FEEDBACK)
+    if window_days is not None:
+        feedback = votes_since(feedback, window_days, dt.datetime.now(dt.UTC))
     try:
-        snap = build_snapshot(fs.read(FEEDBACK), settings.snapshot.options())
+        snap = build_snapshot(feedback, settings.snapshot.options())
     except NothingToSnapshot as exc:
         return str(exc)
     if snap.window is not None and builds_on:
         snap = replace(snap, window=snap.window.built_on(**builds_on))
-    return snap, write_snapshot(snap, Path(settings.snapshot.out_dir))
+    new = new_example_keys(feedback, read_up_to) if read_up_to is not None else None
+    return snap, write_snapshot(snap, Path(settings.snapshot.out_dir)), new
 
 
 @task(name="train-candidate", retries=0, cache_policy=NO_CACHE)
 def train_candidate(
-    settings: Settings, runs: CycleRuns, snap: Snapshot, balance: Balance, run_id: str
+    settings: Settings,
+    runs: CycleRuns,
+    snap: Snapshot,
+    plan: NightPlan,
+    balance: Balance,
+    run_id: str,
 ) -> Manifest:
-    """Train the candidate; resume the checkpoint a crashed run left on this snapshot,
-    or reuse the adapter it finished; start afresh on any other snapshot."""
+    """Train the candidate on the plan's examples (warm-started from, and referenced
+    to, the served adapter when the plan continues it); resume the checkpoint a crashed
+    run left on this snapshot and plan, or reuse the adapter it finished; start afresh
+    on any other."""
+    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    continued = plan.served if plan.strategy == "continual" else None
+    with _local_version(registry, continued) as served_dir:
+        return _train_on(settings, runs, snap, plan, balance, run_id, served_dir)
+
+
+def _train_on(
+    settings: Settings,
+    runs: CycleRuns,
+    snap: Snapshot,
+    plan: NightPlan,
+    balance: Balance,
+    run_id: str,
+    served_dir: Path | None,
+) -> Manifest:
     from connectors.run_dir import read_manifest
     from flows.training import TrainInputs, run_training
     from pipeline.train_errors import CheckpointMismatch
 
     cycle = settings.cycle
     out = runs.candidate_dir
-    resume = runs.candidate_snapshot() == snap.id
+    key = plan.candidate_key(snap.id)
+    resume = runs.candidate_snapshot() == key
     finished = read_manifest(out) if resume else None
     if finished is not None:
         log.info("reusing the candidate a previous run finished on snapshot %s", snap.id)
         return finished
     if not resume:
-        runs.fresh_candidate(snap.id, run_id)
+        runs.fresh_candidate(key, run_id)
     general = []
     if cycle.general_data:
         g = load_training_data(cycle.general_data, settings.snapshot.options())
@@ -172,6 +216,14 @@ def train_candidate(
         chat_template=_chat_template(settings),
         resume=resume,
         progress=sys.stderr.isatty(),
+        extra_manifest={"training_set": plan.train.summary()},
+    )
+    inputs = replace(
+        inputs,
+        train=plan.train.examples,
+        heldout=plan.heldout,
+        init_adapter=served_dir,
+        reference_adapter=served_dir,
     )
     options, lora = settings.train, settings.lora
     try:
@@ -181,7 +233,7 @@ def train_candidate(
             raise
         # Same snapshot, other options or base model: the checkpoint is of no use.
         log.warning("discarding the candidate checkpoint: %s", exc)
-        runs.fresh_candidate(snap.id, run_id)
+        runs.fresh_candidate(key, run_id)
         result = run_training(replace(inputs, resume=False), options, lora)
     assert result.manifest is not None  # the cycle never pauses a run
     return result.manifest
@@ -189,18 +241,29 @@ def train_candidate(
 
 @task(name="gate", retries=0, cache_policy=NO_CACHE)
 def gate_candidate(
-    settings: Settings, registry: AdapterRegistry, alias: str, candidate: Path, snap: Snapshot
+    settings: Settings,
+    registry: AdapterRegistry,
+    alias: str,
+    candidate: Path,
+    heldout: list[Example],
 ) -> GateDecision:
-    """Score the candidate and the serving version on the held-out split; judge."""
-    from flows.adapter_scores import score_adapters
+    """Score the candidate and the serving version on the held-out examples, measure
+    the candidate's drift from the serving one on its own answers; judge."""
+    from flows.adapter_scores import DriftRequest, score_adapters
 
-    heldout = snap.records("heldout")
     options = settings.gate.options()
     serving = registry.history(alias).current
     serving_name = served_name(alias, serving) if serving else "the base model"
     reason = too_few_heldout(len(heldout), options)
     if reason is not None:
         return GateDecision(False, reason, (), None, None, serving_name)
+    gate = settings.gate
+    drift = None
+    if gate.max_drift is not None:
+        reference = "serving" if serving else None
+        drift = DriftRequest(
+            "candidate", reference, gate.drift_prompts, gate.drift_max_tokens, settings.train.seed
+        )
     with _local_version(registry, serving) as serving_dir:
         scores = score_adapters(
             _base_model(settings),
@@ -208,8 +271,11 @@ def gate_candidate(
             heldout,
             settings.train,
             _chat_template(settings),
+            drift,
         )
-    return judge(scores["candidate"], scores["serving"], options, serving_name)
+    metrics = scores.metrics
+    per_token = scores.drift.per_token if scores.drift else None
+    return judge(metrics["candidate"], metrics["serving"], options, serving_name, drift=per_token)
 
 
 @task(name="register", retries=0, cache_policy=NO_CACHE)
@@ -319,22 +385,97 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
     _base_model(settings)  # fail before any work when it is not configured
-    snap = _take_snapshot(settings, alias, runs, run)
-    balance = _choose_balance(settings, snap, run)
-    report_dir = _train(settings, runs, run, snap, balance)
-    _promote(settings, alias, runs, run, snap, report_dir)
-
-
-def _take_snapshot(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> Snapshot:
-    """Snapshot the store, its window naming this run and what the alias serves; skip
-    unless enough votes came since the last judged run."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
-    builds_on = {"run_id": run.run_id, "alias": alias, "version": registry.history(alias).current}
+    served = registry.history(alias).current
+    snap, new_keys = _take_snapshot(settings, alias, runs, run, served)
+    plan = _plan(settings, alias, snap, new_keys, served, run)
+    balance = _choose_balance(settings, plan, run)
+    report_dir = _train(settings, runs, run, snap, plan, balance)
+    _promote(settings, alias, runs, run, snap, plan, report_dir)
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    """What tonight trains on and how: the strategy in effect (a continual night with
+    nothing served retrains), the version it continues, the training set, the held-out
+    examples for training's evaluations and for the gate."""
+
+    strategy: str
+    why: str
+    served: str | None
+    train: TrainingSet
+    heldout: list[Example]
+    gate_heldout: list[Example]
+
+    def candidate_key(self, snapshot_id: str) -> str:
+        """What a candidate directory's checkpoint was trained on (resumed only when
+        tonight's is the same)."""
+        if self.strategy == "continual":
+            return f"{snapshot_id}+{self.served}"
+        return snapshot_id
+
+
+def _plan(
+    settings: Settings,
+    alias: str,
+    snap: Snapshot,
+    new_keys: set[ExampleKey] | None,
+    served: str | None,
+    run: RunRecord,
+) -> NightPlan:
+    repeats, cycle = settings.train.repeats, settings.cycle
+    name = served_name(alias, served) if served else None
+    if new_keys is None:
+        why = "configured" if cycle.strategy == "retrain" else "nothing is served yet"
+        train = retrain_set(snap.records("train", repeats), name)
+        plan = NightPlan(
+            "retrain", why, served, train, snap.records("heldout", repeats), snap.records("heldout")
+        )
+    else:
+        seed = f"{snap.id}+{served}"
+        train = continual_set(
+            snap.records("train", repeats), new_keys, cycle.replay_fraction, seed, name
+        )
+        gate_heldout = [e for e in snap.records("heldout") if key_of(e) in new_keys]
+        heldout = [e for e in snap.records("heldout", repeats) if key_of(e) in new_keys]
+        why = f"continues {name}, on the votes since the last judged run"
+        if len(gate_heldout) < settings.gate.min_heldout:
+            # Too few new held-out votes to judge on: all of them, as a retrain would.
+            gate_heldout, heldout = snap.records("heldout"), snap.records("heldout", repeats)
+            why += f" (judged on every held-out vote: fewer than {settings.gate.min_heldout} new)"
+        plan = NightPlan("continual", why, served, train, heldout, gate_heldout)
+    run.plan = {"strategy": plan.strategy, "why": plan.why, **plan.train.summary()}
+    run.plan["heldout_judged"] = len(plan.gate_heldout)
+    log.info(
+        "%s: %s; %d examples (%d new, %d replayed), on-policy share %.2f",
+        plan.strategy,
+        plan.why,
+        len(train.examples),
+        train.new,
+        train.replay,
+        train.on_policy_share,
+    )
+    return plan
+
+
+def _take_snapshot(
+    settings: Settings, alias: str, runs: CycleRuns, run: RunRecord, served: str | None
+) -> tuple[Snapshot, set[ExampleKey] | None]:
+    """Snapshot the store, its window naming this run and what the alias serves; skip
+    unless enough votes came since the last judged run. A continual night (something
+    serves) also learns which examples were voted on since that run; a retrain reads
+    the last `[cycle] window_days` only."""
+    builds_on = {"run_id": run.run_id, "alias": alias, "version": served}
+    last = runs.last_judged()
+    cycle = settings.cycle
+    continual = cycle.strategy == "continual" and served is not None
+    read_up_to = _read_up_to(last) if continual else None
+    window = None if continual else cycle.window_days
     with _timed(run, "snapshot"):
-        taken = snapshot_store(settings, builds_on)
+        taken = snapshot_store(settings, builds_on, window, read_up_to)
     if isinstance(taken, str):
         raise _Skip(taken)
-    snap, snap_path = taken
+    snap, snap_path, new_keys = taken
     c = snap.counts
     run.snapshot = {
         "id": snap.id,
@@ -342,8 +483,11 @@ def _take_snapshot(settings: Settings, alias: str, runs: CycleRuns, run: RunReco
         "votes": snap.stats.votes,
         "rows_read": snap.stats.rows_read,
         **{k: getattr(c, k) for k in vars(c)},
+        "read_up_to": [
+            [p.topic, p.partition, p.last_read]
+            for p in (snap.window.partitions if snap.window else ())
+        ],
     }
-    last = runs.last_judged()
     run.new_votes = snap.stats.votes - (last["snapshot"]["votes"] if last else 0)
     if last and last["snapshot"].get("id") == snap.id:
         run.new_votes = 0
@@ -353,11 +497,19 @@ def _take_snapshot(settings: Settings, alias: str, runs: CycleRuns, run: RunReco
             f"{max(run.new_votes, 0)} new votes {since}, fewer than cycle.min_new_votes="
             f"{settings.cycle.min_new_votes}"
         )
-    return snap
+    return snap, new_keys
 
 
-def _choose_balance(settings: Settings, snap: Snapshot, run: RunRecord) -> Balance:
-    balance = choose_weights(*snap.class_counts("train", settings.train.repeats), settings.balance)
+def _read_up_to(last: dict[str, Any] | None) -> dict[tuple[str, int], int]:
+    """The offsets the last judged run's snapshot read, per topic partition (none: every
+    vote is new)."""
+    if last is None:
+        return {}
+    return {(t, int(p)): int(o) for t, p, o in last.get("snapshot", {}).get("read_up_to", [])}
+
+
+def _choose_balance(settings: Settings, plan: NightPlan, run: RunRecord) -> Balance:
+    balance = choose_weights(*class_counts(plan.train.examples), settings.balance)
     run.balance = {
         "lambda_desirable": balance.lambda_desirable,
         "lambda_undesirable": balance.lambda_undesirable,
@@ -369,12 +521,17 @@ def _choose_balance(settings: Settings, snap: Snapshot, run: RunRecord) -> Balan
 
 
 def _train(
-    settings: Settings, runs: CycleRuns, run: RunRecord, snap: Snapshot, balance: Balance
+    settings: Settings,
+    runs: CycleRuns,
+    run: RunRecord,
+    snap: Snapshot,
+    plan: NightPlan,
+    balance: Balance,
 ) -> Path:
     """Train the candidate and record it; stop with no gain when it kept its start.
     Returns the run's report directory (its plots are there)."""
     with _timed(run, "train"):
-        manifest = train_candidate(settings, runs, snap, balance, run.run_id)
+        manifest = train_candidate(settings, runs, snap, plan, balance, run.run_id)
     run.trained = True
     run.training = {
         "status": manifest.status,
@@ -389,6 +546,9 @@ def _train(
         "heldout_before": manifest.metrics.heldout_before,
         "heldout_after": manifest.metrics.heldout_after,
         "warnings": list(manifest.warnings),
+        # A continual night starts from the served adapter and measures against it.
+        "init_adapter": manifest.init_adapter,
+        "reference_adapter": manifest.reference_adapter,
     }
     report_dir = runs.report_dir(run.run_id)
     for plot in manifest.plots:
@@ -408,13 +568,14 @@ def _promote(
     runs: CycleRuns,
     run: RunRecord,
     snap: Snapshot,
+    plan: NightPlan,
     report_dir: Path,
 ) -> None:
     """Gate the candidate, register it, check its answers if a scorer is set, and
     publish it; skip with the gate's reason when it is refused."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):
-        decision = gate_candidate(settings, registry, alias, runs.candidate_dir, snap)
+        decision = gate_candidate(settings, registry, alias, runs.candidate_dir, plan.gate_heldout)
     run.previous = registry.history(alias).current
     _record_gate(run, decision, report_dir)
     if not decision.promote:
@@ -435,6 +596,7 @@ def _promote(
             settings.gate.options(),
             decision.serving_name,
             scores,
+            decision.drift,
         )
         _record_gate(run, decision, report_dir)
         if not decision.promote:
