@@ -197,6 +197,13 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     assert answer.model == f"{cycle.alias}@v1"
     assert list(answer.token_ids) == greedy(Path(cycle.registry.path("v1")), prompt, 8)
     assert cycle.registry.info("v1")["snapshot_id"] == record["snapshot"]["id"]
+    # Its lineage: this run, and the snapshot's feedback window (nothing served before).
+    info = cycle.registry.info("v1")
+    window = info["snapshot_window"]
+    assert info["run_id"] == record["run_id"] and info["parent"] is None
+    assert window["builds_on"] == {"run_id": record["run_id"], "alias": cycle.alias}
+    assert window["votes_desirable"] + window["votes_undesirable"] == 320
+    assert sum(p["rows_read"] for p in window["partitions"]) == record["snapshot"]["rows_read"]
     assert cycle.registry.history(cycle.alias).current == "v1"
     assert not cycle.runs.candidate_dir.exists()
     report = Path(record["report"]).read_text()
