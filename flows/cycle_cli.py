@@ -103,6 +103,7 @@ def _print_run(record: dict[str, Any]) -> None:
         ("reason", record.get("reason")),
         ("snapshot", f"{snap.get('id', '-')[:12]} ({snap.get('votes', 0)} votes)"),
         ("new votes", record.get("new_votes")),
+        ("plan", _plan(record.get("plan") or {})),
         ("lambdas", _lambdas(record.get("balance") or {})),
         ("steps", training.get("steps")),
         ("held-out accuracy after", after.get("accuracy")),
@@ -113,6 +114,15 @@ def _print_run(record: dict[str, Any]) -> None:
         if value not in (None, ""):
             table.add_row(what, str(value))
     err.print(table)
+
+
+def _plan(plan: dict[str, Any]) -> str | None:
+    if not plan:
+        return None
+    return (
+        f"{plan['strategy']} ({plan['why']}): {plan['examples']} examples, {plan['new']} new, "
+        f"{plan['replay']} replayed, on-policy share {plan['on_policy_share']:.2f}"
+    )
 
 
 def _lambdas(balance: dict[str, Any]) -> str | None:

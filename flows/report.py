@@ -45,6 +45,17 @@ def render_report(run: dict[str, Any]) -> str:
         for side, name in (("train", "train"), ("heldout", "held-out")):
             d, u = snap.get(f"{side}_desirable", 0), snap.get(f"{side}_undesirable", 0)
             lines.append(f"| {name} | {d:,} | {u:,} |")
+    plan = run.get("plan") or {}
+    if plan:
+        lines += [
+            "",
+            "## What it trained on",
+            "",
+            f"`{plan.get('strategy')}`: {plan.get('why')}. {plan.get('examples', 0):,} "
+            f"examples: {plan.get('new', 0):,} new, {plan.get('replay', 0):,} replayed; "
+            f"{plan.get('on_policy', 0):,} answered by the version serving now "
+            f"(on-policy share {_num(plan.get('on_policy_share'))}).",
+        ]
     balance = run.get("balance") or {}
     if balance:
         lines += [
