@@ -16,6 +16,7 @@ is safe to interrupt and repeat (see its docstring).
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import itertools
 import logging
@@ -289,11 +290,13 @@ class FeedbackStore:
         ranges: Iterable[tuple[str, int, int, int]],
         columns: Sequence[str],
         table: str = FEEDBACK,
+        since: dt.datetime | None = None,
     ) -> pa.Table:
         """Only `columns` of the rows at the given offsets: (topic, partition, first,
-        last) ranges, inclusive. Only the batch files whose offsets overlap a range are
-        opened (their names say their offsets), and a pyarrow filter keeps the rows in
-        the ranges: a store grown since holds more."""
+        last) ranges, inclusive, and with `since`, only feedback rows whose ts is not
+        before it. Only the batch files whose offsets overlap a range are opened (their
+        names say their offsets), and a pyarrow filter keeps the rows in the ranges: a
+        store grown since holds more."""
         schema = _SCHEMAS[table]
         paths: list[str] = []
         keep: ds.Expression | None = None
@@ -309,6 +312,8 @@ class FeedbackStore:
             keep = inside if keep is None else keep | inside
         if not paths:
             return pa.schema([schema.field(c) for c in columns]).empty_table()
+        if since is not None and keep is not None:
+            keep = keep & (ds.field(records.TS) >= pa.scalar(since, schema.field(records.TS).type))
         with _os_errors("read", f"{self.root}/{table}"):
             dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.fs)
             return dataset.to_table(columns=list(columns), filter=keep)

@@ -11,6 +11,7 @@ window.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -113,7 +114,13 @@ def window_votes(settings: Settings, version: str) -> None:
     ]
     store = FeedbackStore(settings.store.url, settings.store.storage_options)
     try:
-        rows = store.read_ranges(ranges, list(VOTE_COLUMNS), FEEDBACK)
+        since = window.get("read_from")
+        rows = store.read_ranges(
+            ranges,
+            list(VOTE_COLUMNS),
+            FEEDBACK,
+            since=dt.datetime.fromisoformat(since) if since else None,
+        )
     except StoreError as e:
         fail(e, 1)
     order = (records.KAFKA_TOPIC, records.KAFKA_PARTITION, records.KAFKA_OFFSET)

@@ -72,6 +72,8 @@ class FeedbackWindow:
     partitions: per (topic, partition) read, sorted; empty for a TRL dataset.
     votes_from, votes_to: ISO-8601 times of the first and last vote counted (None for a
         TRL dataset, whose rows carry no time).
+    read_from: the time of the oldest row read: a snapshot of the last N days read only
+        the rows of its partitions' offset ranges from then on.
     ingested_to: when the newest row read was stored.
     votes_desirable, votes_undesirable: the votes counted, per class.
     by_adapter: the votes counted per producing adapter, most votes first.
@@ -89,6 +91,7 @@ class FeedbackWindow:
     by_adapter: tuple[AdapterVotes, ...]
     file: str | None = None
     builds_on: dict[str, str] = field(default_factory=dict)
+    read_from: str | None = None
 
     def on_policy_votes(self, alias: str) -> int:
         """The counted votes on answers of any version of `alias` (alias@vN): on-policy
@@ -130,6 +133,7 @@ class FeedbackWindow:
             by_adapter=tuple(AdapterVotes(**a) for a in data.get("by_adapter", ())),
             file=data.get("file"),
             builds_on=dict(data.get("builds_on", {})),
+            read_from=data.get("read_from"),
         )
 
 
@@ -143,6 +147,7 @@ def feedback_window(read: pd.DataFrame, counted: pd.DataFrame) -> FeedbackWindow
     """
     window = votes_window(counted)
     times = counted[TS] if TS in counted.columns else pd.Series([], dtype=object)
+    read_times = read[TS] if TS in read.columns else pd.Series([], dtype=object)
     ingested = read[INGESTED_AT] if INGESTED_AT in read.columns else pd.Series([], dtype=object)
     return replace(
         window,
@@ -150,6 +155,7 @@ def feedback_window(read: pd.DataFrame, counted: pd.DataFrame) -> FeedbackWindow
         votes_from=_iso(times.min()) if len(times) else None,
         votes_to=_iso(times.max()) if len(times) else None,
         ingested_to=_iso(ingested.max()) if len(ingested) else None,
+        read_from=_iso(read_times.min()) if len(read_times) else None,
     )
 
 

@@ -5,9 +5,11 @@ id, and the chain of versions back to the first."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -20,7 +22,7 @@ from pipeline import records
 from pipeline.events import parse_event
 from pipeline.lineage import AdapterVotes, FeedbackWindow, PartitionWindow, lineage_chain
 from pipeline.manifest import Manifest, RunMetrics
-from pipeline.records import FeedbackRows
+from pipeline.records import FEEDBACK_SCHEMA, FeedbackRows
 from pipeline.sample import sample_events
 from pipeline.snapshot import Snapshot, SnapshotOptions, build_snapshot
 from tests.test_snapshot import T0, event, frame
@@ -364,3 +366,27 @@ def test_votes_without_lineage_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["adapters", "--votes"])
     assert result.exit_code == 2
     assert "--lineage" in result.output
+
+
+def test_the_window_of_a_snapshot_of_recent_votes_lists_only_the_rows_it_read(
+    tmp_path: Path,
+) -> None:
+    # Offset 2 and 5 are older votes stored among newer ones (a late producer).
+    rows = [
+        event(f"e{offset}", user=f"u{offset}", t=t, offset=offset)
+        for offset, t in enumerate([0, 10, 2, 11, 12, 3])
+    ]
+    store = FeedbackStore(str(tmp_path / "store"))
+    store.write_batch(FEEDBACK, "fb", 0, 0, 5, pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA))
+    stored = store.read(FEEDBACK)
+    recent = stored[stored[records.TS] >= T0 + dt.timedelta(seconds=10)]
+    window = build_snapshot(recent, OPTIONS).window
+    assert window is not None
+    assert (window.partitions[0].first_read, window.partitions[0].last_read) == (1, 4)
+    assert window.read_from == (T0 + dt.timedelta(seconds=10)).isoformat()
+    listed = store.read_ranges(
+        [("fb", 0, 1, 4)],
+        [records.KAFKA_OFFSET],
+        since=dt.datetime.fromisoformat(window.read_from),
+    )
+    assert sorted(listed[records.KAFKA_OFFSET].to_pylist()) == [1, 3, 4]
