@@ -185,8 +185,11 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
         "accuracy",
         "margin",
         "kl",
+        "drift",
         "generation_score",
     }
+    assert 0 < record["gate"]["drift"] <= 0.25  # from the base model, on its own answers
+    assert record["plan"]["strategy"] == "retrain" and record["plan"]["on_policy"] == 0
     after = record["training"]["heldout_after"]
     assert after["accuracy"] > 0.75 and after["margin"] > 0
     with cycle.admin() as admin:
