@@ -57,7 +57,7 @@ from pipeline.loop_metrics import (
 from pipeline.production import LIKED_SHARE, VOTES, liked_share_by_adapter
 from pipeline.records import ADAPTER
 from pipeline.registry import RegistryError, parse_served_name
-from pipeline.snapshot import SnapshotError
+from pipeline.snapshot import VOTE_COLUMNS, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ class LoopCollector(Collector):
             store = FeedbackStore(s.url, s.storage_options)
             files = store.files(FEEDBACK)
             if files != self._store_files:
-                self._liked_share = liked_share_by_adapter(store.read(FEEDBACK))
+                votes = store.read(FEEDBACK, columns=VOTE_COLUMNS)
+                self._liked_share = liked_share_by_adapter(votes)
                 self._store_files = files
                 self._store_read_at = time.time()
         except (StoreError, OSError, SnapshotError) as exc:

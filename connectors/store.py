@@ -277,13 +277,26 @@ class FeedbackStore:
             return []
         return sorted(p for p in paths if _NAME.match(p.rsplit("/", 1)[-1]))
 
-    def read_arrow(self, table: str = FEEDBACK) -> pa.Table:
-        """All rows of a table (empty with the right schema when nothing is stored)."""
-        return self._read_files(self.files(table), table)
+    def read_arrow(
+        self,
+        table: str = FEEDBACK,
+        columns: Sequence[str] | None = None,
+        filter: ds.Expression | None = None,
+    ) -> pa.Table:
+        """The rows of a table (empty with the right schema when nothing is stored):
+        only `columns` (all by default) of the rows `filter` keeps (all by default).
+        Parquet is columnar, so the columns left out are never read from disk."""
+        return self._read_files(self.files(table), table, columns, filter)
 
-    def read(self, table: str = FEEDBACK) -> pd.DataFrame:
-        """All rows of a table as a DataFrame."""
-        return self.read_arrow(table).to_pandas()
+    def read(
+        self,
+        table: str = FEEDBACK,
+        columns: Sequence[str] | None = None,
+        filter: ds.Expression | None = None,
+    ) -> pd.DataFrame:
+        """The rows of a table as a DataFrame: only `columns` (all by default) of the
+        rows `filter` keeps."""
+        return self.read_arrow(table, columns, filter).to_pandas()
 
     def read_ranges(
         self,
@@ -326,12 +339,22 @@ class FeedbackStore:
                 total += pq.ParquetFile(f).metadata.num_rows
         return total
 
-    def _read_files(self, paths: list[str], table: str) -> pa.Table:
+    def _read_files(
+        self,
+        paths: list[str],
+        table: str,
+        columns: Sequence[str] | None = None,
+        filter: ds.Expression | None = None,
+    ) -> pa.Table:
         schema = _SCHEMAS[table]
+        wanted = list(schema.names if columns is None else columns)
+        unknown = [c for c in wanted if c not in schema.names]
+        if unknown:
+            raise ValueError(f"the {table} table has no columns {unknown}")
         if not paths:
-            return schema.empty_table()
+            return pa.schema([schema.field(c) for c in wanted]).empty_table()
         dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.fs)
-        return dataset.to_table()
+        return dataset.to_table(columns=wanted, filter=filter)
 
 
 def write_local_atomic(

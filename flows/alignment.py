@@ -61,7 +61,7 @@ from pipeline.examples import Example
 from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
 from pipeline.manifest import NO_GAIN, Manifest
 from pipeline.registry import served_name
-from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.snapshot import SNAPSHOT_COLUMNS, NothingToSnapshot, Snapshot, build_snapshot
 
 log = logging.getLogger("kto_loop.cycle")
 
@@ -147,7 +147,7 @@ def snapshot_store(
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
-    feedback = fs.read(FEEDBACK)
+    feedback = fs.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
     if window_days is not None:
         feedback = votes_since(feedback, window_days, dt.datetime.now(dt.UTC))
     try:

@@ -276,11 +276,11 @@ def _liked_share(
     settings: Settings, registry: AdapterRegistry, aliases: list[str]
 ) -> list[dict[str, Any]] | dict[str, str]:
     from pipeline.production import liked_share_by_adapter
+    from pipeline.snapshot import VOTE_COLUMNS
 
     try:
-        frame = liked_share_by_adapter(
-            FeedbackStore(settings.store.url, settings.store.storage_options).read(FEEDBACK)
-        )
+        store = FeedbackStore(settings.store.url, settings.store.storage_options)
+        frame = liked_share_by_adapter(store.read(FEEDBACK, columns=VOTE_COLUMNS))
     except (StoreError, OSError) as exc:
         err.print(f"could not read the store {settings.store.url}: {exc}", style="red")
         return {"error": str(exc)}

@@ -52,6 +52,7 @@ from pipeline.records import (
     DESIRABLE,
     EVENT_ID,
     FEEDBACK,
+    INGESTED_AT,
     KAFKA_OFFSET,
     KAFKA_PARTITION,
     KAFKA_TOPIC,
@@ -99,6 +100,11 @@ _KAFKA_ORDER = (KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET)
 # The columns `latest_votes` needs: those deciding which votes count, and the adapter
 # each vote was given on.
 _VOTE_COLUMNS = (EVENT_ID, TS, MESSAGE_ID, USER_HASH, FEEDBACK, DESIRABLE, ADAPTER)
+# What to read from the store, and no more: the store's text columns are most of its
+# bytes, and only a snapshot needs them. The window needs the Kafka position and the
+# ingest time of every row read.
+SNAPSHOT_COLUMNS = (*_FEEDBACK_COLUMNS, *_KAFKA_ORDER, INGESTED_AT)
+VOTE_COLUMNS = (*_VOTE_COLUMNS, *_KAFKA_ORDER)
 _FORMATS = {
     "TRL unpaired KTO": (PROMPT, COMPLETION, LABEL),
     "TRL paired preference": (PROMPT, CHOSEN, REJECTED),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pytest
 
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
@@ -76,6 +77,23 @@ def test_rows_round_trip(tmp_path: Path) -> None:
     assert back.equals(table)
     df = store.read()
     assert df[records.EVENT_ID].is_unique and len(df) == 50
+
+
+def test_a_read_of_some_columns_and_rows_reads_only_those(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path))
+    store.write_batch(FEEDBACK, "fb", 0, 0, 19, feedback_range(0, 19))
+    store.write_batch(FEEDBACK, "fb", 0, 20, 29, feedback_range(20, 29))
+    wanted = [records.EVENT_ID, records.KAFKA_OFFSET]
+    late = ds.field(records.KAFKA_OFFSET) >= 15
+    back = store.read(columns=wanted, filter=late)
+    assert list(back.columns) == wanted
+    assert back[records.KAFKA_OFFSET].tolist() == list(range(15, 30))
+    full = store.read()
+    assert back[records.EVENT_ID].tolist() == full[records.EVENT_ID].tolist()[15:]
+    empty = FeedbackStore(str(tmp_path / "none")).read_arrow(DEAD_LETTERS, [records.ERROR_KIND])
+    assert empty.schema.names == [records.ERROR_KIND] and empty.num_rows == 0
+    with pytest.raises(ValueError, match="no columns"):
+        store.read(columns=["nope"])
 
 
 def test_event_fields_are_feedback_columns() -> None:
