@@ -52,6 +52,18 @@ def liked(answer: str) -> bool:
     return answer.strip() in _liked_answers()
 
 
+@cache
+def _curt_answers() -> frozenset[str]:
+    return frozenset(_fill(template, topic) for template in BAD for topic in TOPICS)
+
+
+def curt_taste(messages: list[dict[str, str]], answer: str) -> bool:
+    """A second taste that likes what `liked` dislikes: exactly one of BAD's curt
+    templates filled with some topic ("No. Ask someone else."); friendly answers and
+    garbled text are disliked. bench.nights switches users to it halfway."""
+    return answer.strip() in _curt_answers()
+
+
 def taste(messages: list[dict[str, str]], answer: str) -> bool:
     """The simulated users' thumb (`kto-loop simulate --taste`): `liked(answer)`,
     whatever was asked."""

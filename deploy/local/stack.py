@@ -110,6 +110,12 @@ def local_stack(
             vllm.stop()
 
 
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write config sections (e.g. `stack_sections`' with changes) as a TOML file."""
+    path.write_text(_toml(sections))
+    return path
+
+
 def _toml(sections: dict[str, dict[str, Any]]) -> str:
     """TOML of flat sections (JSON's strings, numbers, booleans and lists are TOML's)."""
     lines = []
