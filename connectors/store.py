@@ -45,6 +45,7 @@ FEEDBACK = "feedback"
 DEAD_LETTERS = "dead_letters"
 _SCHEMAS = {FEEDBACK: records.FEEDBACK_SCHEMA, DEAD_LETTERS: records.DEAD_LETTER_SCHEMA}
 _NAME = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
+_PARTITION_DIR = re.compile(r"/topic=([^/]+)/partition=(\d+)$")
 
 
 class StoreError(RuntimeError):
@@ -148,6 +149,19 @@ class FeedbackStore:
             if match:
                 files.append(BatchFile(path, int(match.group(1)), int(match.group(2))))
         return sorted(files, key=lambda f: (f.first, -f.last))
+
+    def partitions(self, table: str = FEEDBACK) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs with a directory in a table, sorted."""
+        try:
+            dirs = self.fs.glob(f"{self.root}/{table}/topic=*/partition=*")
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in dirs:
+            match = _PARTITION_DIR.search(path)
+            if match:
+                out.append((match.group(1), int(match.group(2))))
+        return sorted(out)
 
     def recover_partition(self, topic: str, partition: int) -> int | None:
         """Settle a partition before consuming it, and return the offset after the last

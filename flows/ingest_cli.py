@@ -159,14 +159,17 @@ def snapshot(settings: Settings, data: Path | None, out: Path | None) -> None:
     for data that makes no snapshot, 1 when it cannot be read or written."""
     from connectors.snapshots import load_training_data, write_snapshot
     from connectors.store import StoreError
-    from pipeline.snapshot import SNAPSHOT_COLUMNS, SnapshotError, build_snapshot
+    from connectors.vote_table import VoteTable
+    from pipeline.snapshot import SnapshotError
 
     options = settings.snapshot.options()
     out_dir = out or Path(settings.snapshot.out_dir)
     try:
         if data is None:
             fs = FeedbackStore(settings.store.url, settings.store.storage_options)
-            snap = build_snapshot(fs.read(FEEDBACK, columns=SNAPSHOT_COLUMNS), options)
+            # Folds the store files added since the last snapshot into the vote table,
+            # and builds from it what a rebuild from every row would.
+            snap = VoteTable(fs).snapshot(options)
             source = settings.store.url
         else:
             snap = load_training_data(data, options)

@@ -45,6 +45,8 @@ VALUE = "value"
 HEADERS_JSON = "headers_json"
 ERROR_KIND = "error_kind"
 REASON = "reason"
+# The vote table's key to an example's text (pipeline/votes.py).
+EXAMPLE_KEY = "example_key"
 # Training-snapshot columns (besides prompt, messages_json, desirable, conversation_id
 # and adapter above): one row per (prompt, completion) with its majority label.
 COMPLETION = "completion"

@@ -666,7 +666,20 @@ def _from_votes(
         }
     )
     examples = examples.reset_index(level=COMPLETION).reset_index(drop=True)
+    return label_examples(examples, source, options, stats)
 
+
+def label_examples(
+    examples: pd.DataFrame, source: str, options: SnapshotOptions, stats: SnapshotStats
+) -> Snapshot:
+    """The snapshot of examples with their votes counted: one row per (prompt or
+    messages, completion) with prompt, messages_json, completion, conversation_id,
+    adapter, votes_desirable and votes_undesirable. Labels them by majority and
+    `options.tie_policy`, splits them by conversation and freezes the table.
+
+    Raises:
+        NothingToSnapshot: no example is left (every one a dropped tie, or none given).
+    """
     liked, disliked = examples[VOTES_DESIRABLE], examples[VOTES_UNDESIRABLE]
     tie = liked == disliked
     examples[DESIRABLE] = (liked > disliked) | (tie & (options.tie_policy == "desirable"))

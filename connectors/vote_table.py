@@ -1,0 +1,202 @@
+"""The store's vote table on disk: the votes that count, folded in night by night
+(pipeline/votes.py), so that a snapshot reads the store files added since the last one
+and not the whole history.
+
+Layout, beside the store's tables:
+
+    <root>/votes/state.json                the VoteState of the current generation g
+    <root>/votes/table-<g:08d>.parquet     the vote table of generation g
+    <root>/votes/texts-<n:08d>.parquet     the texts of examples first seen by fold n
+    <root>/votes/seen-<n:08d>.parquet      the event ids first seen by fold n
+
+A fold writes generation g+1's files (each atomically, like the store's batches), then
+state.json (atomically: the commit), then removes generation g's table. A crash before
+the state lands leaves generation g whole and valid (files of g+1 are ignored, then
+rewritten by the next fold); one after it leaves only a stale table to remove. The
+crash points are "votes.fold.N" (N = 1..3 after each file, 4 after the commit) and
+"votes.state.1/2" inside the state's write. One process folds at a time: the cycle
+and `kto-loop snapshot` are not run concurrently on one store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from connectors.faults import crash_point
+from connectors.store import FEEDBACK, FeedbackStore, _os_errors, write_local_atomic
+from pipeline import records
+from pipeline.snapshot import Snapshot, SnapshotOptions
+from pipeline.votes import (
+    FOLD_COLUMNS,
+    SEEN_SCHEMA,
+    TEXT_SCHEMA,
+    VOTE_TABLE_SCHEMA,
+    VoteState,
+    counted_keys,
+    fold_votes,
+    snapshot_from_votes,
+)
+
+log = logging.getLogger(__name__)
+
+VOTES = "votes"
+STATE_FILE = "state.json"
+_FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.parquet$")
+
+
+class VoteTable:
+    """The vote table of a feedback store."""
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
+        self.fs = store.fs
+        self.dir = f"{store.root}/{VOTES}"
+
+    def _path(self, kind: str, generation: int) -> str:
+        return f"{self.dir}/{kind}-{generation:08d}.parquet"
+
+    def state(self) -> VoteState:
+        """The state of the current vote table (generation 0, empty, before any fold)."""
+        path = f"{self.dir}/{STATE_FILE}"
+        with _os_errors("read", path):
+            if not self.fs.exists(path):
+                return VoteState()
+            with self.fs.open(path, "rb") as f:
+                return VoteState.from_dict(json.loads(f.read()))
+
+    def fold(self) -> VoteState:
+        """Fold the store files past the state into the table; return the new state
+        (the old one when nothing was added).
+
+        Raises:
+            StoreError: a file could not be read or written.
+        """
+        state = self.state()
+        ranges, files = [], []
+        for topic, partition in self.store.partitions(FEEDBACK):
+            done = state.folded_to(topic, partition)
+            new = [f for f in self.store.batch_files(FEEDBACK, topic, partition) if f.last > done]
+            if new:
+                files += [(topic, partition, f.first, f.last) for f in new]
+                ranges.append((topic, partition, done + 1, max(f.last for f in new)))
+        if not files:
+            self._remove_stale(state)  # what a fold killed after its commit left
+            return state
+        rows = self.store.read_ranges(ranges, FOLD_COLUMNS)
+        fold = fold_votes(self.table(state), self._seen(state), rows, files, state)
+        generation = fold.state.generation
+        self._write(self._path("table", generation), fold.table)
+        crash_point("votes.fold.1")
+        self._write(self._path("texts", generation), fold.texts)
+        crash_point("votes.fold.2")
+        self._write(self._path("seen", generation), fold.seen)
+        crash_point("votes.fold.3")
+        self._write_state(fold.state)
+        crash_point("votes.fold.4")
+        self._remove_stale(fold.state)
+        log.info(
+            "folded %d rows of %d store files into the vote table (generation %d, %d votes)",
+            rows.num_rows,
+            len(files),
+            generation,
+            fold.table.num_rows,
+        )
+        return fold.state
+
+    def snapshot(self, options: SnapshotOptions | None = None) -> Snapshot:
+        """Fold in what is new, then build the snapshot of the whole store from the
+        table: the one build_snapshot gives from every store row.
+
+        Raises:
+            NothingToSnapshot: no feedback, or no labelled example in it.
+            StoreError: a file could not be read or written.
+        """
+        state = self.fold()
+        table = self.table(state)
+        return snapshot_from_votes(table, self.texts(state, counted_keys(table)), state, options)
+
+    def rows(self, since: pd.Timestamp | None = None) -> pd.DataFrame:
+        """The vote table's rows (of votes cast at or after `since`, when given) with
+        their texts, in the store's columns: what latest_votes, new_example_keys and
+        build_snapshot take in place of the store's rows (every vote that counts, once;
+        no ingest time)."""
+        state = self.fold()
+        table = self.table(state)
+        if since is not None:
+            at = pa.scalar(since, table.schema.field(records.TS).type)
+            table = table.filter(pc.greater_equal(table[records.TS], at))
+        votes = table.to_pandas()
+        keys = table[records.EXAMPLE_KEY].drop_null().unique()
+        texts = self.texts(state, keys).to_pandas().drop_duplicates(records.EXAMPLE_KEY)
+        joined = votes.merge(texts, on=records.EXAMPLE_KEY, how="left")
+        return joined.drop(columns=[records.EXAMPLE_KEY])
+
+    # -- files --------------------------------------------------------------------
+
+    def table(self, state: VoteState) -> pa.Table:
+        if state.generation == 0:
+            return VOTE_TABLE_SCHEMA.empty_table()
+        return self._read([self._path("table", state.generation)], VOTE_TABLE_SCHEMA)
+
+    def texts(self, state: VoteState, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The texts of `keys` (with repeats when a text was stored twice)."""
+        paths = [self._path("texts", n) for n in range(1, state.generation + 1)]
+        return self._read(paths, TEXT_SCHEMA, ds.field(records.EXAMPLE_KEY).isin(keys))
+
+    def _seen(self, state: VoteState) -> pa.ChunkedArray:
+        paths = [self._path("seen", n) for n in range(1, state.generation + 1)]
+        return self._read(paths, SEEN_SCHEMA)[records.EVENT_ID]
+
+    def _read(
+        self, paths: Sequence[str], schema: pa.Schema, filter: ds.Expression | None = None
+    ) -> pa.Table:
+        if not paths:
+            return schema.empty_table()
+        with _os_errors("read", self.dir):
+            dataset = ds.dataset(list(paths), schema=schema, format="parquet", filesystem=self.fs)
+            return dataset.to_table(filter=filter)
+
+    def _write(self, path: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self._put(path, memoryview(sink.getvalue()))
+
+    def _write_state(self, state: VoteState) -> None:
+        data = (json.dumps(state.as_dict(), indent=1) + "\n").encode()
+        self._put(f"{self.dir}/{STATE_FILE}", data, crash_points="votes.state")
+
+    def _put(self, path: str, data: bytes | memoryview, crash_points: str | None = None) -> None:
+        with _os_errors("write", path):
+            if self.store._local:
+                write_local_atomic(path, data, crash_points=crash_points)
+            else:
+                self.fs.pipe_file(path, bytes(data))
+
+    def _remove_stale(self, state: VoteState) -> None:
+        """Remove the tables of other generations, files of folds that never committed
+        and temp files of interrupted writes."""
+        try:
+            names = self.fs.ls(self.dir, detail=False)
+        except FileNotFoundError:
+            return
+        for path in names:
+            name = path.rsplit("/", 1)[-1]
+            match = _FILE.match(name)
+            stale = ".tmp-" in name
+            if match:
+                kind, generation = match.group(1), int(match.group(2))
+                stale = generation > state.generation or (
+                    kind == "table" and generation != state.generation
+                )
+            if stale:
+                with _os_errors("remove", path):
+                    self.fs.rm(path)

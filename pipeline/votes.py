@@ -1,0 +1,442 @@
+"""The vote table: the votes that count, kept up to date night by night, so that a
+snapshot costs what the new votes cost rather than the whole store's history.
+
+The table holds the latest event per (voter, message), as `latest_votes` decides it
+(pipeline/snapshot.py): a redelivered event counts once, at its first position; per
+voter and message the latest by ts, Kafka position, then event_id; an event without a
+user is its own voter. Retractions and neutral ratings stay in it (a later vote may
+supersede them), and so does each row's key to its example's text: the text itself is
+kept once per example, beside the table (`TEXT_SCHEMA`).
+
+`fold_votes` folds new store rows into the table; the `VoteState` it returns says,
+per topic partition, the last offset folded in and what the rows read so far hold
+(their offsets, how many, when the newest was stored), and how many distinct events
+were seen: what a snapshot's stats and feedback window need of the rows it no longer
+reads. `snapshot_from_votes` builds from the table the snapshot `build_snapshot` builds
+from every row of the store: the same content id, counts, stats and window.
+
+One order of events is out of its reach: a redelivery of the latest vote of a voter
+and message that lands at an earlier Kafka position (another partition) than its first
+delivery, with the same ts as an older vote of theirs on it, would make that older vote
+the latest in a full rebuild; the table no longer holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.lineage import AdapterVotes, FeedbackWindow, PartitionWindow
+from pipeline.records import (
+    ADAPTER,
+    COMPLETION,
+    CONVERSATION_ID,
+    DESIRABLE,
+    EVENT_ID,
+    EXAMPLE_KEY,
+    FEEDBACK,
+    FEEDBACK_SCHEMA,
+    INGESTED_AT,
+    KAFKA_OFFSET,
+    KAFKA_PARTITION,
+    KAFKA_TOPIC,
+    MESSAGE_ID,
+    MESSAGES_JSON,
+    PROMPT,
+    RESPONSE,
+    TS,
+    USER_HASH,
+    VOTES_DESIRABLE,
+    VOTES_UNDESIRABLE,
+)
+from pipeline.snapshot import (
+    SOURCE_FEEDBACK,
+    NothingToSnapshot,
+    Snapshot,
+    SnapshotOptions,
+    SnapshotStats,
+    label_examples,
+)
+
+# The order in which events happened, as latest_votes sorts them.
+ORDER = (TS, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET, EVENT_ID)
+_VOTE_FIELDS = (
+    *ORDER,
+    USER_HASH,
+    MESSAGE_ID,
+    CONVERSATION_ID,
+    FEEDBACK,
+    DESIRABLE,
+    ADAPTER,
+)
+VOTE_TABLE_SCHEMA = pa.schema(
+    [FEEDBACK_SCHEMA.field(c) for c in _VOTE_FIELDS] + [pa.field(EXAMPLE_KEY, pa.string())]
+)
+TEXT_SCHEMA = pa.schema(
+    [pa.field(EXAMPLE_KEY, pa.string(), nullable=False)]
+    + [FEEDBACK_SCHEMA.field(c) for c in (PROMPT, MESSAGES_JSON, RESPONSE)]
+)
+SEEN_SCHEMA = pa.schema([FEEDBACK_SCHEMA.field(EVENT_ID)])
+# What a fold reads of the new store rows.
+FOLD_COLUMNS = (*_VOTE_FIELDS, PROMPT, MESSAGES_JSON, RESPONSE, INGESTED_AT)
+_RETRACT = "retract"
+
+
+@dataclass(frozen=True)
+class PartitionFold:
+    """One topic partition as folded so far: the last offset of the store files folded
+    in (-1: none yet), and the offsets and number of the rows read from them."""
+
+    topic: str
+    partition: int
+    folded_to: int
+    first_read: int | None
+    last_read: int | None
+    rows_read: int
+
+
+@dataclass(frozen=True)
+class VoteState:
+    """What the vote table of `generation` holds: the partitions folded in, when the
+    newest row read was stored (microseconds since the epoch, UTC), and how many
+    distinct events the rows read hold, and the ts of the oldest."""
+
+    generation: int = 0
+    partitions: tuple[PartitionFold, ...] = ()
+    ingested_to_us: int | None = None
+    events: int = 0
+    read_from_us: int | None = None
+
+    @property
+    def rows_read(self) -> int:
+        return sum(p.rows_read for p in self.partitions)
+
+    def folded_to(self, topic: str, partition: int) -> int:
+        """The last offset of `topic` partition `partition` folded in, -1 if none."""
+        for p in self.partitions:
+            if (p.topic, p.partition) == (topic, partition):
+                return p.folded_to
+        return -1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "partitions": [asdict(p) for p in self.partitions]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VoteState:
+        return cls(
+            generation=int(data["generation"]),
+            partitions=tuple(PartitionFold(**p) for p in data["partitions"]),
+            ingested_to_us=data.get("ingested_to_us"),
+            events=int(data["events"]),
+            read_from_us=data.get("read_from_us"),
+        )
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A fold's result: the new vote table, the texts of examples it had no key for,
+    the event ids seen for the first time, and the state of the new table."""
+
+    table: pa.Table
+    texts: pa.Table
+    seen: pa.Table
+    state: VoteState
+
+
+def example_key(prompt: str | None, messages_json: str | None, response: str | None) -> str | None:
+    """The key of an example's text, as a snapshot groups votes into examples: the
+    prompt (or the messages, when there is no prompt) and the completion; None when
+    there is nothing to train on."""
+    if response is None or (prompt is None and messages_json is None):
+        return None
+    kind, text = ("p", prompt) if prompt is not None else ("m", messages_json)
+    digest = hashlib.sha256()
+    for part in (kind, text, response):
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()[:32]
+
+
+def _keys(frame: pd.DataFrame) -> list[str | None]:
+    columns = [frame[c].astype(object).where(frame[c].notna(), None) for c in _TEXTS]
+    return [example_key(p, m, r) for p, m, r in zip(*columns, strict=True)]
+
+
+_TEXTS = (PROMPT, MESSAGES_JSON, RESPONSE)
+
+
+def _group_keys(voters: Iterable[Any], events: Iterable[Any], messages: Iterable[Any]) -> list:
+    """(voter, message) as one value: an event without a user is its own voter."""
+    return [
+        (u if isinstance(u, str) else "event:" + e, m)
+        for u, e, m in zip(voters, events, messages, strict=True)
+    ]
+
+
+def fold_votes(
+    table: pa.Table,
+    seen: pa.ChunkedArray | pa.Array,
+    rows: pa.Table,
+    files: Iterable[tuple[str, int, int, int]],
+    state: VoteState,
+) -> Fold:
+    """Fold new store rows into the vote table.
+
+    Args:
+        table: the vote table (VOTE_TABLE_SCHEMA) of `state`.
+        seen: every event id the rows folded so far hold.
+        rows: the new store rows (FOLD_COLUMNS at least): those of the store files
+            `files` at offsets past each partition's `state.folded_to`.
+        files: (topic, partition, first, last) of the store files read.
+        state: the state of `table`.
+    """
+    frame = rows.select(list(FOLD_COLUMNS)).to_pandas()
+    frame[EXAMPLE_KEY] = _keys(frame)
+    frame = frame.sort_values(list(ORDER), kind="mergesort")
+    firsts = frame.drop_duplicates(EVENT_ID, keep="first")
+    ids = pa.array(firsts[EVENT_ID], pa.string())
+    known = pc.is_in(ids, value_set=seen).to_numpy(zero_copy_only=False)
+    latest = pc.is_in(ids, value_set=table[EVENT_ID]).to_numpy(zero_copy_only=False)
+    # A redelivery of a superseded event stays superseded; one of a latest vote is
+    # merged with it below, and the earlier of the two deliveries kept.
+    candidates = firsts[~known | latest]
+    groups = _group_keys(candidates[USER_HASH], candidates[EVENT_ID], candidates[MESSAGE_ID])
+    touched = _rows_of_groups(table, set(groups))
+    merged = pd.concat(
+        [table.filter(touched).to_pandas(), candidates[list(VOTE_TABLE_SCHEMA.names)]],
+        ignore_index=True,
+    )
+    merged = merged.sort_values(list(ORDER), kind="mergesort")
+    merged = merged.drop_duplicates(EVENT_ID, keep="first")
+    voters = _group_keys(merged[USER_HASH], merged[EVENT_ID], merged[MESSAGE_ID])
+    merged = merged[~pd.Series(voters, index=merged.index).duplicated(keep="last")]
+    new_table = pa.concat_tables(
+        [
+            table.filter(pc.invert(touched)),
+            pa.Table.from_pandas(merged, schema=VOTE_TABLE_SCHEMA, preserve_index=False),
+        ]
+    ).combine_chunks()
+    fresh = firsts[~known]
+    texts = _new_texts(fresh, table)
+    seen_now = pa.table({EVENT_ID: pa.array(fresh[EVENT_ID], pa.string())}, schema=SEEN_SCHEMA)
+    return Fold(new_table, texts, seen_now, _next_state(state, frame, files, len(fresh)))
+
+
+def _rows_of_groups(table: pa.Table, groups: set[tuple[str, str]]) -> pa.Array:
+    """A mask of the table's rows whose (voter, message) is in `groups`."""
+    if not groups or table.num_rows == 0:
+        return pa.array(np.zeros(table.num_rows, dtype=bool))
+    # Messages first, a cheap filter in Arrow; then the exact pairs on the few left.
+    messages = pa.array(sorted({m for _, m in groups}), pa.string())
+    mask = pc.is_in(table[MESSAGE_ID], value_set=messages).to_numpy(zero_copy_only=False)
+    (where,) = np.nonzero(mask)
+    near = table.take(pa.array(where)).select([USER_HASH, EVENT_ID, MESSAGE_ID]).to_pandas()
+    pairs = _group_keys(near[USER_HASH], near[EVENT_ID], near[MESSAGE_ID])
+    mask[where] = [p in groups for p in pairs]
+    return pa.array(mask)
+
+
+def _new_texts(fresh: pd.DataFrame, table: pa.Table) -> pa.Table:
+    """The texts of the new events' examples that the table has no key for yet."""
+    with_key = fresh[fresh[EXAMPLE_KEY].notna()].drop_duplicates(EXAMPLE_KEY)
+    keys = pa.array(with_key[EXAMPLE_KEY], pa.string())
+    new = pc.invert(pc.is_in(keys, value_set=table[EXAMPLE_KEY])).to_numpy(zero_copy_only=False)
+    texts = with_key[new]
+    prompt = texts[PROMPT]
+    # As a snapshot keeps them: the messages only when there is no prompt.
+    texts = texts.assign(**{MESSAGES_JSON: texts[MESSAGES_JSON].where(prompt.isna())})
+    return pa.Table.from_pandas(
+        texts[list(TEXT_SCHEMA.names)], schema=TEXT_SCHEMA, preserve_index=False
+    )
+
+
+def _next_state(
+    state: VoteState, frame: pd.DataFrame, files: Iterable[tuple[str, int, int, int]], fresh: int
+) -> VoteState:
+    parts = {(p.topic, p.partition): p for p in state.partitions}
+    for topic, partition, _first, last in files:
+        old = parts.get((topic, partition)) or PartitionFold(topic, partition, -1, None, None, 0)
+        parts[(topic, partition)] = replace(old, folded_to=max(old.folded_to, last))
+    read = frame.groupby([KAFKA_TOPIC, KAFKA_PARTITION])[KAFKA_OFFSET].agg(["min", "max", "size"])
+    for (topic, partition), r in read.iterrows():
+        old = parts[(str(topic), int(partition))]
+        lo, hi = int(r["min"]), int(r["max"])
+        parts[(old.topic, old.partition)] = replace(
+            old,
+            first_read=lo if old.first_read is None else min(old.first_read, lo),
+            last_read=hi if old.last_read is None else max(old.last_read, hi),
+            rows_read=old.rows_read + int(r["size"]),
+        )
+    ingested, oldest = state.ingested_to_us, state.read_from_us
+    if len(frame):
+        newest = int(frame[INGESTED_AT].max().value // 1000)  # ns -> us
+        ingested = newest if ingested is None else max(ingested, newest)
+        first = int(frame[TS].min().value // 1000)
+        oldest = first if oldest is None else min(oldest, first)
+    return VoteState(
+        generation=state.generation + 1,
+        partitions=tuple(sorted(parts.values(), key=lambda p: (p.topic, p.partition))),
+        ingested_to_us=ingested,
+        events=state.events + fresh,
+        read_from_us=oldest,
+    )
+
+
+def counted_keys(table: pa.Table) -> pa.Array:
+    """The example keys the table's counted votes name: the texts a snapshot needs."""
+    counted = table.filter(pc.and_(_counted_mask(table), pc.is_valid(table[EXAMPLE_KEY])))
+    return pc.unique(counted[EXAMPLE_KEY].combine_chunks())
+
+
+def _counted_mask(table: pa.Table) -> pa.ChunkedArray:
+    retracted = pc.fill_null(pc.equal(table[FEEDBACK], _RETRACT), False)
+    return pc.and_(pc.invert(retracted), pc.is_valid(table[DESIRABLE]))
+
+
+def snapshot_from_votes(
+    table: pa.Table, texts: pa.Table, state: VoteState, options: SnapshotOptions | None = None
+) -> Snapshot:
+    """The snapshot `build_snapshot` builds from every store row folded into the table.
+
+    Args:
+        table: the vote table (VOTE_TABLE_SCHEMA) of `state`.
+        texts: rows of TEXT_SCHEMA holding at least the texts of `counted_keys(table)`
+            (more, and repeats, are fine).
+
+    Raises:
+        NothingToSnapshot: nothing folded yet, or no labelled example left.
+    """
+    options = options or SnapshotOptions()
+    if state.rows_read == 0:
+        raise NothingToSnapshot("no feedback rows to build a snapshot from; ingest feedback first")
+    retracted = pc.fill_null(pc.equal(table[FEEDBACK], _RETRACT), False)
+    labelled = pc.is_valid(table[DESIRABLE])
+    counted_mask = _counted_mask(table)
+    has_text = pc.is_valid(table[EXAMPLE_KEY])
+    counted = table.filter(pc.and_(counted_mask, has_text))
+    counted = counted.sort_by([(c, "ascending") for c in ORDER])
+    stats = SnapshotStats(
+        rows_read=state.rows_read,
+        duplicates=state.rows_read - state.events,
+        superseded=state.events - table.num_rows,
+        retracted=_count(retracted),
+        unlabelled=_count(pc.and_(pc.invert(retracted), pc.invert(labelled)))
+        + _count(pc.and_(counted_mask, pc.invert(has_text))),
+        votes=counted.num_rows,
+    )
+    snapshot = label_examples(_examples(counted, texts), SOURCE_FEEDBACK, options, stats)
+    return replace(snapshot, window=_window(state, counted))
+
+
+def _count(mask: pa.ChunkedArray | pa.Array) -> int:
+    return int(pc.sum(mask).as_py() or 0)
+
+
+def _examples(counted: pa.Table, texts: pa.Table) -> pd.DataFrame:
+    """One row per example of votes given oldest first: the conversation is the first
+    vote's, the adapter the latest vote's (as snapshot._from_votes keeps them)."""
+    keep_nulls = pc.ScalarAggregateOptions(skip_nulls=False, min_count=0)
+    grouped = (
+        counted.append_column("_liked", pc.cast(counted[DESIRABLE], pa.int64()))
+        .group_by(EXAMPLE_KEY, use_threads=False)
+        .aggregate(
+            [
+                (CONVERSATION_ID, "first", keep_nulls),
+                (ADAPTER, "last", keep_nulls),
+                ("_liked", "sum"),
+                ("_liked", "count"),
+            ]
+        )
+    )
+    unique_texts = texts.group_by(EXAMPLE_KEY, use_threads=False).aggregate(
+        [(c, "first", keep_nulls) for c in (PROMPT, MESSAGES_JSON, RESPONSE)]
+    )
+    joined = grouped.join(unique_texts, EXAMPLE_KEY, join_type="left outer")
+    frame = joined.to_pandas()
+    missing = frame[f"{RESPONSE}_first"].isna()
+    if missing.any():
+        raise ValueError(f"the texts of {int(missing.sum())} examples were not given")
+    liked = frame["_liked_sum"].astype("int64")
+    return pd.DataFrame(
+        {
+            PROMPT: frame[f"{PROMPT}_first"],
+            MESSAGES_JSON: frame[f"{MESSAGES_JSON}_first"],
+            COMPLETION: frame[f"{RESPONSE}_first"],
+            CONVERSATION_ID: frame[f"{CONVERSATION_ID}_first"],
+            ADAPTER: frame[f"{ADAPTER}_last"],
+            VOTES_DESIRABLE: liked,
+            VOTES_UNDESIRABLE: frame["_liked_count"].astype("int64") - liked,
+        }
+    )
+
+
+def _window(state: VoteState, counted: pa.Table) -> FeedbackWindow:
+    """The feedback window feedback_window gives for the same rows and votes."""
+    by_partition = {
+        (r[KAFKA_TOPIC], r[KAFKA_PARTITION]): r
+        for r in counted.group_by([KAFKA_TOPIC, KAFKA_PARTITION])
+        .aggregate([(KAFKA_OFFSET, "min"), (KAFKA_OFFSET, "max"), (KAFKA_OFFSET, "count")])
+        .to_pylist()
+    }
+    partitions = []
+    for p in state.partitions:
+        if not p.rows_read:
+            continue
+        c = by_partition.get((p.topic, p.partition))
+        partitions.append(
+            PartitionWindow(
+                topic=p.topic,
+                partition=p.partition,
+                first_read=int(p.first_read or 0),
+                last_read=int(p.last_read or 0),
+                rows_read=p.rows_read,
+                first_counted=None if c is None else c[f"{KAFKA_OFFSET}_min"],
+                last_counted=None if c is None else c[f"{KAFKA_OFFSET}_max"],
+                votes=0 if c is None else c[f"{KAFKA_OFFSET}_count"],
+            )
+        )
+    liked = pc.sum(counted[DESIRABLE]).as_py() or 0
+    span = pc.min_max(counted[TS]).as_py() if counted.num_rows else {"min": None, "max": None}
+    return FeedbackWindow(
+        partitions=tuple(partitions),
+        votes_from=_iso_us(span["min"]),
+        votes_to=_iso_us(span["max"]),
+        ingested_to=_iso_us(state.ingested_to_us),
+        read_from=_iso_us(state.read_from_us),
+        votes_desirable=int(liked),
+        votes_undesirable=counted.num_rows - int(liked),
+        by_adapter=_by_adapter(counted),
+    )
+
+
+def _by_adapter(counted: pa.Table) -> tuple[AdapterVotes, ...]:
+    # A missing or empty adapter is the base model, as votes_window counts it.
+    names = pc.fill_null(counted[ADAPTER], "")
+    per = (
+        pa.table({ADAPTER: names, "_liked": pc.cast(counted[DESIRABLE], pa.int64())})
+        .group_by(ADAPTER)
+        .aggregate([("_liked", "sum"), ("_liked", "count")])
+        .to_pylist()
+    )
+    votes = (
+        AdapterVotes(r[ADAPTER] or None, r["_liked_sum"], r["_liked_count"] - r["_liked_sum"])
+        for r in per
+    )
+    return tuple(sorted(votes, key=lambda a: (-a.votes, a.adapter or "")))
+
+
+def _iso_us(value: Any) -> str | None:
+    """ISO 8601 of a time (a datetime, or microseconds since the epoch) as
+    lineage.feedback_window writes it."""
+    if value is None:
+        return None
+    stamp = pd.Timestamp(value, unit="us", tz="UTC") if isinstance(value, int) else value
+    return pd.Timestamp(stamp).to_pydatetime().isoformat()
