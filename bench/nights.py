@@ -214,16 +214,18 @@ def goals(means: list[float], change_at: int) -> dict[str, Any]:
     """The three goals on a list of mean liked shares (points), night 1 first."""
     before = means[: change_at - 1]
     worst_drop = max((a - b for a, b in itertools.pairwise(before)), default=0.0)
-    climb = means[2] - means[0] if len(means) >= 3 else float("nan")
-    level = before[-1] if before else float("nan")
+    climb = means[2] - means[0] if len(means) >= 3 else None
+    level = before[-1] if before else None
     after = means[change_at : change_at + RECOVER_NIGHTS]
-    recovered = next((i + 1 for i, m in enumerate(after) if m >= level - RECOVER_WITHIN), None)
+    recovered = None
+    if level is not None:
+        recovered = next((i + 1 for i, m in enumerate(after) if m >= level - RECOVER_WITHIN), None)
     return {
         "worst_drop_before_change_pts": round(worst_drop, 1),
         "drop_goal_met": worst_drop <= DROP_LIMIT,
-        "climb_by_night3_pts": round(climb, 1),
-        "climb_goal_met": climb >= CLIMB_GOAL,
-        "pre_change_level_pts": round(level, 1),
+        "climb_by_night3_pts": None if climb is None else round(climb, 1),
+        "climb_goal_met": climb is not None and climb >= CLIMB_GOAL,
+        "pre_change_level_pts": None if level is None else round(level, 1),
         "recovered_after_nights": recovered,
         "recover_goal_met": recovered is not None,
     }

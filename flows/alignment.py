@@ -47,12 +47,11 @@ from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
 from pipeline.continual import (
-    ExampleKey,
     TrainingSet,
     class_counts,
     continual_set,
     key_of,
-    new_example_keys,
+    new_votes,
     retrain_set,
     votes_since,
 )
@@ -138,12 +137,12 @@ def snapshot_store(
     builds_on: dict[str, str | None] | None = None,
     window_days: float | None = None,
     read_up_to: dict[tuple[str, int], int] | None = None,
-) -> tuple[Snapshot, Path, set[ExampleKey] | None] | str:
+) -> tuple[Snapshot, Path, Snapshot | None] | str:
     """Freeze the store's feedback (the votes of the last `window_days`, when given)
     into a snapshot (content-addressed, so a retry writes the same one), its window
     naming the ids in `builds_on` (run_id, alias, version); with `read_up_to` (the
-    offsets the last judged run read), also the examples voted on since. Or say why
-    there is nothing to freeze yet."""
+    offsets the last judged run read), also the snapshot of the votes stored since
+    (None when they label nothing). Or say why there is nothing to freeze yet."""
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
@@ -156,7 +155,10 @@ def snapshot_store(
         return str(exc)
     if snap.window is not None and builds_on:
         snap = replace(snap, window=snap.window.built_on(**builds_on))
-    new = new_example_keys(feedback, read_up_to) if read_up_to is not None else None
+    new = None
+    if read_up_to is not None:
+        with contextlib.suppress(NothingToSnapshot):
+            new = build_snapshot(new_votes(feedback, read_up_to), settings.snapshot.options())
     return snap, write_snapshot(snap, Path(settings.snapshot.out_dir)), new
 
 
@@ -387,8 +389,8 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     _base_model(settings)  # fail before any work when it is not configured
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     served = registry.history(alias).current
-    snap, new_keys = _take_snapshot(settings, alias, runs, run, served)
-    plan = _plan(settings, alias, snap, new_keys, served, run)
+    snap, new, continual = _take_snapshot(settings, alias, runs, run, served)
+    plan = _plan(settings, alias, snap, new if continual else False, served, run)
     balance = _choose_balance(settings, plan, run)
     report_dir = _train(settings, runs, run, snap, plan, balance)
     _promote(settings, alias, runs, run, snap, plan, report_dir)
@@ -419,13 +421,15 @@ def _plan(
     settings: Settings,
     alias: str,
     snap: Snapshot,
-    new_keys: set[ExampleKey] | None,
+    new: Snapshot | bool | None,
     served: str | None,
     run: RunRecord,
 ) -> NightPlan:
+    """Tonight's plan: a retrain (`new` False), or a continual night on `new`, the
+    snapshot of the votes since the last judged run (None: they label nothing)."""
     repeats, cycle = settings.train.repeats, settings.cycle
     name = served_name(alias, served) if served else None
-    if new_keys is None:
+    if new is False:
         why = "configured" if cycle.strategy == "retrain" else "nothing is served yet"
         train = retrain_set(snap.records("train", repeats), name)
         plan = NightPlan(
@@ -433,11 +437,14 @@ def _plan(
         )
     else:
         seed = f"{snap.id}+{served}"
+        fresh = new.records("train", repeats) if isinstance(new, Snapshot) else []
+        # Replay only what got no vote since, on either side of the new votes' split.
+        voted = {key_of(e) for split in ("train", "heldout") for e in _records(new, split)}
         train = continual_set(
-            snap.records("train", repeats), new_keys, cycle.replay_fraction, seed, name
+            fresh, snap.records("train", repeats), cycle.replay_fraction, seed, name, voted
         )
-        gate_heldout = [e for e in snap.records("heldout") if key_of(e) in new_keys]
-        heldout = [e for e in snap.records("heldout", repeats) if key_of(e) in new_keys]
+        gate_heldout = new.records("heldout") if isinstance(new, Snapshot) else []
+        heldout = new.records("heldout", repeats) if isinstance(new, Snapshot) else []
         why = f"continues {name}, on the votes since the last judged run"
         if len(gate_heldout) < settings.gate.min_heldout:
             # Too few new held-out votes to judge on: all of them, as a retrain would.
@@ -446,6 +453,8 @@ def _plan(
         plan = NightPlan("continual", why, served, train, heldout, gate_heldout)
     run.plan = {"strategy": plan.strategy, "why": plan.why, **plan.train.summary()}
     run.plan["heldout_judged"] = len(plan.gate_heldout)
+    if isinstance(new, Snapshot):
+        run.plan["new_votes_snapshot"] = new.id
     log.info(
         "%s: %s; %d examples (%d new, %d replayed), on-policy share %.2f",
         plan.strategy,
@@ -460,7 +469,7 @@ def _plan(
 
 def _take_snapshot(
     settings: Settings, alias: str, runs: CycleRuns, run: RunRecord, served: str | None
-) -> tuple[Snapshot, set[ExampleKey] | None]:
+) -> tuple[Snapshot, Snapshot | None, bool]:
     """Snapshot the store, its window naming this run and what the alias serves; skip
     unless enough votes came since the last judged run. A continual night (something
     serves) also learns which examples were voted on since that run; a retrain reads
@@ -475,7 +484,7 @@ def _take_snapshot(
         taken = snapshot_store(settings, builds_on, window, read_up_to)
     if isinstance(taken, str):
         raise _Skip(taken)
-    snap, snap_path, new_keys = taken
+    snap, snap_path, new = taken
     c = snap.counts
     run.snapshot = {
         "id": snap.id,
@@ -497,7 +506,7 @@ def _take_snapshot(
             f"{max(run.new_votes, 0)} new votes {since}, fewer than cycle.min_new_votes="
             f"{settings.cycle.min_new_votes}"
         )
-    return snap, new_keys
+    return snap, new, continual
 
 
 def _read_up_to(last: dict[str, Any] | None) -> dict[tuple[str, int], int]:
@@ -670,6 +679,10 @@ def _base_model(settings: Settings) -> Path:
             "set it to that model's directory as this machine sees it"
         )
     return Path(settings.serving.base_model)
+
+
+def _records(snap: Snapshot | bool | None, split: str) -> list[Example]:
+    return snap.records(split) if isinstance(snap, Snapshot) else []
 
 
 def _chat_template(settings: Settings) -> str | None:

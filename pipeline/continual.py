@@ -1,10 +1,12 @@
 """What a night trains on, by strategy: all of a window of feedback (retrain), or the
 votes gained since the last judged run plus a replay sample of older ones (continual).
 
-The snapshot stays the whole store's, content-addressed as ever; this module picks
-examples out of its splits. An example is new when any vote behind it was stored past
-the previous judged run's window: per topic partition, an offset above the last one that
-run read (a partition it never read is new throughout).
+The snapshot stays the whole store's, content-addressed as ever. A vote is new when it
+was stored past the previous judged run's window: per topic partition, an offset above
+the last one that run read (a partition it never read is new throughout). The new
+votes make a snapshot of their own (`build_snapshot` of `new_votes`), so that a new
+example is labelled by what users say now; replay draws from the whole snapshot's
+other examples.
 
 Votes about an adapter's own answers are on-policy for it; `on_policy` counts the
 examples whose answer came from the version that serves now.
@@ -47,15 +49,24 @@ def key_of(example: Example) -> ExampleKey:
     return example_key(example.prompt, example.messages_json, example.completion)
 
 
-def new_example_keys(feedback: pd.DataFrame, read_up_to: Offsets) -> set[ExampleKey]:
-    """The examples with a counted vote stored past `read_up_to` ((topic, partition) ->
-    the last offset the previous judged run read), from the store's feedback rows."""
+def new_votes(feedback: pd.DataFrame, read_up_to: Offsets) -> pd.DataFrame:
+    """The counted votes (latest per voter and message, over the whole store, so that a
+    later retraction or change still wins) stored past `read_up_to` ((topic, partition)
+    -> the last offset the previous judged run read): rows of `feedback`, as
+    `build_snapshot` takes them, so that their own majority labels the new examples."""
     votes, _ = latest_votes(feedback)
     if votes.empty:
-        return set()
+        return votes
     positions = zip(votes[KAFKA_TOPIC], votes[KAFKA_PARTITION], strict=True)
     last = pd.Series([read_up_to.get((t, int(p)), -1) for t, p in positions], index=votes.index)
-    new = votes[votes[KAFKA_OFFSET] > last]
+    return votes[votes[KAFKA_OFFSET] > last]
+
+
+def new_example_keys(feedback: pd.DataFrame, read_up_to: Offsets) -> set[ExampleKey]:
+    """The examples with a counted vote stored past `read_up_to`."""
+    new = new_votes(feedback, read_up_to)
+    if new.empty:
+        return set()
     new = new[(new[PROMPT].notna() | new[MESSAGES_JSON].notna()) & new[RESPONSE].notna()]
     return {
         example_key(None if pd.isna(p) else p, None if pd.isna(m) else m, r)
@@ -106,19 +117,23 @@ def retrain_set(examples: Sequence[Example], served: str | None) -> TrainingSet:
 
 
 def continual_set(
-    examples: Sequence[Example],
-    new_keys: set[ExampleKey],
+    new: Sequence[Example],
+    everything: Sequence[Example],
     replay_fraction: float,
     seed: str,
     served: str | None,
+    voted_since: set[ExampleKey] | None = None,
 ) -> TrainingSet:
-    """The new examples and a replay sample of the others, so that replay makes up
+    """The new examples (labelled by the new votes alone: a change of taste shows at
+    once) and a replay sample of the examples of `everything` with no vote since (not
+    in `voted_since`, default the new examples' keys), so that replay makes up
     `replay_fraction` of the result (fewer when there are not that many old ones). The
     sample is a seeded draw without replacement: the same inputs, the same set."""
     if not 0 <= replay_fraction < 1:
         raise ValueError(f"replay_fraction must be in [0, 1), got {replay_fraction}")
-    new = [e for e in examples if key_of(e) in new_keys]
-    old = [e for e in examples if key_of(e) not in new_keys]
+    new = list(new)
+    skip = voted_since if voted_since is not None else {key_of(e) for e in new}
+    old = [e for e in everything if key_of(e) not in skip]
     wanted = math.ceil(len(new) * replay_fraction / (1 - replay_fraction))
     replay = random.Random(seed).sample(old, min(wanted, len(old)))
     return _training_set(new + replay, "continual", len(new), len(replay), served)

@@ -13,10 +13,12 @@ from pipeline.continual import (
     example_key,
     key_of,
     new_example_keys,
+    new_votes,
     retrain_set,
     votes_since,
 )
 from pipeline.examples import Example
+from pipeline.snapshot import build_snapshot
 from tests.test_snapshot import T0, event, frame
 
 
@@ -55,21 +57,23 @@ def examples(n: int, tag: str, adapter: str | None = None) -> list[Example]:
 
 def test_continual_takes_every_new_example_and_replays_a_seeded_share_of_old_ones() -> None:
     new, old = examples(10, "new", "chat@v2"), examples(40, "old", "chat@v1")
-    keys = {key_of(e) for e in new}
-    chosen = continual_set(old + new, keys, 0.5, seed="snap-1", served="chat@v2")
+    # `everything` holds the new examples too (the whole snapshot), maybe otherwise labelled.
+    everything = old + [Example(e.prompt, None, e.completion, not e.desirable) for e in new]
+    chosen = continual_set(new, everything, 0.5, seed="snap-1", served="chat@v2")
     assert (chosen.new, chosen.replay, len(chosen.examples)) == (10, 10, 20)
     assert all(e in chosen.examples for e in new)
     assert chosen.on_policy == 10 and chosen.on_policy_share == 0.5
     assert chosen.by_adapter == {"chat@v2": 10, "chat@v1": 10}
-    again = continual_set(old + new, keys, 0.5, seed="snap-1", served="chat@v2")
+    assert all(key_of(e) not in {key_of(n) for n in new} for e in chosen.examples[10:])
+    again = continual_set(new, everything, 0.5, seed="snap-1", served="chat@v2")
     assert again.examples == chosen.examples
-    other = continual_set(old + new, keys, 0.5, seed="snap-2", served="chat@v2")
+    other = continual_set(new, everything, 0.5, seed="snap-2", served="chat@v2")
     assert other.examples[10:] != chosen.examples[10:]
     # 80% replay wants 40 old examples for 10 new: all 40 there are.
-    assert continual_set(old + new, keys, 0.8, "s", "chat@v2").replay == 40
-    assert continual_set(old + new, keys, 0.0, "s", "chat@v2").replay == 0
+    assert continual_set(new, everything, 0.8, "s", "chat@v2").replay == 40
+    assert continual_set(new, everything, 0.0, "s", "chat@v2").replay == 0
     with pytest.raises(ValueError, match="replay_fraction"):
-        continual_set(old + new, keys, 1.0, "s", None)
+        continual_set(new, everything, 1.0, "s", None)
 
 
 def test_retrain_takes_everything_and_counts_on_policy_against_what_serves() -> None:
@@ -88,3 +92,17 @@ def test_the_retrain_window_keeps_recent_votes() -> None:
     rows = frame([event("a", t=0), event("b", t=3 * 86400)])
     kept = votes_since(rows, days=2, now=T0 + dt.timedelta(days=3, hours=1))
     assert list(kept["event_id"]) == ["b"]
+
+
+def test_new_examples_are_labelled_by_the_new_votes_alone() -> None:
+    # Three users liked an answer; after the window two dislike it: a change of taste.
+    old = [event(f"o{i}", user=f"u{i}", message=f"m{i}", t=i) for i in range(3)]
+    new = [
+        event(f"n{i}", user=f"v{i}", message=f"n{i}", t=10 + i, feedback="dislike")
+        for i in range(2)
+    ]
+    rows = frame(old + new)
+    assert build_snapshot(rows).table["desirable"].tolist() == [True]  # 3 likes to 2
+    fresh = new_votes(rows, {("fb", 0): 2})
+    assert sorted(fresh["event_id"]) == ["n0", "n1"]
+    assert build_snapshot(fresh).table["desirable"].tolist() == [False]
