@@ -150,6 +150,12 @@ class FeedbackStore:
                 files.append(BatchFile(path, int(match.group(1)), int(match.group(2))))
         return sorted(files, key=lambda f: (f.first, -f.last))
 
+    def live_batch_files(self, table: str, topic: str, partition: int) -> list[BatchFile]:
+        """The batches of one partition a reader counts: without those whose offsets
+        all lie in another file (the small files a compaction covered, before they are
+        removed; a batch inside a lost consumer's longer one, before recovery)."""
+        return _live(self.batch_files(table, topic, partition))
+
     def partitions(self, table: str = FEEDBACK) -> list[tuple[str, int]]:
         """The (topic, partition) pairs with a directory in a table, sorted."""
         try:
@@ -192,6 +198,60 @@ class FeedbackStore:
         self._remove_unfinished_dead_letters(topic, partition, durable, step)
         self._resolve_overlaps(DEAD_LETTERS, topic, partition, step)
         return None if durable is None else durable + 1
+
+    def compact(self, target_bytes: int = 128 << 20) -> dict[str, int]:
+        """Merge each feedback partition's runs of small batch files into files of
+        about `target_bytes`; return how many files were merged and written.
+
+        See `compact_partition`. Safe beside a running consumer: files it writes later
+        are left alone, and a batch it rewrites over a compacted range is settled by
+        the next recovery like any other overlap.
+        """
+        merged = written = 0
+        for topic, partition in self.partitions(FEEDBACK):
+            m, w = self.compact_partition(topic, partition, target_bytes)
+            merged, written = merged + m, written + w
+        return {"files_merged": merged, "files_written": written}
+
+    def compact_partition(
+        self, topic: str, partition: int, target_bytes: int = 128 << 20
+    ) -> tuple[int, int]:
+        """Merge runs of adjacent feedback files of one partition (each run under
+        `target_bytes`, at least two files) into one file named for the offsets of the
+        run, then remove the files it covers; return (files merged, files written).
+
+        Crash-safe: the merged file lands atomically before any file it covers is
+        removed, and until then readers and recovery ignore the covered ones (their
+        names say the merged file holds their offsets). Every file change is crash
+        point "store.compact.N", N counting from 1 per call; running it again removes
+        what a crash left covered.
+        """
+        steps = itertools.count(1)
+
+        def step() -> None:
+            crash_point(f"store.compact.{next(steps)}")
+
+        every = self.batch_files(FEEDBACK, topic, partition)
+        live = _live(every)
+        for covered in (f for f in every if f not in live):
+            self._remove(covered.path, step)
+        merged = written = 0
+        for run in _runs(live, self._sizes(FEEDBACK, topic, partition), target_bytes):
+            rows = self._read_files([f.path for f in run], FEEDBACK)
+            rows = rows.sort_by(records.KAFKA_OFFSET)
+            step()
+            self.write_batch(FEEDBACK, topic, partition, run[0].first, run[-1].last, rows)
+            for f in run:
+                self._remove(f.path, step)
+            merged, written = merged + len(run), written + 1
+        if written:
+            log.info("compacted %d files of %s/%d into %d", merged, topic, partition, written)
+        return merged, written
+
+    def _sizes(self, table: str, topic: str, partition: int) -> dict[str, int]:
+        directory = self.partition_dir(table, topic, partition)
+        with _os_errors("list", directory):
+            return {i["name"]: int(i["size"]) for i in self.fs.ls(directory, detail=True)}
 
     def _resolve_overlaps(
         self, table: str, topic: str, partition: int, step: Callable[[], None]
@@ -284,12 +344,24 @@ class FeedbackStore:
     # -- reading ----------------------------------------------------------------
 
     def files(self, table: str) -> list[str]:
-        """Every stored batch file of a table, across topics and partitions."""
+        """Every stored batch file of a table a reader counts, across topics and
+        partitions (see `live_batch_files`)."""
         try:
             paths = self.fs.glob(f"{self.root}/{table}/topic=*/partition=*/*.parquet")
         except FileNotFoundError:
             return []
-        return sorted(p for p in paths if _NAME.match(p.rsplit("/", 1)[-1]))
+        by_dir: dict[str, list[BatchFile]] = {}
+        for path in paths:
+            directory, name = path.rsplit("/", 1)
+            match = _NAME.match(name)
+            if match:
+                batch = BatchFile(path, int(match.group(1)), int(match.group(2)))
+                by_dir.setdefault(directory, []).append(batch)
+        return sorted(
+            f.path
+            for files in by_dir.values()
+            for f in _live(sorted(files, key=lambda f: (f.first, -f.last)))
+        )
 
     def read_arrow(
         self,
@@ -328,7 +400,7 @@ class FeedbackStore:
         paths: list[str] = []
         keep: ds.Expression | None = None
         for topic, partition, first, last in ranges:
-            files = self.batch_files(table, topic, partition)
+            files = self.live_batch_files(table, topic, partition)
             paths += [f.path for f in files if f.first <= last and f.last >= first]
             inside = (
                 (ds.field(records.KAFKA_TOPIC) == topic)
@@ -369,6 +441,41 @@ class FeedbackStore:
             return pa.schema([schema.field(c) for c in wanted]).empty_table()
         dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.fs)
         return dataset.to_table(columns=wanted, filter=filter)
+
+
+def _runs(
+    files: list[BatchFile], sizes: dict[str, int], target_bytes: int
+) -> Iterator[list[BatchFile]]:
+    """Runs of adjacent files (each starting right after the last one ends) whose sizes
+    add up to at most target_bytes, of two files or more."""
+    run: list[BatchFile] = []
+    total = 0
+    for f in files:
+        size = sizes.get(f.path, 0)
+        adjacent = bool(run) and f.first == run[-1].last + 1
+        if not adjacent or total + size > target_bytes:
+            if len(run) > 1:
+                yield run
+            run, total = [], 0
+        if size <= target_bytes:
+            run.append(f)
+            total += size
+    if len(run) > 1:
+        yield run
+
+
+def _live(files: list[BatchFile]) -> list[BatchFile]:
+    """Files sorted by (first, -last), less those inside an earlier one."""
+    out: list[BatchFile] = []
+    covered = -1
+    for f in files:
+        # Sorted so, a file ending at or before the furthest end seen lies in the file
+        # that reached it.
+        if f.last <= covered:
+            continue
+        out.append(f)
+        covered = f.last
+    return out
 
 
 def write_local_atomic(

@@ -84,7 +84,8 @@ class VoteTable:
         ranges, files = [], []
         for topic, partition in self.store.partitions(FEEDBACK):
             done = state.folded_to(topic, partition)
-            new = [f for f in self.store.batch_files(FEEDBACK, topic, partition) if f.last > done]
+            files_now = self.store.live_batch_files(FEEDBACK, topic, partition)
+            new = [f for f in files_now if f.last > done]
             if new:
                 files += [(topic, partition, f.first, f.last) for f in new]
                 ranges.append((topic, partition, done + 1, max(f.last for f in new)))

@@ -92,11 +92,24 @@ def serve_feedback(
 
 
 @app.command()
-def store(config: ConfigOption = None) -> None:
+def store(
+    config: ConfigOption = None,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            "--compact",
+            help="First merge each partition's small batch files into files of about "
+            "--target-mb (crash-safe; safe beside a running ingest).",
+        ),
+    ] = False,
+    target_mb: Annotated[
+        int, typer.Option("--target-mb", min=1, help="Size of a compacted file, MB.")
+    ] = 128,
+) -> None:
     """Summarise the feedback store: rows, labels, dead letters by kind."""
     from flows import ingest_cli
 
-    ingest_cli.store(settings_from(config))
+    ingest_cli.store(settings_from(config), target_mb if compact else None)
 
 
 @app.command()

@@ -132,11 +132,20 @@ def produce_sample(
     typer.echo(json.dumps({"sent": sent, "topic": settings.kafka.topic}))
 
 
-def store(settings: Settings) -> None:
-    """Print a table of the store's rows, labels and dead letters by kind."""
+def store(settings: Settings, compact_mb: int | None = None) -> None:
+    """Print a table of the store's rows, labels and dead letters by kind; with
+    `compact_mb`, first compact its feedback files into files of about that many MB
+    and say so on stderr as JSON. Exit 1 when the store cannot be compacted."""
+    from connectors.store import StoreError
     from pipeline import records
 
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
+    if compact_mb is not None:
+        try:
+            done = fs.compact(compact_mb << 20)
+        except StoreError as exc:
+            fail(exc, 1)
+        err.print(json.dumps({"compacted": done}), markup=False, highlight=False)
     # Counts only: the text columns, most of the store's bytes, are never read.
     rows = fs.read(FEEDBACK, columns=[records.EVENT_ID, records.FEEDBACK])
     dead = fs.read(DEAD_LETTERS, columns=[records.ERROR_KIND])

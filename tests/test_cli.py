@@ -126,6 +126,42 @@ def test_snapshot_of_the_store_writes_files_and_ends_with_a_json_line(tmp_path: 
     assert json.loads(again.stdout.strip().splitlines()[-1])["snapshot"] == summary["snapshot"]
 
 
+def test_snapshot_after_store_compact_is_the_full_rebuilds(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from connectors.store import FEEDBACK, FeedbackStore
+    from pipeline.events import parse_event
+    from pipeline.records import FeedbackRows
+    from pipeline.sample import sample_events
+    from pipeline.snapshot import SNAPSHOT_COLUMNS, build_snapshot
+
+    _store_with_sample_feedback(tmp_path / "store", n=200)
+    config = _snapshot_config(tmp_path)
+    first = runner.invoke(app, ["snapshot", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    store = FeedbackStore(str(tmp_path / "store"))
+    # More batches after the first snapshot, then compacted together with the first.
+    later = list(sample_events(200, seed=7))
+    for start in range(200, 400, 50):
+        rows = FeedbackRows("fb", 0)
+        for offset, event in enumerate(later[start - 200 : start - 150], start=start):
+            rows.append(parse_event(json.dumps(event).encode(), user_hash_key=b"k"), offset, None)
+        table = rows.to_table(dt.datetime(2026, 5, 2, tzinfo=dt.UTC), "test")
+        store.write_batch(FEEDBACK, "fb", 0, start, start + 49, table)
+    compacted = runner.invoke(app, ["store", "--config", str(config), "--compact"])
+    assert compacted.exit_code == 0, compacted.output
+    assert json.loads(compacted.stderr.strip().splitlines()[-1])["compacted"] == {
+        "files_merged": 5,
+        "files_written": 1,
+    }
+    assert "feedback rows" in compacted.stdout and "400" in compacted.stdout
+    again = runner.invoke(app, ["snapshot", "--config", str(config)])
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    options = load_settings(config).snapshot.options()
+    full = build_snapshot(store.read(FEEDBACK, SNAPSHOT_COLUMNS), options)
+    assert summary["snapshot"] == full.id
+
+
 def test_snapshot_of_a_trl_file_goes_to_out(tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text(
