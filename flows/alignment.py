@@ -43,6 +43,7 @@ from connectors.publish import Publisher
 from connectors.snapshots import load_training_data, write_snapshot
 from connectors.store import FEEDBACK, FeedbackStore, StoreError
 from connectors.vllm_admin import ServerUnreachable, VllmError
+from connectors.vote_table import VoteTable
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.balance import Balance, choose_weights
@@ -60,7 +61,7 @@ from pipeline.examples import Example
 from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
 from pipeline.manifest import NO_GAIN, Manifest
 from pipeline.registry import served_name
-from pipeline.snapshot import SNAPSHOT_COLUMNS, NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
 
 log = logging.getLogger("kto_loop.cycle")
 
@@ -146,11 +147,16 @@ def snapshot_store(
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
-    feedback = fs.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
-    if window_days is not None:
-        feedback = votes_since(feedback, window_days, dt.datetime.now(dt.UTC))
+    # The vote table folds in only the store files added since the last snapshot; its
+    # rows (the latest event per voter and message, with texts) are what latest_votes
+    # keeps of the store's rows, so the window and the new votes are picked from them.
+    votes = VoteTable(fs)
     try:
-        snap = build_snapshot(feedback, settings.snapshot.options())
+        if window_days is None:
+            snap = votes.snapshot(settings.snapshot.options())
+        else:
+            feedback = votes_since(votes.rows(), window_days, dt.datetime.now(dt.UTC))
+            snap = build_snapshot(feedback, settings.snapshot.options())
     except NothingToSnapshot as exc:
         return str(exc)
     if snap.window is not None and builds_on:
@@ -158,7 +164,8 @@ def snapshot_store(
     new = None
     if read_up_to is not None:
         with contextlib.suppress(NothingToSnapshot):
-            new = build_snapshot(new_votes(feedback, read_up_to), settings.snapshot.options())
+            new_rows = new_votes(votes.rows(), read_up_to)
+            new = build_snapshot(new_rows, settings.snapshot.options())
     return snap, write_snapshot(snap, Path(settings.snapshot.out_dir)), new
 
 

@@ -75,6 +75,7 @@ _VOTE_FIELDS = (
     FEEDBACK,
     DESIRABLE,
     ADAPTER,
+    INGESTED_AT,
 )
 VOTE_TABLE_SCHEMA = pa.schema(
     [FEEDBACK_SCHEMA.field(c) for c in _VOTE_FIELDS] + [pa.field(EXAMPLE_KEY, pa.string())]
@@ -85,7 +86,7 @@ TEXT_SCHEMA = pa.schema(
 )
 SEEN_SCHEMA = pa.schema([FEEDBACK_SCHEMA.field(EVENT_ID)])
 # What a fold reads of the new store rows.
-FOLD_COLUMNS = (*_VOTE_FIELDS, PROMPT, MESSAGES_JSON, RESPONSE, INGESTED_AT)
+FOLD_COLUMNS = (*_VOTE_FIELDS, PROMPT, MESSAGES_JSON, RESPONSE)
 _RETRACT = "retract"
 
 

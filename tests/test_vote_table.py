@@ -113,7 +113,7 @@ def test_a_table_folded_once_equals_one_folded_in_many_steps(tmp_path: Path) -> 
 
 
 def test_the_vote_rows_give_the_cycle_the_same_examples_and_new_keys(tmp_path: Path) -> None:
-    from pipeline.continual import new_example_keys, votes_since
+    from pipeline.continual import new_example_keys, new_votes, votes_since
 
     store = FeedbackStore(str(tmp_path))
     steps = grown_in_steps(tmp_path, seed=3)
@@ -125,6 +125,9 @@ def test_the_vote_rows_give_the_cycle_the_same_examples_and_new_keys(tmp_path: P
     feedback = store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
     rows = VoteTable(store).rows()
     assert new_example_keys(rows, read_up_to) == new_example_keys(feedback, read_up_to)
+    assert build_snapshot(new_votes(rows, read_up_to)).id == (
+        build_snapshot(new_votes(feedback, read_up_to)).id
+    )
     assert build_snapshot(rows).id == full_rebuild(store).id
     now = START + dt.timedelta(seconds=400)
     since = votes_since(feedback, 0.002, now)
@@ -199,3 +202,28 @@ def test_state_round_trips() -> None:
     assert VoteState.from_dict(json.loads(json.dumps(state.as_dict()))) == state
     assert dataclasses.replace(state, events=9) != state
     assert state.folded_to("fb", 1) == -1 and state.folded_to("fb", 0) == 9
+
+
+def test_the_cycles_snapshot_task_builds_from_the_vote_table(tmp_path: Path) -> None:
+    from connectors.config import load_settings
+    from flows.alignment import snapshot_store
+    from pipeline.continual import new_votes
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\nurl = "{tmp_path / "store"}"\n[snapshot]\nout_dir = "{tmp_path / "snaps"}"\n'
+    )
+    settings = load_settings(config)
+    store = FeedbackStore(str(tmp_path / "store"))
+    assert "no feedback" in snapshot_store.fn(settings)
+    steps = grown_in_steps(tmp_path, seed=6)
+    write_batches(store, steps[0], partitions=2, batch=30)
+    read_up_to = {("fb", p): f.last for p in (0, 1) for f in store.batch_files(FEEDBACK, "fb", p)}
+    write_batches(store, steps[1], partitions=2, batch=30)
+    snap, path, new = snapshot_store.fn(settings, {"run_id": "r1"}, None, read_up_to)
+    feedback = store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
+    assert snap.id == full_rebuild(store).id and path.name == snap.id
+    assert snap.window.builds_on == {"run_id": "r1"}
+    assert new is not None and new.id == build_snapshot(new_votes(feedback, read_up_to)).id
+    # Votes of 2026 are all older than a day: nothing in the window.
+    assert "no feedback rows" in snapshot_store.fn(settings, None, 1.0)
