@@ -1,6 +1,7 @@
 """`make demo`: the whole loop on one machine, and whether it helped.
 
     python -m flows.demo [--seed 0] [--chats 1200] [--model-dir DIR]
+    python -m flows.demo --nights 6 [--strategy continual] [--change-at 4]
 
 1. Build the demo model (deploy/local/chat_model.py: a tiny Llama-style model with a
    locally trained tokenizer, briefly fine-tuned on a synthetic chat corpus so that
@@ -64,6 +65,11 @@ def main() -> None:
         help="a kto-loop TOML: its [serving] base_model is the model to use, and its "
         "[snapshot] [balance] [train] [lora] [gate] sections apply to the cycle",
     )
+    parser.add_argument(
+        "--nights", type=int, default=1, help="run the loop this many nights (flows/demo_nights.py)"
+    )
+    parser.add_argument("--strategy", choices=["retrain", "continual"], help="[cycle] strategy")
+    parser.add_argument("--change-at", type=int, help="with --nights: the taste changes that night")
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -77,7 +83,12 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with interruptible():  # also when started with SIGINT ignored (`make demo &`)
-            result = run_demo(args, run_dir, console, started)
+            if args.nights > 1:
+                from flows.demo_nights import run_nights
+
+                result = run_nights(args, run_dir, console, started)
+            else:
+                result = run_demo(args, run_dir, console, started)
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started is stopped", style="yellow")
         raise SystemExit(130) from None
