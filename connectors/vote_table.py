@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import pandas as pd
 import pyarrow as pa
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 VOTES = "votes"
 STATE_FILE = "state.json"
+# Store rows a fold reads at a time (its memory grows with them, and their texts).
+FOLD_CHUNK_ROWS = 250_000
 _FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.parquet$")
 
 
@@ -80,38 +83,47 @@ class VoteTable:
         Raises:
             StoreError: a file could not be read or written.
         """
+        return self._fold()[0]
+
+    def _fold(self) -> tuple[VoteState, pa.Table]:
+        """fold(), and the table of the state it returns."""
         state = self.state()
-        ranges, files = [], []
+        files = []
         for topic, partition in self.store.partitions(FEEDBACK):
             done = state.folded_to(topic, partition)
-            files_now = self.store.live_batch_files(FEEDBACK, topic, partition)
-            new = [f for f in files_now if f.last > done]
-            if new:
-                files += [(topic, partition, f.first, f.last) for f in new]
-                ranges.append((topic, partition, done + 1, max(f.last for f in new)))
+            live = self.store.live_batch_files(FEEDBACK, topic, partition)
+            files += [(topic, partition, f.first, f.last) for f in live if f.last > done]
+        table = self.table(state)
         if not files:
             self._remove_stale(state)  # what a fold killed after its commit left
-            return state
-        rows = self.store.read_ranges(ranges, FOLD_COLUMNS)
-        fold = fold_votes(self.table(state), self._seen(state), rows, files, state)
-        generation = fold.state.generation
-        self._write(self._path("table", generation), fold.table)
+            return state, table
+        seen = self._seen(state)
+        texts, fresh, now = [], [], state
+        # Some files at a time: the first fold of a large store reads all of it.
+        for chunk in _chunks(files, state, FOLD_CHUNK_ROWS):
+            rows = self.store.read_ranges(_ranges(chunk, state), FOLD_COLUMNS)
+            fold = fold_votes(table, seen, rows, chunk, now)
+            table, now = fold.table, replace(fold.state, generation=state.generation)
+            seen = pa.chunked_array([*seen.chunks, *fold.seen[records.EVENT_ID].chunks])
+            texts.append(fold.texts)
+            fresh.append(fold.seen)
+        now = replace(now, generation=state.generation + 1)
+        self._write(self._path("table", now.generation), table)
         crash_point("votes.fold.1")
-        self._write(self._path("texts", generation), fold.texts)
+        self._write(self._path("texts", now.generation), pa.concat_tables(texts))
         crash_point("votes.fold.2")
-        self._write(self._path("seen", generation), fold.seen)
+        self._write(self._path("seen", now.generation), pa.concat_tables(fresh))
         crash_point("votes.fold.3")
-        self._write_state(fold.state)
+        self._write_state(now)
         crash_point("votes.fold.4")
-        self._remove_stale(fold.state)
+        self._remove_stale(now)
         log.info(
-            "folded %d rows of %d store files into the vote table (generation %d, %d votes)",
-            rows.num_rows,
+            "folded %d store files into the vote table (generation %d, %d votes)",
             len(files),
-            generation,
-            fold.table.num_rows,
+            now.generation,
+            table.num_rows,
         )
-        return fold.state
+        return now, table
 
     def snapshot(self, options: SnapshotOptions | None = None) -> Snapshot:
         """Fold in what is new, then build the snapshot of the whole store from the
@@ -121,8 +133,7 @@ class VoteTable:
             NothingToSnapshot: no feedback, or no labelled example in it.
             StoreError: a file could not be read or written.
         """
-        state = self.fold()
-        table = self.table(state)
+        state, table = self._fold()
         return snapshot_from_votes(table, self.texts(state, counted_keys(table)), state, options)
 
     def rows(self, since: pd.Timestamp | None = None) -> pd.DataFrame:
@@ -130,8 +141,7 @@ class VoteTable:
         their texts, in the store's columns: what latest_votes, new_example_keys and
         build_snapshot take in place of the store's rows (every vote that counts, once;
         no ingest time)."""
-        state = self.fold()
-        table = self.table(state)
+        state, table = self._fold()
         if since is not None:
             at = pa.scalar(since, table.schema.field(records.TS).type)
             table = table.filter(pc.greater_equal(table[records.TS], at))
@@ -201,3 +211,35 @@ class VoteTable:
             if stale:
                 with _os_errors("remove", path):
                     self.fs.rm(path)
+
+
+def _chunks(
+    files: list[tuple[str, int, int, int]], state: VoteState, rows: int
+) -> Iterator[list[tuple[str, int, int, int]]]:
+    """The files in runs of about `rows` offsets past the state, in offset order per
+    partition (a run may span partitions)."""
+    chunk: list[tuple[str, int, int, int]] = []
+    size = 0
+    for topic, partition, first, last in files:
+        chunk.append((topic, partition, first, last))
+        size += last - max(first, state.folded_to(topic, partition) + 1) + 1
+        if size >= rows:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _ranges(
+    files: list[tuple[str, int, int, int]], state: VoteState
+) -> list[tuple[str, int, int, int]]:
+    """One (topic, partition, first, last) range per partition of the files, from the
+    first offset past the state."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for topic, partition, first, last in files:
+        lo, hi = spans.get((topic, partition), (first, last))
+        spans[(topic, partition)] = (min(lo, first), max(hi, last))
+    return [
+        (topic, partition, max(lo, state.folded_to(topic, partition) + 1), hi)
+        for (topic, partition), (lo, hi) in spans.items()
+    ]

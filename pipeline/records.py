@@ -47,6 +47,8 @@ ERROR_KIND = "error_kind"
 REASON = "reason"
 # The vote table's key to an example's text (pipeline/votes.py).
 EXAMPLE_KEY = "example_key"
+# A 64-bit hash of a vote's (voter, message), to find a group's rows in the vote table.
+VOTER_KEY = "voter_key"
 # Training-snapshot columns (besides prompt, messages_json, desirable, conversation_id
 # and adapter above): one row per (prompt, completion) with its majority label.
 COMPLETION = "completion"

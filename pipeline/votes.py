@@ -53,6 +53,7 @@ from pipeline.records import (
     RESPONSE,
     TS,
     USER_HASH,
+    VOTER_KEY,
     VOTES_DESIRABLE,
     VOTES_UNDESIRABLE,
 )
@@ -78,10 +79,11 @@ _VOTE_FIELDS = (
     INGESTED_AT,
 )
 VOTE_TABLE_SCHEMA = pa.schema(
-    [FEEDBACK_SCHEMA.field(c) for c in _VOTE_FIELDS] + [pa.field(EXAMPLE_KEY, pa.string())]
+    [FEEDBACK_SCHEMA.field(c) for c in _VOTE_FIELDS]
+    + [pa.field(EXAMPLE_KEY, pa.binary(16)), pa.field(VOTER_KEY, pa.int64(), nullable=False)]
 )
 TEXT_SCHEMA = pa.schema(
-    [pa.field(EXAMPLE_KEY, pa.string(), nullable=False)]
+    [pa.field(EXAMPLE_KEY, pa.binary(16), nullable=False)]
     + [FEEDBACK_SCHEMA.field(c) for c in (PROMPT, MESSAGES_JSON, RESPONSE)]
 )
 SEEN_SCHEMA = pa.schema([FEEDBACK_SCHEMA.field(EVENT_ID)])
@@ -151,10 +153,12 @@ class Fold:
     state: VoteState
 
 
-def example_key(prompt: str | None, messages_json: str | None, response: str | None) -> str | None:
+def example_key(
+    prompt: str | None, messages_json: str | None, response: str | None
+) -> bytes | None:
     """The key of an example's text, as a snapshot groups votes into examples: the
     prompt (or the messages, when there is no prompt) and the completion; None when
-    there is nothing to train on."""
+    there is nothing to train on. 16 bytes of sha256."""
     if response is None or (prompt is None and messages_json is None):
         return None
     kind, text = ("p", prompt) if prompt is not None else ("m", messages_json)
@@ -163,23 +167,42 @@ def example_key(prompt: str | None, messages_json: str | None, response: str | N
         data = part.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
-    return digest.hexdigest()[:32]
-
-
-def _keys(frame: pd.DataFrame) -> list[str | None]:
-    columns = [frame[c].astype(object).where(frame[c].notna(), None) for c in _TEXTS]
-    return [example_key(p, m, r) for p, m, r in zip(*columns, strict=True)]
+    return digest.digest()[:16]
 
 
 _TEXTS = (PROMPT, MESSAGES_JSON, RESPONSE)
 
 
-def _group_keys(voters: Iterable[Any], events: Iterable[Any], messages: Iterable[Any]) -> list:
-    """(voter, message) as one value: an event without a user is its own voter."""
+def _keys(frame: pd.DataFrame) -> list[bytes | None]:
+    columns = [frame[c].astype(object).where(frame[c].notna(), None) for c in _TEXTS]
+    return [example_key(p, m, r) for p, m, r in zip(*columns, strict=True)]
+
+
+def _voters(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(voter, message) per row: an event without a user is its own voter."""
     return [
         (u if isinstance(u, str) else "event:" + e, m)
-        for u, e, m in zip(voters, events, messages, strict=True)
+        for u, e, m in zip(frame[USER_HASH], frame[EVENT_ID], frame[MESSAGE_ID], strict=True)
     ]
+
+
+def _voter_keys(voters: Iterable[tuple[str, str]]) -> list[int]:
+    """A 64-bit hash of each (voter, message): finds a group's rows in the table fast.
+    Only a filter: two groups may share one, rows are told apart by their values."""
+    out = []
+    for voter, message in voters:
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(voter.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+        digest.update(message.encode("utf-8", "surrogatepass"))
+        out.append(int.from_bytes(digest.digest(), "big", signed=True))
+    return out
+
+
+def _mask(values: pa.ChunkedArray | pa.Array, among: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if len(values) == 0 or len(among) == 0:
+        return np.zeros(len(values), dtype=bool)
+    return pc.is_in(values, value_set=among).to_numpy(zero_copy_only=False)
 
 
 def fold_votes(
@@ -192,7 +215,8 @@ def fold_votes(
     """Fold new store rows into the vote table.
 
     Args:
-        table: the vote table (VOTE_TABLE_SCHEMA) of `state`.
+        table: the vote table (VOTE_TABLE_SCHEMA) of `state`, sorted by ORDER (as
+            fold_votes keeps it).
         seen: every event id the rows folded so far hold.
         rows: the new store rows (FOLD_COLUMNS at least): those of the store files
             `files` at offsets past each partition's `state.folded_to`.
@@ -204,53 +228,56 @@ def fold_votes(
     frame = frame.sort_values(list(ORDER), kind="mergesort")
     firsts = frame.drop_duplicates(EVENT_ID, keep="first")
     ids = pa.array(firsts[EVENT_ID], pa.string())
-    known = pc.is_in(ids, value_set=seen).to_numpy(zero_copy_only=False)
-    latest = pc.is_in(ids, value_set=table[EVENT_ID]).to_numpy(zero_copy_only=False)
+    known = _mask(ids, seen)
+    latest = np.zeros(len(ids), dtype=bool)
+    latest[known] = _mask(ids.filter(pa.array(known)), table[EVENT_ID])
     # A redelivery of a superseded event stays superseded; one of a latest vote is
     # merged with it below, and the earlier of the two deliveries kept.
     candidates = firsts[~known | latest]
-    groups = _group_keys(candidates[USER_HASH], candidates[EVENT_ID], candidates[MESSAGE_ID])
-    touched = _rows_of_groups(table, set(groups))
-    merged = pd.concat(
-        [table.filter(touched).to_pandas(), candidates[list(VOTE_TABLE_SCHEMA.names)]],
-        ignore_index=True,
-    )
-    merged = merged.sort_values(list(ORDER), kind="mergesort")
-    merged = merged.drop_duplicates(EVENT_ID, keep="first")
-    voters = _group_keys(merged[USER_HASH], merged[EVENT_ID], merged[MESSAGE_ID])
-    merged = merged[~pd.Series(voters, index=merged.index).duplicated(keep="last")]
-    new_table = pa.concat_tables(
-        [
-            table.filter(pc.invert(touched)),
-            pa.Table.from_pandas(merged, schema=VOTE_TABLE_SCHEMA, preserve_index=False),
-        ]
-    ).combine_chunks()
+    candidates = candidates.assign(**{VOTER_KEY: _voter_keys(_voters(candidates))})
+    new_table = _merge(table, candidates)
     fresh = firsts[~known]
     texts = _new_texts(fresh, table)
     seen_now = pa.table({EVENT_ID: pa.array(fresh[EVENT_ID], pa.string())}, schema=SEEN_SCHEMA)
     return Fold(new_table, texts, seen_now, _next_state(state, frame, files, len(fresh)))
 
 
-def _rows_of_groups(table: pa.Table, groups: set[tuple[str, str]]) -> pa.Array:
-    """A mask of the table's rows whose (voter, message) is in `groups`."""
-    if not groups or table.num_rows == 0:
-        return pa.array(np.zeros(table.num_rows, dtype=bool))
-    # Messages first, a cheap filter in Arrow; then the exact pairs on the few left.
-    messages = pa.array(sorted({m for _, m in groups}), pa.string())
-    mask = pc.is_in(table[MESSAGE_ID], value_set=messages).to_numpy(zero_copy_only=False)
-    (where,) = np.nonzero(mask)
-    near = table.take(pa.array(where)).select([USER_HASH, EVENT_ID, MESSAGE_ID]).to_pandas()
-    pairs = _group_keys(near[USER_HASH], near[EVENT_ID], near[MESSAGE_ID])
-    mask[where] = [p in groups for p in pairs]
-    return pa.array(mask)
+def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
+    """The table with the candidates' groups (voter, message) resolved again: rows that
+    stop being the latest of their group removed, new latest rows added, ORDER kept."""
+    columns = list(VOTE_TABLE_SCHEMA.names)
+    touched = _mask(table[VOTER_KEY], pa.array(candidates[VOTER_KEY].unique(), pa.int64()))
+    (where,) = np.nonzero(touched)
+    old = table.take(pa.array(where)).to_pandas()
+    both = pd.concat(
+        [old.assign(_old=True), candidates[columns].assign(_old=False)], ignore_index=True
+    )
+    both = both.sort_values(list(ORDER), kind="mergesort").drop_duplicates(EVENT_ID, keep="first")
+    both = both[~pd.Series(_voters(both), index=both.index).duplicated(keep="last")]
+    stays = both.loc[both["_old"], EVENT_ID]
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[where[~old[EVENT_ID].isin(stays).to_numpy(bool)]] = False
+    added = pa.Table.from_pandas(
+        both.loc[~both["_old"], columns], schema=VOTE_TABLE_SCHEMA, preserve_index=False
+    )
+    kept = table if keep.all() else table.filter(pa.array(keep))
+    merged = pa.concat_tables([kept, added])
+    if kept.num_rows and added.num_rows and _position(added, 0) < _position(kept, -1):
+        # Votes older than the newest kept (a partition lagging behind): sort again.
+        merged = merged.sort_by([(c, "ascending") for c in ORDER])
+    return merged
+
+
+def _position(table: pa.Table, row: int) -> tuple:
+    row = row % table.num_rows
+    return tuple(table[c][row].as_py() for c in ORDER)
 
 
 def _new_texts(fresh: pd.DataFrame, table: pa.Table) -> pa.Table:
     """The texts of the new events' examples that the table has no key for yet."""
     with_key = fresh[fresh[EXAMPLE_KEY].notna()].drop_duplicates(EXAMPLE_KEY)
-    keys = pa.array(with_key[EXAMPLE_KEY], pa.string())
-    new = pc.invert(pc.is_in(keys, value_set=table[EXAMPLE_KEY])).to_numpy(zero_copy_only=False)
-    texts = with_key[new]
+    keys = pa.array(with_key[EXAMPLE_KEY], pa.binary(16))
+    texts = with_key[~_mask(keys, table[EXAMPLE_KEY])]
     prompt = texts[PROMPT]
     # As a snapshot keeps them: the messages only when there is no prompt.
     texts = texts.assign(**{MESSAGES_JSON: texts[MESSAGES_JSON].where(prompt.isna())})
@@ -308,7 +335,7 @@ def snapshot_from_votes(
     """The snapshot `build_snapshot` builds from every store row folded into the table.
 
     Args:
-        table: the vote table (VOTE_TABLE_SCHEMA) of `state`.
+        table: the vote table (VOTE_TABLE_SCHEMA) of `state`, sorted by ORDER.
         texts: rows of TEXT_SCHEMA holding at least the texts of `counted_keys(table)`
             (more, and repeats, are fine).
 
@@ -322,8 +349,8 @@ def snapshot_from_votes(
     labelled = pc.is_valid(table[DESIRABLE])
     counted_mask = _counted_mask(table)
     has_text = pc.is_valid(table[EXAMPLE_KEY])
+    # The table is kept in ORDER: its counted votes come oldest first.
     counted = table.filter(pc.and_(counted_mask, has_text))
-    counted = counted.sort_by([(c, "ascending") for c in ORDER])
     stats = SnapshotStats(
         rows_read=state.rows_read,
         duplicates=state.rows_read - state.events,

@@ -102,7 +102,13 @@ def test_a_snapshot_folded_step_by_step_is_the_full_rebuilds(tmp_path: Path) -> 
     assert full.stats.unlabelled
 
 
-def test_a_table_folded_once_equals_one_folded_in_many_steps(tmp_path: Path) -> None:
+def test_a_table_folded_once_equals_one_folded_in_many_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import connectors.vote_table
+
+    # A fold of many files reads them a few at a time.
+    monkeypatch.setattr(connectors.vote_table, "FOLD_CHUNK_ROWS", 70)
     steps = grown_in_steps(tmp_path, seed=2)
     once, often = FeedbackStore(str(tmp_path / "once")), FeedbackStore(str(tmp_path / "often"))
     for events in steps:
