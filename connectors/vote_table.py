@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 VOTES = "votes"
 STATE_FILE = "state.json"
+_FEW_VALUED = (records.KAFKA_TOPIC, records.FEEDBACK, records.ADAPTER)
 # Store rows a fold reads at a time (its memory grows with them, and their texts).
 FOLD_CHUNK_ROWS = 250_000
 _FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.parquet$")
@@ -178,7 +179,16 @@ class VoteTable:
 
     def _write(self, path: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        # Rewritten every night: fast to write and read back (lz4, dictionaries only
+        # for the few-valued columns) rather than small; the texts are written once.
+        texts = records.PROMPT in table.schema.names
+        few_valued = [c for c in _FEW_VALUED if c in table.schema.names]
+        pq.write_table(
+            table,
+            sink,
+            compression="zstd" if texts else "lz4",
+            use_dictionary=True if texts else few_valued,
+        )
         self._put(path, memoryview(sink.getvalue()))
 
     def _write_state(self, state: VoteState) -> None:

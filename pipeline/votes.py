@@ -200,8 +200,14 @@ def _voter_keys(voters: Iterable[tuple[str, str]]) -> list[int]:
 
 
 def _mask(values: pa.ChunkedArray | pa.Array, among: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Which of `values` are in `among`."""
     if len(values) == 0 or len(among) == 0:
         return np.zeros(len(values), dtype=bool)
+    if len(among) > 4 * len(values):
+        # Hash the few, not the many: the table's millions against a night's thousands.
+        among = among.filter(pc.is_in(among, value_set=values))
+        if len(among) == 0:
+            return np.zeros(len(values), dtype=bool)
     return pc.is_in(values, value_set=among).to_numpy(zero_copy_only=False)
 
 
@@ -371,37 +377,33 @@ def _count(mask: pa.ChunkedArray | pa.Array) -> int:
 def _examples(counted: pa.Table, texts: pa.Table) -> pd.DataFrame:
     """One row per example of votes given oldest first: the conversation is the first
     vote's, the adapter the latest vote's (as snapshot._from_votes keeps them)."""
+    encoded = pc.dictionary_encode(counted[EXAMPLE_KEY].combine_chunks())
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    n = len(encoded.dictionary)
+    order = np.arange(len(codes))
+    first = np.empty(n, dtype=np.int64)
+    first[codes[::-1]] = order[::-1]  # the last write wins: the first vote
+    last = np.empty(n, dtype=np.int64)
+    last[codes] = order
+    liked = np.bincount(codes, counted[DESIRABLE].to_numpy().astype(np.int64), n)
     keep_nulls = pc.ScalarAggregateOptions(skip_nulls=False, min_count=0)
-    grouped = (
-        counted.append_column("_liked", pc.cast(counted[DESIRABLE], pa.int64()))
-        .group_by(EXAMPLE_KEY, use_threads=False)
-        .aggregate(
-            [
-                (CONVERSATION_ID, "first", keep_nulls),
-                (ADAPTER, "last", keep_nulls),
-                ("_liked", "sum"),
-                ("_liked", "count"),
-            ]
-        )
-    )
     unique_texts = texts.group_by(EXAMPLE_KEY, use_threads=False).aggregate(
         [(c, "first", keep_nulls) for c in (PROMPT, MESSAGES_JSON, RESPONSE)]
     )
-    joined = grouped.join(unique_texts, EXAMPLE_KEY, join_type="left outer")
-    frame = joined.to_pandas()
-    missing = frame[f"{RESPONSE}_first"].isna()
-    if missing.any():
-        raise ValueError(f"the texts of {int(missing.sum())} examples were not given")
-    liked = frame["_liked_sum"].astype("int64")
+    at = pc.index_in(encoded.dictionary, value_set=unique_texts[EXAMPLE_KEY])
+    if at.null_count:
+        raise ValueError(f"the texts of {at.null_count} examples were not given")
+    text = unique_texts.take(at)
+    liked = liked.astype(np.int64)
     return pd.DataFrame(
         {
-            PROMPT: frame[f"{PROMPT}_first"],
-            MESSAGES_JSON: frame[f"{MESSAGES_JSON}_first"],
-            COMPLETION: frame[f"{RESPONSE}_first"],
-            CONVERSATION_ID: frame[f"{CONVERSATION_ID}_first"],
-            ADAPTER: frame[f"{ADAPTER}_last"],
+            PROMPT: text[f"{PROMPT}_first"].to_pandas(),
+            MESSAGES_JSON: text[f"{MESSAGES_JSON}_first"].to_pandas(),
+            COMPLETION: text[f"{RESPONSE}_first"].to_pandas(),
+            CONVERSATION_ID: counted[CONVERSATION_ID].take(pa.array(first)).to_pandas(),
+            ADAPTER: counted[ADAPTER].take(pa.array(last)).to_pandas(),
             VOTES_DESIRABLE: liked,
-            VOTES_UNDESIRABLE: frame["_liked_count"].astype("int64") - liked,
+            VOTES_UNDESIRABLE: np.bincount(codes, minlength=n).astype(np.int64) - liked,
         }
     )
 
