@@ -20,9 +20,11 @@ the cause. Every run leaves a record and a markdown report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -58,7 +60,7 @@ from pipeline.continual import (
 )
 from pipeline.encode import NonTextPrompt, prompt_messages
 from pipeline.examples import Example
-from pipeline.gate import GateDecision, GenerationScores, judge, too_few_heldout
+from pipeline.gate import GateDecision, GateOptions, GenerationScores, judge, too_few_heldout
 from pipeline.manifest import NO_GAIN, Manifest
 from pipeline.registry import served_name
 from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
@@ -255,12 +257,12 @@ def gate_candidate(
     alias: str,
     candidate: Path,
     heldout: list[Example],
+    options: GateOptions,
 ) -> GateDecision:
     """Score the candidate and the serving version on the held-out examples, measure
     the candidate's drift from the serving one on its own answers; judge."""
     from flows.adapter_scores import DriftRequest, score_adapters
 
-    options = settings.gate.options()
     serving = registry.history(alias).current
     serving_name = served_name(alias, serving) if serving else "the base model"
     reason = too_few_heldout(len(heldout), options)
@@ -415,6 +417,7 @@ class NightPlan:
     train: TrainingSet
     heldout: list[Example]
     gate_heldout: list[Example]
+    gate_options: GateOptions
 
     def candidate_key(self, snapshot_id: str) -> str:
         """What a candidate directory's checkpoint was trained on (resumed only when
@@ -439,8 +442,9 @@ def _plan(
     if new is False:
         why = "configured" if cycle.strategy == "retrain" else "nothing is served yet"
         train = retrain_set(snap.records("train", repeats), name)
+        heldout, gate_heldout = snap.records("heldout", repeats), snap.records("heldout")
         plan = NightPlan(
-            "retrain", why, served, train, snap.records("heldout", repeats), snap.records("heldout")
+            "retrain", why, served, train, heldout, gate_heldout, settings.gate.options()
         )
     else:
         seed = f"{snap.id}+{served}"
@@ -457,7 +461,10 @@ def _plan(
             # Too few new held-out votes to judge on: all of them, as a retrain would.
             gate_heldout, heldout = snap.records("heldout"), snap.records("heldout", repeats)
             why += f" (judged on every held-out vote: fewer than {settings.gate.min_heldout} new)"
-        plan = NightPlan("continual", why, served, train, heldout, gate_heldout)
+        # A continued adapter's KL to the base model grows night after night, by design:
+        # what bounds a night is its drift from the served adapter, not max_kl.
+        options = dataclasses.replace(settings.gate.options(), max_kl=math.inf)
+        plan = NightPlan("continual", why, served, train, heldout, gate_heldout, options)
     run.plan = {"strategy": plan.strategy, "why": plan.why, **plan.train.summary()}
     run.plan["heldout_judged"] = len(plan.gate_heldout)
     if isinstance(new, Snapshot):
@@ -591,7 +598,9 @@ def _promote(
     publish it; skip with the gate's reason when it is refused."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):
-        decision = gate_candidate(settings, registry, alias, runs.candidate_dir, plan.gate_heldout)
+        decision = gate_candidate(
+            settings, registry, alias, runs.candidate_dir, plan.gate_heldout, plan.gate_options
+        )
     run.previous = registry.history(alias).current
     _record_gate(run, decision, report_dir)
     if not decision.promote:
@@ -609,7 +618,7 @@ def _promote(
         decision = judge(
             decision.candidate,
             decision.serving,
-            settings.gate.options(),
+            plan.gate_options,
             decision.serving_name,
             scores,
             decision.drift,
