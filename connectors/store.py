@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pandas as pd
@@ -479,18 +479,24 @@ def _live(files: list[BatchFile]) -> list[BatchFile]:
 
 
 def write_local_atomic(
-    path: str, data: bytes | memoryview, crash_points: str | None = None
+    path: str,
+    data: bytes | memoryview | Callable[[BinaryIO], None],
+    crash_points: str | None = None,
 ) -> None:
     """Write `path` whole or not at all: a temp file, fsync, rename, fsync of the
-    directory. With `crash_points`, the steps are crash points "<crash_points>.1"
-    (temp file written, not renamed) and "<crash_points>.2" (renamed, directory not
-    synced)."""
+    directory. `data` is the bytes, or a function that writes them to the open file
+    (a large file need not be held in memory first). With `crash_points`, the steps are
+    crash points "<crash_points>.1" (temp file written, not renamed) and
+    "<crash_points>.2" (renamed, directory not synced)."""
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if crash_points:

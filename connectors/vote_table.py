@@ -53,7 +53,7 @@ VOTES = "votes"
 STATE_FILE = "state.json"
 _FEW_VALUED = (records.KAFKA_TOPIC, records.FEEDBACK, records.ADAPTER)
 # Store rows a fold reads at a time (its memory grows with them, and their texts).
-FOLD_CHUNK_ROWS = 250_000
+FOLD_CHUNK_ROWS = 100_000
 _FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.parquet$")
 
 
@@ -178,17 +178,21 @@ class VoteTable:
             return dataset.to_table(filter=filter)
 
     def _write(self, path: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
         # Rewritten every night: fast to write and read back (lz4, dictionaries only
         # for the few-valued columns) rather than small; the texts are written once.
         texts = records.PROMPT in table.schema.names
         few_valued = [c for c in _FEW_VALUED if c in table.schema.names]
-        pq.write_table(
-            table,
-            sink,
-            compression="zstd" if texts else "lz4",
-            use_dictionary=True if texts else few_valued,
-        )
+        options = {
+            "compression": "zstd" if texts else "lz4",
+            "use_dictionary": True if texts else few_valued,
+        }
+        if self.store._local:
+            # Straight into the temp file: the table's encoding is never all in memory.
+            with _os_errors("write", path):
+                write_local_atomic(path, lambda f: pq.write_table(table, f, **options))
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **options)
         self._put(path, memoryview(sink.getvalue()))
 
     def _write_state(self, state: VoteState) -> None:

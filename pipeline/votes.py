@@ -90,6 +90,16 @@ SEEN_SCHEMA = pa.schema([FEEDBACK_SCHEMA.field(EVENT_ID)])
 # What a fold reads of the new store rows.
 FOLD_COLUMNS = (*_VOTE_FIELDS, PROMPT, MESSAGES_JSON, RESPONSE)
 _RETRACT = "retract"
+_COUNTED_COLUMNS = (
+    EXAMPLE_KEY,
+    CONVERSATION_ID,
+    ADAPTER,
+    DESIRABLE,
+    TS,
+    KAFKA_TOPIC,
+    KAFKA_PARTITION,
+    KAFKA_OFFSET,
+)
 
 
 @dataclass(frozen=True)
@@ -267,11 +277,14 @@ def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
         both.loc[~both["_old"], columns], schema=VOTE_TABLE_SCHEMA, preserve_index=False
     )
     kept = table if keep.all() else table.filter(pa.array(keep))
-    merged = pa.concat_tables([kept, added])
-    if kept.num_rows and added.num_rows and _position(added, 0) < _position(kept, -1):
-        # Votes older than the newest kept (a partition lagging behind): sort again.
-        merged = merged.sort_by([(c, "ascending") for c in ORDER])
-    return merged
+    if not (kept.num_rows and added.num_rows) or _position(kept, -1) < _position(added, 0):
+        return pa.concat_tables([kept, added])
+    # Votes older than the newest kept (a partition lagging behind): sort the kept rows
+    # from the oldest added vote's time on with them, not the whole table.
+    times = pc.cast(kept[TS], pa.int64()).to_numpy()
+    cut = int(np.searchsorted(times, pc.cast(added[TS], pa.int64())[0].as_py(), side="left"))
+    tail = pa.concat_tables([kept.slice(cut), added]).sort_by([(c, "ascending") for c in ORDER])
+    return pa.concat_tables([kept.slice(0, cut), tail])
 
 
 def _position(table: pa.Table, row: int) -> tuple:
@@ -326,8 +339,8 @@ def _next_state(
 
 def counted_keys(table: pa.Table) -> pa.Array:
     """The example keys the table's counted votes name: the texts a snapshot needs."""
-    counted = table.filter(pc.and_(_counted_mask(table), pc.is_valid(table[EXAMPLE_KEY])))
-    return pc.unique(counted[EXAMPLE_KEY].combine_chunks())
+    mask = pc.and_(_counted_mask(table), pc.is_valid(table[EXAMPLE_KEY]))
+    return pc.unique(table[EXAMPLE_KEY].filter(mask).combine_chunks())
 
 
 def _counted_mask(table: pa.Table) -> pa.ChunkedArray:
@@ -355,8 +368,9 @@ def snapshot_from_votes(
     labelled = pc.is_valid(table[DESIRABLE])
     counted_mask = _counted_mask(table)
     has_text = pc.is_valid(table[EXAMPLE_KEY])
-    # The table is kept in ORDER: its counted votes come oldest first.
-    counted = table.filter(pc.and_(counted_mask, has_text))
+    # The table is kept in ORDER: its counted votes come oldest first. Only the columns
+    # the examples and the window need are copied.
+    counted = table.select(list(_COUNTED_COLUMNS)).filter(pc.and_(counted_mask, has_text))
     stats = SnapshotStats(
         rows_read=state.rows_read,
         duplicates=state.rows_read - state.events,
