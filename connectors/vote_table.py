@@ -5,9 +5,12 @@ and not the whole history.
 Layout, beside the store's tables:
 
     <root>/votes/state.json                the VoteState of the current generation g
-    <root>/votes/table-<g:08d>.parquet     the vote table of generation g
+    <root>/votes/table-<g:08d>.arrow       the vote table of generation g
     <root>/votes/texts-<n:08d>.parquet     the texts of examples first seen by fold n
-    <root>/votes/seen-<n:08d>.parquet      the event ids first seen by fold n
+    <root>/votes/seen-<n:08d>.arrow        the event ids first seen by fold n
+
+The table and the ids are Arrow IPC files, uncompressed: read back by mapping them
+into memory, without decoding (a night reads them whole); the texts are Parquet.
 
 A fold writes generation g+1's files (each atomically, like the store's batches), then
 state.json (atomically: the commit), then removes generation g's table. A crash before
@@ -25,6 +28,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -51,10 +55,10 @@ log = logging.getLogger(__name__)
 
 VOTES = "votes"
 STATE_FILE = "state.json"
-_FEW_VALUED = (records.KAFKA_TOPIC, records.FEEDBACK, records.ADAPTER)
 # Store rows a fold reads at a time (its memory grows with them, and their texts).
 FOLD_CHUNK_ROWS = 100_000
-_FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.parquet$")
+_FILE = re.compile(r"^(table|texts|seen)-(\d{8})\.(arrow|parquet)$")
+_SUFFIX = {"table": "arrow", "seen": "arrow", "texts": "parquet"}
 
 
 class VoteTable:
@@ -66,7 +70,7 @@ class VoteTable:
         self.dir = f"{store.root}/{VOTES}"
 
     def _path(self, kind: str, generation: int) -> str:
-        return f"{self.dir}/{kind}-{generation:08d}.parquet"
+        return f"{self.dir}/{kind}-{generation:08d}.{_SUFFIX[kind]}"
 
     def state(self) -> VoteState:
         """The state of the current vote table (generation 0, empty, before any fold)."""
@@ -174,25 +178,37 @@ class VoteTable:
         if not paths:
             return schema.empty_table()
         with _os_errors("read", self.dir):
+            if paths[0].endswith(".arrow"):
+                return pa.concat_tables([self._read_arrow(p) for p in paths])
             dataset = ds.dataset(list(paths), schema=schema, format="parquet", filesystem=self.fs)
             return dataset.to_table(filter=filter)
 
-    def _write(self, path: str, table: pa.Table) -> None:
-        # Rewritten every night: fast to write and read back (lz4, dictionaries only
-        # for the few-valued columns) rather than small; the texts are written once.
-        texts = records.PROMPT in table.schema.names
-        few_valued = [c for c in _FEW_VALUED if c in table.schema.names]
-        options = {
-            "compression": "zstd" if texts else "lz4",
-            "use_dictionary": True if texts else few_valued,
-        }
+    def _read_arrow(self, path: str) -> pa.Table:
         if self.store._local:
-            # Straight into the temp file: the table's encoding is never all in memory.
+            # Mapped, not read: the columns are the file's pages, never copied.
+            return pa.ipc.open_file(pa.memory_map(path)).read_all()
+        with self.fs.open(path, "rb") as f:
+            return pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+    def _write(self, path: str, table: pa.Table) -> None:
+        if path.endswith(".arrow"):
+
+            def encode(sink: Any) -> None:
+                with pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table, max_chunksize=1 << 16)
+
+        else:
+
+            def encode(sink: Any) -> None:
+                pq.write_table(table, sink, compression="zstd")
+
+        if self.store._local:
+            # Straight into the temp file: the encoding is never all in memory.
             with _os_errors("write", path):
-                write_local_atomic(path, lambda f: pq.write_table(table, f, **options))
+                write_local_atomic(path, encode)
             return
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **options)
+        encode(sink)
         self._put(path, memoryview(sink.getvalue()))
 
     def _write_state(self, state: VoteState) -> None:

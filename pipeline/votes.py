@@ -90,16 +90,6 @@ SEEN_SCHEMA = pa.schema([FEEDBACK_SCHEMA.field(EVENT_ID)])
 # What a fold reads of the new store rows.
 FOLD_COLUMNS = (*_VOTE_FIELDS, PROMPT, MESSAGES_JSON, RESPONSE)
 _RETRACT = "retract"
-_COUNTED_COLUMNS = (
-    EXAMPLE_KEY,
-    CONVERSATION_ID,
-    ADAPTER,
-    DESIRABLE,
-    TS,
-    KAFKA_TOPIC,
-    KAFKA_PARTITION,
-    KAFKA_OFFSET,
-)
 
 
 @dataclass(frozen=True)
@@ -271,12 +261,10 @@ def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
     both = both.sort_values(list(ORDER), kind="mergesort").drop_duplicates(EVENT_ID, keep="first")
     both = both[~pd.Series(_voters(both), index=both.index).duplicated(keep="last")]
     stays = both.loc[both["_old"], EVENT_ID]
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[where[~old[EVENT_ID].isin(stays).to_numpy(bool)]] = False
     added = pa.Table.from_pandas(
         both.loc[~both["_old"], columns], schema=VOTE_TABLE_SCHEMA, preserve_index=False
     )
-    kept = table if keep.all() else table.filter(pa.array(keep))
+    kept = _drop_rows(table, where[~old[EVENT_ID].isin(stays).to_numpy(bool)])
     if not (kept.num_rows and added.num_rows) or _position(kept, -1) < _position(added, 0):
         return pa.concat_tables([kept, added])
     # Votes older than the newest kept (a partition lagging behind): sort the kept rows
@@ -285,6 +273,17 @@ def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
     cut = int(np.searchsorted(times, pc.cast(added[TS], pa.int64())[0].as_py(), side="left"))
     tail = pa.concat_tables([kept.slice(cut), added]).sort_by([(c, "ascending") for c in ORDER])
     return pa.concat_tables([kept.slice(0, cut), tail])
+
+
+def _drop_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """The table without `rows` (sorted positions): slices of it between them, not a
+    copy (a night removes thousands of rows from millions)."""
+    if not len(rows):
+        return table
+    starts = np.concatenate([[0], rows + 1])
+    ends = np.concatenate([rows, [table.num_rows]])
+    pieces = [table.slice(a, b - a) for a, b in zip(starts, ends, strict=True) if b > a]
+    return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
 
 
 def _position(table: pa.Table, row: int) -> tuple:
@@ -368,9 +367,9 @@ def snapshot_from_votes(
     labelled = pc.is_valid(table[DESIRABLE])
     counted_mask = _counted_mask(table)
     has_text = pc.is_valid(table[EXAMPLE_KEY])
-    # The table is kept in ORDER: its counted votes come oldest first. Only the columns
-    # the examples and the window need are copied.
-    counted = table.select(list(_COUNTED_COLUMNS)).filter(pc.and_(counted_mask, has_text))
+    # The table is kept in ORDER: its counted votes come oldest first. They are found
+    # by position, not copied: a night's table holds millions.
+    rows = np.flatnonzero(pc.and_(counted_mask, has_text).to_numpy(zero_copy_only=False))
     stats = SnapshotStats(
         rows_read=state.rows_read,
         duplicates=state.rows_read - state.events,
@@ -378,63 +377,71 @@ def snapshot_from_votes(
         retracted=_count(retracted),
         unlabelled=_count(pc.and_(pc.invert(retracted), pc.invert(labelled)))
         + _count(pc.and_(counted_mask, pc.invert(has_text))),
-        votes=counted.num_rows,
+        votes=len(rows),
     )
-    snapshot = label_examples(_examples(counted, texts), SOURCE_FEEDBACK, options, stats)
-    return replace(snapshot, window=_window(state, counted))
+    liked = pc.fill_null(table[DESIRABLE], False).to_numpy(zero_copy_only=False)[rows]
+    snapshot = label_examples(_examples(table, rows, liked, texts), SOURCE_FEEDBACK, options, stats)
+    return replace(snapshot, window=_window(state, table, rows, liked))
 
 
 def _count(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def _examples(counted: pa.Table, texts: pa.Table) -> pd.DataFrame:
-    """One row per example of votes given oldest first: the conversation is the first
-    vote's, the adapter the latest vote's (as snapshot._from_votes keeps them)."""
-    encoded = pc.dictionary_encode(counted[EXAMPLE_KEY].combine_chunks())
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    n = len(encoded.dictionary)
-    order = np.arange(len(codes))
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Per row, the index of its value among the distinct ones; and those values."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary
+
+
+def _examples(
+    table: pa.Table, rows: np.ndarray, liked: np.ndarray, texts: pa.Table
+) -> pd.DataFrame:
+    """One row per example of the votes at `rows` (oldest first): the conversation is
+    the first vote's, the adapter the latest vote's (as snapshot._from_votes keeps them)."""
+    codes, keys = _codes(table[EXAMPLE_KEY].take(pa.array(rows)))
+    n = len(keys)
     first = np.empty(n, dtype=np.int64)
-    first[codes[::-1]] = order[::-1]  # the last write wins: the first vote
+    first[codes[::-1]] = rows[::-1]  # the last write wins: the first vote
     last = np.empty(n, dtype=np.int64)
-    last[codes] = order
-    liked = np.bincount(codes, counted[DESIRABLE].to_numpy().astype(np.int64), n)
+    last[codes] = rows
+    votes_liked = np.bincount(codes, liked.astype(np.int64), n).astype(np.int64)
     keep_nulls = pc.ScalarAggregateOptions(skip_nulls=False, min_count=0)
     unique_texts = texts.group_by(EXAMPLE_KEY, use_threads=False).aggregate(
         [(c, "first", keep_nulls) for c in (PROMPT, MESSAGES_JSON, RESPONSE)]
     )
-    at = pc.index_in(encoded.dictionary, value_set=unique_texts[EXAMPLE_KEY])
+    at = pc.index_in(keys, value_set=unique_texts[EXAMPLE_KEY])
     if at.null_count:
         raise ValueError(f"the texts of {at.null_count} examples were not given")
     text = unique_texts.take(at)
-    liked = liked.astype(np.int64)
     return pd.DataFrame(
         {
             PROMPT: text[f"{PROMPT}_first"].to_pandas(),
             MESSAGES_JSON: text[f"{MESSAGES_JSON}_first"].to_pandas(),
             COMPLETION: text[f"{RESPONSE}_first"].to_pandas(),
-            CONVERSATION_ID: counted[CONVERSATION_ID].take(pa.array(first)).to_pandas(),
-            ADAPTER: counted[ADAPTER].take(pa.array(last)).to_pandas(),
-            VOTES_DESIRABLE: liked,
-            VOTES_UNDESIRABLE: np.bincount(codes, minlength=n).astype(np.int64) - liked,
+            CONVERSATION_ID: table[CONVERSATION_ID].take(pa.array(first)).to_pandas(),
+            ADAPTER: table[ADAPTER].take(pa.array(last)).to_pandas(),
+            VOTES_DESIRABLE: votes_liked,
+            VOTES_UNDESIRABLE: np.bincount(codes, minlength=n).astype(np.int64) - votes_liked,
         }
     )
 
 
-def _window(state: VoteState, counted: pa.Table) -> FeedbackWindow:
+def _window(
+    state: VoteState, table: pa.Table, rows: np.ndarray, liked: np.ndarray
+) -> FeedbackWindow:
     """The feedback window feedback_window gives for the same rows and votes."""
-    by_partition = {
-        (r[KAFKA_TOPIC], r[KAFKA_PARTITION]): r
-        for r in counted.group_by([KAFKA_TOPIC, KAFKA_PARTITION])
-        .aggregate([(KAFKA_OFFSET, "min"), (KAFKA_OFFSET, "max"), (KAFKA_OFFSET, "count")])
-        .to_pylist()
-    }
+    topics, topic_names = _codes(table[KAFKA_TOPIC])
+    topics = topics[rows]
+    partition_of = table[KAFKA_PARTITION].to_numpy()[rows]
+    offsets = table[KAFKA_OFFSET].to_numpy()[rows]
     partitions = []
     for p in state.partitions:
         if not p.rows_read:
             continue
-        c = by_partition.get((p.topic, p.partition))
+        names = topic_names.to_pylist()
+        code = names.index(p.topic) if p.topic in names else -1
+        mine = offsets[(topics == code) & (partition_of == p.partition)]
         partitions.append(
             PartitionWindow(
                 topic=p.topic,
@@ -442,37 +449,35 @@ def _window(state: VoteState, counted: pa.Table) -> FeedbackWindow:
                 first_read=int(p.first_read or 0),
                 last_read=int(p.last_read or 0),
                 rows_read=p.rows_read,
-                first_counted=None if c is None else c[f"{KAFKA_OFFSET}_min"],
-                last_counted=None if c is None else c[f"{KAFKA_OFFSET}_max"],
-                votes=0 if c is None else c[f"{KAFKA_OFFSET}_count"],
+                first_counted=int(mine.min()) if len(mine) else None,
+                last_counted=int(mine.max()) if len(mine) else None,
+                votes=len(mine),
             )
         )
-    liked = pc.sum(counted[DESIRABLE]).as_py() or 0
-    span = pc.min_max(counted[TS]).as_py() if counted.num_rows else {"min": None, "max": None}
+    times = table[TS]
     return FeedbackWindow(
         partitions=tuple(partitions),
-        votes_from=_iso_us(span["min"]),
-        votes_to=_iso_us(span["max"]),
+        # In ORDER, the first counted vote is the oldest and the last the newest.
+        votes_from=_iso_us(times[int(rows[0])].as_py()) if len(rows) else None,
+        votes_to=_iso_us(times[int(rows[-1])].as_py()) if len(rows) else None,
         ingested_to=_iso_us(state.ingested_to_us),
         read_from=_iso_us(state.read_from_us),
-        votes_desirable=int(liked),
-        votes_undesirable=counted.num_rows - int(liked),
-        by_adapter=_by_adapter(counted),
+        votes_desirable=int(liked.sum()),
+        votes_undesirable=len(rows) - int(liked.sum()),
+        by_adapter=_by_adapter(table, rows, liked),
     )
 
 
-def _by_adapter(counted: pa.Table) -> tuple[AdapterVotes, ...]:
+def _by_adapter(table: pa.Table, rows: np.ndarray, liked: np.ndarray) -> tuple[AdapterVotes, ...]:
     # A missing or empty adapter is the base model, as votes_window counts it.
-    names = pc.fill_null(counted[ADAPTER], "")
-    per = (
-        pa.table({ADAPTER: names, "_liked": pc.cast(counted[DESIRABLE], pa.int64())})
-        .group_by(ADAPTER)
-        .aggregate([("_liked", "sum"), ("_liked", "count")])
-        .to_pylist()
-    )
+    codes, names = _codes(pc.fill_null(table[ADAPTER], ""))
+    codes = codes[rows]
+    total = np.bincount(codes, minlength=len(names))
+    liked_by = np.bincount(codes, liked.astype(np.int64), len(names)).astype(np.int64)
     votes = (
-        AdapterVotes(r[ADAPTER] or None, r["_liked_sum"], r["_liked_count"] - r["_liked_sum"])
-        for r in per
+        AdapterVotes(name or None, int(liked_by[i]), int(total[i] - liked_by[i]))
+        for i, name in enumerate(names.to_pylist())
+        if total[i]
     )
     return tuple(sorted(votes, key=lambda a: (-a.votes, a.adapter or "")))
 

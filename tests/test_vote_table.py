@@ -186,7 +186,7 @@ def test_a_fold_killed_at_any_step_leaves_a_table_the_next_fold_completes(
     assert_same(votes.snapshot(), full_rebuild(store))
     names = os.listdir(tmp_path / "votes")
     assert not [n for n in names if n.startswith(".")]
-    assert [n for n in names if n.startswith("table")] == ["table-00000002.parquet"]
+    assert [n for n in names if n.startswith("table")] == ["table-00000002.arrow"]
 
 
 def test_a_fold_killed_twice_in_a_row_still_completes(tmp_path: Path) -> None:
