@@ -93,11 +93,15 @@ class VoteTable:
     def _fold(self) -> tuple[VoteState, pa.Table]:
         """fold(), and the table of the state it returns."""
         state = self.state()
-        files = []
+        ranked = []
         for topic, partition in self.store.partitions(FEEDBACK):
             done = state.folded_to(topic, partition)
             live = self.store.live_batch_files(FEEDBACK, topic, partition)
-            files += [(topic, partition, f.first, f.last) for f in live if f.last > done]
+            new = [f for f in live if f.last > done]
+            ranked += [(i, (topic, partition, f.first, f.last)) for i, f in enumerate(new)]
+        # The partitions' n-th new files together: partitions fill up side by side, so
+        # each run of files folds in votes mostly newer than the table's (no re-sort).
+        files = [f for _, f in sorted(ranked)]
         table = self.table(state)
         if not files:
             self._remove_stale(state)  # what a fold killed after its commit left
