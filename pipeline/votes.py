@@ -276,14 +276,21 @@ def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
 
 
 def _drop_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """The table without `rows` (sorted positions): slices of it between them, not a
-    copy (a night removes thousands of rows from millions)."""
+    """The table without `rows` (sorted positions): slices of its record batches
+    between them, not a copy (a night removes thousands of rows from millions)."""
     if not len(rows):
         return table
-    starts = np.concatenate([[0], rows + 1])
-    ends = np.concatenate([rows, [table.num_rows]])
-    pieces = [table.slice(a, b - a) for a, b in zip(starts, ends, strict=True) if b > a]
-    return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
+    pieces = []
+    start = 0
+    for batch in table.to_batches():
+        end = start + batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, end])
+        local = rows[lo:hi] - start
+        starts = np.concatenate([[0], local + 1])
+        ends = np.concatenate([local, [batch.num_rows]])
+        pieces += [batch.slice(a, b - a) for a, b in zip(starts, ends, strict=True) if b > a]
+        start = end
+    return pa.Table.from_batches(pieces, schema=table.schema)
 
 
 def _position(table: pa.Table, row: int) -> tuple:
