@@ -199,7 +199,8 @@ class VoteTable:
 
             def encode(sink: Any) -> None:
                 with pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table, max_chunksize=1 << 16)
+                    for batch in _rebatched(table, 1 << 16):
+                        writer.write_batch(batch)
 
         else:
 
@@ -277,3 +278,19 @@ def _ranges(
         (topic, partition, max(lo, state.folded_to(topic, partition) + 1), hi)
         for (topic, partition), (lo, hi) in spans.items()
     ]
+
+
+def _rebatched(table: pa.Table, rows: int) -> Iterator[pa.RecordBatch]:
+    """The table in record batches of about `rows`: the slices a night leaves around
+    removed rows joined again (a copy of one batch at a time), so that the table does
+    not come back in ever more pieces night after night."""
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in table.to_batches(max_chunksize=rows):
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= rows:
+            yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
