@@ -104,25 +104,8 @@ def sampled_end_rate(
 ) -> float:
     """Share of answers sampled (temperature 1) for the prompts that end with the
     end-of-turn token within max_new_tokens. Seeded apart from the training RNG."""
-    batch = collate_prompts(prompts, pad_id)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=END_CHECK_SAMPLES,
-            eos_token_id=eot,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
-    new = out[:, batch.input_ids.shape[1] :]
-    return (new == eot).any(dim=1).float().mean().item()
+    answers = sampled_answers(model, prompts, max_new_tokens, eot, pad_id, device, seed)
+    return sum(a.completion_ids[-1] == eot for a in answers) / len(answers)
 
 
 def mean_nll(
