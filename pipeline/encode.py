@@ -154,8 +154,14 @@ def encode_records(
     tokenizer: Any,
     lengths: Lengths,
     prompt_format: str = "chat",
+    completion_tokens: str = "serving",
 ) -> tuple[list[Encoded], EncodeReport]:
     """Tokenize examples, each keeping its weight.
+
+    With completion_tokens="template" the completion is instead what TRL trains on: the
+    whole conversation rendered by the chat template (for a raw prompt, prompt +
+    completion + the eos text) and tokenized, minus its common prefix with the prompt
+    alone; a template may add tokens after the end of turn that serving never generates.
 
     Returns:
         The encoded examples (those left with no completion token are dropped) and a
@@ -173,14 +179,19 @@ def encode_records(
     joined = tokenizer(
         [t + c for t, c in zip(texts, completions, strict=True)], add_special_tokens=False
     )["input_ids"]
-
+    if completion_tokens == "template":
+        prompt_ids, completion_ids = _template_split(
+            records, texts, prompt_ids, tokenizer, prompt_format
+        )
+        joined = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
     out: list[Encoded] = []
     dropped = cut_prompts = cut_completions = mismatches = 0
     completion_cap = lengths.max_completion_length or lengths.max_length
     for record, p, c, j in zip(records, prompt_ids, completion_ids, joined, strict=True):
         if j != p + c:
             mismatches += 1
-        c = [*c, eot]
+        if completion_tokens != "template":
+            c = [*c, eot]
         if len(c) > completion_cap:
             c = c[:completion_cap]
             cut_completions += 1
@@ -213,6 +224,43 @@ def encode_records(
         len(out), dropped, len(unrenderable), cut_prompts, cut_completions, mismatches
     )
     return out, report
+
+
+def _template_split(
+    records: Sequence[Example],
+    texts: list[str],
+    prompt_ids: list[list[int]],
+    tokenizer: Any,
+    prompt_format: str,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """TRL's split of each record: the prompt's tokens up to where they and the whole
+    conversation's tokens part, and the rest of the conversation as the completion."""
+    if prompt_format == "chat":
+        full = [
+            tokenizer.apply_chat_template(
+                [
+                    *prompt_messages(r.prompt, r.messages_json),
+                    {"role": "assistant", "content": r.completion},
+                ],
+                tokenize=False,
+            )
+            for r in records
+        ]
+    else:
+        eos = tokenizer.eos_token or ""
+        full = [
+            t + (r.completion if r.completion.endswith(eos) else r.completion + eos)
+            for t, r in zip(texts, records, strict=True)
+        ]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    prompts, completions = [], []
+    for p, f in zip(prompt_ids, full_ids, strict=True):
+        k = 0
+        while k < min(len(p), len(f)) and p[k] == f[k]:
+            k += 1
+        prompts.append(p[:k])
+        completions.append(f[k:])
+    return prompts, completions
 
 
 def _render_prompts(

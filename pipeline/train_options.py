@@ -24,6 +24,10 @@ from pipeline.snapshot import RepeatPolicy
 Selection = Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 
+Batching = Literal["bucketed", "shuffled", "trl"]
+Mismatch = Literal["other_prompt", "batch_shift", "trl"]
+CompletionTokens = Literal["serving", "template"]
+
 # The ranks vLLM accepts for a LoRA adapter.
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
@@ -87,7 +91,31 @@ class TrainOptions:
     sft_weight: Annotated[
         float, Field(ge=0, description="weight of an NLL term on desirable completions")
     ] = 1.0
-    length_bucketing: bool = True
+    batching: Annotated[
+        Batching,
+        Field(
+            description="bucketed: batches of similar length; shuffled: each epoch shuffled, "
+            "the remainder left out; trl: TRL's sequential batches (the data in the order "
+            "given, the same batches every epoch, the last one short)"
+        ),
+    ] = "bucketed"
+    mismatch: Annotated[
+        Mismatch,
+        Field(
+            description="the mismatched pairs of the KL reference point: other_prompt: the "
+            "previous example in the batch, arranged so the prompts differ; batch_shift: the "
+            "previous example in the batch; trl: the previous example in data order, fixed "
+            "before shuffling (TRL's rule)"
+        ),
+    ] = "other_prompt"
+    completion_tokens: Annotated[
+        CompletionTokens,
+        Field(
+            description="serving: the completion's own tokens, then the end-of-turn token the "
+            "server stops on; template: what the chat template renders after the prompt for "
+            "the whole conversation (TRL's rule; it may add tokens after the end of turn)"
+        ),
+    ] = "serving"
     eval_every: Annotated[
         int,
         Field(
@@ -170,3 +198,30 @@ class TrainOptions:
 
     def lengths(self) -> Lengths:
         return Lengths(self.max_length, self.max_prompt_length, self.max_completion_length)
+
+
+# TRL's KTOTrainer (trl 1.16, loss_type "kto") with its defaults, in our options: its
+# sampler and mismatched pairs, the completion as its chat template renders it, a linear
+# schedule without warmup, no SFT term, no held-out judging or early stopping, the last
+# step kept, and every row of the data an example. With a snapshot's held-out share at 0
+# and the same class weights, a run on the same rows and seed takes TRL's steps.
+TRL_RECIPE: dict[str, Any] = {
+    "batching": "trl",
+    "mismatch": "trl",
+    "completion_tokens": "template",
+    "lr_schedule": "linear",
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "sft_weight": 0.0,
+    "eos_guard": 0.0,
+    "early_stopping_patience": 0,
+    "selection": "final",
+    "repeats": "keep",
+    "reference_point": True,
+}
+
+
+def trl_recipe(options: TrainOptions | None = None) -> TrainOptions:
+    """`options` (default: the defaults) with every departure from TRL turned off."""
+    return (options or TrainOptions()).overridden(**TRL_RECIPE)

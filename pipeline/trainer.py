@@ -197,12 +197,14 @@ class _Recipe:
         self.model, self.data, self.options = model, data, options
         self.run, self.runtime, self.provenance, self.progress = run, runtime, provenance, progress
         self.examples = _setup_examples(data, tokenizer, options)
+        train_ex = self.examples.train
         self.plan = plan_batches(
-            [len(e.prompt_ids) + len(e.completion_ids) for e in self.examples.train],
-            [e.desirable for e in self.examples.train],
+            [len(e.prompt_ids) + len(e.completion_ids) for e in train_ex],
+            [e.desirable for e in train_ex],
             options,
             runtime.rank,
             runtime.world,
+            prompts=[e.prompt_ids for e in train_ex],
         )
         self.run_id = _run_fingerprint(provenance, options, self.examples.train)
         if runtime.main:
@@ -252,7 +254,9 @@ class _Recipe:
         while state.step < stop_at:
             first = state.step * options.grad_accum
             accum = [
-                _micro_step(causal_lm, self.step_ctx, plan.batches[first + k])
+                _micro_step(
+                    causal_lm, self.step_ctx, plan.batches[first + k], plan.partners[first + k]
+                )
                 for k in range(options.grad_accum)
             ]
             row = self._optimizer_step(accum)
@@ -437,9 +441,13 @@ def _setup_examples(data: TrainData, tokenizer: Any, options: TrainOptions) -> _
     def encode(records: Sequence[Example]) -> list[Encoded]:
         if not records:
             return []
-        return encode_records(list(records), tokenizer, lengths, options.prompt_format)[0]
+        return encode_records(
+            list(records), tokenizer, lengths, options.prompt_format, options.completion_tokens
+        )[0]
 
-    train_ex, report = encode_records(list(data.train), tokenizer, lengths, options.prompt_format)
+    train_ex, report = encode_records(
+        list(data.train), tokenizer, lengths, options.prompt_format, options.completion_tokens
+    )
     train_ex, heldout = normalised_weights(train_ex), encode(data.heldout)
     n_d, h_d = sum(e.desirable for e in train_ex), sum(e.desirable for e in heldout)
     counts = {
@@ -478,15 +486,17 @@ def _setup_reference(
 # ---------------------------------------------------------------- the step
 
 
-def _micro_step(causal_lm: Any, ctx: _Step, batch_idx: list[int]) -> dict[str, float]:
+def _micro_step(
+    causal_lm: Any, ctx: _Step, batch_idx: list[int], previous: list[int]
+) -> dict[str, float]:
     """Forward and backward of one micro-batch; returns its statistics.
 
     The prompts and their own completions run in one forward with gradient; the
-    mismatched completions (each prompt with the previous example's completion) then
-    follow a detached copy of the prompts' cache, without gradient.
+    mismatched completions (each prompt with its partner's completion, `previous`, as
+    the plan chose it) then follow a detached copy of the prompts' cache, without
+    gradient.
     """
     examples, options, device = ctx.examples, ctx.options, ctx.runtime.device
-    previous = [batch_idx[k - 1] for k in range(len(batch_idx))]
     prompts = collate_prompts([examples[i].prompt_ids for i in batch_idx], ctx.pad_id)
     rows = list(range(len(batch_idx)))
     matched = collate_continuations(

@@ -31,7 +31,7 @@ def test_bucketing_puts_examples_of_similar_length_together():
     desirable = [True] * n
     lengths = list(range(n))
     bucketed = plan_batches(lengths, desirable, OPTIONS)
-    mixed = plan_batches(lengths, desirable, replace(OPTIONS, length_bucketing=False))
+    mixed = plan_batches(lengths, desirable, replace(OPTIONS, batching="shuffled"))
 
     def spread(batches: list[list[int]]) -> float:
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
@@ -63,7 +63,7 @@ def test_two_ranks_split_each_global_batch_and_keep_its_pairs():
 
 
 def test_the_pairs_are_each_example_with_itself_and_with_the_one_before_it():
-    plan = plan_batches([5] * 8, [True] * 8, replace(OPTIONS, length_bucketing=False))
+    plan = plan_batches([5] * 8, [True] * 8, replace(OPTIONS, batching="shuffled"))
     for b in plan.batches:
         for k, i in enumerate(b):
             assert (i, i) in plan.pairs() and (i, b[k - 1]) in plan.pairs()
@@ -102,3 +102,54 @@ def test_weights_are_scaled_to_average_one():
     assert [e.weight for e in normalised_weights(examples)] == [1.5, 0.5]
     unit = [Encoded((1,), (2,), True)]
     assert normalised_weights(unit) is unit
+
+
+def test_trl_batches_are_the_data_in_order_every_epoch_with_a_short_last_batch():
+    # TRL's KTOTrainer samples sequentially (its KL pairs require it): 10 examples in
+    # batches of 4 are [0-3], [4-7], [8, 9], again each epoch; each example's
+    # mismatched completion is the one before it in its batch.
+    options = replace(OPTIONS, batching="trl", mismatch="trl", epochs=2)
+    plan = plan_batches([5] * 10, [i % 2 == 0 for i in range(10)], options)
+    chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert plan.batches == chunks * 2 and plan.steps == 6
+    assert plan.partners[0] == [3, 0, 1, 2] and plan.partners[2] == [9, 8]
+
+
+def _by_prompt(n_prompts: int, per_prompt: int) -> tuple[list[int], list[bool], list[int]]:
+    """Many sampled answers per prompt, their length following the prompt (the answer
+    names the prompt's subject), a third of them liked."""
+    prompts = [p for p in range(n_prompts) for _ in range(per_prompt)]
+    lengths = [10 + p for p in prompts]
+    desirable = [k % 3 == 0 for k in range(len(prompts))]
+    return lengths, desirable, prompts
+
+
+def _shared(plan, prompts: list[int]) -> float:
+    pairs = [(i, j) for b, p in zip(plan.batches, plan.partners, strict=True) for i, j in zip(b, p)]
+    return sum(prompts[i] == prompts[j] for i, j in pairs) / len(pairs)
+
+
+def test_bucketed_batches_with_shifted_pairs_pair_a_prompt_with_itself():
+    # The cause of a reference point that tracks the rewards: with length bucketing, a
+    # prompt's answers (of one length) fill the same batches, and "mismatched" pairs
+    # shifted by one mostly share their prompt.
+    lengths, desirable, prompts = _by_prompt(24, 16)
+    options = replace(OPTIONS, batch_size=8, mismatch="batch_shift")
+    plan = plan_batches(lengths, desirable, options, prompts=prompts)
+    assert _shared(plan, prompts) > 0.5
+
+
+@pytest.mark.parametrize("batching", ["bucketed", "shuffled"])
+def test_other_prompt_pairs_never_share_a_prompt(batching: str):
+    lengths, desirable, prompts = _by_prompt(24, 16)
+    options = replace(OPTIONS, batch_size=8, batching=batching, mismatch="other_prompt")
+    plan = plan_batches(lengths, desirable, options, prompts=prompts)
+    assert _shared(plan, prompts) == 0
+    # Every example is still trained on once per epoch.
+    assert sorted(i for b in plan.batches for i in b) == sorted(range(len(lengths)))
+
+
+def test_other_prompt_falls_back_to_the_pair_it_has_when_one_prompt_is_all_there_is():
+    options = replace(OPTIONS, batch_size=4, mismatch="other_prompt")
+    plan = plan_batches([5] * 8, [True] * 8, options, prompts=[0] * 8)
+    assert all(len(b) == len(p) == 4 for b, p in zip(plan.batches, plan.partners, strict=True))

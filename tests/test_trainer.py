@@ -431,7 +431,7 @@ def test_vote_weights_scale_each_examples_term_in_the_loss(tiny_model_dir, tmp_p
     # (2 * 2 + 6 * 1) / 8 / 2 = 0.625.
     likes = [replace(r, weight=3.0) for r in TRAIN if r.desirable][:2]
     dislikes = [r for r in TRAIN if not r.desirable][:6]
-    options = replace(FAST, max_steps=1, length_bucketing=False)
+    options = replace(FAST, max_steps=1, batching="shuffled")
     weighted = run_training(
         inputs(
             tiny_model_dir, tmp_path / "w", train=likes + dislikes, heldout=(), desirable_weight=2.0
