@@ -125,7 +125,11 @@ def _by_prompt(n_prompts: int, per_prompt: int) -> tuple[list[int], list[bool], 
 
 
 def _shared(plan, prompts: list[int]) -> float:
-    pairs = [(i, j) for b, p in zip(plan.batches, plan.partners, strict=True) for i, j in zip(b, p)]
+    pairs = [
+        (i, j)
+        for b, p in zip(plan.batches, plan.partners, strict=True)
+        for i, j in zip(b, p, strict=True)
+    ]
     return sum(prompts[i] == prompts[j] for i, j in pairs) / len(pairs)
 
 
