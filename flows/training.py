@@ -19,6 +19,7 @@ from connectors.models import check_model_dir, load_policy, load_tokenizer
 from connectors.run_dir import RunDir
 from pipeline.balance import Balance
 from pipeline.examples import Example
+from pipeline.judge import Judge
 from pipeline.manifest import Provenance
 from pipeline.progress import Progress, silent
 from pipeline.runtime import Runtime
@@ -81,7 +82,10 @@ class TrainInputs:
 
 
 def run_training(
-    inputs: TrainInputs, options: TrainOptions, lora: LoraOptions | None = None
+    inputs: TrainInputs,
+    options: TrainOptions,
+    lora: LoraOptions | None = None,
+    judge: Judge | None = None,
 ) -> TrainResult:
     """Train an adapter into `inputs.out_dir` and return the result (with `adapter_dir`
     set when an adapter was written).
@@ -123,7 +127,7 @@ def run_training(
     )
     run = RunDir(inputs.out_dir, resume=inputs.resume, plots=inputs.plots)
     progress = _bars() if inputs.progress and runtime.main else silent
-    result = train(model, tokenizer, data, options, run, runtime, provenance, progress)
+    result = train(model, tokenizer, data, options, run, runtime, provenance, progress, judge)
     return replace(result, adapter_dir=inputs.out_dir if result.manifest else None)
 
 

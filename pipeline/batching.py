@@ -190,12 +190,7 @@ def _partners(
         out = []
         for b, batch in enumerate(batches):
             batches[b] = batch = _spread_prompts(batch, prompts)
-            out.append(
-                [
-                    _other_prompt(i, batch[k - 1], prompts, rng)
-                    for k, i in enumerate(batch)
-                ]
-            )
+            out.append([_other_prompt(i, batch[k - 1], prompts, rng) for k, i in enumerate(batch)])
         return out
     return [[batch[k - 1] for k in range(len(batch))] for batch in batches]
 

@@ -104,12 +104,15 @@ class EarlyStopping:
     best: float | None = None
     stale: int = 0
 
-    def check(self, metrics: HeldoutMetrics) -> str | None:
-        score = selection_score(metrics, self.selection)
+    def check(self, score: float) -> str | None:
+        """`score`: the evaluation's selection score (lower is better)."""
         if improves(score, self.best, self.selection):
             self.best, self.stale = score, 0
             return None
         self.stale += 1
         if self.patience and self.stale >= self.patience:
-            return f"the held-out selection signal has not improved for {self.stale} evaluations"
+            return (
+                f"the selection signal ({self.selection}) has not improved for {self.stale} "
+                "evaluations"
+            )
         return None

@@ -57,10 +57,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.encode import Encoded
-from pipeline.logps import collate
+from pipeline.logps import collate, head_logps
 from pipeline.scoring import autocast_to, reference
 
 Messages = list[dict[str, Any]]
+# Likelihood features after the hidden states (see _logp_features).
+LOGP_FEATURES = 4
 # L2 strengths (per example, on standardised features) the cross-validation picks from.
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 CV_FOLDS = 4
@@ -170,7 +172,8 @@ def answer_features(
             frozen reference).
         items: the pairs; `desirable` and `weight` are ignored.
     Returns:
-        (N, 2 * len(layers) * hidden_size) float32 on the CPU, in the order of `items`.
+        (N, 2 * len(layers) * hidden_size + LOGP_FEATURES) float32 on the CPU, in the
+        order of `items`: the hidden-state features, then the likelihood features.
     """
     if hasattr(causal_lm, "get_base_model"):
         causal_lm = causal_lm.get_base_model()
@@ -178,7 +181,7 @@ def answer_features(
     hidden = (
         config.get_text_config() if hasattr(config, "get_text_config") else config
     ).hidden_size
-    out = torch.zeros((len(items), 2 * len(layers) * hidden), dtype=torch.float32)
+    out = torch.zeros((len(items), 2 * len(layers) * hidden + LOGP_FEATURES), dtype=torch.float32)
     order = sorted(range(len(items)), key=lambda i: _length(items[i]))
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
@@ -226,7 +229,34 @@ def _batch_features(
         h = h.float().masked_fill(~span.unsqueeze(-1), 0.0)  # pads out, whatever they hold
         feats.append(h[rows, ends.to(device) - 1])
         feats.append(h.sum(1) / span.sum(1, keepdim=True))
+    feats.append(_logp_features(causal_lm, out.last_hidden_state, batch, len(items)))
     return torch.cat(feats, dim=1).cpu()
+
+
+def _logp_features(causal_lm: Any, last: torch.Tensor, batch: Any, n: int) -> torch.Tensor:
+    """How likely the model finds each answer: the sum, mean and least of its tokens'
+    log-probs, and log(1 + its length) (zeros for an empty answer). A model often knows
+    the right fact better than the wrong one, so this is where a taste for facts shows;
+    the taste model learns from the votes which way each counts."""
+    device = last.device
+    out = torch.zeros((n, LOGP_FEATURES), dtype=torch.float32, device=device)
+    if len(batch.targets) == 0:
+        return out
+    rows = batch.rows.to(device)
+    logps = head_logps(
+        causal_lm, last[rows, batch.cols.to(device)].float(), batch.targets.to(device)
+    ).float()
+    counts = torch.bincount(rows, minlength=n).float()
+    sums = torch.zeros(n, device=device).index_add(0, rows, logps)
+    least = torch.zeros(n, device=device).scatter_reduce(
+        0, rows, logps, reduce="amin", include_self=False
+    )
+    has = counts > 0
+    out[:, 0] = sums
+    out[:, 1] = torch.where(has, sums / counts.clamp(min=1), 0.0)
+    out[:, 2] = torch.where(has, least, 0.0)
+    out[:, 3] = torch.log1p(counts)
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from typing import Any
 KIND = "kto-loop.adapter"
 TRAINED = "trained"
 NO_GAIN = "no_gain"
+# Trained, but its answers could not be judged (the taste model was too weak to trust):
+# written for inspection, never offered to serving unless the gate is told to.
+UNJUDGED = "unjudged"
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,11 @@ class RunMetrics:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A finished run. `status` is "trained", or "no_gain" when the weights kept are
-    the starting point, with `status_reason` saying so."""
+    """A finished run. `status` is "trained", "no_gain" when the weights kept are the
+    starting point, or "unjudged" when the answers could not be judged, with
+    `status_reason` saying why. `judge` holds the answer check: whether its judge was
+    trusted, the held-out AUC, and the verdicts of the step kept (selection and
+    confirmation samples)."""
 
     status: str
     status_reason: str | None
@@ -71,6 +77,7 @@ class Manifest:
     seconds: float
     versions: dict[str, str]
     plots: tuple[str, ...] = ()
+    judge: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = KIND
 

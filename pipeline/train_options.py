@@ -19,9 +19,10 @@ from pipeline.encode import Lengths
 from pipeline.snapshot import RepeatPolicy
 
 # How the step whose weights are kept is chosen among the evaluated ones (the start
-# included): the lowest held-out KTO loss, the highest held-out margin or accuracy, or
-# the last one that passed the guards.
-Selection = Literal["final", "heldout_loss", "heldout_margin", "heldout_accuracy"]
+# included): the answers it samples for held-out prompts, judged (pipeline/answer_check);
+# the lowest held-out KTO loss, the highest held-out margin or accuracy; or the last one
+# that passed the guards.
+Selection = Literal["judge", "final", "heldout_loss", "heldout_margin", "heldout_accuracy"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 Batching = Literal["bucketed", "shuffled", "trl"]
@@ -132,11 +133,41 @@ class TrainOptions:
     selection: Annotated[
         Selection,
         Field(
-            description="which evaluated step's weights are kept (the start included): the "
-            "lowest held-out KTO loss, the best held-out margin or accuracy, or the last one "
-            "the guards passed"
+            description="which evaluated step's weights are kept (the start included): judge: "
+            "the best liked share of answers sampled for held-out prompts, as a taste model "
+            "learnt from the votes judges them, kept only if fresh samples confirm it beats "
+            "the start; or the lowest held-out KTO loss, the best held-out margin or "
+            "accuracy, or the last one the guards passed"
         ),
-    ] = "heldout_loss"
+    ] = "judge"
+    judge_answers: Annotated[
+        int,
+        Field(
+            ge=2,
+            description="answers sampled at each evaluation, spread evenly over the held-out "
+            "prompts (at least 2 each)",
+        ),
+    ] = 192
+    judge_prompts: Annotated[
+        int, Field(ge=2, description="held-out prompts the answers are sampled for, at most")
+    ] = 48
+    judge_min_auc: Annotated[
+        float,
+        Field(
+            gt=0.5,
+            le=1,
+            description="the taste model judges only when its held-out AUC's lower bound "
+            "reaches this",
+        ),
+    ] = 0.6
+    judge_z: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="z of the judge's intervals: a step is kept only if the lower bound "
+            "of its gain over the start is above 0",
+        ),
+    ] = 1.645
     repeats: Annotated[
         RepeatPolicy,
         Field(

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.answer_check import AnswerCheck, Verdict, verdict_dict
 from pipeline.batching import Plan, lr_factor, normalised_weights, plan_batches
 from pipeline.diagnostics import Diagnostics, aggregate
 from pipeline.encode import Encoded, EncodeReport, encode_records, end_of_turn_id
@@ -39,6 +40,7 @@ from pipeline.guards import (
     selection_score,
 )
 from pipeline.heldout import Evaluator
+from pipeline.judge import Judge
 from pipeline.kto import kto_loss, mismatched_kl
 from pipeline.logps import (
     collate_continuations,
@@ -46,7 +48,7 @@ from pipeline.logps import (
     continuation_logps,
     run_prompts_with_completions,
 )
-from pipeline.manifest import Manifest, Provenance, RunMetrics, run_status
+from pipeline.manifest import NO_GAIN, UNJUDGED, Manifest, Provenance, RunMetrics, run_status
 from pipeline.progress import Progress, silent
 from pipeline.runtime import Runtime
 from pipeline.scoring import autocast_to, reference, score_pairs
@@ -62,7 +64,7 @@ log = logging.getLogger(__name__)
 
 # What a resume point holds changes with the trainer's state: one of another format is
 # refused as a checkpoint of another run.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class _State:
     best_score: float | None = None
     best_step: int | None = None
     best_weights: dict[str, torch.Tensor] | None = None
+    start_weights: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
     stop_reason: str | None = None
     heldout_before: dict[str, float] | None = None
@@ -159,6 +162,7 @@ def train(
     runtime: Runtime,
     provenance: Provenance,
     progress: Progress = silent,
+    judge: Judge | None = None,
 ) -> TrainResult:
     """Train the model's "default" adapter, write it with its manifest, and return them.
 
@@ -168,13 +172,15 @@ def train(
         tokenizer: the base model's, with a pad token (and the chat template serving
             uses).
         progress: makes the progress bars (the reference's pairs, the steps).
+        judge: judges sampled answers when selection = "judge"; None fits a taste
+            model on the training votes (pipeline/answer_check.py).
 
     Raises:
         TrainError: bad input (data, lengths), found before anything is written;
             DivergedError, GeneralAbilityError: the run failed, no adapter is written
             (the metrics and last checkpoint stay for inspection).
     """
-    recipe = _Recipe(model, tokenizer, data, options, run, runtime, provenance, progress)
+    recipe = _Recipe(model, tokenizer, data, options, run, runtime, provenance, progress, judge)
     recipe.loop()
     return recipe.finish()
 
@@ -192,6 +198,7 @@ class _Recipe:
         runtime: Runtime,
         provenance: Provenance,
         progress: Progress,
+        judge: Judge | None = None,
     ) -> None:
         self.started = time.monotonic()
         self.model, self.data, self.options = model, data, options
@@ -224,6 +231,27 @@ class _Recipe:
             end_of_turn_id(tokenizer),
             runtime,
         )
+        self.answers = None
+        if options.selection == "judge":
+            self.answers = AnswerCheck(
+                model,
+                self.examples.train,
+                self.examples.heldout,
+                options,
+                pad_id,
+                end_of_turn_id(tokenizer),
+                runtime,
+                judge,
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            )
+            if not self.answers.trusted:
+                log.warning("%s; the last step is kept, unjudged", self.answers.reason)
+        # How the kept step is chosen: a judge that cannot be trusted chooses nothing.
+        self.selection = options.selection
+        if self.answers is not None and not self.answers.trusted:
+            self.selection = "final"
+        self.confirmed: Verdict | None = None
+        self.unconfirmed_step: int | None = None
         self.general_before = self.evaluator.general_nll()
         self.guards = (
             EndOfTurnGuard(self.evaluator.reference_end_rate(), options.eos_guard),
@@ -291,6 +319,7 @@ class _Recipe:
             return TrainResult(None, state.step, self.plan.steps)
         if state.best_weights is not None:
             _load_adapter_state(self.model, state.best_weights)
+        self._confirm()
         if self.runtime.world > 1:
             # Ranks that drifted apart would each evaluate a different adapter: say which.
             rt = self.runtime
@@ -335,19 +364,34 @@ class _Recipe:
         """Evaluate the step into its metrics row, keep its weights if it is the best
         so far, and say why the run should stop, if it should."""
         metrics = self.evaluator.heldout_metrics()
-        if metrics is None:
+        if metrics is not None:
+            row.update(metrics.as_dict("heldout_"))
+            for guard in self.guards:
+                reason = guard.check(metrics)
+                if reason is not None:
+                    return reason
+        score = self._score(metrics, row)
+        if score is None:
             return None
-        row.update(metrics.as_dict("heldout_"))
-        for guard in self.guards:
-            reason = guard.check(metrics)
-            if reason is not None:
-                return reason
-        state, selection = self.state, self.options.selection
-        score = selection_score(metrics, selection)
-        if improves(score, state.best_score, selection):
+        state = self.state
+        if improves(score, state.best_score, self.selection):
             state.best_score, state.best_step = score, state.step
             state.best_weights = _adapter_state(self.model)
-        return state.early.check(metrics)
+        return state.early.check(score)
+
+    def _score(self, metrics: Any, row: dict[str, Any]) -> float | None:
+        """The selection score of the adapter as it is now (lower is better): minus the
+        judged gain in liked share over the reference, or a held-out signal; None when
+        there is nothing to select by."""
+        if self.selection == "judge":
+            assert self.answers is not None
+            verdict = self.answers.evaluate()
+            assert verdict is not None
+            row.update(verdict.as_row())
+            return -verdict.gain
+        if metrics is None:
+            return None
+        return selection_score(metrics, self.selection)
 
     def _setup_state(self) -> _State:
         """The state of a resumed run, or a fresh one whose starting point is
@@ -363,14 +407,65 @@ class _Recipe:
         if self.runtime.main:
             self.run.start_metrics(after_step=0)
         options = self.options
-        state = _State(early=EarlyStopping(options.early_stopping_patience, options.selection))
+        state = _State(early=EarlyStopping(options.early_stopping_patience, self.selection))
+        state.start_weights = _adapter_state(self.model)
         before = self.evaluator.heldout_metrics()
         if before is not None:
             state.heldout_before = before.as_dict()
-            state.best_score, state.best_step = selection_score(before, options.selection), 0
-            state.best_weights = _adapter_state(self.model)
-            state.early.check(before)
+        score = 0.0 if self.selection == "judge" else None
+        if score is None and before is not None:
+            score = selection_score(before, self.selection)
+        if score is not None:
+            state.best_score, state.best_step = score, 0
+            state.best_weights = state.start_weights
+            state.early.check(score)
         return state
+
+    def _confirm(self) -> None:
+        """Judge the step kept on fresh samples; go back to the start unless they still
+        find it better than the reference (see pipeline/answer_check.py)."""
+        state = self.state
+        if self.selection != "judge" or not state.best_step:
+            return
+        assert self.answers is not None
+        self.confirmed = self.answers.confirm()
+        assert self.confirmed is not None
+        if self.confirmed.better:
+            return
+        log.warning(
+            "step %d was the judge's best, but on fresh samples %s: keeping the start",
+            state.best_step,
+            self.confirmed.sentence(),
+        )
+        self.unconfirmed_step = state.best_step
+        state.best_step, state.best_weights = 0, state.start_weights
+        assert state.start_weights is not None
+        _load_adapter_state(self.model, state.start_weights)
+
+    def _status(self) -> tuple[str, str | None]:
+        """trained, no_gain or unjudged, and why (see Manifest)."""
+        answers, state = self.answers, self.state
+        if answers is not None and not answers.trusted:
+            return UNJUDGED, answers.reason
+        if self.selection != "judge" or state.best_step:
+            return run_status(state.best_step)
+        if self.confirmed is not None:
+            return NO_GAIN, (
+                f"step {self.unconfirmed_step} looked best, but on fresh samples "
+                f"{self.confirmed.sentence()}; the adapter written is the starting point"
+            )
+        return NO_GAIN, (
+            "no evaluated step's answers were judged better than the start's; the adapter "
+            "written is the starting point"
+        )
+
+    def _judge_record(self) -> dict[str, Any] | None:
+        if self.answers is None:
+            return None
+        return self.answers.record() | {
+            "best_step_selected": self.unconfirmed_step or self.state.best_step,
+            "confirmation": verdict_dict(self.confirmed),
+        }
 
     def _save_checkpoint(self) -> None:
         if self.runtime.main:
@@ -389,7 +484,7 @@ class _Recipe:
         warnings = state.diagnostics.warnings(pairs_per_step)
         for w in warnings:
             log.warning(w)
-        status, status_reason = run_status(state.best_step)
+        status, status_reason = self._status()
         if status_reason is not None:
             log.warning("%s: %s", status, status_reason)
         data = self.data
@@ -425,6 +520,7 @@ class _Recipe:
             warnings=tuple(warnings),
             seconds=round(time.monotonic() - self.started, 3),
             versions=provenance.versions,
+            judge=self._judge_record(),
             extra=provenance.extra,
         )
 

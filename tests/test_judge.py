@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from connectors.llm_judge import LlmJudge, LlmJudgeConfig, LlmJudgeError, judge_messages
 from pipeline.encode import Encoded
 from pipeline.judge import (
+    LOGP_FEATURES,
     Featurizer,
     JudgeItem,
     TasteModel,
@@ -288,7 +289,7 @@ def test_features_do_not_depend_on_the_batch_they_ran_in(tiny_lm: Any) -> None:
     alone = answer_features(tiny_lm, items, PAD, cpu, batch_size=1)
     together = answer_features(tiny_lm, items, PAD, cpu, batch_size=8)
     shuffled = answer_features(tiny_lm, items[::-1], PAD, cpu, batch_size=3).flip(0)
-    assert alone.shape == (7, 2 * 64)
+    assert alone.shape == (7, 2 * 64 + LOGP_FEATURES)
     assert_close(together, alone, atol=1e-5, rtol=0)
     assert_close(shuffled, alone, atol=1e-5, rtol=0)
 
@@ -301,7 +302,9 @@ def test_an_empty_completion_reads_the_last_prompt_token(tiny_lm: Any) -> None:
         tiny_lm, [Encoded(prompt[:1], prompt[1:], True)], PAD, torch.device("cpu")
     )
     assert torch.isfinite(empty).all()
-    assert_close(empty[0, :64], empty[0, 64:])  # last == mean over one token
+    assert_close(empty[0, :64], empty[0, 64:128])  # last == mean over one token
+    # No answer tokens: no likelihood to read.
+    assert (empty[0, 128:] == 0).all()
     assert_close(empty[0, :64], split[0, :64], atol=1e-5, rtol=0)
 
 
@@ -310,8 +313,23 @@ def test_features_of_chosen_layers(tiny_lm: Any) -> None:
     cpu = torch.device("cpu")
     two = answer_features(tiny_lm, items, PAD, cpu, layers=(1, -1))
     last = answer_features(tiny_lm, items, PAD, cpu)
-    assert two.shape == (2, 4 * 64)
+    assert two.shape == (2, 4 * 64 + LOGP_FEATURES)
     assert_close(two[:, 128:], last)
+
+
+def test_likelihood_features_are_the_answers_log_probs(tiny_lm: Any) -> None:
+    from pipeline.logps import collate, token_logps
+
+    items = _items(4, [(4, 3), (6, 5)])
+    feats = answer_features(tiny_lm, items, PAD, torch.device("cpu"))[:, -LOGP_FEATURES:]
+    with torch.no_grad():
+        logps = token_logps(
+            tiny_lm, collate([(e.prompt_ids, e.completion_ids) for e in items], PAD)
+        )
+    first, second = logps[:3], logps[3:]
+    for row, lp in ((0, first), (1, second)):
+        expected = [lp.sum(), lp.mean(), lp.min(), torch.log1p(torch.tensor(len(lp.tolist())))]
+        assert_close(feats[row], torch.stack(expected).float(), atol=1e-4, rtol=0)
 
 
 def test_featurizer_reads_the_frozen_reference_of_a_peft_model(tiny_lm: Any) -> None:
