@@ -1,33 +1,44 @@
-"""Does learning carry over? kto-loop and TRL's KTOTrainer on tasks kto-loop was not
-tuned for, several seeds each.
+"""Does learning carry over? kto-loop and TRL's KTOTrainer on task instances
+nobody tuned on, several seeds each, the same rows for every trainer.
 
-    python -m bench.tasks [--tasks capitals brevity signoff followup] [--seeds 5]
-                          [--set train.learning_rate=1e-3 ...] [--tag NAME]
+    python -m bench.tasks [--split eval|tune|all|suite] [--tasks NAME ...] [--seeds 5]
+                          [--arms trl exact ours] [--set train.learning_rate=1e-3 ...]
+                          [--tag NAME]
 
-For each task of bench/task_suite.py and each seed:
+The instances come from bench/task_families.py (24 of them, 6 families, split into a
+"tune" half and an "eval" half before any tuning; defaults are chosen on "tune" only)
+or, with --split suite, the four hand-made tasks of bench/task_suite.py. For each
+instance and seed:
 
 1. model: a tiny Llama-style chat model (hidden 128, 2 layers) with a tokenizer trained
-   on the task's sentences, fine-tuned (seeded) on the task's corpus, so that sampled
+   on the instance's sentences, fine-tuned (seeded) on its corpus, so that sampled
    answers mix liked and disliked ones;
 2. feedback: FEEDBACK_SAMPLES answers sampled at temperature 1 for each feedback prompt,
-   labelled by the task's taste, written in TRL's conversational unpaired format
+   labelled by the instance's taste, written in TRL's conversational unpaired format
    (prompt, completion, label), shuffled: repeats and empty answers as sampling gives
    them;
-3. TRL: KTOTrainer with its documented defaults (beta 0.1, lambda_D / lambda_U from the
-   rows' class counts as its docs advise) and the learning rate, epochs, batch size and
-   LoRA of ours, on the same rows;
-4. ours: what `kto-loop train --data feedback.jsonl` does with the shipped defaults
-   (and any --set overrides): the file becomes a snapshot, the class weights are
-   chosen, `flows.training.run_training` runs;
-5. measure: EVAL_SAMPLES answers sampled (temperature 1, the same sampling seed) for
-   each held-out prompt, none of them in the feedback, from the base model, TRL's
-   adapter and ours; the liked share of each.
+3. arms, each on those rows:
+   - trl: TRL's KTOTrainer (beta 0.1, lr 1e-3, 3 epochs, batch 8, LoRA r8 on q,v,
+     lambda_D / lambda_U from the class counts as its docs advise);
+   - exact: our trainer with TRL's recipe (pipeline.train_options.trl_recipe) on the
+     rows in file order, no held-out carve-out: it must land where TRL lands;
+   - ours: what `kto-loop train --data feedback.jsonl` does with the shipped defaults
+     (and any --set overrides): the file becomes a snapshot (held-out share carved
+     out), the class weights are chosen, `flows.training.run_training` runs. What it
+     keeps is what the loop would serve: a run that ends "no_gain" or "unjudged" (its
+     judge was too weak to trust, so the gate never offers it) keeps the base;
+4. measure: EVAL_SAMPLES answers sampled (temperature 1, the same sampling seed) for
+   each held-out prompt, none of them in the feedback, from the base model and each
+   arm's adapter; the liked share of each, by the instance's true taste.
 
-Models, feedback and TRL's results are cached under --work (keyed by what makes them),
-so a second run with other settings of ours only trains ours again. Prints a table,
-draws bench/results/tasks[_TAG].png; the last line of stdout is one JSON object (also
-written to bench/results/tasks[_TAG].json) with, per task, the mean gain and the worst
-seed of both trainers.
+The exact arm's adapter is also shown to the judge ours uses (a taste model fit on the
+snapshot's training votes, answers sampled for its held-out prompts): the collapses it
+refuses are counted.
+
+Models, feedback and the trl and exact arms are cached under --work (keyed by what
+makes them), so a second run with other settings of ours only trains ours again.
+Prints a table, draws bench/results/tasks[_TAG].png; the last line of stdout is one
+JSON object (also written to bench/results/tasks[_TAG].json).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from bench.task_suite import TASKS, Task, messages_json, task
@@ -142,6 +154,20 @@ def _settings(overrides: dict[str, dict[str, Any]]) -> Any:
     return load_settings(None, **overrides)
 
 
+def _load_task(name: str) -> Task:
+    from bench.task_families import INSTANCES, instance
+
+    return instance(name) if name in INSTANCES else task(name)
+
+
+def _key(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _rows(p: Prepared) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in p.feedback.read_text().splitlines()]
+
+
 def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
     """TRL's KTOTrainer on the feedback rows; cached by everything that shapes it."""
     train, lora = settings.train, settings.lora
@@ -151,7 +177,7 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
         "batch_size": train.batch_size,
         "lora": [lora.r, lora.alpha, lora.dropout, list(lora.target_modules)],
     }
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    key = _key(config)
     cached = p.feedback.parent / f"trl-{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -163,7 +189,7 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
     from pipeline.balance import choose_weights
 
     datasets.disable_progress_bars()
-    rows = [json.loads(line) for line in p.feedback.read_text().splitlines()]
+    rows = _rows(p)
     n_d = sum(r["label"] for r in rows)
     balance = choose_weights(n_d, len(rows) - n_d)
     out = p.feedback.parent / f"trl-{key}"
@@ -183,7 +209,7 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
             gradient_checkpointing=False,
             save_strategy="no",
             report_to=[],
-            logging_steps=10_000,
+            logging_steps=1,
             disable_tqdm=True,
             dataloader_num_workers=0,
         ),
@@ -197,17 +223,134 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         ),
     )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logging every step is for the history below
     trainer.train()
     trainer.save_model(str(out))
     seconds = time.perf_counter() - started
+    history = [h for h in trainer.state.log_history if "loss" in h and "kl" in h]
     _, after = _sample_liked(t, p.model, out, t.heldout_prompts, EVAL_SAMPLES, 10_000 + p.seed)
-    result = {"config": config, "after": after, "seconds": round(seconds, 1)}
+    result = {
+        "config": config,
+        "after": after,
+        "seconds": round(seconds, 1),
+        "loss": [h["loss"] for h in history],
+        "kl": [h["kl"] for h in history],
+        "adapter": str(out),
+    }
     cached.write_text(json.dumps(result) + "\n")
     return result
 
 
+def run_exact(t: Task, p: Prepared, settings: Any) -> dict[str, Any]:
+    """Our trainer with TRL's recipe on the rows in file order (no held-out carve-out),
+    the class weights TRL gets; cached by the recipe."""
+    from flows.training import TrainInputs, run_training
+    from pipeline.balance import choose_weights
+    from pipeline.examples import Example
+    from pipeline.train_options import TrainOptions, trl_recipe
+
+    train = settings.train
+    # TRL's arm's settings, nothing else of ours: the recipe does not move with our defaults.
+    options = trl_recipe(
+        TrainOptions(
+            learning_rate=train.learning_rate,
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            beta=train.beta,
+            seed=p.seed,
+        )
+    )
+    config = {"options": asdict(options), "lora": asdict(settings.lora)}
+    key = _key(config)
+    cached = p.feedback.parent / f"exact-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    rows = _rows(p)
+    records = [
+        Example(None, messages_json(r["prompt"]), r["completion"][0]["content"], r["label"])
+        for r in rows
+    ]
+    n_d = sum(r["label"] for r in rows)
+    balance = choose_weights(n_d, len(rows) - n_d)
+    out = p.feedback.parent / f"exact-{key}"
+    started = time.perf_counter()
+    result = run_training(
+        TrainInputs(
+            p.model,
+            records,
+            out,
+            desirable_weight=balance.lambda_desirable,
+            undesirable_weight=balance.lambda_undesirable,
+            progress=False,
+            plots=False,
+        ),
+        options,
+        settings.lora,
+    )
+    seconds = time.perf_counter() - started
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _, after = _sample_liked(t, p.model, out, t.heldout_prompts, EVAL_SAMPLES, 10_000 + p.seed)
+    row = {
+        "status": result.manifest.status,
+        "after": after,
+        "seconds": round(seconds, 1),
+        "loss": [m["loss"] for m in metrics],
+        "kl": [m["kl"] for m in metrics],
+        "adapter": str(out),
+    }
+    cached.write_text(json.dumps(row) + "\n")
+    return row
+
+
+def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
+    """What ours' judge says of another adapter: its taste model fit on the snapshot's
+    training votes, answers sampled for the snapshot's held-out prompts against the
+    base's (the confirmation samples)."""
+    from connectors.models import load_policy, load_tokenizer
+    from connectors.snapshots import load_training_data
+    from flows.training import runtime_for
+    from pipeline.answer_check import AnswerCheck
+    from pipeline.encode import encode_records, end_of_turn_id
+    from pipeline.train_options import LoraOptions
+
+    options = settings.train
+    snap = load_training_data(p.feedback, settings.snapshot.options())
+    tokenizer = load_tokenizer(p.model)
+    runtime = runtime_for(options)
+    model = load_policy(p.model, LoraOptions(), runtime.device, torch_float32(), adapter, None)
+
+    def encode(split: str) -> list:
+        records = snap.records(split, options.repeats)
+        return encode_records(records, tokenizer, options.lengths())[0] if records else []
+
+    check = AnswerCheck(
+        model,
+        encode("train"),
+        encode("heldout"),
+        options,
+        tokenizer.pad_token_id,
+        end_of_turn_id(tokenizer),
+        runtime,
+    )
+    verdict = check.confirm()
+    return {
+        "trusted": check.trusted,
+        "refused": not (verdict is not None and verdict.better),
+        "gain": verdict.gain if verdict is not None else None,
+    }
+
+
+def torch_float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
 def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
-    """What `kto-loop train --data feedback.jsonl` does, then the held-out liked share."""
+    """What `kto-loop train --data feedback.jsonl` does, then the held-out liked share of
+    what the loop would serve (the base unless the run says "trained")."""
     from connectors.snapshots import load_training_data
     from flows.training import TrainInputs, run_training
     from pipeline.balance import choose_weights
@@ -234,16 +377,25 @@ def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
         )
     except TrainError as exc:
         return row | {"status": "failed", "reason": str(exc), "after": p.before}
+    seconds = time.perf_counter() - started
     m = result.manifest
-    _, after = _sample_liked(t, p.model, out, t.heldout_prompts, EVAL_SAMPLES, 10_000 + p.seed)
+    _, adapter_after = _sample_liked(
+        t, p.model, out, t.heldout_prompts, EVAL_SAMPLES, 10_000 + p.seed
+    )
+    judge = m.judge or {}
     return row | {
         "status": m.status,
+        "reason": m.status_reason,
         "steps": m.steps,
         "planned_steps": m.planned_steps,
         "best_step": m.best_step,
         "kl_clamp_rate": m.diagnostics["kl_clamp_rate"],
-        "after": after,
-        "seconds": round(time.perf_counter() - started, 1),
+        "judge_auc": judge.get("heldout_auc"),
+        "judge_trusted": judge.get("trusted"),
+        "adapter_after": adapter_after,
+        # What the loop serves: an unjudged adapter is never offered.
+        "after": adapter_after if m.status != "unjudged" else p.before,
+        "seconds": round(seconds, 1),
     }
 
 
@@ -263,57 +415,90 @@ def _overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+ARMS = ("trl", "exact", "ours")
+# The exact arm must land within this many points of TRL, per seed.
+PARITY_POINTS = 3.0
+# An adapter whose true liked share falls below this share of the start has collapsed.
+COLLAPSE = 0.7
+
+
+def _gain(r: dict[str, Any], arm: str) -> float | None:
+    return r[arm]["after"] - r["before"] if arm in r else None
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per task: mean gain and worst seed of both trainers, in liked-share points."""
+    """Per instance: each arm's mean gain and worst seed (liked-share points), the exact
+    arm's largest distance from TRL, and what ours' runs ended as."""
     out = {}
     for name in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == name]
-        ours = [r["ours"]["after"] - r["before"] for r in mine]
-        trl = [r["trl"]["after"] - r["before"] for r in mine]
-        out[name] = {
+        s: dict[str, Any] = {
             "seeds": len(mine),
             "before_mean": statistics.mean(r["before"] for r in mine),
-            "ours_gain_mean": statistics.mean(ours),
-            "ours_gain_worst": min(ours),
-            "trl_gain_mean": statistics.mean(trl),
-            "trl_gain_worst": min(trl),
-            "ours_no_gain": sum(r["ours"].get("status") == "no_gain" for r in mine),
-            "ours_below_start": sum(g < 0 for g in ours),
-            "trl_below_start": sum(g < 0 for g in trl),
         }
+        for arm in ARMS:
+            gains = [g for r in mine if (g := _gain(r, arm)) is not None]
+            if gains:
+                s[f"{arm}_gain_mean"] = statistics.mean(gains)
+                s[f"{arm}_gain_worst"] = min(gains)
+        if all("exact" in r and "trl" in r for r in mine):
+            s["parity_max"] = max(abs(r["exact"]["after"] - r["trl"]["after"]) for r in mine)
+        if all("ours" in r for r in mine):
+            statuses = [r["ours"].get("status", "?") for r in mine]
+            s["ours_status"] = {k: statuses.count(k) for k in sorted(set(statuses))}
+            s["ours_collapsed_kept"] = sum(
+                r["ours"]["after"] < COLLAPSE * r["before"] for r in mine
+            )
+        collapsed = [r for r in mine if r.get("exact_judged") is not None]
+        s["exact_collapsed"] = len(collapsed)
+        s["exact_collapsed_refused"] = sum(r["exact_judged"]["refused"] for r in collapsed)
+        out[name] = s
     return out
 
 
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
+def overall(summary: dict[str, Any]) -> dict[str, Any]:
+    """The goals' numbers over the instances."""
+    per = list(summary.values())
+    out: dict[str, Any] = {"instances": len(per)}
+    for arm in ARMS:
+        means = [s[f"{arm}_gain_mean"] for s in per if f"{arm}_gain_mean" in s]
+        if means:
+            out[f"{arm}_gain_mean"] = statistics.mean(means)
+    if all("ours_gain_mean" in s and "trl_gain_mean" in s for s in per):
+        out["ours_ge_trl_share"] = sum(
+            s["ours_gain_mean"] >= s["trl_gain_mean"] - 1e-9 for s in per
+        ) / len(per)
+        out["ours_instances_below_start"] = sum(s["ours_gain_mean"] < -0.01 for s in per)
+        out["ours_worst_instance"] = min(s["ours_gain_mean"] for s in per)
+        out["ours_collapsed_kept"] = sum(s["ours_collapsed_kept"] for s in per)
+    if all("parity_max" in s for s in per):
+        out["parity_max"] = max(s["parity_max"] for s in per)
+        out["parity_within"] = sum(s["parity_max"] <= PARITY_POINTS / 100 for s in per)
+    out["exact_collapsed"] = sum(s["exact_collapsed"] for s in per)
+    out["exact_collapsed_refused"] = sum(s["exact_collapsed_refused"] for s in per)
+    return out
+
+
+def _pts(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:+.1f}"
 
 
 def print_table(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    table = Table(title="liked share on held-out prompts (%), before -> after")
-    for col in (
-        "task",
-        "seed",
-        "before",
-        "TRL after",
-        "ours after",
-        "TRL gain",
-        "ours gain",
-        "ours status",
-    ):
+    table = Table(title="liked share on held-out prompts (%): before, and each arm's gain")
+    for col in ("task", "seed", "before", "TRL", "exact", "ours", "ours status"):
         table.add_column(col, justify="left" if col in ("task", "ours status") else "right")
     for r in rows:
-        o = r["ours"]
-        status = o.get("status", "?")
+        o = r.get("ours", {})
+        status = o.get("status", "")
         if "best_step" in o:
             status += f" ({o['best_step']}/{o['planned_steps']})"
+        if o.get("judge_auc") is not None:
+            status += f" auc {o['judge_auc']:.2f}"
         table.add_row(
             r["task"],
             str(r["seed"]),
             f"{100 * r['before']:.1f}",
-            f"{100 * r['trl']['after']:.1f}",
-            f"{100 * o['after']:.1f}",
-            _pts(r["trl"]["after"] - r["before"]),
-            _pts(o["after"] - r["before"]),
+            *(_pts(_gain(r, arm)) for arm in ARMS),
             status,
         )
     for name, s in summary.items():
@@ -321,36 +506,41 @@ def print_table(console: Console, rows: list[dict[str, Any]], summary: dict[str,
             f"[bold]{name}[/bold]",
             "mean",
             f"{100 * s['before_mean']:.1f}",
-            "",
-            "",
-            f"{_pts(s['trl_gain_mean'])} (worst {_pts(s['trl_gain_worst'])})",
-            f"{_pts(s['ours_gain_mean'])} (worst {_pts(s['ours_gain_worst'])})",
-            f"{s['ours_no_gain']} no_gain",
+            *(_pts(s.get(f"{arm}_gain_mean")) for arm in ARMS),
+            " ".join(f"{k} {v}" for k, v in s.get("ours_status", {}).items()),
         )
     console.print(table)
 
 
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
-    """Per task, each seed's gain for TRL and ours, and their means."""
+    """Per instance, each seed's gain for each arm, and their means."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(2.6 * len(names) + 2, 5))
+    arms = [a for a in ARMS if any(a in r for r in rows)]
+    colors = {"trl": "tab:gray", "exact": "tab:orange", "ours": "tab:blue"}
+    labels = {"trl": "TRL KTOTrainer", "exact": "kto-loop, TRL's recipe", "ours": "kto-loop"}
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names) + 2), 5))
+    width = 0.8 / len(arms)
     for x, name in enumerate(names):
         mine = [r for r in rows if r["task"] == name]
-        for dx, who, color in ((-0.18, "trl", "tab:gray"), (0.18, "ours", "tab:blue")):
-            gains = [100 * (r[who]["after"] - r["before"]) for r in mine]
-            ax.scatter([x + dx] * len(gains), gains, color=color, alpha=0.6, s=25)
-            ax.hlines(statistics.mean(gains), x + dx - 0.12, x + dx + 0.12, color=color, lw=3)
-    ax.scatter([], [], color="tab:gray", label="TRL KTOTrainer (seeds, bar = mean)")
-    ax.scatter([], [], color="tab:blue", label="kto-loop (seeds, bar = mean)")
+        for k, arm in enumerate(arms):
+            gains = [100 * g for r in mine if (g := _gain(r, arm)) is not None]
+            if not gains:
+                continue
+            dx = (k - (len(arms) - 1) / 2) * width
+            ax.scatter([x + dx] * len(gains), gains, color=colors[arm], alpha=0.5, s=14)
+            mean = statistics.mean(gains)
+            ax.hlines(mean, x + dx - width / 2, x + dx + width / 2, color=colors[arm], lw=3)
+    for arm in arms:
+        ax.scatter([], [], color=colors[arm], label=f"{labels[arm]} (seeds, bar = mean)")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("liked share gain on held-out prompts (points)")
-    ax.set_title("Learning on tasks kto-loop was not tuned for")
+    ax.set_title("Learning on task instances nobody tuned on")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -359,15 +549,45 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     plt.close(fig)
 
 
+def _names(args: argparse.Namespace) -> list[str]:
+    from bench.task_families import instances
+
+    if args.tasks:
+        return args.tasks
+    return list(TASKS) if args.split == "suite" else instances(args.split)
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace, settings: Any, run_dir: Path):
+    """Every arm on one instance and seed."""
+    t = _load_task(name)
+    p = prepare(t, seed, args.work)
+    row: dict[str, Any] = {
+        "task": name,
+        "seed": seed,
+        "before": p.before,
+        "feedback": {k: v for k, v in asdict(p).items() if k not in ("model", "feedback")},
+    }
+    if "trl" in args.arms:
+        row["trl"] = run_trl(t, p, settings, args.work)
+    if "exact" in args.arms:
+        row["exact"] = run_exact(t, p, settings)
+        if row["exact"]["after"] < COLLAPSE * p.before:
+            row["exact_judged"] = judge_adapter(p, settings, Path(row["exact"]["adapter"]))
+    if "ours" in args.arms:
+        row["ours"] = run_ours(t, p, settings, run_dir / name / f"seed{seed}")
+    return row, p
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--split", default="eval", choices=["tune", "eval", "all", "suite"])
+    parser.add_argument("--tasks", nargs="+", help="instances or suite tasks (overrides --split)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.KEY=V")
     parser.add_argument("--work", type=Path, default=Path("data/bench-tasks"))
     parser.add_argument("--tag", default="", help="results go to tasks[_TAG].json/.png")
-    parser.add_argument("--no-trl", action="store_true", help="skip TRL unless cached")
     parser.add_argument(
         "--threads",
         type=int,
@@ -392,50 +612,42 @@ def main() -> None:
     rows = []
     (args.work / "runs").mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{args.tag or 'run'}-", dir=args.work / "runs"))
-    for name in args.tasks:
-        t = task(name)
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            p = prepare(t, seed, args.work)
-            trl = run_trl(t, p, settings, args.work) if not args.no_trl else {"after": p.before}
-            ours = run_ours(t, p, settings, run_dir / name / f"seed{seed}")
-            rows.append(
-                {
-                    "task": name,
-                    "seed": seed,
-                    "before": p.before,
-                    "trl": trl,
-                    "ours": ours,
-                    "feedback": {
-                        k: v for k, v in asdict(p).items() if k not in ("model", "feedback")
-                    },
-                }
-            )
-            console.print(
-                f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}: feedback "
-                f"{p.rows} rows, {p.feedback_liked:.0%} liked, {p.distinct_share:.0%} distinct, "
-                f"{p.empty} empty; liked before {p.before:.1%}, TRL {trl['after']:.1%}, ours "
-                f"{ours['after']:.1%} ({ours.get('status')}, best step {ours.get('best_step')}/"
-                f"{ours.get('planned_steps')})"
-            )
+    names = _names(args)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    with Progress(console=console) as bar:
+        job = bar.add_task("instances x seeds", total=len(names) * len(seeds))
+        for name in names:
+            for seed in seeds:
+                row, p = run_one(name, seed, args, settings, run_dir)
+                rows.append(row)
+                bar.advance(job)
+                said = ", ".join(f"{arm} {row[arm]['after']:.1%}" for arm in ARMS if arm in row)
+                console.print(
+                    f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}: "
+                    f"{p.rows} rows, {p.feedback_liked:.0%} liked, {p.distinct_share:.0%} "
+                    f"distinct; before {p.before:.1%}; {said} "
+                    f"({row.get('ours', {}).get('status', '')})"
+                )
     summary = summarise(rows)
     print_table(Console(width=160), rows, summary)
     stem = "tasks" + (f"_{args.tag}" if args.tag else "")
     png = RESULTS / f"{stem}.png"
     plot(rows, summary, png)
-    gains = [s["ours_gain_mean"] for s in summary.values()]
     report = {
         "bench": "tasks",
+        "split": "tasks" if args.tasks else args.split,
+        "seeds": args.seeds,
+        "arms": args.arms,
         "overrides": overrides,
         "train": asdict(settings.train),
+        "overall": overall(summary),
         "tasks": summary,
-        "ours_gain_mean_all": statistics.mean(gains),
-        "trl_gain_mean_all": statistics.mean(s["trl_gain_mean"] for s in summary.values()),
         "runs": rows,
         "seconds": round(time.perf_counter() - started, 1),
         "plot": str(png.relative_to(RESULTS.parent.parent)),
     }
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, default=str))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("runs", "tasks")}, default=str))
 
 
 if __name__ == "__main__":
