@@ -454,6 +454,12 @@ class GateConfig(_Section):
         description="the accuracy gain must exceed this many standard errors of the paired "
         "per-record difference in correctness (0: only > 0)",
     )
+    judge: Literal["answers", "likelihood"] = Field(
+        "answers",
+        description="answers: the candidate's answers to held-out prompts, judged by a taste "
+        "model learnt from the votes, must beat the serving side's beyond noise (a taste "
+        "model too weak to trust refuses); likelihood: held-out accuracy and margin decide",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GateConfig:
@@ -473,6 +479,7 @@ class GateConfig(_Section):
             self.min_score_gain,
             self.noise_z,
             self.max_drift,
+            self.judge,
         )
 
 

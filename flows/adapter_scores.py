@@ -13,10 +13,12 @@ from typing import Any
 
 from connectors.models import attach_adapter, check_model_dir, load_base, load_tokenizer
 from flows.training import runtime_for
+from pipeline.answer_check import AnswerCheck
 from pipeline.compare import HeldoutComparison
-from pipeline.encode import end_of_turn_id
+from pipeline.encode import encode_records, end_of_turn_id
 from pipeline.evaluate import HeldoutMetrics
 from pipeline.examples import Example
+from pipeline.gate import AnswerScores
 from pipeline.scoring import Drift, sampled_answers, sampled_drift, score_pairs
 from pipeline.train_options import TrainOptions
 
@@ -36,9 +38,19 @@ class DriftRequest:
 
 
 @dataclass(frozen=True)
+class AnswerRequest:
+    """Compare the answers of the adapter named "candidate" with those of "serving"
+    (the base when none) for the held-out prompts, judged by a taste model fit on
+    `train` and trusted on the held-out votes (pipeline/answer_check.py)."""
+
+    train: Sequence[Example]
+
+
+@dataclass(frozen=True)
 class GateScores:
     metrics: dict[str, HeldoutMetrics]
     drift: Drift | None = None
+    answers: AnswerScores | None = None
 
 
 def score_adapters(
@@ -48,6 +60,7 @@ def score_adapters(
     options: TrainOptions,
     chat_template: str | None = None,
     drift: DriftRequest | None = None,
+    answers: AnswerRequest | None = None,
 ) -> GateScores:
     """Held-out metrics of each named adapter (None = the base model itself), and with
     `drift`, the drift of one of them from another (or from the base).
@@ -81,8 +94,13 @@ def score_adapters(
             out[name].margin,
             out[name].kl,
         )
+    judged = None
+    if answers is not None:
+        serving = "serving" if adapters.get("serving") is not None else None
+        judged = _answers(model, tokenizer, comparison, options, answers, serving)
+        log.info("answers check: %s", judged.reason)
     if drift is None:
-        return GateScores(out)
+        return GateScores(out, None, judged)
     measured = _drift(model, tokenizer, comparison, options, drift)
     log.info(
         "%s drifted %.4f nats/token (%.3f per answer) from %s on %d sampled answers",
@@ -92,7 +110,49 @@ def score_adapters(
         drift.reference or "the base model",
         measured.answers,
     )
-    return GateScores(out, measured)
+    return GateScores(out, measured, judged)
+
+
+def _answers(
+    model: Any,
+    tokenizer: Any,
+    comparison: HeldoutComparison,
+    options: TrainOptions,
+    req: AnswerRequest,
+    serving: str | None,
+) -> AnswerScores:
+    """The candidate's answers against the serving side's, judged (see AnswerRequest).
+    The taste model reads the base model (no adapter), whichever side answers."""
+    rt = comparison.runtime
+    train = encode_records(list(req.train), tokenizer, options.lengths(), options.prompt_format)
+    check = AnswerCheck(
+        model,
+        train[0] if req.train else [],
+        comparison.examples,
+        options,
+        tokenizer.pad_token_id,
+        end_of_turn_id(tokenizer),
+        rt,
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        baseline=lambda: _active(model, serving),
+    )
+    if not check.trusted:
+        return AnswerScores(False, check.reason)
+    with _active(model, "candidate"):
+        verdict = check.confirm()
+    assert verdict is not None
+    return AnswerScores(
+        True,
+        f"{check.reason}; {verdict.sentence()}",
+        verdict.share,
+        verdict.reference_share,
+        verdict.gain,
+        verdict.low,
+        verdict.high,
+        verdict.prompts,
+        verdict.better,
+        verdict.worse,
+    )
 
 
 def _drift(

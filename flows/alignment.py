@@ -258,10 +258,13 @@ def gate_candidate(
     candidate: Path,
     heldout: list[Example],
     options: GateOptions,
+    train: list[Example] | None = None,
 ) -> GateDecision:
     """Score the candidate and the serving version on the held-out examples, measure
-    the candidate's drift from the serving one on its own answers; judge."""
-    from flows.adapter_scores import DriftRequest, score_adapters
+    the candidate's drift from the serving one on its own answers, and (judging by
+    answers) compare the two sides' answers to held-out prompts, judged by a taste
+    model fit on the `train` votes; judge."""
+    from flows.adapter_scores import AnswerRequest, DriftRequest, score_adapters
 
     serving = registry.history(alias).current
     serving_name = served_name(alias, serving) if serving else "the base model"
@@ -283,10 +286,18 @@ def gate_candidate(
             settings.train,
             _chat_template(settings),
             drift,
+            AnswerRequest(train or []) if options.judge == "answers" else None,
         )
     metrics = scores.metrics
     per_token = scores.drift.per_token if scores.drift else None
-    return judge(metrics["candidate"], metrics["serving"], options, serving_name, drift=per_token)
+    return judge(
+        metrics["candidate"],
+        metrics["serving"],
+        options,
+        serving_name,
+        drift=per_token,
+        answers=scores.answers,
+    )
 
 
 @task(name="register", retries=0, cache_policy=NO_CACHE)
@@ -599,7 +610,13 @@ def _promote(
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):
         decision = gate_candidate(
-            settings, registry, alias, runs.candidate_dir, plan.gate_heldout, plan.gate_options
+            settings,
+            registry,
+            alias,
+            runs.candidate_dir,
+            plan.gate_heldout,
+            plan.gate_options,
+            snap.records("train", "weight"),
         )
     run.previous = registry.history(alias).current
     _record_gate(run, decision, report_dir)
@@ -622,6 +639,7 @@ def _promote(
             decision.serving_name,
             scores,
             decision.drift,
+            decision.answers,
         )
         _record_gate(run, decision, report_dir)
         if not decision.promote:

@@ -16,7 +16,8 @@ better than the reference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,6 +97,8 @@ class AnswerCheck:
             trusted on `heldout`; the prompts sampled are the held-out ones.
         judge: a user's judge; None fits a taste model.
         decode: token ids -> text, for judges that read text.
+        baseline: activates what the adapter is compared against (default: the
+            reference); the gate compares with the serving adapter.
     """
 
     def __init__(
@@ -109,9 +112,16 @@ class AnswerCheck:
         runtime: Runtime,
         judge: Judge | None = None,
         decode: Any = None,
+        baseline: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model, self.options, self.pad_id, self.eot = model, options, pad_id, eot
         self.runtime, self.decode = runtime, decode
+        # Votes as serving generates answers: ended by the end-of-turn token, nothing
+        # after it (a template may render more, see encode.py's completion_tokens).
+        train = [_as_served(e, eot) for e in train]
+        heldout = [_as_served(e, eot) for e in heldout]
+        # Held-out prompts only: answers to prompts the policy was trained on say how
+        # well it learnt them, not how it will answer the next user.
         self.prompts = list(dict.fromkeys(e.prompt_ids for e in heldout))[: options.judge_prompts]
         self.samples = max(2, -(-options.judge_answers // max(1, len(self.prompts))))
         longest = max((len(e.completion_ids) for e in heldout), default=1)
@@ -137,7 +147,7 @@ class AnswerCheck:
         self.judge = judge
         self.reference_probs: dict[int, dict] = {}
         if self.trusted:
-            with reference(model):
+            with (baseline or (lambda: reference(model)))():
                 for seed in (SELECT_SEED, CONFIRM_SEED):
                     self.reference_probs[seed] = self._judged(seed)
 
@@ -197,6 +207,14 @@ class AnswerCheck:
         grouped = by_prompt([a.prompt_ids for a in answers], probs)
         # A prompt whose every sample came back empty still counts: as disliked answers.
         return {p: grouped.get(p, [0.0]) for p in self.prompts}
+
+
+def _as_served(e: Encoded, eot: int) -> Encoded:
+    if eot in e.completion_ids:
+        end = e.completion_ids.index(eot) + 1
+        if end < len(e.completion_ids):
+            return Encoded(e.prompt_ids, e.completion_ids[:end], e.desirable, e.weight)
+    return e
 
 
 def _subsample(train: Sequence[Encoded], seed: int) -> list[Encoded]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +34,27 @@ if TYPE_CHECKING:
 
 # Accuracy is a ratio of counts; differences below this are float noise, not a loss.
 _EPS = 1e-9
+# What decides: the answers each side samples for held-out prompts, judged (a taste
+# model learnt from the votes); or the held-out votes' implied-reward accuracy.
+JUDGES = ("answers", "likelihood")
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """The answers check: each side's answers to the same held-out prompts, judged, and
+    the paired difference in liked share (pipeline/answer_check.py). `trusted` False:
+    the judge was too weak to say anything, `reason` says why."""
+
+    trusted: bool
+    reason: str
+    candidate: float | None = None
+    serving: float | None = None
+    gain: float | None = None
+    low: float | None = None
+    high: float | None = None
+    prompts: int = 0
+    better: bool = False
+    worse: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,11 @@ class GateOptions:
             samples for held-out prompts, must not exceed this; None: not checked.
             Unlike max_kl (mismatched pairs, clamped at 0), this estimate is unbiased
             and bounds how far one publish moves what users see.
+        judge: "answers" (default): the candidate's answers must be judged better
+            than the serving side's beyond noise (AnswerScores), and a judge too weak
+            to trust refuses; accuracy and margin are then reported, not required.
+            "likelihood": the held-out accuracy and margin decide, as before answers
+            were judged.
     """
 
     min_accuracy_gain: float = 0.0
@@ -67,8 +93,11 @@ class GateOptions:
     min_score_gain: float = 0.0
     noise_z: float = 1.0
     max_drift: float | None = None
+    judge: str = "answers"
 
     def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.max_kl <= 0:
             raise ValueError(f"max_kl must be positive, got {self.max_kl}")
         if self.max_drift is not None and not self.max_drift > 0:
@@ -117,6 +146,7 @@ class GateDecision:
     serving: HeldoutMetrics | None
     serving_name: str
     drift: float | None = None
+    answers: AnswerScores | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -124,6 +154,7 @@ class GateDecision:
             "reason": self.reason,
             "serving_name": self.serving_name,
             "drift": self.drift,
+            "answers": asdict(self.answers) if self.answers else None,
             "checks": [asdict(c) for c in self.checks],
             "candidate": self.candidate.as_dict() if self.candidate else None,
             "serving": self.serving.as_dict() if self.serving else None,
@@ -137,12 +168,14 @@ def judge(
     serving_name: str,
     generation: GenerationScores | None = None,
     drift: float | None = None,
+    answers: AnswerScores | None = None,
 ) -> GateDecision:
     """Decide whether `candidate` may replace `serving` (named `serving_name` in the
     reasons: "chat@v3", or "the base model"). Both must be scored on the same held-out
     records, with their per-record `correct` filled in (as heldout_metrics does).
     `drift` is the candidate's sampled KL to `serving` per answer token (checked
-    against options.max_drift when both are set).
+    against options.max_drift when both are set). `answers` is the answers check,
+    which decides when options.judge is "answers" (none given: refused, unjudged).
 
     Raises:
         ValueError: the per-record correctness is missing or of different lengths.
@@ -151,10 +184,20 @@ def judge(
     if reason is not None:
         return GateDecision(False, reason, (), candidate, serving, serving_name)
 
+    by_answers = options.judge == "answers"
+    if by_answers and (answers is None or not answers.trusted):
+        why = answers.reason if answers is not None else "the answers were not judged"
+        reason = f"candidate refused: its answers cannot be judged: {why}"
+        return GateDecision(False, reason, (), candidate, serving, serving_name, drift, answers)
     accuracy, gain = _beats_on_accuracy(candidate.correct, serving.correct, options)
+    margin = _at_least("margin", candidate.margin, serving.margin, options.min_margin_gain)
+    if by_answers:
+        # Reported for people; the answers decide.
+        accuracy = replace(accuracy, required=f"reported ({accuracy.required})", passed=True)
+        margin = replace(margin, required=f"reported ({margin.required})", passed=True)
     checks = [
         accuracy,
-        _at_least("margin", candidate.margin, serving.margin, options.min_margin_gain),
+        margin,
         Check(
             "kl",
             candidate.kl,
@@ -179,17 +222,48 @@ def judge(
                 "generation_score", generation.candidate, generation.serving, options.min_score_gain
             )
         )
+    if by_answers:
+        assert answers is not None and answers.candidate is not None
+        checks.insert(
+            0,
+            Check(
+                "answers",
+                answers.candidate,
+                answers.serving,
+                "liked share > serving's beyond noise (paired, lower bound > 0)",
+                answers.better,
+            ),
+        )
     failed = [c for c in checks if not c.passed]
     if not failed:
-        reason = (
-            f"candidate beats {serving_name} on held-out accuracy by {gain:.4g}, beyond the "
-            f"held-out noise (±{accuracy.noise:.2g}), and is at least as good on every "
-            "other check"
+        if by_answers:
+            assert answers is not None
+            reason = (
+                f"candidate's answers are judged better than {serving_name}'s: liked share "
+                f"{answers.candidate:.1%} against {answers.serving:.1%}, {answers.gain:+.1%} "
+                f"[{answers.low:+.1%}, {answers.high:+.1%}] over {answers.prompts} held-out "
+                "prompts, and it passes every other check"
+            )
+        else:
+            reason = (
+                f"candidate beats {serving_name} on held-out accuracy by {gain:.4g}, beyond "
+                f"the held-out noise (±{accuracy.noise:.2g}), and is at least as good on "
+                "every other check"
+            )
+        return GateDecision(
+            True, reason, tuple(checks), candidate, serving, serving_name, drift, answers
         )
-        return GateDecision(True, reason, tuple(checks), candidate, serving, serving_name, drift)
     parts = []
     for c in failed:
-        if c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
+        if c.name == "answers":
+            assert answers is not None
+            verdict = "worse" if answers.worse else "no better, within noise"
+            parts.append(
+                f"its answers are judged {verdict} than {serving_name}'s: liked share "
+                f"{answers.candidate:.1%} against {answers.serving:.1%}, {answers.gain:+.1%} "
+                f"[{answers.low:+.1%}, {answers.high:+.1%}]"
+            )
+        elif c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
             parts.append(
                 f"no better than {serving_name}: accuracy gain {gain:.4g} is within the "
                 f"held-out noise (±{c.noise:.2g})"
@@ -207,7 +281,9 @@ def judge(
                 f"(needs {c.required})"
             )
     reason = "candidate refused: " + "; ".join(parts)
-    return GateDecision(False, reason, tuple(checks), candidate, serving, serving_name, drift)
+    return GateDecision(
+        False, reason, tuple(checks), candidate, serving, serving_name, drift, answers
+    )
 
 
 def paired_standard_error(candidate: Sequence[bool], serving: Sequence[bool]) -> float:
