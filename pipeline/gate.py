@@ -183,7 +183,6 @@ def judge(
     reason = too_few_heldout(candidate.count, options)
     if reason is not None:
         return GateDecision(False, reason, (), candidate, serving, serving_name)
-
     by_answers = options.judge == "answers"
     if by_answers and (answers is None or not answers.trusted):
         why = answers.reason if answers is not None else "the answers were not judged"
@@ -191,20 +190,58 @@ def judge(
         return GateDecision(False, reason, (), candidate, serving, serving_name, drift, answers)
     accuracy, gain = _beats_on_accuracy(candidate.correct, serving.correct, options)
     margin = _at_least("margin", candidate.margin, serving.margin, options.min_margin_gain)
+    checks = [accuracy, margin, *_bounds(candidate, serving, options, generation, drift)]
     if by_answers:
-        # Reported for people; the answers decide.
-        accuracy = replace(accuracy, required=f"reported ({accuracy.required})", passed=True)
-        margin = replace(margin, required=f"reported ({margin.required})", passed=True)
+        assert answers is not None
+        # Accuracy and margin are reported for people; the answers decide.
+        checks = [
+            _answers_check(answers),
+            replace(accuracy, required=f"reported ({accuracy.required})", passed=True),
+            replace(margin, required=f"reported ({margin.required})", passed=True),
+            *checks[2:],
+        ]
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        if by_answers:
+            assert answers is not None
+            reason = (
+                f"candidate's answers are judged better than {serving_name}'s: "
+                f"{_shares(answers)} over {answers.prompts} held-out prompts, and it passes "
+                "every other check"
+            )
+        else:
+            reason = (
+                f"candidate beats {serving_name} on held-out accuracy by {gain:.4g}, beyond "
+                f"the held-out noise (±{accuracy.noise:.2g}), and is at least as good on "
+                "every other check"
+            )
+        return GateDecision(
+            True, reason, tuple(checks), candidate, serving, serving_name, drift, answers
+        )
+    parts = [_why_failed(c, gain, serving_name, answers) for c in failed]
+    reason = "candidate refused: " + "; ".join(parts)
+    return GateDecision(
+        False, reason, tuple(checks), candidate, serving, serving_name, drift, answers
+    )
+
+
+def _bounds(
+    candidate: HeldoutMetrics,
+    serving: HeldoutMetrics,
+    options: GateOptions,
+    generation: GenerationScores | None,
+    drift: float | None,
+) -> list[Check]:
+    """The checks every candidate must pass however it is judged: KL, drift, and the
+    generation check's scores when there are any."""
     checks = [
-        accuracy,
-        margin,
         Check(
             "kl",
             candidate.kl,
             serving.kl,
             f"<= {options.max_kl:g}",
             math.isfinite(candidate.kl) and candidate.kl <= options.max_kl,
-        ),
+        )
     ]
     if options.max_drift is not None and drift is not None:
         checks.append(
@@ -222,67 +259,48 @@ def judge(
                 "generation_score", generation.candidate, generation.serving, options.min_score_gain
             )
         )
-    if by_answers:
-        assert answers is not None and answers.candidate is not None
-        checks.insert(
-            0,
-            Check(
-                "answers",
-                answers.candidate,
-                answers.serving,
-                "liked share > serving's beyond noise (paired, lower bound > 0)",
-                answers.better,
-            ),
+    return checks
+
+
+def _answers_check(answers: AnswerScores) -> Check:
+    assert answers.candidate is not None
+    return Check(
+        "answers",
+        answers.candidate,
+        answers.serving,
+        "liked share > serving's beyond noise (paired, lower bound > 0)",
+        answers.better,
+    )
+
+
+def _shares(answers: AnswerScores) -> str:
+    return (
+        f"liked share {answers.candidate:.1%} against {answers.serving:.1%}, "
+        f"{answers.gain:+.1%} [{answers.low:+.1%}, {answers.high:+.1%}]"
+    )
+
+
+def _why_failed(c: Check, gain: float, serving_name: str, answers: AnswerScores | None) -> str:
+    """One failed check, in words."""
+    if c.name == "answers":
+        assert answers is not None
+        verdict = "worse" if answers.worse else "no better, within noise,"
+        return f"its answers are judged {verdict} than {serving_name}'s: {_shares(answers)}"
+    if c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
+        return (
+            f"no better than {serving_name}: accuracy gain {gain:.4g} is within the "
+            f"held-out noise (±{c.noise:.2g})"
         )
-    failed = [c for c in checks if not c.passed]
-    if not failed:
-        if by_answers:
-            assert answers is not None
-            reason = (
-                f"candidate's answers are judged better than {serving_name}'s: liked share "
-                f"{answers.candidate:.1%} against {answers.serving:.1%}, {answers.gain:+.1%} "
-                f"[{answers.low:+.1%}, {answers.high:+.1%}] over {answers.prompts} held-out "
-                "prompts, and it passes every other check"
-            )
-        else:
-            reason = (
-                f"candidate beats {serving_name} on held-out accuracy by {gain:.4g}, beyond "
-                f"the held-out noise (±{accuracy.noise:.2g}), and is at least as good on "
-                "every other check"
-            )
-        return GateDecision(
-            True, reason, tuple(checks), candidate, serving, serving_name, drift, answers
+    if c.name == "drift":
+        return (
+            f"drift {c.candidate:.4g} nats/token from {serving_name} on its own sampled "
+            f"answers (needs {c.required})"
         )
-    parts = []
-    for c in failed:
-        if c.name == "answers":
-            assert answers is not None
-            verdict = "worse" if answers.worse else "no better, within noise"
-            parts.append(
-                f"its answers are judged {verdict} than {serving_name}'s: liked share "
-                f"{answers.candidate:.1%} against {answers.serving:.1%}, {answers.gain:+.1%} "
-                f"[{answers.low:+.1%}, {answers.high:+.1%}]"
-            )
-        elif c.name == "accuracy" and c.noise is not None and abs(gain) <= c.noise + _EPS:
-            parts.append(
-                f"no better than {serving_name}: accuracy gain {gain:.4g} is within the "
-                f"held-out noise (±{c.noise:.2g})"
-            )
-        elif c.name == "drift":
-            parts.append(
-                f"drift {c.candidate:.4g} nats/token from {serving_name} on its own sampled "
-                f"answers (needs {c.required})"
-            )
-        elif c.serving is None or c.name == "kl":
-            parts.append(f"{c.name} {c.candidate:.4g} (needs {c.required})")
-        else:
-            parts.append(
-                f"{c.name} {c.candidate:.4g} against {c.serving:.4g} from {serving_name} "
-                f"(needs {c.required})"
-            )
-    reason = "candidate refused: " + "; ".join(parts)
-    return GateDecision(
-        False, reason, tuple(checks), candidate, serving, serving_name, drift, answers
+    if c.serving is None or c.name == "kl":
+        return f"{c.name} {c.candidate:.4g} (needs {c.required})"
+    return (
+        f"{c.name} {c.candidate:.4g} against {c.serving:.4g} from {serving_name} "
+        f"(needs {c.required})"
     )
 
 

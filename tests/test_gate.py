@@ -14,7 +14,7 @@ import pytest
 from connectors.cycle_runs import CycleBusy, CycleRuns
 from flows.report import render_report
 from pipeline.evaluate import HeldoutMetrics
-from pipeline.gate import GateOptions, GenerationScores, judge
+from pipeline.gate import AnswerScores, GateOptions, GenerationScores, judge
 from pipeline.registry import RegistryError
 
 
@@ -47,7 +47,12 @@ BASE = metrics(0.0, 0.0, 0.0)  # the base model scored against itself: no record
 def test_a_clear_win_on_accuracy_at_least_as_good_on_the_rest_is_promoted() -> None:
     # 4 more of 40 records right, none lost: gain 0.1 against a standard error of
     # sqrt(var(d) / n) = sqrt((4 - 40 * 0.1**2) / 39 / 40) = 0.048.
-    decision = judge(metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v3")
+    decision = judge(
+        metrics(0.9, 1.2, 0.4),
+        metrics(0.8, 1.0, 0.2),
+        GateOptions(judge="likelihood"),
+        "chat@v3",
+    )
     assert decision.promote
     assert [c.name for c in decision.checks] == ["accuracy", "margin", "kl"]
     assert all(c.passed for c in decision.checks)
@@ -59,7 +64,7 @@ def test_a_clear_win_on_accuracy_at_least_as_good_on_the_rest_is_promoted() -> N
 
 def test_a_candidate_identical_to_serving_is_refused_equal_is_not_better() -> None:
     same = metrics(0.8, 1.0, 0.2)
-    decision = judge(same, same, GateOptions(), "chat@v3")
+    decision = judge(same, same, GateOptions(judge="likelihood"), "chat@v3")
     assert not decision.promote
     assert [c.name for c in decision.checks if not c.passed] == ["accuracy"]
     assert decision.reason == (
@@ -67,7 +72,7 @@ def test_a_candidate_identical_to_serving_is_refused_equal_is_not_better() -> No
         "held-out noise (±0)"
     )
     # Without a noise bar it is still refused: the gain must be above 0.
-    assert not judge(same, same, GateOptions(noise_z=0), "chat@v3").promote
+    assert not judge(same, same, GateOptions(judge="likelihood", noise_z=0), "chat@v3").promote
 
 
 def test_a_small_win_within_the_heldout_noise_is_refused() -> None:
@@ -77,18 +82,23 @@ def test_a_small_win_within_the_heldout_noise_is_refused() -> None:
     flipped = {0: False, 1: False, 20: True, 21: True, 22: True}
     correct = tuple(flipped.get(i, c) for i, c in enumerate(serving.correct))
     candidate = metrics(0.525, 1.0, 0.2, correct=correct)
-    decision = judge(candidate, serving, GateOptions(), "chat@v3")
+    decision = judge(candidate, serving, GateOptions(judge="likelihood"), "chat@v3")
     assert not decision.promote
     assert decision.reason == (
         "candidate refused: no better than chat@v3: accuracy gain 0.025 is within the "
         "held-out noise (±0.056)"
     )
     # The noise is what refused it: without the noise bar the gain counts.
-    assert judge(candidate, serving, GateOptions(noise_z=0), "chat@v3").promote
+    assert judge(candidate, serving, GateOptions(judge="likelihood", noise_z=0), "chat@v3").promote
 
 
 def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
-    decision = judge(metrics(0.70, 1.5, 0.4), metrics(0.80, 1.0, 0.2), GateOptions(), "chat@v3")
+    decision = judge(
+        metrics(0.70, 1.5, 0.4),
+        metrics(0.80, 1.0, 0.2),
+        GateOptions(judge="likelihood"),
+        "chat@v3",
+    )
     assert not decision.promote
     assert [c.name for c in decision.checks if not c.passed] == ["accuracy"]
     assert decision.reason.startswith("candidate refused: accuracy 0.7 against 0.8 from chat@v3")
@@ -96,67 +106,115 @@ def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
 
 def test_a_required_gain_and_a_tolerated_margin_loss() -> None:
     serving = metrics(0.80, 1.0, 0.2)
-    short = judge(metrics(0.9, 1.0, 0.2), serving, GateOptions(min_accuracy_gain=0.15), "s")
+    short = judge(
+        metrics(0.9, 1.0, 0.2),
+        serving,
+        GateOptions(judge="likelihood", min_accuracy_gain=0.15),
+        "s",
+    )
     assert not short.promote
     assert "accuracy 0.9 against 0.8 from s (needs > serving + 0.15)" in short.reason
-    assert judge(metrics(0.9, 0.95, 0.2), serving, GateOptions(min_margin_gain=-0.1), "s").promote
+    assert judge(
+        metrics(0.9, 0.95, 0.2), serving, GateOptions(judge="likelihood", min_margin_gain=-0.1), "s"
+    ).promote
     assert not judge(
-        metrics(0.9, 1.05, 0.2), serving, GateOptions(min_margin_gain=0.1), "s"
+        metrics(0.9, 1.05, 0.2), serving, GateOptions(judge="likelihood", min_margin_gain=0.1), "s"
     ).promote
 
 
 def test_kl_past_the_bound_is_refused_however_good_the_rest() -> None:
-    decision = judge(metrics(0.95, 3.0, 6.0), BASE, GateOptions(max_kl=5.0), "the base model")
+    decision = judge(
+        metrics(0.95, 3.0, 6.0), BASE, GateOptions(judge="likelihood", max_kl=5.0), "the base model"
+    )
     assert not decision.promote
     assert [c.name for c in decision.checks if not c.passed] == ["kl"]
     assert "kl 6 (needs <= 5)" in decision.reason
 
 
 def test_against_the_base_model_a_candidate_must_have_learnt_the_right_direction() -> None:
-    assert judge(metrics(0.6, 0.3, 0.1), BASE, GateOptions(), "the base model").promote
-    wrong_way = judge(metrics(0.3, -0.4, 0.1), BASE, GateOptions(), "the base model")
+    assert judge(
+        metrics(0.6, 0.3, 0.1),
+        BASE,
+        GateOptions(judge="likelihood"),
+        "the base model",
+    ).promote
+    wrong_way = judge(
+        metrics(0.3, -0.4, 0.1),
+        BASE,
+        GateOptions(judge="likelihood"),
+        "the base model",
+    )
     assert not wrong_way.promote and "margin" in wrong_way.reason
     # The base model itself (rewards 0, z_ref 0) gets no record right: no gain on it.
-    itself = judge(BASE, BASE, GateOptions(), "the base model")
+    itself = judge(BASE, BASE, GateOptions(judge="likelihood"), "the base model")
     assert not itself.promote and "no better than the base model" in itself.reason
 
 
 def test_too_few_heldout_records_cannot_be_judged() -> None:
-    decision = judge(metrics(1.0, 2.0, 0.1, count=5), BASE, GateOptions(min_heldout=8), "b")
+    decision = judge(
+        metrics(1.0, 2.0, 0.1, count=5), BASE, GateOptions(judge="likelihood", min_heldout=8), "b"
+    )
     assert not decision.promote and decision.checks == ()
     assert "only 5 held-out records" in decision.reason and "heldout_fraction" in decision.reason
 
 
 def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides() -> None:
     nan = math.nan
-    decision = judge(metrics(0.9, nan, 0.1), metrics(0.8, nan, 0.1), GateOptions(), "s")
+    decision = judge(
+        metrics(0.9, nan, 0.1),
+        metrics(0.8, nan, 0.1),
+        GateOptions(judge="likelihood"),
+        "s",
+    )
     assert decision.promote
     assert next(c for c in decision.checks if c.name == "margin").required == "n/a"
-    assert not judge(metrics(0.9, nan, 0.1), metrics(0.8, 1.0, 0.1), GateOptions(), "s").promote
+    assert not judge(
+        metrics(0.9, nan, 0.1),
+        metrics(0.8, 1.0, 0.1),
+        GateOptions(judge="likelihood"),
+        "s",
+    ).promote
 
 
 def test_the_gate_needs_per_record_results_of_the_same_records() -> None:
     bare = HeldoutMetrics(0.5, 0.9, 0.5, -0.5, 1.0, 0.1, 40)
     with pytest.raises(ValueError, match="per-record correctness on the same held-out"):
-        judge(bare, metrics(0.8, 1.0, 0.1), GateOptions(), "s")
+        judge(bare, metrics(0.8, 1.0, 0.1), GateOptions(judge="likelihood"), "s")
     with pytest.raises(ValueError, match="got 30 and 40 records"):
-        judge(metrics(0.9, 1.0, 0.1, count=30), metrics(0.8, 1.0, 0.1), GateOptions(), "s")
+        judge(
+            metrics(0.9, 1.0, 0.1, count=30),
+            metrics(0.8, 1.0, 0.1),
+            GateOptions(judge="likelihood"),
+            "s",
+        )
 
 
 def test_the_generation_check_joins_the_verdict() -> None:
     good, serving = metrics(0.9, 1.0, 0.1), metrics(0.8, 1.0, 0.1)
-    worse = judge(good, serving, GateOptions(), "s", GenerationScores(0.4, 0.6, 16))
+    worse = judge(
+        good,
+        serving,
+        GateOptions(judge="likelihood"),
+        "s",
+        GenerationScores(0.4, 0.6, 16),
+    )
     assert not worse.promote and "generation_score 0.4 against 0.6" in worse.reason
-    assert judge(good, serving, GateOptions(), "s", GenerationScores(0.6, 0.6, 16)).promote
+    assert judge(
+        good,
+        serving,
+        GateOptions(judge="likelihood"),
+        "s",
+        GenerationScores(0.6, 0.6, 16),
+    ).promote
 
 
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="max_kl"):
-        GateOptions(max_kl=0)
+        GateOptions(judge="likelihood", max_kl=0)
     with pytest.raises(ValueError, match="a loss cannot be tolerated"):
-        GateOptions(min_accuracy_gain=-0.05)
+        GateOptions(judge="likelihood", min_accuracy_gain=-0.05)
     with pytest.raises(ValueError, match="noise_z"):
-        GateOptions(noise_z=-1)
+        GateOptions(judge="likelihood", noise_z=-1)
 
 
 # ---------------------------------------------------------------- run records and lock
@@ -230,7 +288,12 @@ def test_a_bad_alias_is_refused() -> None:
 
 
 def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
-    decision = judge(metrics(0.9, 1.2, 0.3), metrics(0.8, 1.0, 0.2), GateOptions(), "chat@v1")
+    decision = judge(
+        metrics(0.9, 1.2, 0.3),
+        metrics(0.8, 1.0, 0.2),
+        GateOptions(judge="likelihood"),
+        "chat@v1",
+    )
     markdown = render_report(
         {
             "run_id": "r1",
@@ -277,7 +340,7 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
 
 def test_a_candidate_that_drifts_too_far_from_what_serves_is_refused():
     good, serving = metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2)
-    options = GateOptions(noise_z=0, max_drift=0.05)
+    options = GateOptions(judge="likelihood", noise_z=0, max_drift=0.05)
     near = judge(good, serving, options, "chat@v3", drift=0.04)
     assert near.promote and near.drift == 0.04
     far = judge(good, serving, options, "chat@v3", drift=0.3)
@@ -286,5 +349,58 @@ def test_a_candidate_that_drifts_too_far_from_what_serves_is_refused():
     assert [c.name for c in far.checks if not c.passed] == ["drift"]
     # Not measured, or not limited: no drift check at all.
     assert judge(good, serving, options, "chat@v3").promote
-    assert judge(good, serving, GateOptions(noise_z=0), "chat@v3", drift=9.0).promote
+    assert judge(
+        good, serving, GateOptions(judge="likelihood", noise_z=0), "chat@v3", drift=9.0
+    ).promote
     assert not judge(good, serving, options, "chat@v3", drift=float("nan")).promote
+
+
+def _answers(gain: float, low: float, high: float) -> AnswerScores:
+    return AnswerScores(True, "trusted", 0.3 + gain, 0.3, gain, low, high, 24, low > 0, high < 0)
+
+
+def test_judged_by_answers_a_better_candidate_is_promoted_whatever_its_accuracy():
+    # Held-out accuracy says worse; the answers it samples are judged better: the
+    # answers decide, the accuracy is reported.
+    worse_on_votes = metrics(0.7, 1.0, 0.2)
+    decision = judge(
+        worse_on_votes,
+        metrics(0.8, 1.0, 0.2),
+        GateOptions(),
+        "chat@v3",
+        answers=_answers(0.1, 0.04, 0.16),
+    )
+    assert decision.promote, decision.reason
+    assert [c.name for c in decision.checks][:3] == ["answers", "accuracy", "margin"]
+    assert decision.checks[1].required.startswith("reported")
+    assert "judged better than chat@v3's" in decision.reason
+    assert decision.as_dict()["answers"]["gain"] == 0.1
+
+
+def test_judged_by_answers_worse_or_within_noise_is_refused_and_kl_still_binds():
+    good = metrics(0.9, 1.2, 0.4)
+    serving = metrics(0.8, 1.0, 0.2)
+    worse = judge(good, serving, GateOptions(), "chat@v3", answers=_answers(-0.2, -0.3, -0.1))
+    assert not worse.promote and "judged worse than chat@v3's" in worse.reason
+    tie = judge(good, serving, GateOptions(), "chat@v3", answers=_answers(0.01, -0.02, 0.04))
+    assert not tie.promote and "no better, within noise" in tie.reason
+    far = judge(
+        metrics(0.9, 1.2, 9.0), serving, GateOptions(), "chat@v3", answers=_answers(0.1, 0.05, 0.2)
+    )
+    assert not far.promote and "kl" in far.reason
+
+
+def test_a_judge_too_weak_to_trust_makes_the_gate_say_so_rather_than_guess():
+    weak = AnswerScores(
+        False, "the taste model separates held-out likes from dislikes with AUC 0.55"
+    )
+    decision = judge(
+        metrics(0.9, 1.2, 0.4), metrics(0.5, 0.1, 0.2), GateOptions(), "v1", answers=weak
+    )
+    assert not decision.promote and decision.checks == ()
+    assert decision.reason == (
+        "candidate refused: its answers cannot be judged: the taste model separates held-out "
+        "likes from dislikes with AUC 0.55"
+    )
+    unjudged = judge(metrics(0.9, 1.2, 0.4), metrics(0.5, 0.1, 0.2), GateOptions(), "v1")
+    assert not unjudged.promote and "not judged" in unjudged.reason

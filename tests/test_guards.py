@@ -118,13 +118,13 @@ def test_selection_scores_are_minimised():
 
 def test_early_stopping_counts_evaluations_without_improvement():
     early = EarlyStopping(patience=2, selection="heldout_loss")
-    assert early.check(metrics(loss=0.5)) is None
-    assert early.check(metrics(loss=0.6)) is None and early.stale == 1
-    assert early.check(metrics(loss=0.4)) is None and early.stale == 0
-    assert early.check(metrics(loss=0.4)) is None
-    reason = early.check(metrics(loss=0.45))
+    assert early.check(0.5) is None
+    assert early.check(0.6) is None and early.stale == 1
+    assert early.check(0.4) is None and early.stale == 0
+    assert early.check(0.4) is None
+    reason = early.check(0.45)
     assert reason is not None and "2 evaluations" in reason
     never = EarlyStopping(patience=0, selection="heldout_loss")
-    assert all(never.check(metrics(loss=1.0 + k)) is None for k in range(5))
+    assert all(never.check(1.0 + k) is None for k in range(5))
     final = EarlyStopping(patience=1, selection="final")
-    assert all(final.check(metrics(loss=1.0 + k)) is None for k in range(5))
+    assert all(final.check(1.0 + k) is None for k in range(5))
