@@ -16,6 +16,7 @@ better than the reference.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -114,6 +115,7 @@ class AnswerCheck:
         decode: Any = None,
         baseline: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
+        started, self.seconds = time.perf_counter(), 0.0
         self.model, self.options, self.pad_id, self.eot = model, options, pad_id, eot
         self.runtime, self.decode = runtime, decode
         # Votes as serving generates answers: ended by the end-of-turn token, nothing
@@ -155,6 +157,8 @@ class AnswerCheck:
             with (baseline or (lambda: reference(model)))():
                 for seed in (SELECT_SEED, CONFIRM_SEED):
                     self.reference_probs[seed] = self._judged(seed)
+        # What judging costs: the taste model, then every round of sampling and scoring.
+        self.seconds = time.perf_counter() - started
 
     def evaluate(self, seed: int = SELECT_SEED) -> Verdict | None:
         """The adapter as it is now against the reference, or None when not judging."""
@@ -181,10 +185,18 @@ class AnswerCheck:
             "heldout_prompts": min(len(self.heldout_prompts), len(self.prompts)),
             "samples_per_prompt": self.samples,
             "z": self.z,
+            "seconds": round(self.seconds, 3),
         }
 
     def _judged(self, seed: int) -> dict:
         """The model's answers to the prompts (as it is now), judged, by prompt."""
+        started = time.perf_counter()
+        try:
+            return self._sample_and_judge(seed)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _sample_and_judge(self, seed: int) -> dict:
         was_training = self.model.training
         self.model.eval()
         try:
