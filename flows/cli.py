@@ -242,13 +242,15 @@ def train(
 ) -> None:
     """Train a LoRA adapter with KTO; the last line of stdout is a JSON summary.
 
-    "status" is "trained"; "no_gain" when no evaluated step beat the starting point on
-    the held-out set, so the adapter written is the starting point (a fresh LoRA is the
-    base model; with --init-adapter, that adapter), with "status_reason" saying so;
-    "skipped" for too little data (no adapter is written). "skipped_rows" counts data
-    rows left out as unreadable.
+    "status" is "trained"; "no_gain" when no evaluated step's sampled answers were
+    judged better than the starting point's, so the adapter written is the starting
+    point (a fresh LoRA is the base model; with --init-adapter, that adapter), with
+    "status_reason" saying so; "unjudged" when the taste model that judges answers was
+    too weak to trust (the last step is written; the gate never offers it); "skipped"
+    for too little data (no adapter is written). "skipped_rows" counts data rows left
+    out as unreadable.
 
-    Exit codes: 0 trained, no_gain or skipped (see "status"), 1 the run failed
+    Exit codes: 0 trained, no_gain, unjudged or skipped (see "status"), 1 the run failed
     (diverged, general-ability bound), 2 bad input.
     """
     from flows import train_cli

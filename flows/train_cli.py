@@ -36,7 +36,8 @@ def train(
     resume: bool,
 ) -> None:
     """Train `base_model` (default: [serving] base_model) on `data` into `out` and print
-    the JSON summary ("status": trained, no_gain, skipped or paused). Exit 1 when the
+    the JSON summary ("status": trained, no_gain, unjudged, skipped or
+    paused). Exit 1 when the
     run failed (diverged, general-ability bound), 2 for bad input."""
     from pipeline.balance import choose_weights
     from pipeline.encode import EncodeError
