@@ -570,6 +570,7 @@ def _train(
     run.training = {
         "status": manifest.status,
         "status_reason": manifest.status_reason,
+        "judge": manifest.judge,
         "steps": manifest.steps,
         "planned_steps": manifest.planned_steps,
         "best_step": manifest.best_step,

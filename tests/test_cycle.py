@@ -58,10 +58,9 @@ TRAIN = {
     "eos_guard": 0.0,
     # One pass: these tests are about the cycle, not about how far training goes.
     "epochs": 1,
-    # The tiny model is random: its sampled answers are noise no taste model could
-    # rank, so these cycles judge by held-out likelihood (tests/test_answer_check.py and
-    # test_a_cycle_judged_by_answers_refuses_what_its_judge_cannot_rank cover
-    # judging by answers).
+    # These tests are about the cycle's mechanics, which one pass of likelihood-judged
+    # training moves reliably; judging by answers is covered by tests/test_answer_check.py
+    # and test_a_cycle_judged_by_answers_publishes_nothing_its_judge_does_not_find_better.
     "selection": "heldout_loss",
 }
 # Likewise for the gate.
@@ -371,21 +370,30 @@ def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     assert statuses == ["skipped", "skipped", "no_gain", "published"]
 
 
-def test_a_cycle_judged_by_answers_refuses_what_its_judge_cannot_rank(cycle: Cycle) -> None:
-    # The shipped defaults: the trainer and the gate judge by sampled answers. The tiny
-    # model's answers are noise to a taste model, whatever the votes say, so the run is
-    # unjudged and the gate refuses it, saying why, rather than guess.
+def test_a_cycle_judged_by_answers_publishes_nothing_its_judge_does_not_find_better(
+    cycle: Cycle,
+) -> None:
+    # The shipped defaults: the trainer and the gate judge by sampled answers. One
+    # pass at this rate barely moves the tiny model's answers, so either training keeps
+    # its start (its judge found no step better on fresh samples) or the gate's answers
+    # check refuses the candidate; either way the record says what the judge saw, and
+    # nothing is registered or served.
     cycle.ingest(feedback_events(320, seed=1))
-    shipped = {"selection": "judge", "judge_answers": 32}
+    shipped = {"selection": "judge", "judge_answers": 64}
     state, record = _run(cycle.config(train=shipped, gate={"judge": "answers"}))
 
-    assert state.name == "Skipped", state.message
-    assert record["training"]["status"] == "unjudged"
-    assert "refusing to judge by answers" in record["training"]["status_reason"]
-    assert not record["gate"]["promote"] and record["gate"]["checks"] == []
-    assert record["gate"]["reason"].startswith("candidate refused: its answers cannot be judged")
-    assert record["gate"]["answers"]["trusted"] is False
-    assert cycle.registry.history(cycle.alias).current is None
+    judge = record["training"]["judge"]
+    assert judge is not None and isinstance(judge["trusted"], bool), record["training"]
+    assert state.name in ("No gain", "Skipped"), state.message
+    if state.name == "No gain":
+        assert record["training"]["status"] == "no_gain" and judge["trusted"]
+        assert "the judge estimates a liked share" in record["reason"]
+        assert record["gate"] is None
+    else:
+        answers = record["gate"]["answers"]
+        assert not record["gate"]["promote"] and answers is not None
+        assert "its answers" in record["gate"]["reason"]
+    assert cycle.registry.versions() == []
 
 
 def test_a_generation_check_that_refuses_retires_the_loaded_candidate(cycle: Cycle) -> None:
