@@ -71,8 +71,8 @@ class TrainOptions:
     max_steps: Annotated[
         int | None, Field(ge=1, description="cap on optimizer steps (default: the epochs)")
     ] = None
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     max_length: Annotated[int, Field(ge=2, description="prompt + completion tokens")] = 512
@@ -99,7 +99,7 @@ class TrainOptions:
             "the remainder left out; trl: TRL's sequential batches (the data in the order "
             "given, the same batches every epoch, the last one short)"
         ),
-    ] = "bucketed"
+    ] = "shuffled"
     mismatch: Annotated[
         Mismatch,
         Field(
@@ -129,7 +129,7 @@ class TrainOptions:
             ge=0,
             description="evaluations without a better held-out loss before stopping; 0 = never",
         ),
-    ] = 3
+    ] = 0
     selection: Annotated[
         Selection,
         Field(
@@ -147,7 +147,7 @@ class TrainOptions:
             description="answers sampled at each evaluation, spread evenly over the held-out "
             "prompts (at least 2 each)",
         ),
-    ] = 192
+    ] = 128
     judge_prompts: Annotated[
         int, Field(ge=2, description="held-out prompts the answers are sampled for, at most")
     ] = 48
@@ -205,7 +205,7 @@ class TrainOptions:
             description="stop (keeping the best step) when the share of sampled held-out "
             "answers that end their turn falls this far below the reference's; 0 = off",
         ),
-    ] = 0.1
+    ] = 0.0
     precision: Annotated[
         Literal["auto", "fp32", "bf16"],
         Field(description="auto: bf16 autocast on a GPU that has it"),
