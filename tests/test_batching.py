@@ -12,7 +12,7 @@ from pipeline.encode import Encoded
 from pipeline.train_errors import TrainError
 from pipeline.train_options import TrainOptions
 
-OPTIONS = TrainOptions(batch_size=4, epochs=1, seed=0)
+OPTIONS = TrainOptions(batch_size=4, epochs=1, seed=0, batching="bucketed")
 
 
 def test_every_batch_takes_its_share_of_both_classes_when_length_follows_the_label():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def test_end_of_turn_guard_stops_a_collapsing_policy_and_keeps_an_earlier_step(
     # probability taken off them goes to text that never ends its turn.
     result = run_training(
         inputs(chat_model_dir, tmp_path / "a", train=DISLIKES),
-        replace(FAST, learning_rate=3e-2, max_steps=30, eval_every=3),
+        replace(FAST, learning_rate=3e-2, max_steps=30, eval_every=3, eos_guard=0.1),
     )
     m = result.manifest
     assert m.stopped_early and "end their turn" in m.stop_reason, m.stop_reason
@@ -360,11 +361,13 @@ def test_cli_train_prints_a_json_summary_and_exits_nonzero_on_bad_input(tiny_mod
         f.write(json.dumps({"prompt": "p", "completion": "c", "label": "maybe"}) + "\n")
     out = tmp_path / "adapter"
     cmd = [sys.executable, "-m", "flows.cli", "train", "--base-model", str(tiny_model_dir)]
+    # The fixture's model is random: held-out likelihood picks the step (see FAST).
     ok = subprocess.run(
         [*cmd, "--data", str(data), "--out", str(out), "--max-steps", "3"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "KTO_LOOP_TRAIN__SELECTION": "heldout_loss"},
     )
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout.strip().splitlines()[-1])
