@@ -293,7 +293,7 @@ def test_divergence_stops_with_a_clear_error_and_no_adapter(tiny_model_dir, tmp_
     with pytest.raises(DivergedError, match="diverged"):
         run_training(
             inputs(tiny_model_dir, out),
-            replace(FAST, learning_rate=1e38, max_grad_norm=1e38, max_steps=20),
+            replace(FAST, learning_rate=1e30, max_grad_norm=1e38, max_steps=20),
         )
     assert no_adapter(out)
 
