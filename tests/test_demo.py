@@ -40,7 +40,7 @@ def test_the_demo_runs_the_loop_and_stops_everything_it_started(
     chat_model_dir: Path, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
 ) -> None:
     workdir = tmp_path / "demo"
-    demo = _demo(workdir, chat_model_dir, tmp_path / "demo.log", "--chats", "260")
+    demo = _demo(workdir, chat_model_dir, tmp_path / "demo.log", "--chats", "600")
     children = watch(demo)
     out, _ = demo.communicate(timeout=600)
     log = (tmp_path / "demo.log").read_text()

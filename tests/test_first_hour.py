@@ -135,7 +135,9 @@ def test_a_model_directory_to_a_published_adapter_as_the_readme_says(
 
         # The cycle ran to completion, and the alias serves what the registry says.
         run = next(json.loads(x) for x in done.stdout.splitlines() if '"prefect_state"' in x)
-        assert run["status"] in {"published", "no_gain"}, run
+        # A cycle ends published, or with its judge finding no gain in training or at
+        # the gate (skipped): 40 steps on a few hundred votes may not move the model.
+        assert run["status"] in {"published", "no_gain", "skipped"}, run
         registry = AdapterRegistry(str(work / "data/local/adapters"))
         current = registry.history("chat").current
         assert current == registry.versions()[-1]
