@@ -578,6 +578,16 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: Any, run_d
     return row, p
 
 
+def _reported(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as the report keeps it: the arms' step-by-step curves and adapter paths stay
+    in the cache (bench.trl_parity reads them there)."""
+    out = dict(row)
+    for arm in ("trl", "exact"):
+        if arm in out:
+            out[arm] = {k: v for k, v in out[arm].items() if k not in ("loss", "kl", "adapter")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="eval", choices=["tune", "eval", "all", "suite"])
@@ -630,7 +640,7 @@ def main() -> None:
         for name in names:
             for seed in seeds:
                 row, p = run_one(name, seed, args, settings, run_dir)
-                rows.append(row)
+                rows.append(_reported(row))
                 bar.advance(job)
                 said = ", ".join(f"{arm} {row[arm]['after']:.1%}" for arm in ARMS if arm in row)
                 console.print(
