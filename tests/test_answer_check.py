@@ -85,7 +85,8 @@ def _gate(model: Path, candidate: Path, train, heldout):
 def test_a_clear_win_is_kept_and_the_gate_promotes_it(chat_model_dir, votes, tmp_path):
     train, heldout, prompts = votes
     out = tmp_path / "win"
-    manifest = _train(chat_model_dir, out, train, heldout)
+    # Trained long enough to move the liked share well past the judge's noise.
+    manifest = _train(chat_model_dir, out, train, heldout, replace(OPTIONS, epochs=4))
 
     assert manifest.status == "trained" and manifest.best_step > 0
     assert manifest.judge["trusted"], manifest.judge["reason"]
