@@ -308,6 +308,8 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
     """What ours' judge says of another adapter: its taste model fit on the snapshot's
     training votes, answers sampled for the snapshot's held-out prompts against the
     base's (the confirmation samples)."""
+    import torch
+
     from connectors.models import load_policy, load_tokenizer
     from connectors.snapshots import load_training_data
     from flows.training import runtime_for
@@ -319,7 +321,7 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
     snap = load_training_data(p.feedback, settings.snapshot.options())
     tokenizer = load_tokenizer(p.model)
     runtime = runtime_for(options)
-    model = load_policy(p.model, LoraOptions(), runtime.device, torch_float32(), adapter, None)
+    model = load_policy(p.model, LoraOptions(), runtime.device, torch.float32, adapter, None)
 
     def encode(split: str) -> list:
         records = snap.records(split, options.repeats)
@@ -340,12 +342,6 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
         "refused": not (verdict is not None and verdict.better),
         "gain": verdict.gain if verdict is not None else None,
     }
-
-
-def torch_float32() -> Any:
-    import torch
-
-    return torch.float32
 
 
 def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:

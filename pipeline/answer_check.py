@@ -16,6 +16,7 @@ better than the reference.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -27,11 +28,11 @@ from pipeline.judge import (
     Comparison,
     Featurizer,
     Judge,
-    JudgeItem,
     TrustOptions,
     by_prompt,
     compare,
     fit_taste_judge,
+    judge_items,
 )
 from pipeline.runtime import Runtime
 from pipeline.scoring import reference, sampled_answers
@@ -117,7 +118,8 @@ class AnswerCheck:
     ) -> None:
         started, self.seconds = time.perf_counter(), 0.0
         self.model, self.options, self.pad_id, self.eot = model, options, pad_id, eot
-        self.runtime, self.decode = runtime, decode
+        # Text judges read the answers' text; a taste model reads only the tokens.
+        self.runtime, self.decode = runtime, decode or (lambda ids: "")
         # Votes as serving generates answers: ended by the end-of-turn token, nothing
         # after it (a template may render more, see encode.py's completion_tokens).
         train = [_as_served(e, eot) for e in train]
@@ -212,15 +214,7 @@ class AnswerCheck:
             )
         finally:
             self.model.train(was_training)
-        items = [
-            JudgeItem(
-                a.prompt_ids,
-                a.completion_ids,
-                self.decode(a.completion_ids) if self.decode else "",
-                self.decode(a.prompt_ids) if self.decode else None,
-            )
-            for a in answers
-        ]
+        items = judge_items(answers, self.decode)
         probs = self.judge.probabilities(items) if items else []
         grouped = by_prompt([a.prompt_ids for a in answers], probs)
         # A prompt whose every sample came back empty still counts: as disliked answers.
@@ -238,8 +232,6 @@ def _as_served(e: Encoded, eot: int) -> Encoded:
 def _subsample(train: Sequence[Encoded], seed: int) -> list[Encoded]:
     if len(train) <= MAX_TASTE_VOTES:
         return list(train)
-    import random
-
     return random.Random(seed).sample(list(train), MAX_TASTE_VOTES)
 
 
