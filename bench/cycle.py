@@ -46,7 +46,7 @@ TRAIN = {
 
 
 def _ingest(settings, n: int) -> float:
-    from connectors.ingest import Ingestor
+    from connectors.feedback.ingest import Ingestor
 
     started = time.monotonic()
     ingestor = Ingestor(settings)
@@ -71,11 +71,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from connectors.produce import produce
+    from connectors.feedback.produce import produce
     from deploy.local.stack import local_stack
     from deploy.local.synthetic import feedback_events
     from deploy.local.tiny_model import build_tiny_model
-    from pipeline.sample import encode
+    from pipeline.feedback.sample import encode
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
@@ -134,9 +134,9 @@ def main() -> None:
 
 def _train_directly(settings, model: Path, snapshot_path: str, tmp: Path) -> float:
     """The peer: the trainer alone, on the cycle's snapshot, options and weights."""
-    from connectors.snapshots import read_snapshot
+    from connectors.feedback.snapshots import read_snapshot
     from flows.training import TrainInputs, run_training
-    from pipeline.balance import choose_weights
+    from pipeline.feedback.balance import choose_weights
 
     snap = read_snapshot(snapshot_path)
     balance = choose_weights(*snap.class_counts("train", settings.train.repeats), settings.balance)

@@ -44,10 +44,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from connectors import kafka_clients
 from connectors.config import load_settings
+from connectors.feedback import kafka_clients
 from deploy.local.broker import free_port, running_broker
-from pipeline.sample import sample_events
+from pipeline.feedback.sample import sample_events
 
 RESULTS = Path("bench/results")
 KEY = "bench-" + uuid.uuid4().hex

@@ -47,10 +47,10 @@ from pathlib import Path
 
 import httpx
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ServingConfig
-from connectors.publish import Publisher
-from connectors.vllm_admin import VllmAdmin
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.serving.publish import Publisher
+from connectors.serving.vllm_admin import VllmAdmin
 from deploy.local.adapters import make_random_adapter
 from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
 from deploy.local.vllm_server import ENGINE_NICE, start_vllm

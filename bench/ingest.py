@@ -7,7 +7,7 @@ about 700 bytes, then measures in alternating order, each round in a fresh consu
 
 - raw: a bare KafkaConsumer draining what each poll brings and counting it, committing
   once at the end; timed to the N-th record plus that commit.
-- ingest: `connectors.ingest.Ingestor.run` with a fresh store (parse, validate, hash,
+- ingest: `connectors.feedback.ingest.Ingestor.run` with a fresh store (parse, validate, hash,
   build Arrow tables, write Parquet with fsync, commit per batch); timed to the moment
   all N rows are stored and committed.
 
@@ -60,14 +60,14 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.status import Status
 
-from connectors import kafka_clients
 from connectors.config import IngestConfig, KafkaConfig, Settings, load_settings
-from connectors.ingest import Ingestor, IngestStats
-from connectors.produce import produce
-from connectors.store import FEEDBACK, FeedbackStore
+from connectors.feedback import kafka_clients
+from connectors.feedback.ingest import Ingestor, IngestStats
+from connectors.feedback.produce import produce
+from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import running_broker
-from pipeline import records
-from pipeline.sample import encode, sample_events, sample_messages
+from pipeline.feedback import records
+from pipeline.feedback.sample import encode, sample_events, sample_messages
 
 TOPIC = "bench-feedback"
 PARTITIONS = 6

@@ -10,7 +10,7 @@ For each seed the whole feedback loop runs on a tiny chat model
    prompts, with all their answers, are held out for the trainer's early stopping;
 2. train: `flows.training.run_training` with TrainOptions defaults except the config's
    learning_rate, beta, sft_weight and early_stopping_patience, class weights from
-   `pipeline.balance.choose_weights`, over `--epochs` passes (3: one pass of ~330
+   `pipeline.feedback.balance.choose_weights`, over `--epochs` passes (3: one pass of ~330
    records is 41 steps of 8, too few for any learning rate here to move the model);
 3. measure: sample 2 answers to each prompt from the base model and from the
    trained adapter (the same sampling seed) and compare: liked share, EOS rate
@@ -47,7 +47,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.examples import Example
+from pipeline.feedback.examples import Example
 
 RESULTS = Path(__file__).parent / "results"
 FEEDBACK_PER_PROMPT = 3
@@ -162,9 +162,9 @@ def run_one(s: Seed, config: Config, work: Path) -> dict[str, Any]:
     """Train the config on the seed's feedback and measure the adapter's answers."""
     from deploy.local.chat_model import chat_prompts, sample_answers
     from flows.training import TrainInputs, run_training
-    from pipeline.balance import choose_weights
-    from pipeline.train_errors import TrainError
-    from pipeline.train_options import TrainOptions
+    from pipeline.feedback.balance import choose_weights
+    from pipeline.training.errors import TrainError
+    from pipeline.training.options import TrainOptions
 
     n_d = sum(r.desirable for r in s.train)
     balance = choose_weights(n_d, len(s.train) - n_d)

@@ -118,7 +118,7 @@ def run_loop(
 ) -> dict[str, Any]:
     """One strategy's nights, on a loop of its own (alias, topic, store, registry)."""
     from connectors.config import load_settings
-    from connectors.kafka_clients import ensure_topics
+    from connectors.feedback.kafka_clients import ensure_topics
     from deploy.local.stack import stack_sections, write_config
     from flows.demo import DEMO_OVERRIDES
 
@@ -149,7 +149,7 @@ def run_loop(
 def run_night(
     args: argparse.Namespace, settings: Any, config: Path, night: int, seed: int, name: str
 ) -> dict[str, Any]:
-    from connectors.ingest import Ingestor
+    from connectors.feedback.ingest import Ingestor
     from deploy.local.chat_model import chat_prompts, curt_taste, taste
     from flows.alignment import alignment_cycle
     from flows.simulate import simulate

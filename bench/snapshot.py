@@ -46,8 +46,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 
-from connectors.store import FEEDBACK, FeedbackStore
-from pipeline import records
+from connectors.feedback.store import FEEDBACK, FeedbackStore
+from pipeline.feedback import records
 
 RESULTS = Path("bench/results")
 PARTITIONS = 4
@@ -276,8 +276,8 @@ def hwm_mb() -> float:
 
 
 def _measure_in_child(kind: str, root: str, out: Any) -> None:
-    from connectors.vote_table import VoteTable
-    from pipeline.snapshot import SNAPSHOT_COLUMNS, build_snapshot
+    from connectors.feedback.vote_table import VoteTable
+    from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, build_snapshot
 
     logging.basicConfig(level=logging.WARNING)
     gc.collect()

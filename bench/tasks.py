@@ -20,7 +20,7 @@ instance and seed:
 3. arms, each on those rows:
    - trl: TRL's KTOTrainer (beta 0.1, lr 1e-3, 3 epochs, batch 8, LoRA r8 on q,v,
      lambda_D / lambda_U from the class counts as its docs advise);
-   - exact: our trainer with TRL's recipe (pipeline.train_options.trl_recipe) on the
+   - exact: our trainer with TRL's recipe (pipeline.training.options.trl_recipe) on the
      rows in file order, no held-out carve-out: it must land where TRL lands;
    - ours: what `kto-loop train --data feedback.jsonl` does with the shipped defaults
      (and any --set overrides): the file becomes a snapshot (held-out share carved
@@ -186,7 +186,7 @@ def run_trl(t: Task, p: Prepared, settings: Any, work: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
-    from pipeline.balance import choose_weights
+    from pipeline.feedback.balance import choose_weights
 
     datasets.disable_progress_bars()
     rows = _rows(p)
@@ -247,9 +247,9 @@ def run_exact(t: Task, p: Prepared, settings: Any) -> dict[str, Any]:
     """Our trainer with TRL's recipe on the rows in file order (no held-out carve-out),
     the class weights TRL gets; cached by the recipe."""
     from flows.training import TrainInputs, run_training
-    from pipeline.balance import choose_weights
-    from pipeline.examples import Example
-    from pipeline.train_options import TrainOptions, trl_recipe
+    from pipeline.feedback.balance import choose_weights
+    from pipeline.feedback.examples import Example
+    from pipeline.training.options import TrainOptions, trl_recipe
 
     train = settings.train
     # TRL's arm's settings, nothing else of ours: the recipe does not move with our defaults.
@@ -310,12 +310,12 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
     base's (the confirmation samples)."""
     import torch
 
-    from connectors.models import load_policy, load_tokenizer
-    from connectors.snapshots import load_training_data
+    from connectors.feedback.snapshots import load_training_data
+    from connectors.training.models import load_policy, load_tokenizer
     from flows.training import runtime_for
-    from pipeline.answer_check import AnswerCheck
-    from pipeline.encode import encode_records, end_of_turn_id
-    from pipeline.train_options import LoraOptions
+    from pipeline.training.answer_check import AnswerCheck
+    from pipeline.training.encode import encode_records, end_of_turn_id
+    from pipeline.training.options import LoraOptions
 
     options = settings.train
     snap = load_training_data(p.feedback, settings.snapshot.options())
@@ -347,10 +347,10 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
 def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
     """What `kto-loop train --data feedback.jsonl` does, then the held-out liked share of
     what the loop would serve (the base unless the run says "trained")."""
-    from connectors.snapshots import load_training_data
+    from connectors.feedback.snapshots import load_training_data
     from flows.training import TrainInputs, run_training
-    from pipeline.balance import choose_weights
-    from pipeline.train_errors import TrainError
+    from pipeline.feedback.balance import choose_weights
+    from pipeline.training.errors import TrainError
 
     started = time.perf_counter()
     snap = load_training_data(p.feedback, settings.snapshot.options())
@@ -621,7 +621,7 @@ def main() -> None:
     console = Console(stderr=True, width=160)
     overrides = _overrides(args.overrides)
     if args.recipe == "trl":
-        from pipeline.train_options import TRL_RECIPE
+        from pipeline.training.options import TRL_RECIPE
 
         overrides["train"] = TRL_RECIPE | overrides.get("train", {})
     settings = _settings(overrides)

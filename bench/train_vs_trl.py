@@ -61,8 +61,8 @@ def run_ours(model: Path, n: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     from flows.training import TrainInputs, run_training
-    from pipeline.examples import Example
-    from pipeline.train_options import TrainOptions
+    from pipeline.feedback.examples import Example
+    from pipeline.training.options import TrainOptions
 
     rows = _records(n)
     records = [

@@ -35,11 +35,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pipeline.balance import BalanceOptions
-from pipeline.gate import GateOptions
-from pipeline.registry import RegistryError, check_alias
-from pipeline.snapshot import SnapshotOptions, TiePolicy
-from pipeline.train_options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
+from pipeline.feedback.balance import BalanceOptions
+from pipeline.feedback.snapshot import SnapshotOptions, TiePolicy
+from pipeline.promotion.gate import GateOptions
+from pipeline.serving.registry import RegistryError, check_alias
+from pipeline.training.options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
 # [gate] max_drift's default, nats per answer token. Measured on the demo model: its whole

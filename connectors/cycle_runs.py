@@ -25,8 +25,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from connectors.store import write_local_atomic
-from pipeline.registry import check_alias
+from connectors.feedback.store import write_local_atomic
+from pipeline.serving.registry import check_alias
 
 CANDIDATE_MARKER = "cycle.json"
 

@@ -5,7 +5,7 @@ starts and ends, so counters kept in its memory would die with it, and a Pushgat
 would keep only the last push per group and serve it forever after the loop stops.
 The durable truth is on disk already: every run leaves a record
 (`connectors.cycle_runs`), every promotion and rollback is in the alias's history
-(`connectors.adapter_registry`), and every vote is in the feedback store. So
+(`connectors.serving.adapter_registry`), and every vote is in the feedback store. So
 `LoopCollector` reads those when Prometheus scrapes, and holds what it built for
 `cache_seconds` (concurrent or frequent scrapes read nothing twice). The store is the
 expensive part: its liked share is recomputed only when its files changed, and at most
@@ -43,21 +43,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import Settings
 from connectors.cycle_runs import CycleRuns, aliases_with_runs
-from connectors.store import FEEDBACK, FeedbackStore, StoreError
-from pipeline.loop_metrics import (
+from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.serving.adapter_registry import AdapterRegistry
+from pipeline.feedback.production import LIKED_SHARE, VOTES, liked_share_by_adapter
+from pipeline.feedback.records import ADAPTER
+from pipeline.feedback.snapshot import VOTE_COLUMNS, SnapshotError
+from pipeline.promotion.loop_metrics import (
     AliasSummary,
     CycleSummary,
     histogram,
     summarize_alias,
     summarize_runs,
 )
-from pipeline.production import LIKED_SHARE, VOTES, liked_share_by_adapter
-from pipeline.records import ADAPTER
-from pipeline.registry import RegistryError, parse_served_name
-from pipeline.snapshot import VOTE_COLUMNS, SnapshotError
+from pipeline.serving.registry import RegistryError, parse_served_name
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ DEFAULT_PORT = 9309
 PUBLISH_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RUNS, REGISTRY, STORE = "runs", "registry", "store"
 
-# The metrics `kto-loop serve-feedback` (connectors/feedback_http.py, the HTTP endpoint
+# The metrics `kto-loop serve-feedback` (connectors/feedback/feedback_http.py, the HTTP endpoint
 # in front of the feedback topic) exports and the Grafana dashboard queries, as (family
 # name, type) the way prometheus_client's parser reports them (a counter family is
 # named without its _total suffix). tests/test_metrics.py checks them against that

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.models import attach_adapter, check_model_dir, load_base, load_tokenizer
+from connectors.training.models import attach_adapter, check_model_dir, load_base, load_tokenizer
 from flows.training import runtime_for
-from pipeline.answer_check import AnswerCheck
-from pipeline.compare import HeldoutComparison
-from pipeline.encode import encode_records, end_of_turn_id
-from pipeline.evaluate import HeldoutMetrics
-from pipeline.examples import Example
-from pipeline.gate import AnswerScores
-from pipeline.scoring import Drift, sampled_answers, sampled_drift, score_pairs
-from pipeline.train_options import TrainOptions
+from pipeline.feedback.examples import Example
+from pipeline.promotion.compare import HeldoutComparison
+from pipeline.promotion.gate import AnswerScores
+from pipeline.training.answer_check import AnswerCheck
+from pipeline.training.encode import encode_records, end_of_turn_id
+from pipeline.training.evaluate import HeldoutMetrics
+from pipeline.training.options import TrainOptions
+from pipeline.training.scoring import Drift, sampled_answers, sampled_drift, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DriftRequest:
 class AnswerRequest:
     """Compare the answers of the adapter named "candidate" with those of "serving"
     (the base when none) for the held-out prompts, judged by a taste model fit on
-    `train` and trusted on the held-out votes (pipeline/answer_check.py)."""
+    `train` and trusted on the held-out votes (pipeline/training/answer_check.py)."""
 
     train: Sequence[Example]
 

@@ -38,18 +38,18 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from connectors.adapter_registry import AdapterRegistry, now_iso
 from connectors.config import Settings, load_settings
 from connectors.cycle_runs import CycleBusy, CycleRuns
-from connectors.publish import Publisher
-from connectors.snapshots import load_training_data, write_snapshot
-from connectors.store import FEEDBACK, FeedbackStore, StoreError
-from connectors.vllm_admin import ServerUnreachable, VllmError
-from connectors.vote_table import VoteTable
+from connectors.feedback.snapshots import load_training_data, write_snapshot
+from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.feedback.vote_table import VoteTable
+from connectors.serving.adapter_registry import AdapterRegistry, now_iso
+from connectors.serving.publish import Publisher
+from connectors.serving.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
 from flows.user_code import load_callable
-from pipeline.balance import Balance, choose_weights
-from pipeline.continual import (
+from pipeline.feedback.balance import Balance, choose_weights
+from pipeline.feedback.continual import (
     TrainingSet,
     class_counts,
     continual_set,
@@ -58,12 +58,18 @@ from pipeline.continual import (
     retrain_set,
     votes_since,
 )
-from pipeline.encode import NonTextPrompt, prompt_messages
-from pipeline.examples import Example
-from pipeline.gate import GateDecision, GateOptions, GenerationScores, judge, too_few_heldout
-from pipeline.manifest import NO_GAIN, Manifest
-from pipeline.registry import served_name
-from pipeline.snapshot import NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.feedback.examples import Example
+from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.promotion.gate import (
+    GateDecision,
+    GateOptions,
+    GenerationScores,
+    judge,
+    too_few_heldout,
+)
+from pipeline.serving.registry import served_name
+from pipeline.training.encode import NonTextPrompt, prompt_messages
+from pipeline.training.manifest import NO_GAIN, Manifest
 
 log = logging.getLogger("kto_loop.cycle")
 
@@ -199,9 +205,9 @@ def _train_on(
     run_id: str,
     served_dir: Path | None,
 ) -> Manifest:
-    from connectors.run_dir import read_manifest
+    from connectors.training.run_dir import read_manifest
     from flows.training import TrainInputs, run_training
-    from pipeline.train_errors import CheckpointMismatch
+    from pipeline.training.errors import CheckpointMismatch
 
     cycle = settings.cycle
     out = runs.candidate_dir

@@ -276,7 +276,7 @@ def schema(
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Print the JSON Schema of the feedback event, for frontend teams."""
-    from pipeline.events import json_schema
+    from pipeline.feedback.events import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if out is None:

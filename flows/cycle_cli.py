@@ -20,17 +20,17 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ConfigError, Settings
 from connectors.cycle_runs import CycleRuns
-from connectors.publish import Publisher
-from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.serving.publish import Publisher
 from deploy.local.prefect_server import configured_api, prefect_api
 from deploy.local.processes import die_with_parent, interruptible
 from flows.console import err, fail, number
 from flows.preflight import check_cycle
 from flows.serving_cli import served_versions
-from pipeline.registry import parse_served_name
+from pipeline.serving.registry import parse_served_name
 
 log = logging.getLogger("kto_loop.cycle")
 
@@ -275,8 +275,8 @@ def _running(runs: CycleRuns) -> dict[str, Any] | None:
 def _liked_share(
     settings: Settings, registry: AdapterRegistry, aliases: list[str]
 ) -> list[dict[str, Any]] | dict[str, str]:
-    from pipeline.production import liked_share_by_adapter
-    from pipeline.snapshot import VOTE_COLUMNS
+    from pipeline.feedback.production import liked_share_by_adapter
+    from pipeline.feedback.snapshot import VOTE_COLUMNS
 
     try:
         store = FeedbackStore(settings.store.url, settings.store.storage_options)

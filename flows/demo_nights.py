@@ -23,7 +23,7 @@ from rich.console import Console
 def run_nights(
     args: argparse.Namespace, run_dir: Path, console: Console, started: float
 ) -> dict[str, Any]:
-    from connectors.ingest import Ingestor
+    from connectors.feedback.ingest import Ingestor
     from deploy.local.chat_model import chat_prompts, curt_taste, taste
     from deploy.local.prefect_server import prefect_api
     from deploy.local.stack import local_stack

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from connectors.config import CONFIG_ENV, ConfigError, Settings, load_settings
-from connectors.feedback_http import create_app
+from connectors.feedback.feedback_http import create_app
 from deploy.local.processes import die_with_parent
 from flows.console import err, fail
 

@@ -1,9 +1,9 @@
 """`kto-loop import`: feedback exported from other tools -> the feedback topic or a
 training snapshot.
 
-The export is read (connectors/import_files.py), mapped to schema-1 events by the
-format's importer (pipeline/import_<format>.py), and every event is parsed by the
-consumer's own `EventParser` (pipeline/imports.py `check`). Then either the events
+The export is read (connectors/feedback/import_files.py), mapped to schema-1 events by the
+format's importer (pipeline/feedback/imports/<format>.py), and every event is parsed by the
+consumer's own `EventParser` (pipeline/feedback/imports/__init__.py `check`). Then either the events
 go to the feedback topic, keyed by conversation_id, for `kto-loop ingest` to store,
 or they become the rows a snapshot is built from, as `kto-loop snapshot` builds one
 from the store. What could not be mapped goes to the report (JSON lines: where,
@@ -26,10 +26,10 @@ import typer
 from kafka.errors import KafkaError
 
 from connectors.config import Settings
-from connectors.import_files import ImportInputError, export_files, read_records
+from connectors.feedback.import_files import ImportInputError, export_files, read_records
 from flows.console import err, fail, setup_logging
-from pipeline.events import EventParser, RatingPolicy
-from pipeline.imports import FORMATS, Checked, ImportOptions, Unmapped, check
+from pipeline.feedback.events import EventParser, RatingPolicy
+from pipeline.feedback.imports import FORMATS, Checked, ImportOptions, Unmapped, check
 
 SINKS = ("kafka", "snapshot")
 
@@ -48,7 +48,7 @@ def _importer(fmt: str) -> ModuleType:
         fail(ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}"), 2)
     from importlib import import_module
 
-    return import_module(f"pipeline.import_{fmt}")
+    return import_module(f"pipeline.feedback.imports.{fmt}")
 
 
 def _parser(settings: Settings, to: str) -> EventParser:
@@ -177,7 +177,7 @@ def _send(
     out: Path | None,
 ) -> dict[str, Any]:
     if to == "kafka":
-        from connectors.produce import produce
+        from connectors.feedback.produce import produce
 
         try:
             sent = produce(settings.kafka, ((e.key, e.value) for e in events))
@@ -193,10 +193,10 @@ def _snapshot(
 ) -> dict[str, Any]:
     """Build and write the snapshot of the events, as `kto-loop snapshot` does from the
     store's rows (the same FeedbackRows, build_snapshot and write_snapshot)."""
-    from connectors.snapshots import write_snapshot
+    from connectors.feedback.snapshots import write_snapshot
     from flows.ingest_cli import warn_skipped
-    from pipeline.records import FeedbackRows
-    from pipeline.snapshot import SnapshotError, build_snapshot
+    from pipeline.feedback.records import FeedbackRows
+    from pipeline.feedback.snapshot import SnapshotError, build_snapshot
 
     rows = FeedbackRows(f"import:{fmt}", 0)
     wheres: list[str] = []

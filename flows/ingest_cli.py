@@ -26,9 +26,9 @@ from rich.table import Table
 from rich.text import Text
 
 from connectors.config import Settings
-from connectors.ingest import IngestError, Ingestor, IngestStats
-from connectors.kafka_clients import BrokerUnavailable
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from connectors.feedback.ingest import IngestError, Ingestor, IngestStats
+from connectors.feedback.kafka_clients import BrokerUnavailable
+from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from flows.console import err, fail, setup_logging
 
 
@@ -112,9 +112,9 @@ def produce_sample(
     for an adapter that is not alias@vN, 3 when the broker refused them."""
     from rich.progress import Progress
 
-    from connectors.produce import produce
-    from pipeline.registry import parse_served_name
-    from pipeline.sample import sample_messages
+    from connectors.feedback.produce import produce
+    from pipeline.feedback.sample import sample_messages
+    from pipeline.serving.registry import parse_served_name
 
     if adapter is not None and parse_served_name(adapter) is None:
         fail(ValueError(f"--adapter {adapter!r} is not a served version name: use alias@vN"), 2)
@@ -136,8 +136,8 @@ def store(settings: Settings, compact_mb: int | None = None) -> None:
     """Print a table of the store's rows, labels and dead letters by kind; with
     `compact_mb`, first compact its feedback files into files of about that many MB
     and say so on stderr as JSON. Exit 1 when the store cannot be compacted."""
-    from connectors.store import StoreError
-    from pipeline import records
+    from connectors.feedback.store import StoreError
+    from pipeline.feedback import records
 
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if compact_mb is not None:
@@ -166,10 +166,10 @@ def snapshot(settings: Settings, data: Path | None, out: Path | None) -> None:
     """Freeze the store's feedback (or the TRL file `data`) into a snapshot under `out`
     (default: [snapshot] out_dir); print its counts, then its summary as JSON. Exit 2
     for data that makes no snapshot, 1 when it cannot be read or written."""
-    from connectors.snapshots import load_training_data, write_snapshot
-    from connectors.store import StoreError
-    from connectors.vote_table import VoteTable
-    from pipeline.snapshot import SnapshotError
+    from connectors.feedback.snapshots import load_training_data, write_snapshot
+    from connectors.feedback.store import StoreError
+    from connectors.feedback.vote_table import VoteTable
+    from pipeline.feedback.snapshot import SnapshotError
 
     options = settings.snapshot.options()
     out_dir = out or Path(settings.snapshot.out_dir)

@@ -18,13 +18,13 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import Settings
-from connectors.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.serving.adapter_registry import AdapterRegistry
 from flows.console import err, fail
-from pipeline import records
-from pipeline.lineage import lineage_chain
-from pipeline.registry import RegistryError, version_number
+from pipeline.feedback import records
+from pipeline.feedback.lineage import lineage_chain
+from pipeline.serving.registry import RegistryError, version_number
 
 # The store columns a vote listing reads, and the names it prints them under.
 VOTE_COLUMNS = {

@@ -147,7 +147,7 @@ def _checked(options: StackOptions) -> tuple[Path, int, str]:
 
 def _holds_feedback(store: str, topic: str) -> bool:
     """Whether a local store has stored batches of `topic`."""
-    from connectors.store import FEEDBACK, FeedbackStore
+    from connectors.feedback.store import FEEDBACK, FeedbackStore
 
     if "://" in store:
         return False  # object storage: not this machine's broker's to judge
@@ -186,7 +186,7 @@ def _run(
     api_key: str | None,
     admin_key: str | None,
 ) -> None:
-    from connectors.kafka_clients import ensure_topics
+    from connectors.feedback.kafka_clients import ensure_topics
     from deploy.local.prefect_server import start_prefect_server
     from deploy.local.stack import local_stack
 

@@ -15,14 +15,14 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ConfigError, Settings
-from connectors.publish import Publisher, PublishError, PublishResult
-from connectors.vllm_admin import VllmError
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.serving.publish import Publisher, PublishError, PublishResult
+from connectors.serving.vllm_admin import VllmError
 from flows.console import err, fail, number
 from flows.preflight import check_serving
-from pipeline.adapter_check import AdapterRefused
-from pipeline.registry import RegistryError, parse_served_name, retention, version_number
+from pipeline.serving.adapter_check import AdapterRefused
+from pipeline.serving.registry import RegistryError, parse_served_name, retention, version_number
 
 
 def _registry(settings: Settings) -> AdapterRegistry:

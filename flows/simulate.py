@@ -20,13 +20,13 @@ from typing import Any
 
 from rich.progress import Progress
 
-from connectors import kafka_clients
 from connectors.config import Settings
-from connectors.produce import produce
-from connectors.publish import admins_for
-from connectors.vllm_admin import VllmAdmin, VllmError
-from pipeline.sample import encode
-from pipeline.simulation import Chat, Messages, Taste, feedback_event, plan_chats
+from connectors.feedback import kafka_clients
+from connectors.feedback.produce import produce
+from connectors.serving.publish import admins_for
+from connectors.serving.vllm_admin import VllmAdmin, VllmError
+from pipeline.feedback.sample import encode
+from pipeline.feedback.simulation import Chat, Messages, Taste, feedback_event, plan_chats
 
 DEFAULT_TASTE = "deploy.local.chat_model:taste"
 

@@ -13,7 +13,7 @@ from kafka.errors import KafkaError
 from rich.table import Table
 
 from connectors.config import Settings
-from connectors.kafka_clients import BrokerUnavailable
+from connectors.feedback.kafka_clients import BrokerUnavailable
 from flows.console import err, fail
 
 
@@ -33,7 +33,7 @@ def simulate(
     """Run the simulation and print its tally. Exit 2 for a bad taste or prompts file,
     3 when the broker could not be reached (before any chat), 1 when the server or the
     broker failed."""
-    from connectors.prompts_file import read_prompts
+    from connectors.feedback.prompts_file import read_prompts
     from flows.simulate import simulate as run_simulation
     from flows.user_code import load_callable
 
@@ -47,7 +47,7 @@ def simulate(
             asked = [[{"role": "user", "content": p}] for p in chat_prompts()]
     except (ValueError, OSError) as exc:
         fail(exc, 2)
-    from connectors.vllm_admin import VllmError
+    from connectors.serving.vllm_admin import VllmError
 
     try:
         result = run_simulation(

@@ -18,7 +18,7 @@ from connectors.config import ConfigError, Settings
 from flows.console import err, fail, number
 from flows.ingest_cli import warn_skipped
 from flows.preflight import base_model_dir
-from pipeline.manifest import Manifest
+from pipeline.training.manifest import Manifest
 
 
 def train(
@@ -39,8 +39,8 @@ def train(
     the JSON summary ("status": trained, no_gain, unjudged, skipped or
     paused). Exit 1 when the
     run failed (diverged, general-ability bound), 2 for bad input."""
-    from pipeline.balance import choose_weights
-    from pipeline.encode import EncodeError
+    from pipeline.feedback.balance import choose_weights
+    from pipeline.training.encode import EncodeError
 
     try:
         options = settings.train.overridden(max_steps=max_steps, seed=seed)
@@ -66,7 +66,7 @@ def train(
         return
 
     from flows.training import TrainInputs, run_training
-    from pipeline.train_errors import DivergedError, GeneralAbilityError, TrainError
+    from pipeline.training.errors import DivergedError, GeneralAbilityError, TrainError
 
     _init_distributed()
     inputs = TrainInputs.from_snapshot(
@@ -102,8 +102,8 @@ def _read_inputs(
 ) -> tuple[Any, list[Any], str | None]:
     """The snapshot to train on, the general held-out records and the chat template;
     exit 2 when one cannot be read."""
-    from connectors.snapshots import load_training_data
-    from pipeline.snapshot import SnapshotError
+    from connectors.feedback.snapshots import load_training_data
+    from pipeline.feedback.snapshot import SnapshotError
 
     try:
         snap = load_training_data(data, settings.snapshot.options())

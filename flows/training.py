@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from connectors.fingerprint import model_fingerprint
-from connectors.models import check_model_dir, load_policy, load_tokenizer
-from connectors.run_dir import RunDir
-from pipeline.balance import Balance
-from pipeline.examples import Example
-from pipeline.judge import Judge
-from pipeline.manifest import Provenance
-from pipeline.progress import Progress, silent
-from pipeline.runtime import Runtime
-from pipeline.snapshot import RepeatPolicy, Snapshot
-from pipeline.train_options import LoraOptions, TrainOptions
-from pipeline.trainer import TrainData, TrainResult, train
+from connectors.serving.fingerprint import model_fingerprint
+from connectors.training.models import check_model_dir, load_policy, load_tokenizer
+from connectors.training.run_dir import RunDir
+from pipeline.feedback.balance import Balance
+from pipeline.feedback.examples import Example
+from pipeline.feedback.snapshot import RepeatPolicy, Snapshot
+from pipeline.training.judge import Judge
+from pipeline.training.manifest import Provenance
+from pipeline.training.options import LoraOptions, TrainOptions
+from pipeline.training.progress import Progress, silent
+from pipeline.training.runtime import Runtime
+from pipeline.training.trainer import TrainData, TrainResult, train
 
 
 @dataclass(frozen=True)

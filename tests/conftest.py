@@ -58,7 +58,7 @@ class KafkaSetup:
         """Create a fresh topic (and its DLQ) with this many partitions. Topics are
         created before anything is produced: Tansu drops records sent while it
         auto-creates one."""
-        from connectors.kafka_clients import ensure_topics
+        from connectors.feedback.kafka_clients import ensure_topics
 
         if partitions is not None:
             self.partitions = partitions

@@ -16,10 +16,10 @@ import torch
 from deploy.local.chat_model import chat_prompts, liked, sample_answers
 from flows.adapter_scores import AnswerRequest, score_adapters
 from flows.training import TrainInputs, run_training
-from pipeline.examples import Example
-from pipeline.gate import GateOptions, judge
-from pipeline.judge import callable_judge
-from pipeline.train_options import TrainOptions
+from pipeline.feedback.examples import Example
+from pipeline.promotion.gate import GateOptions, judge
+from pipeline.training.judge import callable_judge
+from pipeline.training.options import TrainOptions
 
 pytestmark = pytest.mark.integration
 

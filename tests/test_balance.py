@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from connectors.config import ConfigError, load_settings
-from pipeline.balance import BalanceOptions, choose_weights
+from pipeline.feedback.balance import BalanceOptions, choose_weights
 
 LOOSE = BalanceOptions(min_examples=1, min_per_class=1)
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.batching import eval_pairs, lr_factor, normalised_weights, plan_batches
-from pipeline.encode import Encoded
-from pipeline.train_errors import TrainError
-from pipeline.train_options import TrainOptions
+from pipeline.training.batching import eval_pairs, lr_factor, normalised_weights, plan_batches
+from pipeline.training.encode import Encoded
+from pipeline.training.errors import TrainError
+from pipeline.training.options import TrainOptions
 
 OPTIONS = TrainOptions(batch_size=4, epochs=1, seed=0, batching="bucketed")
 

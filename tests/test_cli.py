@@ -13,10 +13,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from connectors.config import load_settings
-from connectors.ingest import IngestStats
+from connectors.feedback.ingest import IngestStats
 from flows.cli import app
 from flows.ingest_cli import _StatusLine
-from pipeline.events import json_schema
+from pipeline.feedback.events import json_schema
 from tests.conftest import HASH_KEY
 
 runner = CliRunner()
@@ -84,10 +84,10 @@ def test_produce_sample_with_an_adapter_not_alias_at_version_exits_2() -> None:
 def _store_with_sample_feedback(root: Path, n: int = 400) -> None:
     import datetime as dt
 
-    from connectors.store import FEEDBACK, FeedbackStore
-    from pipeline.events import parse_event
-    from pipeline.records import FeedbackRows
-    from pipeline.sample import sample_events
+    from connectors.feedback.store import FEEDBACK, FeedbackStore
+    from pipeline.feedback.events import parse_event
+    from pipeline.feedback.records import FeedbackRows
+    from pipeline.feedback.sample import sample_events
 
     rows = FeedbackRows("fb", 0)
     for offset, event in enumerate(sample_events(n)):
@@ -106,7 +106,7 @@ def _snapshot_config(tmp_path: Path) -> Path:
 
 
 def test_snapshot_of_the_store_writes_files_and_ends_with_a_json_line(tmp_path: Path) -> None:
-    from connectors.snapshots import read_snapshot
+    from connectors.feedback.snapshots import read_snapshot
 
     _store_with_sample_feedback(tmp_path / "store")
     config = _snapshot_config(tmp_path)
@@ -129,11 +129,11 @@ def test_snapshot_of_the_store_writes_files_and_ends_with_a_json_line(tmp_path: 
 def test_snapshot_after_store_compact_is_the_full_rebuilds(tmp_path: Path) -> None:
     import datetime as dt
 
-    from connectors.store import FEEDBACK, FeedbackStore
-    from pipeline.events import parse_event
-    from pipeline.records import FeedbackRows
-    from pipeline.sample import sample_events
-    from pipeline.snapshot import SNAPSHOT_COLUMNS, build_snapshot
+    from connectors.feedback.store import FEEDBACK, FeedbackStore
+    from pipeline.feedback.events import parse_event
+    from pipeline.feedback.records import FeedbackRows
+    from pipeline.feedback.sample import sample_events
+    from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, build_snapshot
 
     _store_with_sample_feedback(tmp_path / "store", n=200)
     config = _snapshot_config(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from connectors.config import ConfigError, load_settings
-from pipeline.train_options import LoraOptions, TrainOptions
+from pipeline.training.options import LoraOptions, TrainOptions
 
 SECRET = "3a7bd3e2360a3d29eea436fcfb7e44c7"
 

@@ -1,5 +1,5 @@
 """What a night trains on: the new votes since the last judged run, a seeded replay
-sample of older ones, and the on-policy count (pipeline/continual.py)."""
+sample of older ones, and the on-policy count (pipeline/feedback/continual.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from pipeline.continual import (
+from pipeline.feedback.continual import (
     class_counts,
     continual_set,
     example_key,
@@ -17,8 +17,8 @@ from pipeline.continual import (
     retrain_set,
     votes_since,
 )
-from pipeline.examples import Example
-from pipeline.snapshot import build_snapshot
+from pipeline.feedback.examples import Example
+from pipeline.feedback.snapshot import build_snapshot
 from tests.test_snapshot import T0, event, frame
 
 

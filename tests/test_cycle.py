@@ -25,17 +25,17 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from connectors.adapter_registry import AdapterRegistry
 from connectors.cycle_runs import CycleRuns
-from connectors.ingest import Ingestor
-from connectors.produce import produce
-from connectors.vllm_admin import VllmAdmin
+from connectors.feedback.ingest import Ingestor
+from connectors.feedback.produce import produce
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.serving.vllm_admin import VllmAdmin
 from deploy.local.broker import free_port
 from deploy.local.synthetic import feedback_events
 from flows.alignment import alignment_cycle
 from flows.cli import app
-from pipeline.sample import encode
-from pipeline.snapshot import SnapshotOptions, split_of
+from pipeline.feedback.sample import encode
+from pipeline.feedback.snapshot import SnapshotOptions, split_of
 from tests.children import Descendants, start_command
 from tests.conftest import HASH_KEY, KafkaSetup, _toml, wait_until
 from tests.test_serving import Greedy

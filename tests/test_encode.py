@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from connectors.models import load_tokenizer
-from pipeline.encode import EncodeError, Lengths, encode_records
-from pipeline.examples import Example
+from connectors.training.models import load_tokenizer
+from pipeline.feedback.examples import Example
+from pipeline.training.encode import EncodeError, Lengths, encode_records
 
 MESSAGES = json.dumps([{"role": "user", "content": "Tell me about tea."}])
 
@@ -71,7 +71,7 @@ def test_boundary_merge_is_warned(tokenizer, caplog):
     # word, so prompt+completion tokenizes differently from prompt, then completion.
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} Answer: "
-    with caplog.at_level(logging.WARNING, logger="pipeline.encode"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.encode"):
         _, report = encode_records(
             [Example(None, MESSAGES, "tea is nice", True)], tokenizer, Lengths()
         )
@@ -130,7 +130,7 @@ def test_a_prompt_with_an_image_is_left_out_and_counted_not_fatal(tokenizer, cap
 
 
 def test_tool_turns_reach_the_template_as_serving_prepares_them():
-    from pipeline.encode import prompt_messages
+    from pipeline.training.encode import prompt_messages
 
     turns = [
         {"role": "user", "content": "Weather in Oslo?"},

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
-from pipeline import records
-from pipeline.events import EventError, EventParser, FeedbackEvent
-from pipeline.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
+from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from pipeline.feedback import records
+from pipeline.feedback.events import EventError, EventParser, FeedbackEvent
+from pipeline.feedback.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
 
 KEY = b"0123456789abcdef0123456789abcdef"
 KINDS = {

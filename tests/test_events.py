@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pipeline.events import EventError, RatingPolicy, hash_user, json_schema, parse_event
-from pipeline.sample import malformed_samples, sample_events
+from pipeline.feedback.events import EventError, RatingPolicy, hash_user, json_schema, parse_event
+from pipeline.feedback.sample import malformed_samples, sample_events
 
 KEY = b"k"
 BASE = {
@@ -218,7 +218,7 @@ def test_what_producers_send_that_cannot_be_stored_gets_a_kind_and_reason(
 
 
 def test_odd_but_valid_events_are_stored_as_sent() -> None:
-    from pipeline.sample import odd_valid_samples
+    from pipeline.feedback.sample import odd_valid_samples
 
     samples = odd_valid_samples()
     parsed = {name: parse_event(raw, user_hash_key=KEY) for name, raw in samples.items()}

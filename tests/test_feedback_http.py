@@ -20,9 +20,9 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from connectors.store import FEEDBACK, FeedbackStore
+from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import Broker, free_port, start_broker
-from pipeline.snapshot import latest_votes
+from pipeline.feedback.snapshot import latest_votes
 from tests.children import Descendants
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 

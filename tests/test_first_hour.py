@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from connectors.adapter_registry import AdapterRegistry
+from connectors.serving.adapter_registry import AdapterRegistry
 from deploy.local.broker import free_port
 from tests.children import Descendants, start_command
 from tests.conftest import wait_until

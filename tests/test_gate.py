@@ -13,9 +13,9 @@ import pytest
 
 from connectors.cycle_runs import CycleBusy, CycleRuns
 from flows.report import render_report
-from pipeline.evaluate import HeldoutMetrics
-from pipeline.gate import AnswerScores, GateOptions, GenerationScores, judge
-from pipeline.registry import RegistryError
+from pipeline.promotion.gate import AnswerScores, GateOptions, GenerationScores, judge
+from pipeline.serving.registry import RegistryError
+from pipeline.training.evaluate import HeldoutMetrics
 
 
 def metrics(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.store import FEEDBACK, FeedbackStore
+from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port
 from tests.conftest import HASH_KEY, KafkaSetup
 

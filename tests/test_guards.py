@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from pipeline.diagnostics import Diagnostics, aggregate
-from pipeline.evaluate import HeldoutMetrics
-from pipeline.guards import (
+from pipeline.training.diagnostics import Diagnostics, aggregate
+from pipeline.training.evaluate import HeldoutMetrics
+from pipeline.training.guards import (
     EarlyStopping,
     EndOfTurnGuard,
     GeneralNllGuard,

@@ -17,15 +17,18 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from connectors.import_files import ImportInputError, read_records
-from connectors.snapshots import read_snapshot
-from connectors.store import FeedbackStore
+from connectors.feedback.import_files import ImportInputError, read_records
+from connectors.feedback.snapshots import read_snapshot
+from connectors.feedback.store import FeedbackStore
 from flows.cli import app
-from pipeline import import_langfuse, import_langsmith, import_openai, import_openwebui
-from pipeline.events import EventParser
-from pipeline.imports import Checked, ImportOptions, Mapped, Unmapped, check
-from pipeline.records import FeedbackRows
-from pipeline.snapshot import build_snapshot
+from pipeline.feedback.events import EventParser
+from pipeline.feedback.imports import Checked, ImportOptions, Mapped, Unmapped, check
+from pipeline.feedback.imports import langfuse as import_langfuse
+from pipeline.feedback.imports import langsmith as import_langsmith
+from pipeline.feedback.imports import openai as import_openai
+from pipeline.feedback.imports import openwebui as import_openwebui
+from pipeline.feedback.records import FeedbackRows
+from pipeline.feedback.snapshot import build_snapshot
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 
 DATA = Path(__file__).parent / "data" / "import"

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from connectors.ingest import Ingestor
-from connectors.produce import produce
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from connectors.feedback.ingest import Ingestor
+from connectors.feedback.produce import produce
+from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port, start_broker
-from pipeline import records
-from pipeline.sample import encode, malformed_samples, odd_valid_samples, sample_events
+from pipeline.feedback import records
+from pipeline.feedback.sample import encode, malformed_samples, odd_valid_samples, sample_events
 from tests.conftest import KafkaSetup, wait_until
 
 pytestmark = pytest.mark.integration

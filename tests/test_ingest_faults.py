@@ -17,10 +17,10 @@ import pytest
 from kafka import KafkaConsumer
 
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
-from connectors.produce import produce
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
-from pipeline import records
-from pipeline.sample import encode, sample_events
+from connectors.feedback.produce import produce
+from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from pipeline.feedback import records
+from pipeline.feedback.sample import encode, sample_events
 from tests.conftest import IngestProcess, KafkaSetup, wait_until
 from tests.test_ingest import assert_each_offset_in_exactly_one_file, committed_offsets
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from connectors.llm_judge import LlmJudge, LlmJudgeConfig, LlmJudgeError, judge_messages
-from pipeline.encode import Encoded
-from pipeline.judge import (
+from connectors.training.llm_judge import LlmJudge, LlmJudgeConfig, LlmJudgeError, judge_messages
+from pipeline.training.encode import Encoded
+from pipeline.training.judge import (
     LOGP_FEATURES,
     Featurizer,
     JudgeItem,
@@ -332,7 +332,7 @@ def test_features_of_chosen_layers(tiny_lm: Any) -> None:
 
 
 def test_likelihood_features_are_the_answers_log_probs(tiny_lm: Any) -> None:
-    from pipeline.logps import collate, token_logps
+    from pipeline.training.logps import collate, token_logps
 
     items = _items(4, [(4, 3), (6, 5)])
     feats = answer_features(tiny_lm, items, PAD, torch.device("cpu"))[:, -LOGP_FEATURES:]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.kto import kto_loss, kto_loss_from_logps, mismatched_kl
-from pipeline.logps import (
+from pipeline.training.kto import kto_loss, kto_loss_from_logps, mismatched_kl
+from pipeline.training.logps import (
     collate,
     collate_continuations,
     collate_prompts,

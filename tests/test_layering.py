@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE = sorted((ROOT / "pipeline").glob("*.py"))
+PIPELINE = sorted((ROOT / "pipeline").rglob("*.py"))
 # Packages that talk to the outside: processes, terminals, plots, HTTP, Kafka, Prefect,
 # file systems; and our own outer layers.
 FORBIDDEN_IMPORTS = {
@@ -30,6 +30,11 @@ FORBIDDEN_CALLS = {
     "mkdir", "unlink", "rmtree", "replace_file", "save", "load", "save_pretrained",
     "from_pretrained", "savefig", "read_parquet", "to_parquet", "read_json", "to_json",
 }  # fmt: skip
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _problems(path: Path) -> list[str]:
@@ -57,7 +62,7 @@ def _problems(path: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("path", PIPELINE, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PIPELINE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_a_pipeline_module_neither_imports_nor_calls_io(path):
     assert _problems(path) == []
 
@@ -77,7 +82,7 @@ def test_importing_every_pipeline_module_loads_none_of_the_outside_packages():
     # Measured against what the libraries pipeline/ may use load by themselves (torch
     # imports tqdm, for one), so only what pipeline/ brings in counts.
     allowed = "torch, numpy, pandas, pyarrow, jinja2, pydantic, transformers, peft"
-    modules = ", ".join(f"pipeline.{p.stem}" for p in PIPELINE if p.stem != "__init__")
+    modules = ", ".join(_module_name(p) for p in PIPELINE)
     probe = (
         f"import sys\nimport {allowed}\nbefore = set(sys.modules)\nimport {modules}\n"
         f"new = set(sys.modules) - before\n"
@@ -92,10 +97,48 @@ def test_importing_every_pipeline_module_loads_none_of_the_outside_packages():
 def test_no_function_in_the_core_connectors_or_flows_runs_over_80_lines():
     long = []
     for folder in ("pipeline", "connectors", "flows"):
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                     lines = node.end_lineno - node.lineno + 1
                     if lines > 80:
-                        long.append(f"{folder}/{path.name}:{node.lineno} {node.name} ({lines})")
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert long == []
+
+
+# Inside a layer, capabilities stack: a sub-package imports only those listed before it.
+ORDER = {
+    "pipeline": ["serving", "feedback", "training", "promotion"],
+    "connectors": ["feedback", "training", "serving"],
+}
+
+
+def _imported_subpackages(folder: Path, top: str) -> set[str]:
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == top and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("top", sorted(ORDER))
+def test_sub_packages_import_only_those_below_them(top):
+    order = ORDER[top]
+    found = {p.name for p in (ROOT / top).iterdir() if (p / "__init__.py").exists()}
+    assert found == set(order), f"{top}/ has sub-packages {sorted(found)}; ORDER lists {order}"
+    upward = []
+    for i, sub in enumerate(order):
+        for name in _imported_subpackages(ROOT / top / sub, top):
+            if name in order and name != sub and order.index(name) > i:
+                upward.append(f"{top}.{sub} imports {top}.{name}")
+    assert upward == []

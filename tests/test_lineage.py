@@ -13,18 +13,18 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from connectors.adapter_registry import AdapterRegistry
-from connectors.run_dir import write_manifest
-from connectors.snapshots import load_training_data, read_snapshot, write_snapshot
-from connectors.store import FEEDBACK, FeedbackStore
+from connectors.feedback.snapshots import load_training_data, read_snapshot, write_snapshot
+from connectors.feedback.store import FEEDBACK, FeedbackStore
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.training.run_dir import write_manifest
 from flows.cli import app
-from pipeline import records
-from pipeline.events import parse_event
-from pipeline.lineage import AdapterVotes, FeedbackWindow, PartitionWindow, lineage_chain
-from pipeline.manifest import Manifest, RunMetrics
-from pipeline.records import FEEDBACK_SCHEMA, FeedbackRows
-from pipeline.sample import sample_events
-from pipeline.snapshot import Snapshot, SnapshotOptions, build_snapshot
+from pipeline.feedback import records
+from pipeline.feedback.events import parse_event
+from pipeline.feedback.lineage import AdapterVotes, FeedbackWindow, PartitionWindow, lineage_chain
+from pipeline.feedback.records import FEEDBACK_SCHEMA, FeedbackRows
+from pipeline.feedback.sample import sample_events
+from pipeline.feedback.snapshot import Snapshot, SnapshotOptions, build_snapshot
+from pipeline.training.manifest import Manifest, RunMetrics
 from tests.test_snapshot import T0, event, frame
 from tests.test_store import feedback_range
 
@@ -351,7 +351,7 @@ def test_read_ranges_reads_only_the_asked_columns_and_offsets(tmp_path: Path) ->
 
 def test_training_on_a_snapshot_keeps_its_window_in_the_manifest(tmp_path: Path) -> None:
     from flows.training import TrainInputs
-    from pipeline.balance import BalanceOptions, choose_weights
+    from pipeline.feedback.balance import BalanceOptions, choose_weights
 
     snap = build_snapshot(frame(_rows()), OPTIONS)
     balance = choose_weights(*snap.class_counts("train"), BalanceOptions())

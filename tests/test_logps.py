@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.logps import (
+from pipeline.training.logps import (
     collate,
     collate_continuations,
     collate_prompts,

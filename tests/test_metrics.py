@@ -18,17 +18,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.adapter_registry import AdapterRegistry, now_iso
 from connectors.config import Settings, load_settings
 from connectors.cycle_runs import CycleRuns
+from connectors.feedback.produce import produce
+from connectors.feedback.store import FEEDBACK, FeedbackStore
 from connectors.metrics import HTTP_METRICS, LoopCollector
-from connectors.produce import produce
-from connectors.publish import PublishResult
-from connectors.store import FEEDBACK, FeedbackStore
+from connectors.serving.adapter_registry import AdapterRegistry, now_iso
+from connectors.serving.publish import PublishResult
 from deploy.local.broker import free_port
-from pipeline.events import parse_event
-from pipeline.records import FeedbackRows
-from pipeline.sample import encode, malformed_samples, sample_events
+from pipeline.feedback.events import parse_event
+from pipeline.feedback.records import FeedbackRows
+from pipeline.feedback.sample import encode, malformed_samples, sample_events
 from tests.children import start_command
 from tests.conftest import HASH_KEY, KafkaSetup, _toml, wait_until
 
@@ -362,13 +362,13 @@ def exported_series(text: str) -> dict[str, str]:
 
 def _http_metrics_text() -> str:
     """serve-feedback's /metrics page, from its real registry."""
-    from connectors.feedback_http import HttpMetrics
+    from connectors.feedback.feedback_http import HttpMetrics
 
     return generate_latest(HttpMetrics().registry).decode()
 
 
 def all_exported(settings: Settings) -> dict[str, str]:
-    from connectors.ingest import _Metrics
+    from connectors.feedback.ingest import _Metrics
 
     loop = CollectorRegistry()
     loop.register(LoopCollector(settings))

@@ -10,10 +10,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import records
-from pipeline.production import LIKED_SHARE_COLUMNS, NO_ADAPTER, liked_share_by_adapter
-from pipeline.records import FEEDBACK_SCHEMA
-from pipeline.snapshot import SnapshotError
+from pipeline.feedback import records
+from pipeline.feedback.production import LIKED_SHARE_COLUMNS, NO_ADAPTER, liked_share_by_adapter
+from pipeline.feedback.records import FEEDBACK_SCHEMA
+from pipeline.feedback.snapshot import SnapshotError
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
@@ -30,7 +30,7 @@ def event(
     text: bool = True,
 ) -> dict[str, Any]:
     """One stored feedback row; `desirable` follows from feedback / rating as
-    pipeline.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
+    pipeline.feedback.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
     if rating is not None:
         feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
     else:

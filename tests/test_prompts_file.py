@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from connectors.prompts_file import read_prompts
+from connectors.feedback.prompts_file import read_prompts
 
 
 def test_recorded_prompts_in_three_shapes_and_a_bad_line_named(tmp_path) -> None:

@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
-from pipeline import records
-from pipeline.events import FeedbackEvent
-from pipeline.records import FeedbackRows
+from pipeline.feedback import records
+from pipeline.feedback.events import FeedbackEvent
+from pipeline.feedback.records import FeedbackRows
 
 NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 
@@ -46,8 +46,8 @@ def test_to_table_never_drops_an_unsealed_row_silently() -> None:
 def test_a_large_dead_letter_is_stored_whole_from_a_view_of_its_own_bytes(tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from connectors.store import DEAD_LETTERS, FeedbackStore
-    from pipeline.records import DeadLetter, DeadLetterRows, Provenance
+    from connectors.feedback.store import DEAD_LETTERS, FeedbackStore
+    from pipeline.feedback.records import DeadLetter, DeadLetterRows, Provenance
 
     big = bytes(range(256)) * (5 * 4096)  # 5 MiB
     letters = DeadLetterRows()

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from connectors.adapter_files import base_weight_shapes, read_adapter
-from connectors.adapter_registry import AdapterRegistry
 from connectors.config import ServingConfig
-from pipeline.adapter_check import AdapterRefused, ServingLimits, check_adapter
-from pipeline.registry import (
+from connectors.serving.adapter_files import base_weight_shapes, read_adapter
+from connectors.serving.adapter_registry import AdapterRegistry
+from pipeline.serving.adapter_check import AdapterRefused, ServingLimits, check_adapter
+from pipeline.serving.registry import (
     AliasHistory,
     RegistryError,
     next_version,
@@ -306,7 +306,7 @@ def test_bad_adapters_are_refused_with_every_reason(
 def test_a_remote_registry_needs_a_path_map_before_any_server_is_asked(
     adapter_dirs: list[Path],
 ) -> None:
-    from connectors.publish import Publisher
+    from connectors.serving.publish import Publisher
 
     reg = AdapterRegistry("memory://kto-loop-remote-reg")
     v = reg.add(adapter_dirs[0])["version"]

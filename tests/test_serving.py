@@ -37,11 +37,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import connectors.publish as publish_steps
-from connectors.adapter_registry import AdapterRegistry
+import connectors.serving.publish as publish_steps
 from connectors.config import ServingConfig
-from connectors.publish import Publisher, PublishError
-from connectors.vllm_admin import (
+from connectors.serving.adapter_registry import AdapterRegistry
+from connectors.serving.publish import Publisher, PublishError
+from connectors.serving.vllm_admin import (
     ADMIN_HEADER,
     AdminKeyRefused,
     ConnectionDropped,
@@ -53,8 +53,8 @@ from deploy.local.adapters import make_random_adapter, poison_adapter
 from deploy.local.broker import free_port
 from deploy.local.vllm_server import ENGINE_NICE
 from flows.cli import app
-from pipeline.adapter_check import AdapterRefused
-from pipeline.registry import AliasHistory
+from pipeline.serving.adapter_check import AdapterRefused
+from pipeline.serving.registry import AliasHistory
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration

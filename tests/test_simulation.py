@@ -8,8 +8,8 @@ import json
 import msgspec
 import pytest
 
-from pipeline.events import parse_event
-from pipeline.simulation import feedback_event, plan_chats
+from pipeline.feedback.events import parse_event
+from pipeline.feedback.simulation import feedback_event, plan_chats
 
 PROMPTS = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
 TS = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)

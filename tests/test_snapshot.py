@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.config import ConfigError, load_settings
-from connectors.snapshots import load_training_data, read_snapshot, write_snapshot
-from pipeline import records
-from pipeline.examples import Example
-from pipeline.records import FEEDBACK_SCHEMA, TRAINING_COLUMNS, TRAINING_SCHEMA
-from pipeline.snapshot import (
+from connectors.feedback.snapshots import load_training_data, read_snapshot, write_snapshot
+from pipeline.feedback import records
+from pipeline.feedback.examples import Example
+from pipeline.feedback.records import FEEDBACK_SCHEMA, TRAINING_COLUMNS, TRAINING_SCHEMA
+from pipeline.feedback.snapshot import (
     HELDOUT,
     TRAIN,
     SnapshotError,
@@ -47,7 +47,7 @@ def event(
     adapter: str | None = "chat@v1",
 ) -> dict[str, Any]:
     """One stored feedback row; `desirable` follows from feedback / rating as
-    pipeline.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
+    pipeline.feedback.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
     if rating is not None:
         feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
     else:
@@ -586,8 +586,8 @@ def test_a_file_with_no_readable_row_is_refused_with_the_first_reasons(tmp_path:
 def test_an_empty_completion_is_an_answer_that_trains_as_the_end_of_turn_alone(
     tmp_path: Path, style: str, tiny_model_dir: Path
 ) -> None:
-    from connectors.models import load_tokenizer
-    from pipeline.encode import Lengths, encode_records, end_of_turn_id
+    from connectors.training.models import load_tokenizer
+    from pipeline.training.encode import Lengths, encode_records, end_of_turn_id
 
     rows = [*UNPAIRED, {"prompt": "Say nothing.", "completion": "", "label": True}]
     rows.append({"prompt": "Say nothing twice.", "completion": " \n", "label": False})

@@ -17,11 +17,11 @@ import pyarrow.dataset as ds
 import pytest
 
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
-from connectors.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
-from pipeline import records
-from pipeline.events import FeedbackEvent, parse_event
-from pipeline.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
-from pipeline.sample import sample_events
+from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
+from pipeline.feedback import records
+from pipeline.feedback.events import FeedbackEvent, parse_event
+from pipeline.feedback.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
+from pipeline.feedback.sample import sample_events
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 
@@ -219,7 +219,7 @@ def run_killed_at(target: Callable[[str], None], root: Path, fault: str) -> bool
     # forkserver: children fork from a fresh process that has imported the store
     # (quick, and no threads of ours to inherit).
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pytest", "connectors.store", "pipeline.sample"])
+    ctx.set_forkserver_preload(["pytest", "connectors.feedback.store", "pipeline.feedback.sample"])
     child = ctx.Process(target=_child, args=(target, str(root), fault))
     child.start()
     child.join(60)

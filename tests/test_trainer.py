@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from connectors.run_dir import ADAPTER_FILES, CHECKPOINT, MANIFEST, METRICS, read_manifest
+from connectors.training.run_dir import ADAPTER_FILES, CHECKPOINT, MANIFEST, METRICS, read_manifest
 from deploy.local.synthetic import unpaired_examples
 from flows.training import TrainInputs, run_training
-from pipeline.encode import EncodeError
-from pipeline.examples import Example
-from pipeline.train_errors import CheckpointMismatch, DivergedError, GeneralAbilityError, TrainError
-from pipeline.train_options import TrainOptions
+from pipeline.feedback.examples import Example
+from pipeline.training.encode import EncodeError
+from pipeline.training.errors import (
+    CheckpointMismatch,
+    DivergedError,
+    GeneralAbilityError,
+    TrainError,
+)
+from pipeline.training.options import TrainOptions
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import torch
 
 from deploy.local.synthetic import unpaired_examples
 from flows.training import TrainInputs, run_training
-from pipeline.balance import choose_weights
-from pipeline.examples import Example
-from pipeline.train_options import LoraOptions, TrainOptions, trl_recipe
+from pipeline.feedback.balance import choose_weights
+from pipeline.feedback.examples import Example
+from pipeline.training.options import LoraOptions, TrainOptions, trl_recipe
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.vllm_admin import (
+from connectors.serving.vllm_admin import (
     ADMIN_ERROR_TYPE,
     AdapterNotFound,
     AdminKeyRefused,

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
-from connectors.store import FEEDBACK, FeedbackStore
-from connectors.vote_table import VoteTable
-from pipeline.events import parse_event
-from pipeline.records import FeedbackRows
-from pipeline.sample import sample_events
-from pipeline.snapshot import SNAPSHOT_COLUMNS, NothingToSnapshot, Snapshot, build_snapshot
+from connectors.feedback.store import FEEDBACK, FeedbackStore
+from connectors.feedback.vote_table import VoteTable
+from pipeline.feedback.events import parse_event
+from pipeline.feedback.records import FeedbackRows
+from pipeline.feedback.sample import sample_events
+from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, NothingToSnapshot, Snapshot, build_snapshot
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -105,10 +105,10 @@ def test_a_snapshot_folded_step_by_step_is_the_full_rebuilds(tmp_path: Path) -> 
 def test_a_table_folded_once_equals_one_folded_in_many_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import connectors.vote_table
+    import connectors.feedback.vote_table
 
     # A fold of many files reads them a few at a time.
-    monkeypatch.setattr(connectors.vote_table, "FOLD_CHUNK_ROWS", 70)
+    monkeypatch.setattr(connectors.feedback.vote_table, "FOLD_CHUNK_ROWS", 70)
     steps = grown_in_steps(tmp_path, seed=2)
     once, often = FeedbackStore(str(tmp_path / "once")), FeedbackStore(str(tmp_path / "often"))
     for events in steps:
@@ -119,7 +119,7 @@ def test_a_table_folded_once_equals_one_folded_in_many_steps(
 
 
 def test_the_vote_rows_give_the_cycle_the_same_examples_and_new_keys(tmp_path: Path) -> None:
-    from pipeline.continual import new_example_keys, new_votes, votes_since
+    from pipeline.feedback.continual import new_example_keys, new_votes, votes_since
 
     store = FeedbackStore(str(tmp_path))
     steps = grown_in_steps(tmp_path, seed=3)
@@ -156,7 +156,7 @@ def _fold_killed(root: str, fault: str) -> None:
 
 def run_killed_at(root: Path, fault: str) -> bool:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pytest", "connectors.vote_table"])
+    ctx.set_forkserver_preload(["pytest", "connectors.feedback.vote_table"])
     child = ctx.Process(target=_fold_killed, args=(str(root), fault))
     child.start()
     child.join(60)
@@ -202,7 +202,7 @@ def test_a_fold_killed_twice_in_a_row_still_completes(tmp_path: Path) -> None:
 
 
 def test_state_round_trips() -> None:
-    from pipeline.votes import PartitionFold, VoteState
+    from pipeline.feedback.votes import PartitionFold, VoteState
 
     state = VoteState(3, (PartitionFold("fb", 0, 9, 0, 9, 10),), 1_767_225_600_000_000, 8)
     assert VoteState.from_dict(json.loads(json.dumps(state.as_dict()))) == state
@@ -213,7 +213,7 @@ def test_state_round_trips() -> None:
 def test_the_cycles_snapshot_task_builds_from_the_vote_table(tmp_path: Path) -> None:
     from connectors.config import load_settings
     from flows.alignment import snapshot_store
-    from pipeline.continual import new_votes
+    from pipeline.feedback.continual import new_votes
 
     config = tmp_path / "c.toml"
     config.write_text(

@@ -143,8 +143,8 @@ def fine_tune(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.encode import Lengths, encode_records
-    from pipeline.examples import Example
+    from pipeline.feedback.examples import Example
+    from pipeline.training.encode import Lengths, encode_records
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -1,0 +1,1 @@
+"""Feedback in and out of Kafka, the HTTP endpoint, the event store and the vote table."""

@@ -1,0 +1,1 @@
+"""vLLM's admin API, publishing, the adapter registry and its files."""

@@ -1,0 +1,1 @@
+"""Models loaded from disk, run directories and judges reached over HTTP."""

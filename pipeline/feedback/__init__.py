@@ -1,0 +1,2 @@
+"""What users said: the feedback event, the vote rules, snapshots, lineage and the
+importers' parsing."""

@@ -1,0 +1,142 @@
+"""What the alignment loop's records say, as numbers a monitoring system can watch.
+
+Values in, values out: the cycle's run records (dicts, as `flows.alignment.RunRecord`
+writes them) and an alias's history go in; counts, times and latencies come out.
+`connectors.metrics` reads the records and exposes these numbers to Prometheus.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.serving.registry import ACTIONS, AliasHistory, version_number
+from pipeline.training.manifest import NO_GAIN
+
+# How a finished run ended. "refused" is a run the gate (or the generation check) judged
+# and said no to; its record's status is "skipped", like a run that had too little new
+# feedback, but a team watches the two differently.
+PUBLISHED, REFUSED, SKIPPED, FAILED, CRASHED, UNREADABLE = (
+    "published", "refused", "skipped", "failed", "crashed", "unreadable",
+)  # fmt: skip
+OUTCOMES = (PUBLISHED, REFUSED, SKIPPED, NO_GAIN, FAILED, CRASHED, UNREADABLE)
+RUNNING = "running"
+
+
+def run_outcome(record: Mapping[str, Any]) -> str:
+    """How a run ended: one of OUTCOMES, or RUNNING while its record says it runs (a run
+    whose process died stays "running" until the next run marks it crashed)."""
+    status = record.get("status")
+    if status == SKIPPED and (record.get("gate") or {}).get("promote") is False:
+        return REFUSED
+    if status in OUTCOMES or status == RUNNING:
+        return str(status)
+    return UNREADABLE
+
+
+def timestamp(iso: str | None) -> float | None:
+    """Seconds since the epoch of an ISO-8601 time (UTC when it names no zone), None for
+    an empty or unparsable one."""
+    if not iso:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+@dataclass(frozen=True)
+class CycleSummary:
+    """One alias's cycle runs, summed up.
+
+    Attributes:
+        outcomes: finished runs per outcome (every outcome present, zeros included;
+            runs still recorded as running are not counted).
+        last_started: when the newest run started (epoch seconds), None before any.
+        last_finished: per outcome, when the newest run with it finished.
+        last_seconds: wall time of the newest finished run.
+        publish_seconds: the publish step's time of every published run, oldest first
+            (the publisher's own measure: loading, smoke test and switch on every
+            replica, the last attempt only).
+    """
+
+    outcomes: dict[str, int]
+    last_started: float | None = None
+    last_finished: dict[str, float] = field(default_factory=dict)
+    last_seconds: float | None = None
+    publish_seconds: tuple[float, ...] = ()
+
+
+def summarize_runs(records: Iterable[Mapping[str, Any]]) -> CycleSummary:
+    """Sum up an alias's run records (in any order)."""
+    ordered = sorted(records, key=lambda r: r.get("started_at") or "")
+    outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
+    last_finished: dict[str, float] = {}
+    last_seconds = None
+    publish_seconds = []
+    for r in ordered:
+        outcome = run_outcome(r)
+        if outcome == RUNNING:
+            continue
+        outcomes[outcome] += 1
+        finished = timestamp(r.get("finished_at"))
+        if finished is not None:
+            last_finished[outcome] = max(finished, last_finished.get(outcome, finished))
+        if r.get("seconds") is not None:
+            last_seconds = float(r["seconds"])
+        published = r.get("published") or {}
+        if outcome == PUBLISHED and published.get("seconds") is not None:
+            publish_seconds.append(float(published["seconds"]))
+    starts = [t for t in (timestamp(r.get("started_at")) for r in ordered) if t is not None]
+    return CycleSummary(
+        outcomes=dict(outcomes),
+        last_started=max(starts, default=None),
+        last_finished=last_finished,
+        last_seconds=last_seconds,
+        publish_seconds=tuple(publish_seconds),
+    )
+
+
+@dataclass(frozen=True)
+class AliasSummary:
+    """What an alias serves, from its history.
+
+    Attributes:
+        served_version: N of the version `vN` it serves, 0 before its first promotion.
+        events: promotions and rollbacks so far (every action present).
+        last_changed: when it last switched (epoch seconds), None before any event.
+    """
+
+    served_version: int
+    events: dict[str, int]
+    last_changed: float | None
+
+
+def summarize_alias(history: AliasHistory) -> AliasSummary:
+    """Sum up an alias's history."""
+    current = history.current
+    events = Counter({a: 0 for a in ACTIONS}) + Counter(e.action for e in history.events)
+    times = [t for t in (timestamp(e.at) for e in history.events) if t is not None]
+    return AliasSummary(
+        served_version=version_number(current) if current else 0,
+        events={a: events[a] for a in ACTIONS},
+        last_changed=max(times, default=None),
+    )
+
+
+def histogram(values: Iterable[float], bounds: Iterable[float]) -> list[tuple[str, int]]:
+    """Cumulative bucket counts of `values` for upper bounds `bounds` (ascending), with
+    "+Inf" last, as Prometheus histograms count: [("0.5", 2), ..., ("+Inf", n)]."""
+    values = list(values)
+    buckets = [(_bound(b), sum(v <= b for v in values)) for b in bounds]
+    return [*buckets, ("+Inf", len(values))]
+
+
+def _bound(b: float) -> str:
+    return repr(float(b))

@@ -1,0 +1,1 @@
+"""What serves: version names and the adapter files' checks."""

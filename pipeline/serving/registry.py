@@ -1,0 +1,233 @@
+"""The adapter registry's rules: version names, alias histories and retention.
+
+Values in, values out: where the versions and histories are kept is
+`connectors.serving.adapter_registry`'s business, and what a server still reads is asked of the
+servers by the caller. A version, once written, never changes; an alias is a history of
+events, and what it serves now and what a rollback returns to are read off that history.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+PROMOTE = "promote"
+ROLLBACK = "rollback"
+ACTIONS = (PROMOTE, ROLLBACK)
+
+_VERSION = re.compile(r"^v([1-9][0-9]*)$")
+_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SERVED_SEPARATOR = "@"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot go ahead; the message says what to do."""
+
+
+def version_number(version: str) -> int:
+    """The N of a version named `vN`, or a RegistryError naming the expected form."""
+    m = _VERSION.match(version)
+    if not m:
+        raise RegistryError(f"{version!r} is not a version name: versions are v1, v2, ...")
+    return int(m.group(1))
+
+
+def next_version(existing: Iterable[str]) -> str:
+    """The name after the highest existing version (`v1` for an empty registry)."""
+    return f"v{max((version_number(v) for v in existing), default=0) + 1}"
+
+
+def check_alias(alias: str) -> str:
+    """Return `alias` if clients may call it as a model name, else raise RegistryError."""
+    if not _ALIAS.match(alias):
+        raise RegistryError(
+            f"alias {alias!r} is not usable: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return alias
+
+
+def served_name(alias: str, version: str) -> str:
+    """The name a version is loaded under in vLLM: `alias@vN`.
+
+    vLLM treats two adapter requests with the same name as one adapter whatever their ids,
+    so every version needs its own name; clients keep calling the alias.
+    """
+    version_number(version)
+    return f"{check_alias(alias)}{SERVED_SEPARATOR}{version}"
+
+
+def parse_served_name(name: str) -> tuple[str, str] | None:
+    """(alias, version) for a name made by `served_name`, None for any other model name."""
+    alias, sep, version = name.rpartition(SERVED_SEPARATOR)
+    if not sep or not _ALIAS.match(alias) or not _VERSION.match(version):
+        return None
+    return alias, version
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One change of what an alias serves.
+
+    Attributes:
+        action: "promote" or "rollback".
+        version: the version the alias serves after the event.
+        previous: the version it served before (None for the first promotion).
+        at: ISO-8601 UTC time of the event.
+        reason: why, in the operator's or the flow's words.
+        replicas: the server URLs switched.
+    """
+
+    action: str
+    version: str
+    previous: str | None
+    at: str
+    reason: str = ""
+    replicas: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise RegistryError(f"unknown alias action {self.action!r}: use one of {ACTIONS}")
+        version_number(self.version)
+
+    def as_dict(self) -> dict:
+        return {
+            "action": self.action,
+            "version": self.version,
+            "previous": self.previous,
+            "at": self.at,
+            "reason": self.reason,
+            "replicas": list(self.replicas),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AliasEvent:
+        return cls(
+            action=d["action"],
+            version=d["version"],
+            previous=d.get("previous"),
+            at=d["at"],
+            reason=d.get("reason", ""),
+            replicas=tuple(d.get("replicas", ())),
+        )
+
+
+@dataclass(frozen=True)
+class AliasHistory:
+    """Every event of one alias, oldest first."""
+
+    alias: str
+    events: tuple[AliasEvent, ...] = field(default_factory=tuple)
+
+    def _stack(self) -> list[str]:
+        # A promotion pushes a version, a rollback pops back to the one below it: two
+        # rollbacks after three promotions serve the first version again.
+        stack: list[str] = []
+        for e in self.events:
+            if e.action == PROMOTE:
+                stack.append(e.version)
+            elif stack:
+                stack.pop()
+        return stack
+
+    @property
+    def current(self) -> str | None:
+        """The version the alias serves, None before its first promotion."""
+        stack = self._stack()
+        return stack[-1] if stack else None
+
+    @property
+    def rollback_target(self) -> str | None:
+        """The version a rollback would serve, None when there is nothing to go back to."""
+        stack = self._stack()
+        return stack[-2] if len(stack) >= 2 else None
+
+    def role_of(self, version: str) -> str | None:
+        """Why this alias needs `version` ("served as chat", "rollback target of chat"),
+        or None when it does not."""
+        if version == self.current:
+            return f"served as {self.alias}"
+        if version == self.rollback_target:
+            return f"rollback target of {self.alias}"
+        return None
+
+    def promoted(self, version: str, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
+        """The history with `version` promoted on top of the current one."""
+        if version == self.current:
+            raise RegistryError(f"{self.alias} already serves {version}: nothing to promote")
+        event = AliasEvent(PROMOTE, version, self.current, at, reason, tuple(replicas))
+        return AliasHistory(self.alias, (*self.events, event))
+
+    def rolled_back(self, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
+        """The history with the current version withdrawn in favour of the one before it."""
+        target = self.rollback_target
+        if target is None:
+            raise RegistryError(
+                f"{self.alias} has no earlier version to roll back to "
+                f"(it serves {self.current or 'nothing'}); publish a version instead"
+            )
+        event = AliasEvent(ROLLBACK, target, self.current, at, reason, tuple(replicas))
+        return AliasHistory(self.alias, (*self.events, event))
+
+    def as_dict(self) -> dict:
+        return {"alias": self.alias, "events": [e.as_dict() for e in self.events]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AliasHistory:
+        return cls(d["alias"], tuple(AliasEvent.from_dict(e) for e in d.get("events", ())))
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What a clean-up may delete, and why each kept version stays."""
+
+    delete: tuple[str, ...]
+    keep: dict[str, str]
+
+
+def retention(
+    versions: Iterable[str],
+    histories: Iterable[AliasHistory],
+    server_names: Iterable[str] | None,
+    keep_last: int,
+    server_paths: Iterable[str] = (),
+    version_paths: Mapping[str, str] | None = None,
+) -> Retention:
+    """Decide which versions' files may be deleted.
+
+    A version stays when an alias serves it, when a rollback would return to it, when any
+    server still knows it under any name (a served adapter whose directory vanishes kills
+    vLLM, and vLLM reloads an evicted adapter from its path), or when it is among the
+    newest `keep_last`.
+
+    Args:
+        versions: every version in the registry.
+        histories: every alias's history.
+        server_names: model names the servers list (each replica's `/v1/models`); None
+            when a server could not be asked, which keeps every version.
+        keep_last: how many of the newest versions to keep regardless.
+        server_paths: the directories the servers' listed adapters were loaded from.
+        version_paths: each version's directory as the servers see it, to match a
+            version loaded under a name of another form against `server_paths`.
+    """
+    versions = sorted(versions, key=version_number)
+    keep: dict[str, str] = {}
+    if server_names is None:
+        return Retention((), {v: "a server could not be asked what it reads" for v in versions})
+    for h in histories:
+        for v in (h.current, h.rollback_target):
+            role = h.role_of(v) if v else None
+            if v and role:
+                keep.setdefault(v, role)
+    for name in server_names:
+        parsed = parse_served_name(name)
+        if parsed:
+            keep.setdefault(parsed[1], f"loaded on a server as {name}")
+    loaded_from = {p.rstrip("/") for p in server_paths}
+    for v, path in (version_paths or {}).items():
+        if path.rstrip("/") in loaded_from:
+            keep.setdefault(v, f"loaded on a server from {path}")
+    for v in versions[max(0, len(versions) - keep_last) :]:
+        keep.setdefault(v, f"among the newest {keep_last}")
+    return Retention(tuple(v for v in versions if v not in keep), keep)

@@ -1,0 +1,1 @@
+"""KTO training: encoding, batching, the loss, held-out scoring, the judge and the trainer."""
