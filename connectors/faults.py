@@ -1,12 +1,17 @@
 """Named crash points, for tests that kill a process at a chosen step and restart it.
 
-The store and the ingest loop call `crash_point(name)` at each step where a crash
-would leave a distinct state on disk or in Kafka (e.g. "store.write.1": a batch's
-temp file is written but not renamed; "ingest.durable.1": dead letters are on the
-DLQ topic but no file is written). Nothing happens unless the environment variable
-KTO_LOOP_FAULT_POINT names that step; then the process exits at once with
+The store, the vote table and the ingest loop call `crash_point(name)` at each step
+where a crash would leave a distinct state on disk or in Kafka (e.g. "store.write.1":
+a batch's temp file is written but not renamed; "ingest.durable.1": dead letters are
+on the DLQ topic but no file is written). Nothing happens unless the environment
+variable KTO_LOOP_FAULT_POINT names that step; then the process exits at once with
 os._exit(FAULT_EXIT_CODE): no `finally`, no flush, no commit, as with a SIGKILL or
-a power cut. "NAME@N" exits the N-th time NAME is reached in this process.
+a power cut. "NAME@N" exits the N-th time NAME is reached in this process. A test sets
+the variable for the child process it starts, so the crash happens in that process.
+
+This is the product code's only way to inject a fault. A fault in a process that is
+not ours (a vLLM replica, the broker) is a test's own fake, e.g. an httpx transport
+handed to VllmAdmin.
 
 The variable is read here, at the I/O edge, and nowhere in pipeline/. Leave it unset
 in production.

@@ -37,7 +37,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import connectors.serving.publish as publish_steps
 from connectors.config import ServingConfig
 from connectors.serving.adapter_registry import AdapterRegistry
 from connectors.serving.publish import Publisher, PublishError
@@ -865,6 +864,28 @@ def test_a_server_without_an_admin_key_serves_the_control_plane_on_loopback_only
         server.stop()
 
 
+class FakeTransportKillsAReplicaAtSwitch(httpx.BaseTransport):
+    """A fake transport for the first replica's client: the real server, except that
+    when the first alias switch is about to go out (every replica has loaded and
+    smoke-tested the version, no alias has switched) it notes what the first replica
+    has loaded and kills `victim`, a crash a test cannot otherwise place between two
+    steps of a publish."""
+
+    def __init__(self, victim: Any, first: VllmAdmin) -> None:
+        self.real = httpx.HTTPTransport()
+        self.victim, self.first = victim, first
+        self.loaded_when_killed: list[str] | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        switching = request.method == "POST" and request.url.path.startswith(
+            "/v1/kto-loop/aliases/"
+        )
+        if switching and self.loaded_when_killed is None:
+            self.loaded_when_killed = self.first.models()
+            self.victim.kill()
+        return self.real.handle_request(request)
+
+
 def test_a_replica_killed_between_load_and_switch_leaves_the_old_version_until_sync(
     registry: AdapterRegistry,
     adapters: list[Path],
@@ -885,24 +906,21 @@ def test_a_replica_killed_between_load_and_switch_leaves_the_old_version_until_s
     old = greedy(adapters[1], SHORT, 8)
     assert old != greedy(adapters[3], SHORT, 8)
     history = registry.history("ha")
+    serving = _serving(tiny_model_dir, replicas, vllm_server, retries=1, timeout_seconds=5)
 
     with _admin(vllm_server) as admin1:
-        loaded_when_killed: list[str] = []
+        fake = FakeTransportKillsAReplicaAtSwitch(second_replica, admin1)
+        with (
+            _admin(vllm_server, transport=fake, retries=1, timeout_s=5) as switching,
+            _admin(second_replica, retries=1, timeout_s=5) as admin2,
+            pytest.raises(PublishError) as failed,
+        ):
+            Publisher(registry, serving, [switching, admin2]).publish("ha", v2)
 
-        def kill_the_second_replica(step: str) -> None:
-            if step == publish_steps.AFTER_LOAD:
-                loaded_when_killed.extend(admin1.models())
-                second_replica.kill()
-
-        monkeypatch.setattr(publish_steps, "fault_injection_hook", kill_the_second_replica)
-        failed = runner.invoke(app, ["publish", "--adapter", v2, "--alias", "ha", *c])
-        monkeypatch.setattr(publish_steps, "fault_injection_hook", None)
-
-        assert failed.exit_code == 1, failed.output
-        assert f"ha stays on {v1}" in failed.output
-        assert f"switching failed on {second_replica.url}" in failed.output
+        assert f"ha stays on {v1}" in str(failed.value)
+        assert f"switching failed on {second_replica.url}" in str(failed.value)
         assert second_replica.process.poll() is not None, "the second replica was not killed"
-        assert f"ha@{v2}" in loaded_when_killed  # killed after the load, before the switch
+        assert f"ha@{v2}" in (fake.loaded_when_killed or [])  # after the load, before the switch
         # The first replica switched, then went back: it answers and lists v1 again.
         assert _target(admin1, "ha") == f"ha@{v1}"
         assert _ask(admin1, "ha", SHORT) == old

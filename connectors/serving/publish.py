@@ -14,11 +14,6 @@ The protocol, per alias and under the registry's alias lock:
 
 A failure anywhere leaves the served adapter, the registry and the history as they were,
 and says which replica failed and why.
-
-`fault_injection_hook` is a hook point for tests only: when set, it is called with the
-name of each step boundary the protocol reaches (`AFTER_LOAD`: the version is loaded and
-smoke-tested on every replica and no alias has switched yet), so that a test can kill a
-replica exactly there. It is None in production.
 """
 
 from __future__ import annotations
@@ -39,15 +34,6 @@ from pipeline.serving.adapter_check import AdapterRefused, ServingLimits, check_
 from pipeline.serving.registry import AliasHistory, RegistryError, served_name
 
 log = logging.getLogger(__name__)
-
-AFTER_LOAD = "after-load"
-# Fault-injection hook point (tests only): called with a step name such as AFTER_LOAD.
-fault_injection_hook: Callable[[str], None] | None = None
-
-
-def _fault_point(step: str) -> None:
-    if fault_injection_hook is not None:
-        fault_injection_hook(step)
 
 
 class PublishError(Exception):
@@ -214,7 +200,6 @@ class Publisher:
                 f"on {e.replica}: {e}"
             ) from e
 
-        _fault_point(AFTER_LOAD)
         switched: list[VllmAdmin] = []
         try:
             for admin in self.admins:
