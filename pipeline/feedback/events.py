@@ -42,13 +42,6 @@ NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 TS_MIN = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 TS_MAX = dt.datetime(2262, 4, 11, tzinfo=dt.UTC)
 _BOM = b"\xef\xbb\xbf"
-# Top-level fields whose value we read; a message naming one twice is ambiguous.
-_READ_FIELDS = (
-    "schema", "event_id", "ts", "conversation_id", "message_id", "user_id", "prompt",
-    "messages", "response", "feedback", "rating", "model", "adapter",
-)  # fmt: skip
-# One pass over the bytes finds every key named like a field we read, at any depth.
-_READ_KEY = re.compile(rb'"(' + b"|".join(n.encode() for n in _READ_FIELDS) + rb')"\s*:')
 _MESSAGE_FIELDS = ("role", "content", "tool_calls")
 _PART_FIELDS = ("type", "text")
 _FEEDBACK_VALUES = ("like", "dislike", "retract")
@@ -76,7 +69,13 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 
 
 class WireEventV1(msgspec.Struct, frozen=True, gc=False):
-    """A thumbs up/down, rating or retraction of one assistant turn (schema 1)."""
+    """A thumbs up/down, rating or retraction of one assistant turn (schema 1).
+
+    The one declaration of the wire event: ingest and the HTTP endpoint decode into it,
+    and json_schema() publishes it. `messages` is kept as its raw JSON (stored as sent,
+    with every field of every turn) and decoded on its own as a list of `Message`s,
+    which is what json_schema() says it is.
+    """
 
     schema: Annotated[int, msgspec.Meta(description="Version of this schema; 1.")]
     event_id: Annotated[
@@ -87,7 +86,8 @@ class WireEventV1(msgspec.Struct, frozen=True, gc=False):
     message_id: Annotated[NonEmpty, msgspec.Meta(description="The rated assistant turn.")]
     user_id: str | None = None
     prompt: str | None = None
-    messages: list[Message] | None = None
+    # Raw cannot be optional: an empty Raw means the field was absent.
+    messages: msgspec.Raw = msgspec.Raw()
     response: str | None = None
     feedback: Literal["like", "dislike", "retract"] | None = None
     rating: Annotated[int, msgspec.Meta(ge=1, le=5)] | None = None
@@ -97,27 +97,11 @@ class WireEventV1(msgspec.Struct, frozen=True, gc=False):
     ] = None
 
 
-class _Wire(msgspec.Struct, frozen=True, gc=False):
-    """WireEventV1 as decoded: `messages` kept as its raw JSON (stored as sent, with
-    every field of every turn) and checked on its own."""
-
-    schema: int
-    event_id: NonEmpty
-    ts: Annotated[dt.datetime, msgspec.Meta(tz=True)]
-    conversation_id: NonEmpty
-    message_id: NonEmpty
-    user_id: str | None = None
-    prompt: str | None = None
-    # Raw cannot be optional: an empty Raw means the field was absent.
-    messages: msgspec.Raw = msgspec.Raw()
-    response: str | None = None
-    feedback: Literal["like", "dislike", "retract"] | None = None
-    rating: Annotated[int, msgspec.Meta(ge=1, le=5)] | None = None
-    model: str | None = None
-    adapter: str | None = None
-
-
-_decoder = msgspec.json.Decoder(_Wire)
+# Top-level fields whose value we read; a message naming one twice is ambiguous.
+_READ_FIELDS = WireEventV1.__struct_fields__
+# One pass over the bytes finds every key named like a field we read, at any depth.
+_READ_KEY = re.compile(rb'"(' + b"|".join(n.encode() for n in _READ_FIELDS) + rb')"\s*:')
+_decoder = msgspec.json.Decoder(WireEventV1)
 _messages_decoder = msgspec.json.Decoder(list[Message])
 
 
@@ -184,14 +168,14 @@ def _hash_user_keyed(key: bytes, user_id: str) -> str:
 
 # -- decoding ---------------------------------------------------------------------
 #
-# The fast path decodes straight into `_Wire`. Whatever it refuses is diagnosed by
+# The fast path decodes straight into `WireEventV1`. Whatever it refuses is diagnosed by
 # our own checks on the generic JSON value (`_diagnose`), so the dead-letter kind
 # never depends on a library's wording. What the fast path accepts but the store
 # could not hold or would silently change (duplicate keys, lone surrogates, a
 # timestamp out of range) is checked by us too.
 
 
-def _decode(raw: bytes) -> tuple[_Wire, list[Message] | None]:
+def _decode(raw: bytes) -> tuple[WireEventV1, list[Message] | None]:
     """The typed event and, when they decode, its turns."""
     try:
         raw.decode("utf-8")
@@ -224,7 +208,7 @@ def _decode(raw: bytes) -> tuple[_Wire, list[Message] | None]:
     return wire, turns
 
 
-def _may_repeat_keys(raw: bytes, wire: _Wire, turns: list[Message] | None) -> bool:
+def _may_repeat_keys(raw: bytes, wire: WireEventV1, turns: list[Message] | None) -> bool:
     """Cheap and conservative: a field name we read appears as a key more than once
     (perhaps in a nested object we ignore), or message fields appear more often than
     turns exist. The exact check runs only then."""
@@ -232,7 +216,7 @@ def _may_repeat_keys(raw: bytes, wire: _Wire, turns: list[Message] | None) -> bo
     # the keys we decoded, no key is there twice: the common case costs one C scan.
     # (A key written `"k" :` is not counted, so it sends the event to the exact check
     # unless an escaped `\":` inside a string happens to make up for it.)
-    # _Wire holds exactly the fields we read; its `messages` is never None.
+    # WireEventV1 holds exactly the fields we read; its `messages` is never None.
     values = msgspec.structs.astuple(wire)
     expected = len(values) - 1 - values.count(None)
     if wire.messages:
@@ -623,7 +607,7 @@ class EventParser:
         )
 
 
-def _check_vote(wire: _Wire, messages: str | None, turns: int) -> None:
+def _check_vote(wire: WireEventV1, messages: str | None, turns: int) -> None:
     prompt, response = wire.prompt, wire.response
     if prompt is not None and messages is not None:
         raise EventError("invalid_value", "send either `prompt` or `messages`, not both")
@@ -652,9 +636,23 @@ def parse_event(
     return EventParser(user_hash_key, rating_policy, max_bytes)(raw)
 
 
+def _as_published(wire: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """`wire` as producers see it: its fields, with `messages` a list of turns (decoded
+    apart from the rest, see WireEventV1) instead of raw JSON."""
+    fields = [
+        ("messages", list[Message] | None, None)
+        if f.name == "messages"
+        else (f.name, f.type)
+        if f.required
+        else (f.name, f.type, f.default)
+        for f in msgspec.structs.fields(wire)
+    ]
+    return msgspec.defstruct(wire.__name__, fields, frozen=True)
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the wire event, for frontend teams (pipeline/schema/)."""
-    _, components = msgspec.json.schema_components([WireEventV1])
+    _, components = msgspec.json.schema_components([_as_published(WireEventV1)])
     schema: dict[str, Any] = {
         **components["WireEventV1"],
         "$schema": "https://json-schema.org/draft/2020-12/schema",
