@@ -92,7 +92,7 @@ def run_all(
     from deploy.local.chat_model import build_chat_model
     from deploy.local.prefect_server import prefect_api
     from deploy.local.stack import local_stack
-    from flows.demo import DEMO_OVERRIDES
+    from flows.demo_model import DEMO_OVERRIDES
 
     with console.status("building the demo model"):
         model = build_chat_model(root / "model", seed=0)
@@ -120,7 +120,7 @@ def run_loop(
     from connectors.config import load_settings
     from connectors.feedback.kafka_clients import ensure_topics
     from deploy.local.stack import stack_sections, write_config
-    from flows.demo import DEMO_OVERRIDES
+    from flows.demo_model import DEMO_OVERRIDES
 
     name = f"{strategy}-s{seed}"
     here = root / name

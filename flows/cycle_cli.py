@@ -34,10 +34,14 @@ from pipeline.serving.registry import parse_served_name
 
 log = logging.getLogger("kto_loop.cycle")
 
-# Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The trainer's, the publisher's and the cycle's own logs go to Prefect's run logs too.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_loop")
+
+def prefect_environment() -> None:
+    """Prefect's settings for our runs, unless the environment sets them. Prefect reads
+    them when it is first imported, so this runs before that; served runs inherit them."""
+    # Prefect's telemetry errors on a locked SQLite database offline; opt in explicitly.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The trainer's, the publisher's and the cycle's own logs go to Prefect's run logs too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_loop")
 
 
 def run(settings: Settings, config: Path | None, alias: str | None) -> None:
@@ -47,6 +51,7 @@ def run(settings: Settings, config: Path | None, alias: str | None) -> None:
     Without PREFECT_API_URL the flow runs against a temporary local server (Prefect's
     default database, as its ephemeral mode would use) that ends with this command.
     """
+    prefect_environment()
     from flows.alignment import FAILED, run_cycle
 
     _check(settings)
@@ -145,6 +150,7 @@ def schedule(
 ) -> None:
     """Serve the cycle as a Prefect deployment on the configured cron (or an interval),
     one run at a time, until interrupted."""
+    prefect_environment()
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron, Interval
 

@@ -28,10 +28,10 @@ def run_nights(
     from deploy.local.prefect_server import prefect_api
     from deploy.local.stack import local_stack
     from flows.alignment import alignment_cycle
-    from flows.demo import _demo_model
+    from flows.demo_model import demo_model
     from flows.simulate import simulate
 
-    model, overrides = _demo_model(args, run_dir, console)
+    model, overrides = demo_model(args, run_dir, console)
     if args.strategy:
         overrides["cycle"] = {**overrides.get("cycle", {}), "strategy": args.strategy}
     prompts = [[{"role": "user", "content": p}] for p in chat_prompts()]

@@ -246,7 +246,7 @@ def _run(
 def _overrides(model: Path, options: StackOptions) -> dict[str, dict[str, Any]]:
     """Config sections beyond the parts' addresses: vLLM's rank limit, and for the demo
     model (it says what it is in chat_model.json) the demo's training settings."""
-    from flows.demo import DEMO_OVERRIDES
+    from flows.demo_model import DEMO_OVERRIDES
 
     sections: dict[str, dict[str, Any]] = {"serving": {"max_lora_rank": options.max_lora_rank}}
     if (model / "chat_model.json").is_file():

@@ -142,3 +142,130 @@ def test_sub_packages_import_only_those_below_them(top):
             if name in order and name != sub and order.index(name) > i:
                 upward.append(f"{top}.{sub} imports {top}.{name}")
     assert upward == []
+
+
+OURS = ("pipeline", "connectors", "flows", "deploy")
+MODULES = sorted(p for top in OURS for p in (ROOT / top).rglob("*.py") if "build" not in p.parts)
+
+
+def _private_imports(path: Path, module: str) -> list[str]:
+    """`from <one of our modules> import _name` in `module`, another one."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+            continue
+        if node.module.split(".")[0] not in OURS or node.module == module:
+            continue
+        for alias in node.names:
+            if alias.name.startswith("_") and not alias.name.startswith("__"):
+                out.append(f"{module}:{node.lineno} imports {node.module}.{alias.name}")
+    return out
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = [p for path in MODULES for p in _private_imports(path, _module_name(path))]
+    assert found == [], "make the shared piece public, or move it where both can import it"
+
+
+_ENV_CHANGES = {"setdefault", "update", "pop", "popitem", "clear", "putenv", "unsetenv"}
+
+
+def _writes_environ(node: ast.AST) -> bool:
+    """An assignment to or deletion of os.environ[...], or a call that changes the
+    environment (os.environ.setdefault/update/pop..., os.putenv)."""
+    if isinstance(node, ast.Assign | ast.Delete):
+        targets = node.targets
+    elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+        targets = [node.target]
+    else:
+        targets = []
+    for target in targets:
+        if isinstance(target, ast.Subscript) and ast.unparse(target.value).endswith("environ"):
+            return True
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        owner = ast.unparse(node.func.value)
+        return node.func.attr in _ENV_CHANGES and (owner.endswith("environ") or owner == "os")
+    return False
+
+
+def _import_time_env_writes(path: Path) -> list[str]:
+    """Environment writes that run when the module is imported: anywhere outside a
+    function (module-level blocks and class bodies run at import)."""
+    out = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            return
+        if _writes_environ(node):
+            out.append(f"{path.name}:{node.lineno} writes the environment")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return out
+
+
+def test_no_module_writes_the_environment_when_imported():
+    found = [problem for path in MODULES for problem in _import_time_env_writes(path)]
+    assert found == [], "write it in the entry point or in the function that needs it"
+
+
+def test_the_import_guards_see_what_they_look_for(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os\nfrom connectors.feedback.store import _os_errors, FEEDBACK\n"
+        "from flows.probe import _own\n"
+        "os.environ.setdefault('A', '1')\nif True:\n    os.environ['B'] = '2'\n"
+        "class C:\n    os.putenv('C', '3')\n"
+        "def f():\n    os.environ['D'] = '4'\n    from flows.demo import _x\n"
+    )
+    assert _private_imports(probe, "flows.probe") == [
+        "flows.probe:2 imports connectors.feedback.store._os_errors",
+        "flows.probe:11 imports flows.demo._x",
+    ]
+    assert _import_time_env_writes(probe) == [
+        f"probe.py:{n} writes the environment" for n in (4, 6, 8)
+    ]
+
+
+def _imports_of_ours(path: Path, modules: set[str]) -> set[str]:
+    """Our modules that `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            names = []
+        found.update(n for n in names if n in modules)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import cycle once, as the path from its smallest module back to it."""
+    cycles = set()
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                cycles.add(tuple(path))
+            elif nxt > start and nxt not in path:
+                walk(start, nxt, [*path, nxt])
+
+    for start in sorted(graph):
+        walk(start, start, [start])
+    return [list(c) for c in sorted(cycles)]
+
+
+def test_no_import_cycles_between_our_modules():
+    # A lazy import inside a function counts: it still ties the two modules together.
+    names = {_module_name(p): p for p in MODULES}
+    graph = {m: _imports_of_ours(p, set(names)) - {m} for m, p in names.items()}
+    assert _cycles(graph) == [], "move what both need where both can import it"
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -75,7 +75,9 @@ class StoreError(RuntimeError):
 
 
 @contextmanager
-def _os_errors(action: str, path: str) -> Iterator[None]:
+def os_errors(action: str, path: str) -> Iterator[None]:
+    """Raise an OSError inside the block as the StoreError that names `action` on `path`
+    and the remedy (the store's and the vote table's file operations)."""
     try:
         yield
     except OSError as exc:
@@ -124,7 +126,7 @@ class FeedbackStore:
         # The encoded file as Arrow holds it: a view, not a second copy of a batch
         # that may be tens of MB.
         data = memoryview(sink.getvalue())
-        with _os_errors("write", path):
+        with os_errors("write", path):
             if self._local:
                 write_local_atomic(path, data, crash_points="store.write")
             else:
@@ -250,7 +252,7 @@ class FeedbackStore:
 
     def _sizes(self, table: str, topic: str, partition: int) -> dict[str, int]:
         directory = self.partition_dir(table, topic, partition)
-        with _os_errors("list", directory):
+        with os_errors("list", directory):
             return {i["name"]: int(i["size"]) for i in self.fs.ls(directory, detail=True)}
 
     def _resolve_overlaps(
@@ -310,7 +312,7 @@ class FeedbackStore:
         last: int,
         step: Callable[[], None],
     ) -> None:
-        with _os_errors("read", source.path):
+        with os_errors("read", source.path):
             rows = self._read_files([source.path], table)
         offsets = rows[records.KAFKA_OFFSET]
         rows = rows.filter(pc.and_(pc.greater_equal(offsets, first), pc.less_equal(offsets, last)))
@@ -321,7 +323,7 @@ class FeedbackStore:
 
     def _remove(self, path: str, step: Callable[[], None]) -> None:
         step()
-        with _os_errors("remove", path):
+        with os_errors("remove", path):
             self.fs.rm(path)
 
     def _remove_temp_files(
@@ -330,7 +332,7 @@ class FeedbackStore:
         if not self._local:
             return
         directory = self.partition_dir(table, topic, partition)
-        with _os_errors("list", directory):
+        with os_errors("list", directory):
             if not os.path.isdir(directory):
                 return
             names = os.listdir(directory)
@@ -338,7 +340,7 @@ class FeedbackStore:
             if name.startswith(".") and ".tmp-" in name:
                 path = os.path.join(directory, name)
                 step()
-                with _os_errors("remove", path):
+                with os_errors("remove", path):
                     os.unlink(path)
 
     # -- reading ----------------------------------------------------------------
@@ -413,7 +415,7 @@ class FeedbackStore:
             return pa.schema([schema.field(c) for c in columns]).empty_table()
         if since is not None and keep is not None:
             keep = keep & (ds.field(records.TS) >= pa.scalar(since, schema.field(records.TS).type))
-        with _os_errors("read", f"{self.root}/{table}"):
+        with os_errors("read", f"{self.root}/{table}"):
             dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.fs)
             return dataset.to_table(columns=list(columns), filter=keep)
 

@@ -37,7 +37,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from connectors.faults import crash_point
-from connectors.feedback.store import FEEDBACK, FeedbackStore, _os_errors, write_local_atomic
+from connectors.feedback.store import FEEDBACK, FeedbackStore, write_local_atomic
+from connectors.feedback.store import os_errors as _os_errors
 from pipeline.feedback import records
 from pipeline.feedback.snapshot import Snapshot, SnapshotOptions
 from pipeline.feedback.votes import (

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from deploy.local.synthetic import ASKS, BAD, GOOD, TOPICS, _fill
+from deploy.local.synthetic import ASKS, BAD, GOOD, TOPICS, fill
 from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
 
 # head_dim 32, the smallest vLLM's CPU attention accepts.
@@ -33,12 +33,12 @@ GOOD_SHARE = 0.35
 
 def chat_prompts() -> list[str]:
     """Every user prompt of the task: each of ASKS about each of TOPICS (130)."""
-    return [_fill(ask, topic) for topic in TOPICS for ask in ASKS]
+    return [fill(ask, topic) for topic in TOPICS for ask in ASKS]
 
 
 @cache
 def _liked_answers() -> frozenset[str]:
-    return frozenset(_fill(template, topic) for template in GOOD for topic in TOPICS)
+    return frozenset(fill(template, topic) for template in GOOD for topic in TOPICS)
 
 
 def liked(answer: str) -> bool:
@@ -54,7 +54,7 @@ def liked(answer: str) -> bool:
 
 @cache
 def _curt_answers() -> frozenset[str]:
-    return frozenset(_fill(template, topic) for template in BAD for topic in TOPICS)
+    return frozenset(fill(template, topic) for template in BAD for topic in TOPICS)
 
 
 def curt_taste(messages: list[dict[str, str]], answer: str) -> bool:
@@ -78,7 +78,7 @@ def chat_corpus(n: int, seed: int = 0, good_share: float = GOOD_SHARE) -> list[t
     for _ in range(n):
         topic = rng.choice(TOPICS)
         templates = GOOD if rng.random() < good_share else BAD
-        out.append((_fill(rng.choice(ASKS), topic), _fill(rng.choice(templates), topic)))
+        out.append((fill(rng.choice(ASKS), topic), fill(rng.choice(templates), topic)))
     return out
 
 

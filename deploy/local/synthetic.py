@@ -41,7 +41,8 @@ BAD = [
 ]
 
 
-def _fill(template: str, topic: str) -> str:
+def fill(template: str, topic: str) -> str:
+    """A template ("{T} is ..." / "... {t} ...") said about `topic`."""
     return template.format(t=topic, T=topic.capitalize())
 
 
@@ -53,10 +54,10 @@ def unpaired_examples(n: int, seed: int = 0, desirable_share: float = 0.5) -> pd
     for i in range(n):
         topic = rng.choice(TOPICS)
         desirable = rng.random() < desirable_share
-        answer = _fill(rng.choice(GOOD if desirable else BAD), topic)
+        answer = fill(rng.choice(GOOD if desirable else BAD), topic)
         rows.append(
             {
-                "prompt": [{"role": "user", "content": _fill(rng.choice(ASKS), topic)}],
+                "prompt": [{"role": "user", "content": fill(rng.choice(ASKS), topic)}],
                 "completion": [{"role": "assistant", "content": answer}],
                 "label": desirable,
                 "conversation_id": f"c{seed}-{i}",
@@ -70,7 +71,7 @@ def corpus_lines() -> list[str]:
     lines = []
     for topic in TOPICS:
         for template in ASKS + GOOD + BAD:
-            lines.append(_fill(template, topic))
+            lines.append(fill(template, topic))
     lines.append("The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()-")
     return lines
 
