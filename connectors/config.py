@@ -1,8 +1,8 @@
 """Configuration: one TOML file plus environment overrides, validated once at the entry point.
 
-Each concern has its own small model; `[train]` and `[lora]` are the pipeline's own
-TrainOptions and LoraOptions, which hold their fields, bounds and defaults. Environment
-variables override the file:
+Each concern has its own small model; `[train]`, `[lora]`, `[balance]` and `[gate]` are
+the pipeline's own TrainOptions, LoraOptions, BalanceOptions and GateOptions, which hold
+their fields, bounds and defaults. Environment variables override the file:
 `KTO_LOOP_<SECTION>__<KEY>`, e.g. `KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`
 or `KTO_LOOP_EVENTS__USER_HASH_KEY=...`. Secrets (SASL password, the user-hash key)
 belong in the environment, not in the file.
@@ -42,11 +42,6 @@ from pipeline.serving.registry import RegistryError, check_alias
 from pipeline.training.options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
-# [gate] max_drift's default, nats per answer token. Measured on the demo model: its whole
-# learned change is 0.12 from the base model; in bench.nights a night's candidate moved
-# 0.03-1.04 from the served adapter, and one following a reversed taste 0.69; so one
-# night may follow a reversal, not jump further (README: The alignment cycle).
-DEFAULT_MAX_DRIFT = 1.0
 CONFIG_ENV = "KTO_LOOP_CONFIG"
 
 
@@ -414,75 +409,6 @@ class CycleConfig(_Section):
     )
 
 
-class GateConfig(_Section):
-    """What a candidate adapter must show on the held-out records, against the adapter
-    serving now, before it is published."""
-
-    min_accuracy_gain: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="candidate - serving implied-reward accuracy must exceed this (and 0, "
-        "and the held-out noise bar)",
-    )
-    min_margin_gain: float = Field(0.0, description="candidate - serving reward margin, at least")
-    max_kl: float = Field(5.0, gt=0, description="the candidate's KL to the base, at most")
-    min_heldout: int = Field(8, ge=1, description="fewer held-out records: refused, too few")
-    scorer: str | None = Field(
-        None,
-        description='"module:function" scoring (prompt, answer) -> float; enables the '
-        "generation check through vLLM",
-    )
-    generation_prompts: int = Field(16, ge=1, description="held-out prompts the check asks")
-    generation_max_tokens: int = Field(64, ge=1)
-    min_score_gain: float = Field(
-        0.0, description="candidate - serving mean score of the generation check, at least"
-    )
-    max_drift: float | None = Field(
-        DEFAULT_MAX_DRIFT,
-        gt=0,
-        description="the candidate's KL to the serving adapter (the base when nothing "
-        "serves) per answer token, on answers it samples for held-out prompts, at most; "
-        "None: not checked",
-    )
-    drift_prompts: int = Field(16, ge=1, description="held-out prompts the drift is sampled on")
-    drift_max_tokens: int = Field(64, ge=1, description="longest answer sampled for the drift")
-    noise_z: float = Field(
-        1.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="the accuracy gain must exceed this many standard errors of the paired "
-        "per-record difference in correctness (0: only > 0)",
-    )
-    judge: Literal["answers", "likelihood"] = Field(
-        "answers",
-        description="answers: the candidate's answers to held-out prompts, judged by a taste "
-        "model learnt from the votes, must beat the serving side's beyond noise (a taste "
-        "model too weak to trust refuses); likelihood: held-out accuracy and margin decide",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> GateConfig:
-        if self.scorer is not None and ":" not in self.scorer:
-            raise ValueError(
-                f'scorer must be "module:function", got {self.scorer!r}, e.g. '
-                '"my_team.scoring:politeness"'
-            )
-        return self
-
-    def options(self) -> GateOptions:
-        return GateOptions(
-            self.min_accuracy_gain,
-            self.min_margin_gain,
-            self.max_kl,
-            self.min_heldout,
-            self.min_score_gain,
-            self.noise_z,
-            self.max_drift,
-            self.judge,
-        )
-
-
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -505,7 +431,7 @@ class Settings(BaseSettings):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     cycle: CycleConfig = Field(default_factory=CycleConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
+    gate: GateOptions = Field(default_factory=GateOptions)
 
     @field_validator("train", mode="before")
     @classmethod

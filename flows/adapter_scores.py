@@ -16,6 +16,7 @@ from flows.training import runtime_for
 from pipeline.feedback.examples import Example
 from pipeline.promotion.compare import HeldoutComparison
 from pipeline.promotion.gate import AnswerScores
+from pipeline.promotion.sampling import drift_prompts
 from pipeline.training.answer_check import AnswerCheck
 from pipeline.training.encode import encode_records, end_of_turn_id
 from pipeline.training.evaluate import HeldoutMetrics
@@ -165,17 +166,15 @@ def _drift(
     """Sample answers with `req.policy` active, score them under it and under the
     reference."""
     rt = comparison.runtime
-    prompts = list(dict.fromkeys(e.prompt_ids for e in comparison.examples))[: req.prompts]
-    room = options.max_length - max((len(p) for p in prompts), default=0)
-    if not prompts or room < 1:
+    prompt_ids = [e.prompt_ids for e in comparison.examples]
+    prompts, tokens = drift_prompts(prompt_ids, req.prompts, options.max_length, req.max_tokens)
+    if not prompts:
         return Drift(float("nan"), float("nan"), 0, 0)
     pad, eot = tokenizer.pad_token_id, end_of_turn_id(tokenizer)
     lm = model.get_base_model()  # the causal LM, its LoRA layers set by `model`
     lm.eval()
     with _active(model, req.policy):
-        answers = sampled_answers(
-            lm, prompts, min(req.max_tokens, room), eot, pad, rt.device, req.seed
-        )
+        answers = sampled_answers(lm, prompts, tokens, eot, pad, rt.device, req.seed)
         pairs = [(i, i) for i in range(len(answers))]
         policy = score_pairs(lm, answers, pairs, pad, rt.device, rt.autocast)
     with _active(model, req.reference):

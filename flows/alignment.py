@@ -20,11 +20,8 @@ the cause. Every run leaves a record and a markdown report
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
-import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -49,26 +46,19 @@ from connectors.serving.vllm_admin import ServerUnreachable, VllmError
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.feedback.balance import Balance, choose_weights
-from pipeline.feedback.continual import (
-    TrainingSet,
-    class_counts,
-    continual_set,
-    key_of,
-    new_votes,
-    retrain_set,
-    votes_since,
-)
+from pipeline.feedback.continual import class_counts, new_votes, votes_since
 from pipeline.feedback.examples import Example
 from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.promotion.cycle import NightPlan, continues, plan_night
 from pipeline.promotion.gate import (
     GateDecision,
-    GateOptions,
     GenerationScores,
+    Measurements,
     judge,
     too_few_heldout,
 )
+from pipeline.promotion.sampling import chat_prompts
 from pipeline.serving.registry import served_name
-from pipeline.training.encode import NonTextPrompt, prompt_messages
 from pipeline.training.manifest import NO_GAIN, Manifest
 
 log = logging.getLogger("kto_loop.cycle")
@@ -191,8 +181,7 @@ def train_candidate(
     run left on this snapshot and plan, or reuse the adapter it finished; start afresh
     on any other."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
-    continued = plan.served if plan.strategy == "continual" else None
-    with _local_version(registry, continued) as served_dir:
+    with _local_version(registry, plan.reference) as served_dir:
         return _train_on(settings, runs, snap, plan, balance, run_id, served_dir)
 
 
@@ -211,7 +200,7 @@ def _train_on(
 
     cycle = settings.cycle
     out = runs.candidate_dir
-    key = plan.candidate_key(snap.id)
+    key = plan.candidate_key
     resume = runs.candidate_snapshot() == key
     finished = read_manifest(out) if resume else None
     if finished is not None:
@@ -256,30 +245,30 @@ def _train_on(
     return result.manifest
 
 
-@task(name="gate", retries=0, cache_policy=NO_CACHE)
-def gate_candidate(
+@task(name="measure-candidate", retries=0, cache_policy=NO_CACHE)
+def measure_candidate(
     settings: Settings,
     registry: AdapterRegistry,
     alias: str,
     candidate: Path,
-    heldout: list[Example],
-    options: GateOptions,
-    train: list[Example] | None = None,
-) -> GateDecision:
-    """Score the candidate and the serving version on the held-out examples, measure
-    the candidate's drift from the serving one on its own answers, and (judging by
-    answers) compare the two sides' answers to held-out prompts, judged by a taste
-    model fit on the `train` votes; judge."""
+    plan: NightPlan,
+    train: list[Example],
+) -> Measurements:
+    """What the gate compares: the candidate and the serving version scored on the
+    plan's held-out examples; with [gate] max_drift, the candidate's drift from the
+    serving one on its own answers; judging by answers, both sides' answers to held-out
+    prompts judged by a taste model fit on the `train` votes. Nothing is scored when
+    the held-out examples are too few for the gate to judge."""
     from flows.adapter_scores import AnswerRequest, DriftRequest, score_adapters
 
     serving = registry.history(alias).current
+    gate, heldout = settings.gate, plan.gate_heldout
     serving_name = served_name(alias, serving) if serving else "the base model"
-    reason = too_few_heldout(len(heldout), options)
-    if reason is not None:
-        return GateDecision(False, reason, (), None, None, serving_name)
-    gate = settings.gate
+    measured = Measurements(serving_name, len(heldout), continual=plan.continual)
+    if too_few_heldout(len(heldout), gate) is not None:
+        return measured
     drift = None
-    if gate.max_drift is not None:
+    if gate.measures_drift:
         reference = "serving" if serving else None
         drift = DriftRequest(
             "candidate", reference, gate.drift_prompts, gate.drift_max_tokens, settings.train.seed
@@ -292,16 +281,13 @@ def gate_candidate(
             settings.train,
             _chat_template(settings),
             drift,
-            AnswerRequest(train or []) if options.judge == "answers" else None,
+            AnswerRequest(train) if gate.measures_answers else None,
         )
-    metrics = scores.metrics
-    per_token = scores.drift.per_token if scores.drift else None
-    return judge(
-        metrics["candidate"],
-        metrics["serving"],
-        options,
-        serving_name,
-        drift=per_token,
+    return replace(
+        measured,
+        candidate=scores.metrics["candidate"],
+        serving=scores.metrics["serving"],
+        drift=scores.drift.per_token if scores.drift else None,
         answers=scores.answers,
     )
 
@@ -335,11 +321,12 @@ def register_candidate(
     cache_policy=NO_CACHE,
 )
 def generation_check(
-    settings: Settings, publisher: Publisher, alias: str, version: str, snap: Snapshot
+    settings: Settings, publisher: Publisher, alias: str, version: str, heldout: list[Example]
 ) -> GenerationScores:
-    """Ask the first replica the held-out prompts, once through the alias (what serves
-    now; the base model when nothing does) and once through the candidate loaded under
-    its own name, and score both sets of answers with the configured scorer."""
+    """Ask the first replica the prompts of the `heldout` examples, once through the
+    alias (what serves now; the base model when nothing does) and once through the
+    candidate loaded under its own name, and score both sets of answers with the
+    configured scorer."""
     gate = settings.gate
     scorer = load_callable(gate.scorer or "", "[gate] scorer")
     admin = publisher.admins[0]
@@ -347,14 +334,12 @@ def generation_check(
     admin.load(candidate, publisher.server_path(version))
     current = publisher.registry.history(alias).current
     serving_model = alias if current else admin.base_models()[0]
-    prompts = _prompts(snap, gate.generation_prompts)  # the gate saw min_heldout >= 1
-    totals = {"candidate": 0.0, "serving": 0.0}
-    for prompt in prompts:
+    scores: dict[str, list[float]] = {"candidate": [], "serving": []}
+    for prompt in chat_prompts(heldout, gate.generation_prompts):
         for side, model in (("candidate", candidate), ("serving", serving_model)):
             answer = admin.chat(model, prompt, max_tokens=gate.generation_max_tokens).text
-            totals[side] += float(scorer(prompt, answer))
-    n = len(prompts)
-    return GenerationScores(totals["candidate"] / n, totals["serving"] / n, n)
+            scores[side].append(float(scorer(prompt, answer)))
+    return GenerationScores.of(scores["candidate"], scores["serving"])
 
 
 @task(
@@ -415,77 +400,34 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     _base_model(settings)  # fail before any work when it is not configured
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     served = registry.history(alias).current
-    snap, new, continual = _take_snapshot(settings, alias, runs, run, served)
-    plan = _plan(settings, alias, snap, new if continual else False, served, run)
+    snap, new, _ = _take_snapshot(settings, alias, runs, run, served)
+    plan = _plan(settings, alias, served, snap, new, run)
     balance = _choose_balance(settings, plan, run)
     report_dir = _train(settings, runs, run, snap, plan, balance)
     _promote(settings, alias, runs, run, snap, plan, report_dir)
 
 
-@dataclass(frozen=True)
-class NightPlan:
-    """What tonight trains on and how: the strategy in effect (a continual night with
-    nothing served retrains), the version it continues, the training set, the held-out
-    examples for training's evaluations and for the gate."""
-
-    strategy: str
-    why: str
-    served: str | None
-    train: TrainingSet
-    heldout: list[Example]
-    gate_heldout: list[Example]
-    gate_options: GateOptions
-
-    def candidate_key(self, snapshot_id: str) -> str:
-        """What a candidate directory's checkpoint was trained on (resumed only when
-        tonight's is the same)."""
-        if self.strategy == "continual":
-            return f"{snapshot_id}+{self.served}"
-        return snapshot_id
-
-
 def _plan(
     settings: Settings,
     alias: str,
-    snap: Snapshot,
-    new: Snapshot | bool | None,
     served: str | None,
+    snap: Snapshot,
+    new: Snapshot | None,
     run: RunRecord,
 ) -> NightPlan:
-    """Tonight's plan: a retrain (`new` False), or a continual night on `new`, the
-    snapshot of the votes since the last judged run (None: they label nothing)."""
-    repeats, cycle = settings.train.repeats, settings.cycle
-    name = served_name(alias, served) if served else None
-    if new is False:
-        why = "configured" if cycle.strategy == "retrain" else "nothing is served yet"
-        train = retrain_set(snap.records("train", repeats), name)
-        heldout, gate_heldout = snap.records("heldout", repeats), snap.records("heldout")
-        plan = NightPlan(
-            "retrain", why, served, train, heldout, gate_heldout, settings.gate.options()
-        )
-    else:
-        seed = f"{snap.id}+{served}"
-        fresh = new.records("train", repeats) if isinstance(new, Snapshot) else []
-        # Replay only what got no vote since, on either side of the new votes' split.
-        voted = {key_of(e) for split in ("train", "heldout") for e in _records(new, split)}
-        train = continual_set(
-            fresh, snap.records("train", repeats), cycle.replay_fraction, seed, name, voted
-        )
-        gate_heldout = new.records("heldout") if isinstance(new, Snapshot) else []
-        heldout = new.records("heldout", repeats) if isinstance(new, Snapshot) else []
-        why = f"continues {name}, on the votes since the last judged run"
-        if len(gate_heldout) < settings.gate.min_heldout:
-            # Too few new held-out votes to judge on: all of them, as a retrain would.
-            gate_heldout, heldout = snap.records("heldout"), snap.records("heldout", repeats)
-            why += f" (judged on every held-out vote: fewer than {settings.gate.min_heldout} new)"
-        # A continued adapter's KL to the base model grows night after night, by design:
-        # what bounds a night is its drift from the served adapter, not max_kl.
-        options = dataclasses.replace(settings.gate.options(), max_kl=math.inf)
-        plan = NightPlan("continual", why, served, train, heldout, gate_heldout, options)
-    run.plan = {"strategy": plan.strategy, "why": plan.why, **plan.train.summary()}
-    run.plan["heldout_judged"] = len(plan.gate_heldout)
-    if isinstance(new, Snapshot):
-        run.plan["new_votes_snapshot"] = new.id
+    """Tonight's plan (pipeline/promotion/cycle.py), recorded and logged."""
+    plan = plan_night(
+        settings.cycle.strategy,
+        alias,
+        served,
+        snap,
+        new,
+        settings.train.repeats,
+        settings.cycle.replay_fraction,
+        settings.gate,
+    )
+    run.plan = plan.record()
+    train = plan.train
     log.info(
         "%s: %s; %d examples (%d new, %d replayed), on-policy share %.2f",
         plan.strategy,
@@ -508,7 +450,7 @@ def _take_snapshot(
     builds_on = {"run_id": run.run_id, "alias": alias, "version": served}
     last = runs.last_judged()
     cycle = settings.cycle
-    continual = cycle.strategy == "continual" and served is not None
+    continual = continues(cycle.strategy, served)
     read_up_to = _read_up_to(last) if continual else None
     window = None if continual else cycle.window_days
     with _timed(run, "snapshot"):
@@ -612,19 +554,13 @@ def _promote(
     plan: NightPlan,
     report_dir: Path,
 ) -> None:
-    """Gate the candidate, register it, check its answers if a scorer is set, and
-    publish it; skip with the gate's reason when it is refused."""
+    """Gate the candidate, register it, run the generation check when the gate asks
+    for it, and publish it; skip with the gate's reason when it is refused."""
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     with _timed(run, "gate"):
-        decision = gate_candidate(
-            settings,
-            registry,
-            alias,
-            runs.candidate_dir,
-            plan.gate_heldout,
-            plan.gate_options,
-            snap.records("train", "weight"),
-        )
+        train = snap.records("train", "weight")
+        measured = measure_candidate(settings, registry, alias, runs.candidate_dir, plan, train)
+        decision = judge(measured, settings.gate)
     run.previous = registry.history(alias).current
     _record_gate(run, decision, report_dir)
     if not decision.promote:
@@ -636,18 +572,10 @@ def _promote(
     run.version = version
     runs.save(run.as_dict())
     publisher = Publisher(registry, settings.serving)
-    if settings.gate.scorer:
+    if decision.generation_due:
         with _timed(run, "generation_check"):
-            scores = generation_check(settings, publisher, alias, version, snap)
-        decision = judge(
-            decision.candidate,
-            decision.serving,
-            plan.gate_options,
-            decision.serving_name,
-            scores,
-            decision.drift,
-            decision.answers,
-        )
+            scores = generation_check(settings, publisher, alias, version, plan.gate_heldout)
+        decision = judge(replace(decision.measured, generation=scores), settings.gate)
         _record_gate(run, decision, report_dir)
         if not decision.promote:
             _retire_quietly(publisher, served_name(alias, version))
@@ -680,9 +608,8 @@ def _record_gate(run: RunRecord, decision: GateDecision, report_dir: Path) -> No
 
     run.gate = decision.as_dict()
     if decision.checks:
-        path = plot_gate(
-            run.gate["checks"], decision.serving_name, decision.promote, report_dir / "gate.png"
-        )
+        name = decision.measured.serving_name
+        path = plot_gate(run.gate["checks"], name, decision.promote, report_dir / "gate.png")
         if str(path) not in run.plots:
             run.plots.append(str(path))
 
@@ -722,10 +649,6 @@ def _base_model(settings: Settings) -> Path:
     return Path(settings.serving.base_model)
 
 
-def _records(snap: Snapshot | bool | None, split: str) -> list[Example]:
-    return snap.records(split) if isinstance(snap, Snapshot) else []
-
-
 def _chat_template(settings: Settings) -> str | None:
     path = settings.cycle.chat_template
     return Path(path).read_text() if path else None
@@ -735,20 +658,6 @@ def _local_version(registry: AdapterRegistry, version: str | None) -> Any:
     if version is None:
         return contextlib.nullcontext(None)
     return registry.local_copy(version)
-
-
-def _prompts(snap: Snapshot, n: int) -> list[list[dict[str, str]]]:
-    """Up to n distinct held-out prompts, as chat messages."""
-    out: dict[str, list[dict[str, str]]] = {}
-    for example in snap.records("heldout"):
-        try:
-            messages = prompt_messages(example.prompt, example.messages_json)
-        except NonTextPrompt:
-            continue
-        out.setdefault(json.dumps(messages, sort_keys=True), messages)
-        if len(out) == n:
-            break
-    return list(out.values())
 
 
 def _retire_quietly(publisher: Publisher, name: str) -> None:

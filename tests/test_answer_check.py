@@ -17,7 +17,7 @@ from deploy.local.chat_model import chat_prompts, liked, sample_answers
 from flows.adapter_scores import AnswerRequest, score_adapters
 from flows.training import TrainInputs, run_training
 from pipeline.feedback.examples import Example
-from pipeline.promotion.gate import GateOptions, judge
+from pipeline.promotion.gate import GateOptions, Measurements, judge
 from pipeline.training.judge import callable_judge
 from pipeline.training.options import TrainOptions
 
@@ -77,9 +77,10 @@ def _gate(model: Path, candidate: Path, train, heldout):
         answers=AnswerRequest(train),
     )
     m = scores.metrics
-    return judge(
-        m["candidate"], m["serving"], GateOptions(), "the base model", answers=scores.answers
+    measured = Measurements(
+        "the base model", len(heldout), m["candidate"], m["serving"], answers=scores.answers
     )
+    return judge(measured, GateOptions())
 
 
 def test_a_clear_win_is_kept_and_the_gate_promotes_it(chat_model_dir, votes, tmp_path):
@@ -96,7 +97,7 @@ def test_a_clear_win_is_kept_and_the_gate_promotes_it(chat_model_dir, votes, tmp
     assert _liked_share(chat_model_dir, out, prompts) > _liked_share(chat_model_dir, None, prompts)
     decision = _gate(chat_model_dir, out, train, heldout)
     assert decision.promote, decision.reason
-    assert decision.checks[0].name == "answers" and decision.answers.better
+    assert decision.checks[0].name == "answers" and decision.measured.answers.better
 
 
 def test_a_collapse_is_refused_by_the_trainer_and_by_the_gate(chat_model_dir, votes, tmp_path):
@@ -117,7 +118,7 @@ def test_a_collapse_is_refused_by_the_trainer_and_by_the_gate(chat_model_dir, vo
     _train(chat_model_dir, collapsed, contrary, heldout, hard)
     decision = _gate(chat_model_dir, collapsed, train, heldout)
     assert not decision.promote
-    assert decision.answers.trusted and decision.answers.worse
+    assert decision.measured.answers.trusted and decision.measured.answers.worse
     assert "judged worse than the base model's" in decision.reason
 
 

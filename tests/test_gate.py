@@ -7,13 +7,24 @@ import math
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from connectors.cycle_runs import CycleBusy, CycleRuns
 from flows.report import render_report
-from pipeline.promotion.gate import AnswerScores, GateOptions, GenerationScores, judge
+from pipeline.promotion import gate
+from pipeline.promotion.gate import (
+    AnswerScores,
+    Check,
+    GateDecision,
+    GateOptions,
+    GenerationScores,
+    Measurements,
+    judge,
+    judged_on_new_heldout,
+)
 from pipeline.serving.registry import RegistryError
 from pipeline.training.evaluate import HeldoutMetrics
 
@@ -44,10 +55,27 @@ def metrics(
 BASE = metrics(0.0, 0.0, 0.0)  # the base model scored against itself: no record right
 
 
+def verdict(
+    candidate: HeldoutMetrics,
+    serving: HeldoutMetrics,
+    options: GateOptions,
+    serving_name: str,
+    generation: GenerationScores | None = None,
+    drift: float | None = None,
+    answers: AnswerScores | None = None,
+    continual: bool = False,
+) -> GateDecision:
+    """The gate's verdict on what was measured on `candidate.count` held-out records."""
+    measured = Measurements(
+        serving_name, candidate.count, candidate, serving, continual, drift, answers, generation
+    )
+    return judge(measured, options)
+
+
 def test_a_clear_win_on_accuracy_at_least_as_good_on_the_rest_is_promoted() -> None:
     # 4 more of 40 records right, none lost: gain 0.1 against a standard error of
     # sqrt(var(d) / n) = sqrt((4 - 40 * 0.1**2) / 39 / 40) = 0.048.
-    decision = judge(
+    decision = verdict(
         metrics(0.9, 1.2, 0.4),
         metrics(0.8, 1.0, 0.2),
         GateOptions(judge="likelihood"),
@@ -64,7 +92,7 @@ def test_a_clear_win_on_accuracy_at_least_as_good_on_the_rest_is_promoted() -> N
 
 def test_a_candidate_identical_to_serving_is_refused_equal_is_not_better() -> None:
     same = metrics(0.8, 1.0, 0.2)
-    decision = judge(same, same, GateOptions(judge="likelihood"), "chat@v3")
+    decision = verdict(same, same, GateOptions(judge="likelihood"), "chat@v3")
     assert not decision.promote
     assert [c.name for c in decision.checks if not c.passed] == ["accuracy"]
     assert decision.reason == (
@@ -72,7 +100,7 @@ def test_a_candidate_identical_to_serving_is_refused_equal_is_not_better() -> No
         "held-out noise (±0)"
     )
     # Without a noise bar it is still refused: the gain must be above 0.
-    assert not judge(same, same, GateOptions(judge="likelihood", noise_z=0), "chat@v3").promote
+    assert not verdict(same, same, GateOptions(judge="likelihood", noise_z=0), "chat@v3").promote
 
 
 def test_a_small_win_within_the_heldout_noise_is_refused() -> None:
@@ -82,18 +110,20 @@ def test_a_small_win_within_the_heldout_noise_is_refused() -> None:
     flipped = {0: False, 1: False, 20: True, 21: True, 22: True}
     correct = tuple(flipped.get(i, c) for i, c in enumerate(serving.correct))
     candidate = metrics(0.525, 1.0, 0.2, correct=correct)
-    decision = judge(candidate, serving, GateOptions(judge="likelihood"), "chat@v3")
+    decision = verdict(candidate, serving, GateOptions(judge="likelihood"), "chat@v3")
     assert not decision.promote
     assert decision.reason == (
         "candidate refused: no better than chat@v3: accuracy gain 0.025 is within the "
         "held-out noise (±0.056)"
     )
     # The noise is what refused it: without the noise bar the gain counts.
-    assert judge(candidate, serving, GateOptions(judge="likelihood", noise_z=0), "chat@v3").promote
+    assert verdict(
+        candidate, serving, GateOptions(judge="likelihood", noise_z=0), "chat@v3"
+    ).promote
 
 
 def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
-    decision = judge(
+    decision = verdict(
         metrics(0.70, 1.5, 0.4),
         metrics(0.80, 1.0, 0.2),
         GateOptions(judge="likelihood"),
@@ -106,7 +136,7 @@ def test_lower_accuracy_is_refused_and_the_reason_names_both_numbers() -> None:
 
 def test_a_required_gain_and_a_tolerated_margin_loss() -> None:
     serving = metrics(0.80, 1.0, 0.2)
-    short = judge(
+    short = verdict(
         metrics(0.9, 1.0, 0.2),
         serving,
         GateOptions(judge="likelihood", min_accuracy_gain=0.15),
@@ -114,16 +144,16 @@ def test_a_required_gain_and_a_tolerated_margin_loss() -> None:
     )
     assert not short.promote
     assert "accuracy 0.9 against 0.8 from s (needs > serving + 0.15)" in short.reason
-    assert judge(
+    assert verdict(
         metrics(0.9, 0.95, 0.2), serving, GateOptions(judge="likelihood", min_margin_gain=-0.1), "s"
     ).promote
-    assert not judge(
+    assert not verdict(
         metrics(0.9, 1.05, 0.2), serving, GateOptions(judge="likelihood", min_margin_gain=0.1), "s"
     ).promote
 
 
 def test_kl_past_the_bound_is_refused_however_good_the_rest() -> None:
-    decision = judge(
+    decision = verdict(
         metrics(0.95, 3.0, 6.0), BASE, GateOptions(judge="likelihood", max_kl=5.0), "the base model"
     )
     assert not decision.promote
@@ -132,13 +162,13 @@ def test_kl_past_the_bound_is_refused_however_good_the_rest() -> None:
 
 
 def test_against_the_base_model_a_candidate_must_have_learnt_the_right_direction() -> None:
-    assert judge(
+    assert verdict(
         metrics(0.6, 0.3, 0.1),
         BASE,
         GateOptions(judge="likelihood"),
         "the base model",
     ).promote
-    wrong_way = judge(
+    wrong_way = verdict(
         metrics(0.3, -0.4, 0.1),
         BASE,
         GateOptions(judge="likelihood"),
@@ -146,12 +176,12 @@ def test_against_the_base_model_a_candidate_must_have_learnt_the_right_direction
     )
     assert not wrong_way.promote and "margin" in wrong_way.reason
     # The base model itself (rewards 0, z_ref 0) gets no record right: no gain on it.
-    itself = judge(BASE, BASE, GateOptions(judge="likelihood"), "the base model")
+    itself = verdict(BASE, BASE, GateOptions(judge="likelihood"), "the base model")
     assert not itself.promote and "no better than the base model" in itself.reason
 
 
 def test_too_few_heldout_records_cannot_be_judged() -> None:
-    decision = judge(
+    decision = verdict(
         metrics(1.0, 2.0, 0.1, count=5), BASE, GateOptions(judge="likelihood", min_heldout=8), "b"
     )
     assert not decision.promote and decision.checks == ()
@@ -160,7 +190,7 @@ def test_too_few_heldout_records_cannot_be_judged() -> None:
 
 def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides() -> None:
     nan = math.nan
-    decision = judge(
+    decision = verdict(
         metrics(0.9, nan, 0.1),
         metrics(0.8, nan, 0.1),
         GateOptions(judge="likelihood"),
@@ -168,7 +198,7 @@ def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides()
     )
     assert decision.promote
     assert next(c for c in decision.checks if c.name == "margin").required == "n/a"
-    assert not judge(
+    assert not verdict(
         metrics(0.9, nan, 0.1),
         metrics(0.8, 1.0, 0.1),
         GateOptions(judge="likelihood"),
@@ -179,9 +209,9 @@ def test_one_class_heldout_has_no_margin_to_compare_and_the_rest_still_decides()
 def test_the_gate_needs_per_record_results_of_the_same_records() -> None:
     bare = HeldoutMetrics(0.5, 0.9, 0.5, -0.5, 1.0, 0.1, 40)
     with pytest.raises(ValueError, match="per-record correctness on the same held-out"):
-        judge(bare, metrics(0.8, 1.0, 0.1), GateOptions(judge="likelihood"), "s")
+        verdict(bare, metrics(0.8, 1.0, 0.1), GateOptions(judge="likelihood"), "s")
     with pytest.raises(ValueError, match="got 30 and 40 records"):
-        judge(
+        verdict(
             metrics(0.9, 1.0, 0.1, count=30),
             metrics(0.8, 1.0, 0.1),
             GateOptions(judge="likelihood"),
@@ -191,7 +221,7 @@ def test_the_gate_needs_per_record_results_of_the_same_records() -> None:
 
 def test_the_generation_check_joins_the_verdict() -> None:
     good, serving = metrics(0.9, 1.0, 0.1), metrics(0.8, 1.0, 0.1)
-    worse = judge(
+    worse = verdict(
         good,
         serving,
         GateOptions(judge="likelihood"),
@@ -199,7 +229,7 @@ def test_the_generation_check_joins_the_verdict() -> None:
         GenerationScores(0.4, 0.6, 16),
     )
     assert not worse.promote and "generation_score 0.4 against 0.6" in worse.reason
-    assert judge(
+    assert verdict(
         good,
         serving,
         GateOptions(judge="likelihood"),
@@ -215,6 +245,72 @@ def test_options_are_checked() -> None:
         GateOptions(judge="likelihood", min_accuracy_gain=-0.05)
     with pytest.raises(ValueError, match="noise_z"):
         GateOptions(judge="likelihood", noise_z=-1)
+    with pytest.raises(ValueError, match='scorer must be "module:function"'):
+        GateOptions(scorer="politeness")
+    with pytest.raises(ValueError, match="judge"):
+        GateOptions(judge="vibes")  # type: ignore[arg-type]
+
+
+def test_a_continual_candidate_is_not_held_to_max_kl_but_its_kl_must_be_finite() -> None:
+    # Its KL to the base model grows night after night by design; its drift bounds it.
+    options = GateOptions(judge="likelihood", max_kl=5.0)
+    far_from_base = metrics(0.95, 3.0, 60.0)
+    assert not verdict(far_from_base, BASE, options, "chat@v3").promote
+    continued = verdict(far_from_base, BASE, options, "chat@v3", continual=True)
+    assert continued.promote, continued.reason
+    kl = next(c for c in continued.checks if c.name == "kl")
+    assert kl.passed and kl.required.startswith("finite")
+    broken = verdict(metrics(0.95, 3.0, math.inf), BASE, options, "chat@v3", continual=True)
+    assert not broken.promote and "kl inf" in broken.reason
+
+
+def test_a_continual_night_is_judged_on_its_new_heldout_votes_only_when_they_can_judge() -> None:
+    options = GateOptions(min_heldout=8)
+    assert judged_on_new_heldout(8, options) and not judged_on_new_heldout(7, options)
+
+
+def test_with_a_scorer_a_passing_candidate_awaits_the_generation_check_then_is_judged_on_it():
+    options = GateOptions(judge="likelihood", scorer="tests.scorers:constant", min_score_gain=0.2)
+    first = verdict(metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2), options, "s")
+    assert first.promote and first.generation_due
+    assert "generation_score" not in {c.name for c in first.checks}
+    scores = GenerationScores.of([0.5, 0.7], [0.5, 0.5])
+    assert (scores.candidate, scores.serving, scores.prompts) == (0.6, 0.5, 2)
+    second = judge(replace(first.measured, generation=scores), options)
+    assert not second.promote and not second.generation_due
+    assert "generation_score 0.6 against 0.5 from s (needs >= serving + 0.2)" in second.reason
+    # No text prompt to ask: the check cannot pass on nothing.
+    asked_nothing = judge(replace(first.measured, generation=GenerationScores.of([], [])), options)
+    assert not asked_nothing.promote and "no held-out prompt with text" in asked_nothing.reason
+    # Refused before it: nothing to check by generation; no scorer: nothing awaited.
+    assert not verdict(BASE, BASE, options, "s").generation_due
+    no_scorer = GateOptions(judge="likelihood")
+    assert not verdict(metrics(0.9, 1.2, 0.4), BASE, no_scorer, "s").generation_due
+
+
+def test_a_new_check_is_one_function_in_the_checks_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What adding a check takes: a function of (measurements, options) returning a
+    # Check (or None where it does not apply), listed in gate.CHECKS.
+    def enough_records(m: Measurements, options: GateOptions) -> Check:
+        return Check(
+            "records",
+            m.heldout,
+            None,
+            ">= 50",
+            m.heldout >= 50,
+            failure=f"only {m.heldout} held-out records (needs >= 50)",
+        )
+
+    monkeypatch.setattr(gate, "CHECKS", (*gate.CHECKS, enough_records))
+    decision = verdict(
+        metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2), GateOptions(judge="likelihood"), "s"
+    )
+    assert [c.name for c in decision.checks] == ["accuracy", "margin", "kl", "records"]
+    assert decision.reason == "candidate refused: only 40 held-out records (needs >= 50)"
+    assert decision.as_dict()["checks"][-1] == {
+        "name": "records", "candidate": 40, "serving": None, "required": ">= 50",
+        "passed": False, "noise": None,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------- run records and lock
@@ -288,7 +384,7 @@ def test_a_bad_alias_is_refused() -> None:
 
 
 def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
-    decision = judge(
+    decision = verdict(
         metrics(0.9, 1.2, 0.3),
         metrics(0.8, 1.0, 0.2),
         GateOptions(judge="likelihood"),
@@ -341,18 +437,19 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
 def test_a_candidate_that_drifts_too_far_from_what_serves_is_refused():
     good, serving = metrics(0.9, 1.2, 0.4), metrics(0.8, 1.0, 0.2)
     options = GateOptions(judge="likelihood", noise_z=0, max_drift=0.05)
-    near = judge(good, serving, options, "chat@v3", drift=0.04)
-    assert near.promote and near.drift == 0.04
-    far = judge(good, serving, options, "chat@v3", drift=0.3)
+    near = verdict(good, serving, options, "chat@v3", drift=0.04)
+    assert near.promote and near.measured.drift == 0.04
+    far = verdict(good, serving, options, "chat@v3", drift=0.3)
     assert not far.promote
     assert "drift 0.3 nats/token from chat@v3" in far.reason and "<= 0.05" in far.reason
     assert [c.name for c in far.checks if not c.passed] == ["drift"]
     # Not measured, or not limited: no drift check at all.
-    assert judge(good, serving, options, "chat@v3").promote
-    assert judge(
-        good, serving, GateOptions(judge="likelihood", noise_z=0), "chat@v3", drift=9.0
-    ).promote
-    assert not judge(good, serving, options, "chat@v3", drift=float("nan")).promote
+    assert verdict(good, serving, options, "chat@v3").promote
+    unlimited = GateOptions(judge="likelihood", noise_z=0, max_drift=None)
+    assert verdict(good, serving, unlimited, "chat@v3", drift=9.0).promote
+    # The configured default bounds it.
+    assert GateOptions().max_drift == 1.0 and GateOptions().measures_drift
+    assert not verdict(good, serving, options, "chat@v3", drift=float("nan")).promote
 
 
 def _answers(gain: float, low: float, high: float) -> AnswerScores:
@@ -363,7 +460,7 @@ def test_judged_by_answers_a_better_candidate_is_promoted_whatever_its_accuracy(
     # Held-out accuracy says worse; the answers it samples are judged better: the
     # answers decide, the accuracy is reported.
     worse_on_votes = metrics(0.7, 1.0, 0.2)
-    decision = judge(
+    decision = verdict(
         worse_on_votes,
         metrics(0.8, 1.0, 0.2),
         GateOptions(),
@@ -380,11 +477,11 @@ def test_judged_by_answers_a_better_candidate_is_promoted_whatever_its_accuracy(
 def test_judged_by_answers_worse_or_within_noise_is_refused_and_kl_still_binds():
     good = metrics(0.9, 1.2, 0.4)
     serving = metrics(0.8, 1.0, 0.2)
-    worse = judge(good, serving, GateOptions(), "chat@v3", answers=_answers(-0.2, -0.3, -0.1))
+    worse = verdict(good, serving, GateOptions(), "chat@v3", answers=_answers(-0.2, -0.3, -0.1))
     assert not worse.promote and "judged worse than chat@v3's" in worse.reason
-    tie = judge(good, serving, GateOptions(), "chat@v3", answers=_answers(0.01, -0.02, 0.04))
+    tie = verdict(good, serving, GateOptions(), "chat@v3", answers=_answers(0.01, -0.02, 0.04))
     assert not tie.promote and "no better, within noise" in tie.reason
-    far = judge(
+    far = verdict(
         metrics(0.9, 1.2, 9.0), serving, GateOptions(), "chat@v3", answers=_answers(0.1, 0.05, 0.2)
     )
     assert not far.promote and "kl" in far.reason
@@ -394,7 +491,7 @@ def test_a_judge_too_weak_to_trust_makes_the_gate_say_so_rather_than_guess():
     weak = AnswerScores(
         False, "the taste model separates held-out likes from dislikes with AUC 0.55"
     )
-    decision = judge(
+    decision = verdict(
         metrics(0.9, 1.2, 0.4), metrics(0.5, 0.1, 0.2), GateOptions(), "v1", answers=weak
     )
     assert not decision.promote and decision.checks == ()
@@ -402,5 +499,5 @@ def test_a_judge_too_weak_to_trust_makes_the_gate_say_so_rather_than_guess():
         "candidate refused: its answers cannot be judged: the taste model separates held-out "
         "likes from dislikes with AUC 0.55"
     )
-    unjudged = judge(metrics(0.9, 1.2, 0.4), metrics(0.5, 0.1, 0.2), GateOptions(), "v1")
+    unjudged = verdict(metrics(0.9, 1.2, 0.4), metrics(0.5, 0.1, 0.2), GateOptions(), "v1")
     assert not unjudged.promote and "not judged" in unjudged.reason
