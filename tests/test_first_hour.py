@@ -1,8 +1,8 @@
-"""The README's "Run it for your own chatbot", run from its own code blocks: a model
+"""docs/quickstart.md, "Run it for your own chatbot", run from its own code blocks: a model
 directory to an adapter published as `chat`, against the real broker, the real vLLM and
-a real Prefect server, all started by `kto-loop local-stack` as the README starts them.
+a real Prefect server, all started by `kto-loop local-stack` as the page starts them.
 
-The commands are read from the section's ```sh blocks, so the README cannot drift from
+The commands are read from the page's ```sh blocks, so the page cannot drift from
 what is tested. What differs from a user's terminal, and why:
 
 - `make ...` and `source .venv/bin/activate` are skipped: the tests already run in the
@@ -10,10 +10,10 @@ what is tested. What differs from a user's terminal, and why:
 - `python -m deploy.local.chat_model --out DIR` links DIR to the session's stand-in
   model (`chat_model_dir`, built by the same builder with fewer steps), instead of
   building it again;
-- the README's fixed ports (9092, 8000, 4200) become free ones, in the `local-stack`
+- the page's fixed ports (9092, 8000, 4200) become free ones, in the `local-stack`
   command (as its --kafka-port, --vllm-port, --prefect-port) and in every command;
 - the commands run in a fresh directory (their `data/` lands there), the stack in the
-  background as the README's second terminal, the rest as one script, as one terminal
+  background as the page's second terminal, the rest as one script, as one terminal
   runs them (its exports carry from block to block);
 - training is capped at a few steps (KTO_LOOP_TRAIN__MAX_STEPS, an ordinary config
   override from the environment) to keep the run short on two cores.
@@ -42,18 +42,15 @@ from tests.conftest import wait_until
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Run it for your own chatbot"
+PAGE = ROOT / "docs" / "quickstart.md"
 PORTS = {"kafka": 9092, "vllm": 8000, "prefect": 4200}
 MODEL_BUILD = "python -m deploy.local.chat_model --out "
 SKIPPED = ("make ", "source .venv/bin/activate")
 
 
 def readme_blocks() -> list[str]:
-    """The ```sh blocks of the section, in order."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return re.findall(r"```sh\n(.*?)```", text[start:end], re.S)
+    """The ```sh blocks of the page, in order."""
+    return re.findall(r"```sh\n(.*?)```", PAGE.read_text(), re.S)
 
 
 def commands(block: str) -> list[str]:

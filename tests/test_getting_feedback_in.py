@@ -1,16 +1,16 @@
-"""The README's "Getting feedback in", run from its own code blocks against the real
+"""docs/getting-feedback-in.md, run from its own code blocks against the real
 broker: votes over HTTP (curl and httpx), from a Kafka producer and from two tools'
 exports, all stored by `kto-loop ingest`.
 
 The ```sh and ```python blocks run in order as one script (the ```html one is a browser
 snippet). What differs from a user's terminal, and why:
 
-- the README's fixed addresses become the session's: its broker for 127.0.0.1:9092, a
+- the page's fixed addresses become the session's: its broker for 127.0.0.1:9092, a
   free port for the endpoint's 127.0.0.1:8088, a fresh topic for chat-feedback;
-- `KTO_LOOP_CONFIG` names a config for them (the README's section runs with the local
+- `KTO_LOOP_CONFIG` names a config for them (the page runs with the local
   stack's), and the user hash key comes from the environment, as there;
 - the script runs in a fresh directory whose `tests/` is the repository's, so the
-  example exports are where the README says and the import reports land there.
+  example exports are where the page says and the import reports land there.
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ from tests.conftest import HASH_KEY, KafkaSetup
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Getting feedback in"
+PAGE = ROOT / "docs" / "getting-feedback-in.md"
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    """The section's (language, code) blocks, in order."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return re.findall(r"```(\w+)\n(.*?)```", text[start:end], re.S)
+    """The page's (language, code) blocks, in order."""
+    return re.findall(r"```(\w+)\n(.*?)```", PAGE.read_text(), re.S)
 
 
 def script(blocks: list[tuple[str, str]]) -> str:
