@@ -15,6 +15,10 @@ app = typer.Typer(
     help="kto-loop: production thumbs up/down -> KTO-trained LoRA adapters in vLLM.",
     no_args_is_help=True,
     add_completion=False,
+    # Help text is Markdown: a paragraph's lines are joined and rewrapped to the terminal
+    # (docstrings break lines where the source does), and "[serving] base_model" stays
+    # as written (Rich markup would take "[serving]" for a style and drop it).
+    rich_markup_mode="markdown",
 )
 ConfigOption = Annotated[
     Path | None,

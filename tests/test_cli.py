@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -133,7 +135,7 @@ def test_snapshot_after_store_compact_is_the_full_rebuilds(tmp_path: Path) -> No
     from pipeline.feedback.events import parse_event
     from pipeline.feedback.records import FeedbackRows
     from pipeline.feedback.sample import sample_events
-    from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, build_snapshot
+    from pipeline.feedback.votes import FOLD_COLUMNS, snapshot_of_rows
 
     _store_with_sample_feedback(tmp_path / "store", n=200)
     config = _snapshot_config(tmp_path)
@@ -158,7 +160,7 @@ def test_snapshot_after_store_compact_is_the_full_rebuilds(tmp_path: Path) -> No
     again = runner.invoke(app, ["snapshot", "--config", str(config)])
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     options = load_settings(config).snapshot.options()
-    full = build_snapshot(store.read(FEEDBACK, SNAPSHOT_COLUMNS), options)
+    full = snapshot_of_rows(store.read_arrow(FEEDBACK, FOLD_COLUMNS), options)
     assert summary["snapshot"] == full.id
 
 
@@ -463,3 +465,63 @@ def test_local_stack_refuses_a_store_an_earlier_broker_filled(tmp_path: Path) ->
     assert result.exit_code == 2
     assert "already holds feedback" in result.output and "--root" in result.output
     assert not (tmp_path / "local/logs").exists()
+
+
+def _commands() -> list[list[str]]:
+    group = typer.main.get_command(app)
+    return [[], *([name] for name in group.commands)]
+
+
+def _rendered(args: list[str], width: int) -> list[str]:
+    """The lines of `kto-loop ARGS --help` on a terminal `width` columns wide."""
+    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": str(width)})
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def _description(lines: list[str]) -> list[str]:
+    """The lines between the usage line and the first panel, without the margins."""
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("Usage:")) + 1
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("╭"))
+    return [line.strip() for line in lines[start:end]]
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """The text of each paragraph (lines between blank ones), its lines joined."""
+    out, current = [], []
+    for line in [*lines, ""]:
+        if line:
+            current.append(line)
+        elif current:
+            out.append(" ".join(current))
+            current = []
+    return out
+
+
+def _written(help_text: str | None) -> list[str]:
+    """The paragraphs of a docstring or a help string, each as one line (`code` is
+    shown without its backticks)."""
+    text = inspect.cleandoc(help_text or "").replace("`", "")
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+
+
+@pytest.mark.parametrize("args", _commands(), ids=lambda a: " ".join(a) or "kto-loop")
+def test_help_reads_as_paragraphs_wrapped_to_the_terminal(args: list[str]) -> None:
+    command = typer.main.get_command(app)
+    for name in args:
+        command = command.commands[name]
+    paragraphs = _written(command.help)
+    wide = _rendered(args, 2000)
+    # Wide, each paragraph is one line: no line is broken where the source broke it.
+    assert [line for line in _description(wide) if line] == paragraphs
+    # Narrow, the same paragraphs, rewrapped.
+    assert _paragraphs(_description(_rendered(args, 70))) == paragraphs
+    rows = [line.strip(" │") for line in wide]
+    # Every option's help is shown whole (nothing taken for markup), on its own row.
+    for param in command.params:
+        for text in _written(getattr(param, "help", None)):
+            assert any(text in row for row in rows), f"{param.name}: {text!r} is not shown"
+    # A group lists each command with its first paragraph, on one row.
+    for name, sub in getattr(command, "commands", {}).items():
+        first = _written(sub.help)[0]
+        assert any(row.startswith(name) and row.endswith(first) for row in rows), name
