@@ -13,7 +13,7 @@ from rich.console import Console
 # Training settings for the demo model; a real model (--model-dir) keeps the config
 # defaults. The toy's taste is an exact match with a few templates: at the default beta,
 # pushing a disliked answer down spreads its probability over near-misses of the liked
-# ones (README: Defaults, and why); beta 2 lets the push stop once an answer is on the
+# ones (docs/training.md: Defaults, and why); beta 2 lets the push stop once an answer is on the
 # right side. Its prompts and answers are short: shorter sequences train faster.
 DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "train": {"beta": 2.0, "max_length": 128, "max_prompt_length": 64},

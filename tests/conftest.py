@@ -20,7 +20,7 @@ from connectors.config import Settings, load_settings
 from deploy.local.broker import Broker, start_broker
 
 HASH_KEY = "9f86d081884c7d659a2feaa0c55ad015"  # 128 bits of hex, as required
-# Prefect's telemetry errors on a locked SQLite database offline (DESIGN.md).
+# Offline, Prefect's telemetry errors on a locked SQLite database (docs/architecture.md).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

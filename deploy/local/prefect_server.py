@@ -1,7 +1,8 @@
 """A local Prefect server that ends with the command that started it.
 
-`kto-loop schedule` serves on one (schedules need a server, DESIGN.md); `kto-loop run`
-and the demo run their flow against a temporary one when PREFECT_API_URL names none.
+`kto-loop schedule` serves on one (schedules need a server: docs/architecture.md,
+Prefect); `kto-loop run` and the demo run their flow against a temporary one when
+PREFECT_API_URL names none.
 Prefect's own ephemeral mode would start a server process too, but one nothing ties to
 our process: a killed command leaves it running. This one is a child from
 deploy/local/processes.py.
@@ -68,7 +69,7 @@ def start_prefect_server(
     port = port or free_port()
     env = {
         **os.environ,
-        # Its telemetry errors on a locked SQLite database offline (DESIGN.md).
+        # Offline, its telemetry errors on a locked SQLite database (docs/architecture.md).
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true" if ui else "false",
     }

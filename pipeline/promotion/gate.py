@@ -51,7 +51,7 @@ JUDGES: tuple[str, ...] = get_args(Judge)
 # max_drift's default, nats per answer token. Measured on the demo model: its whole
 # learned change is 0.12 from the base model; in bench.nights a night's candidate moved
 # 0.03-1.04 from the served adapter, and one following a reversed taste 0.69; so one
-# night may follow a reversal, not jump further (README: The alignment cycle).
+# night may follow a reversal, not jump further (docs/cycle.md: the gate's drift check).
 DEFAULT_MAX_DRIFT = 1.0
 
 

@@ -56,7 +56,7 @@ class LoraOptions:
 @dataclass(frozen=True, config=_STRICT)
 class TrainOptions:
     """Hyper-parameters of one run. Defaults suit a LoRA on a small or mid-size chat
-    model; see the README's training section for how they were chosen, and
+    model; see docs/training.md for how they were chosen, and
     deploy/kto-loop.example.toml for each."""
 
     beta: Annotated[
