@@ -175,8 +175,20 @@ def _is_strong_hex_key(key: str) -> bool:
 class EventsConfig(_Section):
     """How events become labels, and the key of the hash that replaces user ids."""
 
-    rating_desirable_min: int = Field(4, ge=1, le=5)
-    rating_undesirable_max: int = Field(2, ge=1, le=5)
+    rating_desirable_min: int = Field(
+        4,
+        ge=1,
+        le=5,
+        description="a rating this high or higher is a like; applied when an event is "
+        "stored (stored votes keep their label)",
+    )
+    rating_undesirable_max: int = Field(
+        2,
+        ge=1,
+        le=5,
+        description="a rating this low or lower is a dislike (between the two: stored "
+        "without a label); applied when an event is stored",
+    )
     user_hash_key: SecretStr | None = Field(
         None,
         description="secret key of the user-id hash, at least 128 bits of random hex; set "
@@ -275,7 +287,9 @@ class SnapshotConfig(_Section):
         "kto-loop", min_length=1, description="salt of the split hash; changing it reshuffles"
     )
     tie_policy: TiePolicy = Field(
-        "drop", description="an example with as many likes as dislikes: dropped or labelled"
+        "drop",
+        description="an example with as many likes as dislikes: dropped or labelled; "
+        "applied at each snapshot, to every stored vote",
     )
     out_dir: str = Field("./data/snapshots", min_length=1, description="a local directory")
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from connectors.config import ConfigError, load_settings
+from pipeline.promotion.gate import GateOptions
 from pipeline.training.options import LoraOptions, TrainOptions
 
 SECRET = "3a7bd3e2360a3d29eea436fcfb7e44c7"
@@ -113,6 +114,13 @@ def test_the_example_config_in_deploy_is_valid(monkeypatch: pytest.MonkeyPatch) 
     s = load_settings(example)
     assert s.kafka.security_protocol == "SASL_SSL"
     assert s.store.url.startswith("s3://")
+    assert s.gate == GateOptions(max_drift=1.0, drift_prompts=16, generation_prompts=16)
+
+
+def test_the_local_config_in_deploy_is_valid() -> None:
+    local = Path(__file__).resolve().parent.parent / "deploy/kto-loop.local.toml"
+    s = load_settings(local)
+    assert s.serving.base_model == "/models/my-model" and s.gate == GateOptions()
 
 
 @pytest.mark.parametrize(
@@ -145,20 +153,30 @@ def test_a_misspelled_environment_variable_gets_a_did_you_mean(
     load_settings(None)
 
 
-def test_train_and_lora_sections_are_the_pipeline_options(tmp_path: Path) -> None:
+def test_train_lora_and_gate_sections_are_the_pipeline_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(None).train == TrainOptions()
+    assert load_settings(None).gate == GateOptions()
     path = write(
-        tmp_path, '[train]\nmax_steps = 5\nselection = "final"\n[lora]\ntarget_modules = ["q"]\n'
+        tmp_path,
+        '[train]\nmax_steps = 5\nselection = "final"\n[lora]\ntarget_modules = ["q"]\n'
+        '[gate]\njudge = "likelihood"\nscorer = "tests.scorers:constant"\n',
     )
+    monkeypatch.setenv("KTO_LOOP_GATE__MIN_HELDOUT", "20")
     s = load_settings(path)
     assert s.train == TrainOptions(max_steps=5, selection="final")
     assert s.lora == LoraOptions(target_modules=("q",))
-    assert load_settings(None).train == TrainOptions()
+    assert s.gate == GateOptions(
+        judge="likelihood", scorer="tests.scorers:constant", min_heldout=20
+    )
 
 
-def test_train_and_lora_errors_name_the_key(tmp_path: Path) -> None:
+def test_train_lora_and_gate_errors_name_the_key(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[train]\nmax_step = 3\nlr_schedule = "cos"\n[lora]\nr = 4\n',
+        '[train]\nmax_step = 3\nlr_schedule = "cos"\n[lora]\nr = 4\n'
+        '[gate]\nmax_kll = 3\nscorer = "politeness"\nmin_accuracy_gain = -0.1\n',
     )
     with pytest.raises(ConfigError) as err:
         load_settings(path)
@@ -166,6 +184,9 @@ def test_train_and_lora_errors_name_the_key(tmp_path: Path) -> None:
     assert "[train] max_step: unknown key; did you mean 'max_steps'?" in text
     assert "[train] lr_schedule: Input should be 'cosine', 'linear' or 'constant'" in text
     assert "[lora] r: Input should be 1, 8, 16" in text and "KTO_LOOP_LORA__R" in text
+    assert "[gate] max_kll: unknown key; did you mean 'max_kl'?" in text
+    assert '[gate] scorer: Value error, scorer must be "module:function"' in text
+    assert "a loss cannot be tolerated" in text and "KTO_LOOP_GATE__MIN_ACCURACY_GAIN" in text
     with pytest.raises(ConfigError, match="leaves no room for a completion"):
         load_settings(write(tmp_path, "[train]\nmax_length = 64\nmax_prompt_length = 64\n"))
 

@@ -343,8 +343,8 @@ def too_few_heldout(count: int, options: GateOptions) -> str | None:
     if count >= options.min_heldout:
         return None
     return (
-        f"only {count} held-out records, fewer than gate.min_heldout={options.min_heldout}: "
-        "too few to judge. Collect more feedback or raise snapshot.heldout_fraction"
+        f"only {count} held-out records, fewer than [gate] min_heldout={options.min_heldout}: "
+        "too few to judge. Collect more feedback or raise [snapshot] heldout_fraction"
     )
 
 
