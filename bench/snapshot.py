@@ -13,7 +13,8 @@ events, and five adapter versions over time. Then, each in its own spawned proce
 (time and peak RSS, VmHWM, are that process's own):
 
 - first fold: the vote table built from the whole store (once, when it is adopted);
-- full: today's rebuild from every stored row, `build_snapshot(store.read(...))`;
+- full: a rebuild from every stored row, folded at once into an empty vote table
+  (`votes.snapshot_of_rows(store.read_arrow(...))`);
 - incremental: after N * new-share more events, `VoteTable.snapshot()`: fold the new
   files in, build from the table.
 
@@ -277,7 +278,7 @@ def hwm_mb() -> float:
 
 def _measure_in_child(kind: str, root: str, out: Any) -> None:
     from connectors.feedback.vote_table import VoteTable
-    from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, build_snapshot
+    from pipeline.feedback.votes import FOLD_COLUMNS, snapshot_of_rows
 
     logging.basicConfig(level=logging.WARNING)
     gc.collect()
@@ -288,7 +289,7 @@ def _measure_in_child(kind: str, root: str, out: Any) -> None:
         result: dict[str, Any] = {"rows_read": state.rows_read, "events": state.events}
     else:
         if kind == "full":
-            snap = build_snapshot(store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS))
+            snap = snapshot_of_rows(store.read_arrow(FEEDBACK, columns=FOLD_COLUMNS))
         else:
             snap = VoteTable(store).snapshot()
         result = {"snapshot": snap.id, "examples": len(snap.table), "votes": snap.stats.votes}

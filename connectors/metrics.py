@@ -46,10 +46,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from connectors.config import Settings
 from connectors.cycle_runs import CycleRuns, aliases_with_runs
 from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.feedback.vote_table import VoteTable
 from connectors.serving.adapter_registry import AdapterRegistry
 from pipeline.feedback.production import LIKED_SHARE, VOTES, liked_share_by_adapter
 from pipeline.feedback.records import ADAPTER
-from pipeline.feedback.snapshot import VOTE_COLUMNS, SnapshotError
 from pipeline.promotion.loop_metrics import (
     AliasSummary,
     CycleSummary,
@@ -179,11 +179,11 @@ class LoopCollector(Collector):
             store = FeedbackStore(s.url, s.storage_options)
             files = store.files(FEEDBACK)
             if files != self._store_files:
-                votes = store.read(FEEDBACK, columns=VOTE_COLUMNS)
+                votes, _ = VoteTable(store).read()
                 self._liked_share = liked_share_by_adapter(votes)
                 self._store_files = files
                 self._store_read_at = time.time()
-        except (StoreError, OSError, SnapshotError) as exc:
+        except (StoreError, OSError) as exc:
             log.warning("metrics: cannot read the feedback store at %s: %s", s.url, exc)
             return False
         self._store_checked_at = now

@@ -48,7 +48,7 @@ from flows.user_code import load_callable
 from pipeline.feedback.balance import Balance, choose_weights
 from pipeline.feedback.continual import class_counts, new_votes, votes_since
 from pipeline.feedback.examples import Example
-from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
 from pipeline.promotion.cycle import NightPlan, continues, plan_night
 from pipeline.promotion.gate import (
     GateDecision,
@@ -145,16 +145,17 @@ def snapshot_store(
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
-    # The vote table folds in only the store files added since the last snapshot; its
-    # rows (the latest event per voter and message, with texts) are what latest_votes
-    # keeps of the store's rows, so the window and the new votes are picked from them.
+    # One fold of the store files added since the last snapshot: the whole snapshot,
+    # the window and the new votes are all built from the table it leaves.
     votes = VoteTable(fs)
+    options = settings.snapshot.options()
+    table, state = votes.folded()
     try:
         if window_days is None:
-            snap = votes.snapshot(settings.snapshot.options())
+            snap = votes.snapshot(options, (table, state))
         else:
-            feedback = votes_since(votes.rows(), window_days, dt.datetime.now(dt.UTC))
-            snap = build_snapshot(feedback, settings.snapshot.options())
+            now = dt.datetime.now(dt.UTC)
+            snap = votes.snapshot(options, votes_since(table, window_days, now))
     except NothingToSnapshot as exc:
         return str(exc)
     if snap.window is not None and builds_on:
@@ -162,8 +163,7 @@ def snapshot_store(
     new = None
     if read_up_to is not None:
         with contextlib.suppress(NothingToSnapshot):
-            new_rows = new_votes(votes.rows(), read_up_to)
-            new = build_snapshot(new_rows, settings.snapshot.options())
+            new = votes.snapshot(options, new_votes(table, read_up_to))
     return snap, write_snapshot(snap, Path(settings.snapshot.out_dir)), new
 
 

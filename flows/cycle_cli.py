@@ -22,7 +22,7 @@ from rich.table import Table
 
 from connectors.config import ConfigError, Settings
 from connectors.cycle_runs import CycleRuns
-from connectors.feedback.store import FEEDBACK, FeedbackStore, StoreError
+from connectors.feedback.store import FeedbackStore, StoreError
 from connectors.serving.adapter_registry import AdapterRegistry
 from connectors.serving.publish import Publisher
 from deploy.local.prefect_server import configured_api, prefect_api
@@ -281,12 +281,13 @@ def _running(runs: CycleRuns) -> dict[str, Any] | None:
 def _liked_share(
     settings: Settings, registry: AdapterRegistry, aliases: list[str]
 ) -> list[dict[str, Any]] | dict[str, str]:
+    from connectors.feedback.vote_table import VoteTable
     from pipeline.feedback.production import liked_share_by_adapter
-    from pipeline.feedback.snapshot import VOTE_COLUMNS
 
     try:
         store = FeedbackStore(settings.store.url, settings.store.storage_options)
-        frame = liked_share_by_adapter(store.read(FEEDBACK, columns=VOTE_COLUMNS))
+        votes, _ = VoteTable(store).read()
+        frame = liked_share_by_adapter(votes)
     except (StoreError, OSError) as exc:
         err.print(f"could not read the store {settings.store.url}: {exc}", style="red")
         return {"error": str(exc)}

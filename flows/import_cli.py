@@ -192,11 +192,12 @@ def _snapshot(
     settings: Settings, events: Iterator[Checked], report: _Report, fmt: str, out: Path | None
 ) -> dict[str, Any]:
     """Build and write the snapshot of the events, as `kto-loop snapshot` does from the
-    store's rows (the same FeedbackRows, build_snapshot and write_snapshot)."""
+    store's rows (the same FeedbackRows, vote table fold and write_snapshot)."""
     from connectors.feedback.snapshots import write_snapshot
     from flows.ingest_cli import warn_skipped
     from pipeline.feedback.records import FeedbackRows
-    from pipeline.feedback.snapshot import SnapshotError, build_snapshot
+    from pipeline.feedback.snapshot import SnapshotError
+    from pipeline.feedback.votes import snapshot_of_rows
 
     rows = FeedbackRows(f"import:{fmt}", 0)
     wheres: list[str] = []
@@ -208,8 +209,8 @@ def _snapshot(
         report.add(Unmapped(wheres[offset], "unstorable", reason))
     now = dt.datetime.now(dt.UTC)
     try:
-        snap = build_snapshot(
-            rows.to_table(now, f"kto-loop import {fmt}").to_pandas(), settings.snapshot.options()
+        snap = snapshot_of_rows(
+            rows.to_table(now, f"kto-loop import {fmt}"), settings.snapshot.options()
         )
     except SnapshotError as exc:
         fail(RuntimeError(f"no snapshot from this import: {exc}"), 2)

@@ -1,52 +1,80 @@
-"""What a night trains on: the new votes since the last judged run, a seeded replay
-sample of older ones, and the on-policy count (pipeline/feedback/continual.py)."""
+"""What a night trains on: the new votes since the last judged run and the last days'
+votes, picked from the vote table, a seeded replay sample of older ones, and the
+on-policy count (pipeline/feedback/continual.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
+import pyarrow as pa
 import pytest
 
 from pipeline.feedback.continual import (
     class_counts,
     continual_set,
-    example_key,
     key_of,
-    new_example_keys,
     new_votes,
     retrain_set,
     votes_since,
 )
 from pipeline.feedback.examples import Example
-from pipeline.feedback.snapshot import build_snapshot
-from tests.test_snapshot import T0, event, frame
+from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
+from pipeline.feedback.votes import Fold, VoteState, fold_rows, snapshot_from_votes
+from tests.test_snapshot import T0, event, stored
 
 
-def test_examples_voted_past_the_last_run_window_are_new() -> None:
-    rows = [
-        event("a", user="u1", message="m1", t=1, response="old answer"),
-        event("b", user="u2", message="m2", t=2, response="kept answer"),
-        # Past offset 2 on partition 0: new, also an old answer voted again.
-        event("c", user="u3", message="m3", t=3, response="new answer"),
-        event("d", user="u4", message="m4", t=4, response="kept answer"),
-        # A retraction past the window withdraws u1's vote: nothing new to learn.
-        event("e", user="u1", message="m1", t=5, feedback="retract"),
-    ]
-    keys = new_example_keys(frame(rows), {("fb", 0): 2})
-    prompt = "How do I reset my password?"
-    assert keys == {
-        example_key(prompt, None, "new answer"),
-        example_key(prompt, None, "kept answer"),
-    }
+def folded(rows: list[dict]) -> Fold:
+    return fold_rows(stored(rows))
+
+
+def snapshot(fold: Fold, part: tuple[pa.Table, VoteState] | None = None) -> Snapshot:
+    """The snapshot of the fold's votes, or of the part of them selected."""
+    table, state = part or (fold.table, fold.state)
+    return snapshot_from_votes(table, fold.texts, state)
+
+
+def ids(part: tuple[pa.Table, VoteState]) -> list[str]:
+    return part[0]["event_id"].to_pylist()
+
+
+def test_votes_stored_past_the_last_run_window_are_new() -> None:
+    """Offsets 1-5 of partition 0; the last run read up to offset 2. u1's like (1) is
+    superseded by their retraction (5); c (3) and d (4) are new votes, b (2) is not.
+    The new votes' snapshot: the new answer and the kept answer, liked by c and d."""
+    fold = folded(
+        [
+            event("a", user="u1", message="m1", t=1, response="old answer"),
+            event("b", user="u2", message="m2", t=2, response="kept answer"),
+            event("c", user="u3", message="m3", t=3, response="new answer"),
+            event("d", user="u4", message="m4", t=4, response="kept answer"),
+            event("e", user="u1", message="m1", t=5, feedback="retract"),
+        ]
+    )
+    new = new_votes(fold.table, {("fb", 0): 2})
+    assert ids(new) == ["c", "d", "e"]
+    (partition,) = new[1].partitions
+    assert (partition.first_read, partition.last_read, partition.rows_read) == (3, 5, 3)
+    table = snapshot(fold, new).table
+    assert sorted(table["completion"]) == ["kept answer", "new answer"]
+    assert table["votes_desirable"].tolist() == [1, 1]  # b's like of the kept answer is old
     # A partition the last run never read is new throughout; nothing read: all new.
-    assert len(new_example_keys(frame(rows), {("fb", 1): 10})) == 2
-    assert new_example_keys(frame(rows), {("fb", 0): 5}) == set()
+    assert ids(new_votes(fold.table, {("fb", 1): 10})) == ["b", "c", "d", "e"]
+    assert ids(new_votes(fold.table, {})) == ["b", "c", "d", "e"]
+    nothing = new_votes(fold.table, {("fb", 0): 5})
+    assert ids(nothing) == [] and nothing[1].rows_read == 0
+    with pytest.raises(NothingToSnapshot, match="no feedback rows"):
+        snapshot(fold, nothing)
 
 
 def test_history_prompts_key_by_their_messages() -> None:
-    rows = [event("a", messages=[{"role": "user", "content": "hi"}], t=1)]
-    (key,) = new_example_keys(frame(rows), {})
-    assert key == (None, '[{"role": "user", "content": "hi"}]', "Open Settings, then Security.")
+    fold = folded([event("a", messages=[{"role": "user", "content": "hi"}], t=1)])
+    new = snapshot(fold, new_votes(fold.table, {}))
+    (example,) = new.records("train") + new.records("heldout")
+    assert key_of(example) == (
+        None,
+        '[{"role": "user", "content": "hi"}]',
+        "Open Settings, then Security.",
+    )
 
 
 def examples(n: int, tag: str, adapter: str | None = None) -> list[Example]:
@@ -89,9 +117,12 @@ def test_class_counts_weigh_examples_by_their_votes() -> None:
 
 
 def test_the_retrain_window_keeps_recent_votes() -> None:
-    rows = frame([event("a", t=0), event("b", t=3 * 86400)])
-    kept = votes_since(rows, days=2, now=T0 + dt.timedelta(days=3, hours=1))
-    assert list(kept["event_id"]) == ["b"]
+    """Votes at day 0 and day 3; two days back from day 3, one hour in: day 3's only."""
+    fold = folded([event("a", user="u1", t=0), event("b", user="u2", t=3 * 86400)])
+    kept = votes_since(fold.table, days=2, now=T0 + dt.timedelta(days=3, hours=1))
+    assert ids(kept) == ["b"]
+    assert (kept[1].rows_read, kept[1].events) == (1, 1)
+    assert kept[1].read_from_us == int((T0 + dt.timedelta(days=3)).timestamp() * 1e6)
 
 
 def test_new_examples_are_labelled_by_the_new_votes_alone() -> None:
@@ -101,8 +132,8 @@ def test_new_examples_are_labelled_by_the_new_votes_alone() -> None:
         event(f"n{i}", user=f"v{i}", message=f"n{i}", t=10 + i, feedback="dislike")
         for i in range(2)
     ]
-    rows = frame(old + new)
-    assert build_snapshot(rows).table["desirable"].tolist() == [True]  # 3 likes to 2
-    fresh = new_votes(rows, {("fb", 0): 2})
-    assert sorted(fresh["event_id"]) == ["n0", "n1"]
-    assert build_snapshot(fresh).table["desirable"].tolist() == [False]
+    fold = folded(old + new)
+    assert snapshot(fold).table["desirable"].tolist() == [True]  # 3 likes to 2
+    fresh = new_votes(fold.table, {("fb", 0): 2})
+    assert ids(fresh) == ["n0", "n1"]
+    assert snapshot(fold, fresh).table["desirable"].tolist() == [False]

@@ -28,7 +28,7 @@ from pipeline.feedback.imports import langsmith as import_langsmith
 from pipeline.feedback.imports import openai as import_openai
 from pipeline.feedback.imports import openwebui as import_openwebui
 from pipeline.feedback.records import FeedbackRows
-from pipeline.feedback.snapshot import build_snapshot
+from pipeline.feedback.votes import snapshot_of_rows
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 
 DATA = Path(__file__).parent / "data" / "import"
@@ -67,7 +67,7 @@ def _snapshot_of(items: list[Mapped | Unmapped]) -> Any:
             rows.append(item.event, offset, None)
     import datetime as dt
 
-    return build_snapshot(rows.to_table(dt.datetime.now(dt.UTC), "test").to_pandas())
+    return snapshot_of_rows(rows.to_table(dt.datetime.now(dt.UTC), "test"))
 
 
 # -- Open WebUI -------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_import_to_kafka_twice_stores_no_vote_twice(
     rows = store.read()
     # 5 events per import; fb-2 is in both exports of one import, unchanged: 4 distinct
     assert len(rows) == 10 and rows["event_id"].nunique() == 4
-    snap = build_snapshot(rows)
+    snap = snapshot_of_rows(store.read_arrow())
     direct = _snapshot_of(_map("openwebui"))
     assert snap.id == direct.id
     assert snap.stats.votes == direct.stats.votes == 3

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
@@ -23,9 +24,10 @@ from pipeline.feedback.events import parse_event
 from pipeline.feedback.lineage import AdapterVotes, FeedbackWindow, PartitionWindow, lineage_chain
 from pipeline.feedback.records import FEEDBACK_SCHEMA, FeedbackRows
 from pipeline.feedback.sample import sample_events
-from pipeline.feedback.snapshot import Snapshot, SnapshotOptions, build_snapshot
+from pipeline.feedback.snapshot import Snapshot, SnapshotOptions
+from pipeline.feedback.votes import snapshot_of_rows
 from pipeline.training.manifest import Manifest, RunMetrics
-from tests.test_snapshot import T0, event, frame
+from tests.test_snapshot import T0, event, stored
 from tests.test_store import feedback_range
 
 runner = CliRunner()
@@ -54,7 +56,7 @@ def _rows() -> list[dict]:
 
 
 def test_a_feedback_window_has_offset_ranges_per_partition_read_and_counted() -> None:
-    window = build_snapshot(frame(_rows()), OPTIONS).window
+    window = snapshot_of_rows(stored(_rows()), OPTIONS).window
     assert window is not None
     assert window.partitions == (
         # Counted: e2 (4), e3 (5), e4 (8); e1 was superseded, 9 is e2 again.
@@ -65,7 +67,7 @@ def test_a_feedback_window_has_offset_ranges_per_partition_read_and_counted() ->
 
 
 def test_a_feedback_window_has_the_votes_time_range_and_counts_by_class_and_adapter() -> None:
-    window = build_snapshot(frame(_rows()), OPTIONS).window
+    window = snapshot_of_rows(stored(_rows()), OPTIONS).window
     assert window is not None
     # The counted votes: e5 (t=1), e2 (t=4), e3 (t=5), e4 (t=8).
     assert (window.votes_from, window.votes_to) == (
@@ -90,7 +92,7 @@ def test_on_policy_votes_are_those_on_any_version_of_the_alias() -> None:
         event("d", user="u4", t=4, adapter=None),
         event("e", user="u5", t=5, adapter="chat"),  # not alias@version: not counted
     ]
-    window = build_snapshot(frame(rows), OPTIONS).window
+    window = snapshot_of_rows(stored(rows), OPTIONS).window
     assert window is not None
     assert window.on_policy_votes("chat") == 2
     tagged = window.built_on(run_id="r1", alias="chat", version="v3", other=None)
@@ -103,9 +105,11 @@ def test_on_policy_votes_are_those_on_any_version_of_the_alias() -> None:
 
 def test_the_window_leaves_the_content_id_alone(tmp_path: Path) -> None:
     rows = _rows()
-    whole = build_snapshot(frame(rows), OPTIONS)
+    whole = snapshot_of_rows(stored(rows), OPTIONS)
     # One more redelivery widens what was read but changes no example.
-    again = build_snapshot(frame([*rows, _on(0, {**rows[0], records.KAFKA_OFFSET: 30})]), OPTIONS)
+    again = snapshot_of_rows(
+        stored([*rows, _on(0, {**rows[0], records.KAFKA_OFFSET: 30})]), OPTIONS
+    )
     assert again.id == whole.id
     assert again.window != whole.window
     assert again.window is not None and again.window.partitions[0].last_read == 30
@@ -120,7 +124,7 @@ def test_the_window_leaves_the_content_id_alone(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_written_before_windows_reads_with_none(tmp_path: Path) -> None:
-    path = write_snapshot(build_snapshot(frame(_rows()), OPTIONS), tmp_path)
+    path = write_snapshot(snapshot_of_rows(stored(_rows()), OPTIONS), tmp_path)
     meta = json.loads((path / "snapshot.json").read_text())
     del meta["window"]
     (path / "snapshot.json").write_text(json.dumps(meta))
@@ -220,7 +224,7 @@ def two_versions(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     store = FeedbackStore(str(root / "store"))
     registry = AdapterRegistry(str(root / "registry"))
     store.write_batch(FEEDBACK, "fb", 0, 0, 9, feedback_range(0, 9))
-    first = build_snapshot(store.read(FEEDBACK), OPTIONS)
+    first = snapshot_of_rows(store.read_arrow(FEEDBACK), OPTIONS)
     assert first.window is not None
     first = dataclasses.replace(first, window=first.window.built_on(run_id="run-1", alias="chat"))
     write_snapshot(first, root / "snapshots")
@@ -233,7 +237,7 @@ def two_versions(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     )
 
     store.write_batch(FEEDBACK, "fb", 0, 10, 19, feedback_range(10, 19))
-    second = build_snapshot(store.read(FEEDBACK), OPTIONS)
+    second = snapshot_of_rows(store.read_arrow(FEEDBACK), OPTIONS)
     write_snapshot(second, root / "snapshots")
     a2 = make_random_adapter(tiny_model_dir, root / "a2", seed=2)
     v1 = registry.path("v1")
@@ -353,7 +357,7 @@ def test_training_on_a_snapshot_keeps_its_window_in_the_manifest(tmp_path: Path)
     from flows.training import TrainInputs
     from pipeline.feedback.balance import BalanceOptions, choose_weights
 
-    snap = build_snapshot(frame(_rows()), OPTIONS)
+    snap = snapshot_of_rows(stored(_rows()), OPTIONS)
     balance = choose_weights(*snap.class_counts("train"), BalanceOptions())
     inputs = TrainInputs.from_snapshot(
         snap, balance, tmp_path, tmp_path / "out", extra_manifest={"note": "x"}
@@ -378,9 +382,10 @@ def test_the_window_of_a_snapshot_of_recent_votes_lists_only_the_rows_it_read(
     ]
     store = FeedbackStore(str(tmp_path / "store"))
     store.write_batch(FEEDBACK, "fb", 0, 0, 5, pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA))
-    stored = store.read(FEEDBACK)
-    recent = stored[stored[records.TS] >= T0 + dt.timedelta(seconds=10)]
-    window = build_snapshot(recent, OPTIONS).window
+    rows = store.read_arrow(FEEDBACK)
+    since = pa.scalar(T0 + dt.timedelta(seconds=10), rows.schema.field(records.TS).type)
+    recent = rows.filter(pc.greater_equal(rows[records.TS], since))
+    window = snapshot_of_rows(recent, OPTIONS).window
     assert window is not None
     assert (window.partitions[0].first_read, window.partitions[0].last_read) == (1, 4)
     assert window.read_from == (T0 + dt.timedelta(seconds=10)).isoformat()

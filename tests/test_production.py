@@ -1,5 +1,6 @@
-"""Production liked share per adapter: which votes count (dedupe, latest vote,
-retraction, neutral ratings), the adapter rows and their order."""
+"""Production liked share per adapter, counted from the vote table: hand-worked cases of
+which votes count (dedupe, latest vote, retraction, neutral ratings), the adapter rows
+and their order."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from pipeline.feedback import records
 from pipeline.feedback.production import LIKED_SHARE_COLUMNS, NO_ADAPTER, liked_share_by_adapter
 from pipeline.feedback.records import FEEDBACK_SCHEMA
-from pipeline.feedback.snapshot import SnapshotError
+from pipeline.feedback.votes import VOTE_TABLE_SCHEMA, fold_rows
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
@@ -60,14 +61,14 @@ def event(
     }
 
 
-def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as the store reads them back (its Arrow schema, then pandas)."""
-    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA).to_pandas()
+def votes(rows: list[dict[str, Any]]) -> pa.Table:
+    """The vote table of stored rows (the store's Arrow schema) folded at once."""
+    return fold_rows(pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA)).table
 
 
 def shares(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int, float]]:
     """adapter -> (votes, liked, liked_share), in the table's order."""
-    table = liked_share_by_adapter(frame(rows))
+    table = liked_share_by_adapter(votes(rows))
     return {r.adapter: (r.votes, r.liked, r.liked_share) for r in table.itertuples(index=False)}
 
 
@@ -80,7 +81,7 @@ def test_two_adapters_get_their_own_liked_share_and_vote_time_range() -> None:
         event("b3", user="u3", message="m2", t=30, adapter="chat@v2"),
         event("b4", user="u4", message="m2", t=40, feedback="dislike", adapter="chat@v2"),
     ]
-    table = liked_share_by_adapter(frame(rows))
+    table = liked_share_by_adapter(votes(rows))
     assert list(table.columns) == list(LIKED_SHARE_COLUMNS)
     assert shares(rows) == {"chat@v1": (2, 1, 0.5), "chat@v2": (4, 3, 0.75)}
     v2 = table.iloc[1]
@@ -123,11 +124,11 @@ def test_votes_without_an_adapter_are_reported_under_none_last() -> None:
         event("e2", user="u2", message="m2", adapter="chat@v1", feedback="dislike"),
     ]
     assert shares(rows) == {"chat@v1": (1, 0, 0.0), NO_ADAPTER: (1, 1, 1.0)}
-    assert list(liked_share_by_adapter(frame(rows)).adapter) == ["chat@v1", NO_ADAPTER]
+    assert list(liked_share_by_adapter(votes(rows)).adapter) == ["chat@v1", NO_ADAPTER]
 
 
 def test_each_version_is_compared_with_its_aliases_previous_version_in_points() -> None:
-    def votes(adapter: str, liked: int, disliked: int) -> list[dict[str, Any]]:
+    def cast(adapter: str, liked: int, disliked: int) -> list[dict[str, Any]]:
         return [
             event(
                 f"{adapter}-{i}",
@@ -140,12 +141,12 @@ def test_each_version_is_compared_with_its_aliases_previous_version_in_points() 
         ]
 
     rows = [
-        *votes("chat@v1", 1, 3),
-        *votes("chat@v3", 3, 1),
-        *votes("assist@v2", 1, 1),
-        *votes("custom", 1, 0),
+        *cast("chat@v1", 1, 3),
+        *cast("chat@v3", 3, 1),
+        *cast("assist@v2", 1, 1),
+        *cast("custom", 1, 0),
     ]
-    table = liked_share_by_adapter(frame(rows)).set_index("adapter")
+    table = liked_share_by_adapter(votes(rows)).set_index("adapter")
     assert table.loc["chat@v3", "vs_previous_pts"] == pytest.approx(50.0)
     for first in ("assist@v2", "chat@v1", "custom"):
         assert pd.isna(table.loc[first, "vs_previous_pts"]), first
@@ -154,7 +155,7 @@ def test_each_version_is_compared_with_its_aliases_previous_version_in_points() 
 def test_versions_sort_by_number_per_alias_and_other_names_follow() -> None:
     names = ["chat@v10", "custom-lora", "chat@v2", "assist@v3", "chat@v1", None]
     rows = [event(f"e{i}", message=f"m{i}", adapter=a) for i, a in enumerate(names)]
-    table = liked_share_by_adapter(frame(rows))
+    table = liked_share_by_adapter(votes(rows))
     assert list(table.adapter) == [
         "assist@v3",
         "chat@v1",
@@ -166,21 +167,14 @@ def test_versions_sort_by_number_per_alias_and_other_names_follow() -> None:
 
 
 @pytest.mark.parametrize(
-    "feedback",
+    "table",
     [
-        pd.DataFrame(),
-        frame([]),
-        frame([event("e1", rating=3), event("e2", user="u2", feedback="retract")]),
+        VOTE_TABLE_SCHEMA.empty_table(),
+        votes([event("e1", rating=3), event("e2", user="u2", feedback="retract")]),
     ],
-    ids=["no-columns", "no-rows", "no-counted-votes"],
+    ids=["no-votes", "no-counted-votes"],
 )
-def test_no_counted_votes_give_an_empty_table_with_the_columns(feedback: pd.DataFrame) -> None:
-    table = liked_share_by_adapter(feedback)
-    assert table.empty
-    assert list(table.columns) == list(LIKED_SHARE_COLUMNS)
-
-
-def test_rows_lacking_a_vote_column_are_refused_with_its_name() -> None:
-    rows = frame([event("e1")]).drop(columns=records.USER_HASH)
-    with pytest.raises(SnapshotError, match=records.USER_HASH):
-        liked_share_by_adapter(rows)
+def test_no_counted_votes_give_an_empty_table_with_the_columns(table: pa.Table) -> None:
+    shares = liked_share_by_adapter(table)
+    assert shares.empty
+    assert list(shares.columns) == list(LIKED_SHARE_COLUMNS)

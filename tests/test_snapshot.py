@@ -1,11 +1,13 @@
-"""Training snapshots: vote semantics (dedupe, latest vote, retraction, majority, ties),
-the split by conversation, the content id, TRL datasets, snapshot files, and the
-messages of bad input."""
+"""Training snapshots: hand-worked cases of the votes that count (dedupe, latest vote,
+retraction, majority, ties) through the one path that builds a feedback snapshot (a fold
+into a vote table, then snapshot_from_votes), the split by conversation, the content id,
+TRL datasets, snapshot files, and the messages of bad input."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from pipeline.feedback.snapshot import (
     TRAIN,
     SnapshotError,
     SnapshotOptions,
-    build_snapshot,
     split_of,
 )
+from pipeline.feedback.votes import snapshot_of_rows
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
@@ -80,9 +82,9 @@ def event(
     }
 
 
-def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as the store reads them back (its Arrow schema, then pandas)."""
-    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA).to_pandas()
+def stored(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as the store reads them back (its Arrow schema)."""
+    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA)
 
 
 def only_row(snapshot: Any) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def only_row(snapshot: Any) -> dict[str, Any]:
 
 def test_latest_vote_of_a_user_on_a_message_wins_whatever_the_row_order() -> None:
     rows = [event("e2", feedback="dislike", t=10), event("e1", feedback="like", t=0)]
-    snap = build_snapshot(frame(rows))
+    snap = snapshot_of_rows(stored(rows))
     row = only_row(snap)
     assert (row[records.DESIRABLE], row[records.VOTES_DESIRABLE]) == (False, 0)
     assert row[records.VOTES_UNDESIRABLE] == 1
@@ -105,8 +107,8 @@ def test_latest_vote_of_a_user_on_a_message_wins_whatever_the_row_order() -> Non
 def test_equal_timestamps_are_ordered_by_kafka_offset() -> None:
     like_last = [event("a", feedback="dislike", offset=5), event("b", feedback="like", offset=7)]
     dislike_last = [event("a", feedback="dislike", offset=7), event("b", feedback="like", offset=5)]
-    assert only_row(build_snapshot(frame(like_last)))[records.DESIRABLE]
-    assert not only_row(build_snapshot(frame(dislike_last)))[records.DESIRABLE]
+    assert only_row(snapshot_of_rows(stored(like_last)))[records.DESIRABLE]
+    assert not only_row(snapshot_of_rows(stored(dislike_last)))[records.DESIRABLE]
 
 
 def test_a_retraction_as_latest_event_removes_that_users_vote() -> None:
@@ -115,15 +117,15 @@ def test_a_retraction_as_latest_event_removes_that_users_vote() -> None:
         event("e2", user="u2", feedback="dislike", t=1),
         event("e3", user="u1", feedback="retract", t=2),
     ]
-    snap = build_snapshot(frame(rows))
+    snap = snapshot_of_rows(stored(rows))
     row = only_row(snap)
     assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (0, 1)
     assert not row[records.DESIRABLE]
     assert snap.stats.retracted == 1
 
     # Voting again after a retraction counts again (1-1: keep the tie to see it).
-    again = frame([*rows, event("e4", user="u1", feedback="like", t=3)])
-    snap = build_snapshot(again, SnapshotOptions(tie_policy="desirable"))
+    again = stored([*rows, event("e4", user="u1", feedback="like", t=3)])
+    snap = snapshot_of_rows(again, SnapshotOptions(tie_policy="desirable"))
     assert only_row(snap)[records.VOTES_DESIRABLE] == 1
     assert (snap.stats.retracted, snap.stats.superseded) == (0, 2)
 
@@ -134,7 +136,7 @@ def test_a_neutral_rating_replaces_an_earlier_vote_with_none() -> None:
         event("e2", user="u1", rating=3, t=1),
         event("e3", user="u2", rating=1, t=2),
     ]
-    snap = build_snapshot(frame(rows))
+    snap = snapshot_of_rows(stored(rows))
     row = only_row(snap)
     assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (0, 1)
     assert (snap.stats.unlabelled, snap.stats.superseded) == (1, 1)
@@ -148,7 +150,7 @@ def test_a_redelivered_event_counts_once() -> None:
         event("e2", user=None, feedback="dislike", offset=3),
         event("e3", user="u9", message="m2", response="Call support."),
     ]
-    snap = build_snapshot(frame(rows))
+    snap = snapshot_of_rows(stored(rows))
     assert snap.stats.duplicates == 1
     assert snap.stats.ties == 1  # e1 vs e2, dropped by default
     assert snap.table[records.COMPLETION].tolist() == ["Call support."]
@@ -160,7 +162,7 @@ def test_events_without_a_user_are_separate_voters() -> None:
         event("e2", user=None, t=1),
         event("e3", user="u1", feedback="dislike", t=2),
     ]
-    row = only_row(build_snapshot(frame(rows)))
+    row = only_row(snapshot_of_rows(stored(rows)))
     assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (2, 1)
     assert row[records.DESIRABLE]
 
@@ -171,14 +173,14 @@ def test_majority_across_users_and_messages_labels_one_example_per_prompt_and_re
         event("e2", user="u2", message="m2", conversation="c2", t=1, adapter="chat@v2"),
         event("e3", user="u3", message="m3", conversation="c3", feedback="dislike", t=2),
     ]
-    row = only_row(build_snapshot(frame(rows)))
+    row = only_row(snapshot_of_rows(stored(rows)))
     assert row[records.DESIRABLE]
     assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (2, 1)
     # The first vote's conversation decides the split; the latest vote's adapter is kept.
     assert row[records.CONVERSATION_ID] == "c1"
     assert row[records.ADAPTER] == "chat@v1"
     rows[2][records.ADAPTER] = "chat@v3"
-    assert only_row(build_snapshot(frame(rows)))[records.ADAPTER] == "chat@v3"
+    assert only_row(snapshot_of_rows(stored(rows)))[records.ADAPTER] == "chat@v3"
 
 
 @pytest.mark.parametrize(
@@ -191,7 +193,7 @@ def test_tie_policy(policy: str, kept: bool, label: bool | None) -> None:
         event("e2", user="u2", feedback="dislike"),
         event("e3", user="u1", message="m2", response="Other answer."),
     ]
-    snap = build_snapshot(frame(rows), SnapshotOptions(tie_policy=policy))  # type: ignore[arg-type]
+    snap = snapshot_of_rows(stored(rows), SnapshotOptions(tie_policy=policy))  # type: ignore[arg-type]
     tied = snap.table[snap.table[records.COMPLETION] == "Open Settings, then Security."]
     assert snap.stats.ties == 1
     assert snap.stats.ties_dropped == (0 if kept else 1)
@@ -210,7 +212,7 @@ def test_chat_histories_become_messages_json_and_plain_prompts_stay_prompts() ->
         {"role": "user", "content": "How do I reset my password?"},
     ]
     rows = [event("e1", messages=history), event("e2", user="u2", message="m2")]
-    table = build_snapshot(frame(rows)).table
+    table = snapshot_of_rows(stored(rows)).table
     assert len(table) == 2  # same question, but a history is a different prompt
     chat = table[table[records.MESSAGES_JSON].notna()].iloc[0]
     assert json.loads(chat[records.MESSAGES_JSON]) == history
@@ -219,7 +221,7 @@ def test_chat_histories_become_messages_json_and_plain_prompts_stay_prompts() ->
 
 
 def test_the_table_has_the_training_schema_and_source() -> None:
-    snap = build_snapshot(frame([event("e1")]))
+    snap = snapshot_of_rows(stored([event("e1")]))
     assert tuple(snap.table.columns) == TRAINING_COLUMNS
     pa.Table.from_pandas(snap.table, schema=TRAINING_SCHEMA, preserve_index=False)
     assert set(snap.table[records.SOURCE]) == {"feedback"}
@@ -228,7 +230,7 @@ def test_the_table_has_the_training_schema_and_source() -> None:
 def test_records_of_a_split_use_none_for_the_absent_prompt_form() -> None:
     history = [{"role": "user", "content": "Hi?"}]
     rows = [event("e1", messages=history), event("e2", user="u2", message="m2", feedback="dislike")]
-    snap = build_snapshot(frame(rows), SnapshotOptions(heldout_fraction=0.0))
+    snap = snapshot_of_rows(stored(rows), SnapshotOptions(heldout_fraction=0.0))
     assert sorted(map(_fields, snap.records("train")), key=str) == sorted(
         [
             (None, json.dumps(history), "Open Settings, then Security.", True, 1.0),
@@ -267,7 +269,7 @@ def conversations(first: int, last: int, seed_votes: int = 0) -> list[dict[str, 
 
 def test_split_keeps_each_conversation_on_one_side_and_is_stable_as_data_grows() -> None:
     options = SnapshotOptions(heldout_fraction=0.25, split_seed="s1")
-    small = build_snapshot(frame(conversations(0, 199)), options).table
+    small = snapshot_of_rows(stored(conversations(0, 199)), options).table
     sides = small.groupby(records.CONVERSATION_ID)[records.SPLIT].nunique()
     assert (sides == 1).all()
     heldout_share = (
@@ -276,7 +278,7 @@ def test_split_keeps_each_conversation_on_one_side_and_is_stable_as_data_grows()
     assert 0.15 < heldout_share < 0.35
 
     grown_rows = conversations(0, 299) + conversations(0, 99, seed_votes=1)
-    grown = build_snapshot(frame(grown_rows), options).table
+    grown = snapshot_of_rows(stored(grown_rows), options).table
     before = small.groupby(records.CONVERSATION_ID)[records.SPLIT].first()
     after = grown.groupby(records.CONVERSATION_ID)[records.SPLIT].first()
     assert after[before.index].equals(before)
@@ -286,25 +288,25 @@ def test_split_keeps_each_conversation_on_one_side_and_is_stable_as_data_grows()
 
 
 def test_heldout_fraction_zero_puts_everything_in_train() -> None:
-    table = build_snapshot(frame(conversations(0, 49)), SnapshotOptions(0.0)).table
+    table = snapshot_of_rows(stored(conversations(0, 49)), SnapshotOptions(0.0)).table
     assert set(table[records.SPLIT]) == {TRAIN}
 
 
 def test_content_id_is_stable_under_row_order_and_changes_with_content() -> None:
     rows = conversations(0, 59)
-    snap = build_snapshot(frame(rows))
-    shuffled = build_snapshot(frame(rows).sample(frac=1.0, random_state=7))
+    snap = snapshot_of_rows(stored(rows))
+    shuffled = snapshot_of_rows(stored(random.Random(7).sample(rows, len(rows))))
     assert shuffled.id == snap.id
     pd.testing.assert_frame_equal(shuffled.table, snap.table)
     assert len(snap.id) == 16 and int(snap.id, 16) >= 0
 
     rows[0] = {**rows[0], records.RESPONSE: "A different answer."}
-    assert build_snapshot(frame(rows)).id != snap.id
-    assert build_snapshot(frame(rows), SnapshotOptions(split_seed="other")).id != snap.id
+    assert snapshot_of_rows(stored(rows)).id != snap.id
+    assert snapshot_of_rows(stored(rows), SnapshotOptions(split_seed="other")).id != snap.id
 
 
 def test_counts_add_up_by_split_and_label() -> None:
-    snap = build_snapshot(frame(conversations(0, 99)), SnapshotOptions(heldout_fraction=0.3))
+    snap = snapshot_of_rows(stored(conversations(0, 99)), SnapshotOptions(heldout_fraction=0.3))
     table, c = snap.table, snap.counts
     train = table[table[records.SPLIT] == TRAIN]
     assert c.train_desirable == int(train[records.DESIRABLE].sum())
@@ -315,12 +317,12 @@ def test_counts_add_up_by_split_and_label() -> None:
 
 def test_feedback_errors_say_what_is_wrong() -> None:
     with pytest.raises(SnapshotError, match="no feedback rows"):
-        build_snapshot(frame([]))
+        snapshot_of_rows(stored([]))
     with pytest.raises(SnapshotError, match=r"lack the columns \['message_id'\]"):
-        build_snapshot(frame([event("e1")]).drop(columns=records.MESSAGE_ID))
+        snapshot_of_rows(stored([event("e1")]).drop_columns(records.MESSAGE_ID))
     retracted = [event("e1"), event("e2", feedback="retract", t=1)]
     with pytest.raises(SnapshotError, match=r"no labelled examples left from 2 rows.*1 retracted"):
-        build_snapshot(frame(retracted))
+        snapshot_of_rows(stored(retracted))
 
 
 # -- TRL datasets ------------------------------------------------------------------
@@ -416,12 +418,29 @@ def test_trl_ids_agree_across_file_formats(tmp_path: Path) -> None:
     assert a.id == b.id
 
 
+def test_a_file_of_stored_rows_is_folded_like_the_store(tmp_path: Path) -> None:
+    rows = [
+        event("e1", user="u1", t=0),
+        event("e2", user="u1", feedback="dislike", t=1),
+        event("e3", user="u2", message="m2", t=2, response="Call support."),
+    ]
+    path = write_parquet(tmp_path / "rows.parquet", rows)
+    snap = load_training_data(path)
+    assert labels(snap.table) == {"Open Settings, then Security.": False, "Call support.": True}
+    assert snap.id == snapshot_of_rows(stored(rows)).id
+    assert (snap.stats.superseded, snap.window.partitions[0].last_read) == (1, 2)
+    # Without its Kafka position a row has no place in the order of events.
+    positionless = [{k: v for k, v in r.items() if not k.startswith("kafka_")} for r in rows]
+    with pytest.raises(SnapshotError, match=r"lack the columns \['kafka_topic', 'kafka_partition'"):
+        load_training_data(write_parquet(tmp_path / "bare.parquet", positionless))
+
+
 # -- snapshot files ----------------------------------------------------------------
 
 
 def test_write_read_round_trip_keeps_id_stats_and_options(tmp_path: Path) -> None:
     options = SnapshotOptions(heldout_fraction=0.3, split_seed="x")
-    snap = build_snapshot(frame(conversations(0, 29)), options)
+    snap = snapshot_of_rows(stored(conversations(0, 29)), options)
     path = write_snapshot(snap, tmp_path / "snaps")
     assert path == tmp_path / "snaps" / snap.id
     assert sorted(p.name for p in path.iterdir()) == ["records.parquet", "snapshot.json"]
@@ -444,17 +463,17 @@ def test_write_read_round_trip_keeps_id_stats_and_options(tmp_path: Path) -> Non
 
 
 def test_writing_an_existing_snapshot_is_a_no_op(tmp_path: Path) -> None:
-    snap = build_snapshot(frame([event("e1")]))
+    snap = snapshot_of_rows(stored([event("e1")]))
     first = write_snapshot(snap, tmp_path)
     created = json.loads((first / "snapshot.json").read_text())["created_at"]
-    again = write_snapshot(build_snapshot(frame([event("e1"), event("e1", offset=9)])), tmp_path)
+    again = write_snapshot(snapshot_of_rows(stored([event("e1"), event("e1", offset=9)])), tmp_path)
     assert again == first
     assert json.loads((first / "snapshot.json").read_text())["created_at"] == created
     assert [p.name for p in tmp_path.iterdir()] == [snap.id]  # no temp dirs left
 
 
 def test_a_snapshot_changed_after_writing_is_refused(tmp_path: Path) -> None:
-    path = write_snapshot(build_snapshot(frame([event("e1")])), tmp_path)
+    path = write_snapshot(snapshot_of_rows(stored([event("e1")])), tmp_path)
     table = pq.read_table(path / "records.parquet").to_pandas()
     table[records.COMPLETION] = "tampered"
     pq.write_table(pa.Table.from_pandas(table, schema=TRAINING_SCHEMA), path / "records.parquet")
@@ -615,7 +634,7 @@ def test_missing_file_and_columns_without_rows(tmp_path: Path) -> None:
 
 
 def test_a_bad_snapshot_table_is_refused(tmp_path: Path) -> None:
-    table = build_snapshot(frame([event("e1")])).table.copy()
+    table = snapshot_of_rows(stored([event("e1")])).table.copy()
     table[records.SPLIT] = "validation"
     pq.write_table(pa.Table.from_pandas(table), tmp_path / "s.parquet")
     with pytest.raises(SnapshotError, match=r"unknown split values \['validation'\]"):

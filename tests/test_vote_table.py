@@ -1,6 +1,9 @@
-"""The vote table: a snapshot folded night by night from the store files added since
-the last one is the snapshot of a full rebuild, through redeliveries, superseding votes,
-retractions, ratings and votes without a user, and through a crash at any step."""
+"""The vote table: hand-worked cases of the votes that survive a fold; a snapshot folded
+night by night from the store files added since the last one is the snapshot of a fold
+of every row at once, through redeliveries, superseding votes, retractions, ratings and
+votes without a user, and through a crash at any step; the one order of events where
+the two differ; the cycle's snapshot task, which folds once; and `kto-loop status`,
+which reads the table without writing it."""
 
 from __future__ import annotations
 
@@ -18,13 +21,137 @@ import pytest
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from connectors.feedback.vote_table import VoteTable
+from pipeline.feedback import records
 from pipeline.feedback.events import parse_event
 from pipeline.feedback.records import FeedbackRows
 from pipeline.feedback.sample import sample_events
-from pipeline.feedback.snapshot import SNAPSHOT_COLUMNS, NothingToSnapshot, Snapshot, build_snapshot
+from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
+from pipeline.feedback.votes import FOLD_COLUMNS, fold_rows, is_counted, snapshot_of_rows
+from tests.test_snapshot import event, stored
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+# -- which votes survive a fold: hand-worked cases ---------------------------------------
+
+
+def _on(partition: int, row: dict) -> dict:
+    return {**row, records.KAFKA_PARTITION: partition}
+
+
+# (events, the votes the table keeps in ORDER, those of them that count)
+FOLD_CASES = {
+    "the latest by ts wins, whatever the row order": (
+        [event("e2", feedback="dislike", t=10), event("e1", t=0)],
+        ["e2"],
+        ["e2"],
+    ),
+    "at the same ts, the later offset": (
+        [event("a", feedback="dislike", offset=5), event("b", offset=7)],
+        ["b"],
+        ["b"],
+    ),
+    "at the same ts, a lower partition is earlier, whatever its offset": (
+        [_on(1, event("a", offset=0)), _on(0, event("b", feedback="dislike", offset=9))],
+        ["a"],
+        ["a"],
+    ),
+    "a retraction as the latest event stays and withdraws the vote": (
+        [
+            event("e1", user="u1", t=0),
+            event("e2", user="u2", feedback="dislike", t=1),
+            event("e3", user="u1", feedback="retract", t=2),
+        ],
+        ["e2", "e3"],
+        ["e2"],
+    ),
+    "a vote after a retraction counts again": (
+        [event("e1", t=0), event("e2", feedback="retract", t=1), event("e3", t=2)],
+        ["e3"],
+        ["e3"],
+    ),
+    "a neutral rating replaces a vote with none": (
+        [event("e1", t=0), event("e2", rating=3, t=1)],
+        ["e2"],
+        [],
+    ),
+    "a redelivered event counts once": (
+        [event("e1", user=None, offset=1), event("e1", user=None, offset=2)],
+        ["e1"],
+        ["e1"],
+    ),
+    "events without a user are each their own voter": (
+        [event("e1", user=None, t=0), event("e2", user=None, feedback="dislike", t=1)],
+        ["e1", "e2"],
+        ["e1", "e2"],
+    ),
+    "a vote without its texts counts": (
+        [event("e1", prompt=None, response=None)],
+        ["e1"],
+        ["e1"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("events", "kept", "counted"), FOLD_CASES.values(), ids=FOLD_CASES)
+def test_a_fold_keeps_the_latest_event_per_voter_and_message(
+    events: list[dict], kept: list[str], counted: list[str]
+) -> None:
+    fold = fold_rows(stored(events))
+    assert fold.table[records.EVENT_ID].to_pylist() == kept
+    assert fold.table.filter(is_counted(fold.table))[records.EVENT_ID].to_pylist() == counted
+    assert (fold.state.rows_read, fold.state.events) == (len(events), len({*map(_id, events)}))
+
+
+def _id(row: dict) -> str:
+    return row[records.EVENT_ID]
+
+
+def test_a_redelivery_keeps_its_first_position_and_a_vote_without_texts_no_example() -> None:
+    rows = [
+        event("e1", offset=7),
+        event("e1", offset=3),
+        event("e2", message="m2", t=9, prompt=None),
+    ]
+    fold = fold_rows(stored(rows))
+    assert fold.table[records.KAFKA_OFFSET].to_pylist() == [3, 9]
+    assert fold.table[records.EXAMPLE_KEY].is_valid().to_pylist() == [True, False]
+    # Only the example with texts is written beside the table, once.
+    assert fold.texts[records.RESPONSE].to_pylist() == ["Open Settings, then Security."]
+    assert fold_rows(stored([])).table.num_rows == 0
+
+
+def test_a_redelivery_at_an_earlier_position_wins_only_when_folded_at_once(
+    tmp_path: Path,
+) -> None:
+    """The order of events pipeline/feedback/votes.py names. One voter on one message,
+    every event at the same ts:
+
+        night 1, partition 1:  offset 0  "old" like;  offset 1  "new" dislike
+        night 2, partition 0:  offset 0  "new" again (redelivered on another partition)
+
+    Folded night by night, night 1 keeps "new" (the later offset) and drops "old";
+    night 2's redelivery is "new" again, kept at its earlier position: disliked.
+    Folded at once, "new" is first seen at partition 0 (before all of partition 1), so
+    "old" at partition 1 offset 0 comes after it and is the latest: liked."""
+    old = _on(1, event("old", offset=0))
+    new = _on(1, event("new", feedback="dislike", offset=1))
+    store = FeedbackStore(str(tmp_path))
+    store.write_batch(FEEDBACK, "fb", 1, 0, 1, stored([old, new]))
+    votes = VoteTable(store)
+    votes.fold()
+    store.write_batch(FEEDBACK, "fb", 0, 0, 0, stored([_on(0, {**new, records.KAFKA_OFFSET: 0})]))
+    table, _ = votes.folded()
+    assert table[records.EVENT_ID].to_pylist() == ["new"]
+    assert table[records.KAFKA_PARTITION].to_pylist() == [0]
+    assert votes.snapshot().table[records.DESIRABLE].tolist() == [False]
+    at_once = fold_rows(store.read_arrow(FEEDBACK, columns=FOLD_COLUMNS))
+    assert at_once.table[records.EVENT_ID].to_pylist() == ["old"]
+    assert full_rebuild(store).table[records.DESIRABLE].tolist() == [True]
+
+
+# -- a store grown night by night ------------------------------------------------------
 
 
 def messy_events(n: int, seed: int) -> list[dict]:
@@ -72,7 +199,8 @@ def write_batches(store: FeedbackStore, events: list[dict], partitions: int, bat
 
 
 def full_rebuild(store: FeedbackStore) -> Snapshot:
-    return build_snapshot(store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS))
+    """Every stored row folded at once into an empty vote table."""
+    return snapshot_of_rows(store.read_arrow(FEEDBACK, columns=FOLD_COLUMNS))
 
 
 def assert_same(folded: Snapshot, full: Snapshot) -> None:
@@ -116,29 +244,6 @@ def test_a_table_folded_once_equals_one_folded_in_many_steps(
         write_batches(often, events, partitions=2, batch=40)
         VoteTable(often).fold()
     assert_same(VoteTable(once).snapshot(), VoteTable(often).snapshot())
-
-
-def test_the_vote_rows_give_the_cycle_the_same_examples_and_new_keys(tmp_path: Path) -> None:
-    from pipeline.feedback.continual import new_example_keys, new_votes, votes_since
-
-    store = FeedbackStore(str(tmp_path))
-    steps = grown_in_steps(tmp_path, seed=3)
-    for events in steps[:2]:
-        write_batches(store, events, partitions=2, batch=30)
-    read_up_to = {("fb", p): f.last for p in (0, 1) for f in store.batch_files(FEEDBACK, "fb", p)}
-    for events in steps[2:]:
-        write_batches(store, events, partitions=2, batch=30)
-    feedback = store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
-    rows = VoteTable(store).rows()
-    assert new_example_keys(rows, read_up_to) == new_example_keys(feedback, read_up_to)
-    assert build_snapshot(new_votes(rows, read_up_to)).id == (
-        build_snapshot(new_votes(feedback, read_up_to)).id
-    )
-    assert build_snapshot(rows).id == full_rebuild(store).id
-    now = START + dt.timedelta(seconds=400)
-    since = votes_since(feedback, 0.002, now)
-    windowed = VoteTable(store).rows(since=since["ts"].min())
-    assert build_snapshot(windowed).id == build_snapshot(since).id
 
 
 def test_an_empty_store_has_nothing_to_snapshot(tmp_path: Path) -> None:
@@ -210,26 +315,111 @@ def test_state_round_trips() -> None:
     assert state.folded_to("fb", 1) == -1 and state.folded_to("fb", 0) == 9
 
 
-def test_the_cycles_snapshot_task_builds_from_the_vote_table(tmp_path: Path) -> None:
+# -- the cycle's snapshot task ---------------------------------------------------------
+
+
+def _night(store: FeedbackStore, first: int, rows: list[dict]) -> None:
+    at = [{**r, records.KAFKA_OFFSET: first + i} for i, r in enumerate(rows)]
+    store.write_batch(FEEDBACK, "fb", 0, first, first + len(rows) - 1, stored(at))
+
+
+def _labels(snap: Snapshot) -> dict[str, bool]:
+    table = snap.table
+    return dict(zip(table[records.COMPLETION], table[records.DESIRABLE], strict=True))
+
+
+def _vote(
+    event_id: str, user: str, message: str, answer: str, feedback: str, ago: dt.timedelta
+) -> dict:
+    row = event(event_id, user=user, message=message, response=answer, feedback=feedback)
+    return {**row, records.TS: dt.datetime.now(dt.UTC) - ago}
+
+
+def test_the_cycles_snapshot_task_builds_the_store_the_window_and_the_new_votes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Night 1 (offsets 0-1, three days ago): u1 likes answer A, u2 dislikes B; the last
+    judged run read up to offset 1. Night 2 (offsets 2-4, an hour ago): u3 dislikes A,
+    u1 retracts their like of A, u4 likes C.
+
+    The store: A disliked 0-1 (u1's like withdrawn), B disliked, C liked. The votes
+    since the run, and the last two days' votes: u3's dislike of A and u4's like of C
+    (u1's retraction counts nothing): A undesirable, C desirable. One fold serves all
+    three: the vote table and the new store files are each read once."""
     from connectors.config import load_settings
     from flows.alignment import snapshot_store
-    from pipeline.feedback.continual import new_votes
 
     config = tmp_path / "c.toml"
     config.write_text(
         f'[store]\nurl = "{tmp_path / "store"}"\n[snapshot]\nout_dir = "{tmp_path / "snaps"}"\n'
+        "heldout_fraction = 0.0\n"
     )
     settings = load_settings(config)
     store = FeedbackStore(str(tmp_path / "store"))
     assert "no feedback" in snapshot_store.fn(settings)
-    steps = grown_in_steps(tmp_path, seed=6)
-    write_batches(store, steps[0], partitions=2, batch=30)
-    read_up_to = {("fb", p): f.last for p in (0, 1) for f in store.batch_files(FEEDBACK, "fb", p)}
-    write_batches(store, steps[1], partitions=2, batch=30)
+    days, hour = dt.timedelta(days=3), dt.timedelta(hours=1)
+    _night(
+        store,
+        0,
+        [_vote("a1", "u1", "m1", "A", "like", days), _vote("b", "u2", "m2", "B", "dislike", days)],
+    )
+    read_up_to = {("fb", 0): 1}
+    night_2 = [
+        _vote("a2", "u3", "m3", "A", "dislike", hour),
+        _vote("a3", "u1", "m1", "A", "retract", hour),
+        _vote("c", "u4", "m4", "C", "like", hour),
+    ]
+    _night(store, 2, night_2)
+    reads: list[str] = []
+    for cls, name in ((VoteTable, "table"), (FeedbackStore, "read_ranges")):
+        original = getattr(cls, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
     snap, path, new = snapshot_store.fn(settings, {"run_id": "r1"}, None, read_up_to)
-    feedback = store.read(FEEDBACK, columns=SNAPSHOT_COLUMNS)
-    assert snap.id == full_rebuild(store).id and path.name == snap.id
-    assert snap.window.builds_on == {"run_id": "r1"}
-    assert new is not None and new.id == build_snapshot(new_votes(feedback, read_up_to)).id
-    # Votes of 2026 are all older than a day: nothing in the window.
-    assert "no feedback rows" in snapshot_store.fn(settings, None, 1.0)
+    assert sorted(reads) == ["read_ranges", "table"]
+    assert _labels(snap) == {"A": False, "B": False, "C": True}
+    assert (snap.stats.votes, snap.stats.retracted, snap.stats.superseded) == (3, 1, 1)
+    assert path.name == snap.id and snap.window.builds_on == {"run_id": "r1"}
+    assert new is not None and _labels(new) == {"A": False, "C": True}
+    assert new.stats.rows_read == 3 and new.window.partitions[0].first_read == 2
+
+    windowed, _, none_new = snapshot_store.fn(settings, None, 2.0, {("fb", 0): 4})
+    assert _labels(windowed) == {"A": False, "C": True} and none_new is None
+    assert "no feedback rows" in snapshot_store.fn(settings, None, 0.01)
+
+
+def test_status_reads_the_liked_share_from_the_vote_table_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Folded: u1 likes A on v1 (offset 0), u2 dislikes A on v1 (1). Stored since, not
+    folded: u1 changes to a dislike (2), u3 likes B on v2 (3). v1: 2 votes, 0 liked;
+    v2: 1 vote, liked. The table on disk stays as the last fold left it."""
+    from connectors.config import load_settings
+    from connectors.serving.adapter_registry import AdapterRegistry
+    from flows.cycle_cli import _liked_share
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[store]\nurl = "{tmp_path / "store"}"\n')
+    store = FeedbackStore(str(tmp_path / "store"))
+    _night(store, 0, [event("a", user="u1", t=0), event("b", user="u2", feedback="dislike", t=1)])
+    VoteTable(store).fold()
+    on_disk = sorted(os.listdir(tmp_path / "store" / "votes"))
+    _night(
+        store,
+        2,
+        [
+            event("c", user="u1", feedback="dislike", t=2),
+            event("d", user="u3", message="m2", t=3, adapter="chat@v2"),
+        ],
+    )
+    rows = _liked_share(load_settings(config), AdapterRegistry(str(tmp_path / "reg")), [])
+    assert [(r["adapter"], r["votes"], r["liked"]) for r in rows] == [
+        ("chat@v1", 2, 0),
+        ("chat@v2", 1, 1),
+    ]
+    assert sorted(os.listdir(tmp_path / "store" / "votes")) == on_disk
+    assert VoteTable(store).state().generation == 1

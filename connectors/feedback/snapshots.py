@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.feedback.imports.trl import snapshot_from_table
 from pipeline.feedback.lineage import FeedbackWindow
 from pipeline.feedback.records import TRAINING_SCHEMA
 from pipeline.feedback.snapshot import (
@@ -36,7 +37,6 @@ from pipeline.feedback.snapshot import (
     SnapshotOptions,
     SnapshotStats,
     from_snapshot_table,
-    snapshot_from_table,
 )
 
 log = logging.getLogger(__name__)

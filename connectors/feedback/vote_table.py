@@ -18,7 +18,9 @@ the state lands leaves generation g whole and valid (files of g+1 are ignored, t
 rewritten by the next fold); one after it leaves only a stale table to remove. The
 crash points are "votes.fold.N" (N = 1..3 after each file, 4 after the commit) and
 "votes.state.1/2" inside the state's write. One process folds at a time: the cycle
-and `kto-loop snapshot` are not run concurrently on one store.
+and `kto-loop snapshot` are not run concurrently on one store. Readers beside them
+(`kto-loop status`, the metrics collector) take `read()`: the stored table, with what
+the store gained since folded in memory, and nothing written.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -89,35 +89,18 @@ class VoteTable:
         Raises:
             StoreError: a file could not be read or written.
         """
-        return self._fold()[0]
+        return self.folded()[1]
 
-    def _fold(self) -> tuple[VoteState, pa.Table]:
-        """fold(), and the table of the state it returns."""
+    def folded(self) -> tuple[pa.Table, VoteState]:
+        """fold(), and the table of the state it returns: what `snapshot` and the
+        selections of pipeline/feedback/continual.py take."""
         state = self.state()
-        ranked = []
-        for topic, partition in self.store.partitions(FEEDBACK):
-            done = state.folded_to(topic, partition)
-            live = self.store.live_batch_files(FEEDBACK, topic, partition)
-            new = [f for f in live if f.last > done]
-            ranked += [(i, (topic, partition, f.first, f.last)) for i, f in enumerate(new)]
-        # The partitions' n-th new files together: partitions fill up side by side, so
-        # each run of files folds in votes mostly newer than the table's (no re-sort).
-        files = [f for _, f in sorted(ranked)]
         table = self.table(state)
+        files = self._new_files(state)
         if not files:
             self._remove_stale(state)  # what a fold killed after its commit left
-            return state, table
-        seen = self._seen(state)
-        texts, fresh, now = [], [], state
-        # Some files at a time: the first fold of a large store reads all of it.
-        for chunk in _chunks(files, state, FOLD_CHUNK_ROWS):
-            rows = self.store.read_ranges(_ranges(chunk, state), FOLD_COLUMNS)
-            fold = fold_votes(table, seen, rows, chunk, now)
-            table, now = fold.table, replace(fold.state, generation=state.generation)
-            seen = pa.chunked_array([*seen.chunks, *fold.seen[records.EVENT_ID].chunks])
-            texts.append(fold.texts)
-            fresh.append(fold.seen)
-        now = replace(now, generation=state.generation + 1)
+            return table, state
+        table, now, texts, fresh = self._fold_files(table, state, files)
         self._write(self._path("table", now.generation), table)
         crash_point("votes.fold.1")
         self._write(self._path("texts", now.generation), pa.concat_tables(texts))
@@ -133,33 +116,69 @@ class VoteTable:
             now.generation,
             table.num_rows,
         )
-        return now, table
+        return table, now
 
-    def snapshot(self, options: SnapshotOptions | None = None) -> Snapshot:
-        """Fold in what is new, then build the snapshot of the whole store from the
-        table: the one build_snapshot gives from every store row.
+    def read(self) -> tuple[pa.Table, VoteState]:
+        """The table and state a fold would leave, with nothing written: the stored
+        table when it is current, else it with the store files added since folded in,
+        in memory. For readers beside the cycle (status, metrics): one process folds.
+
+        Raises:
+            StoreError: a file could not be read.
+        """
+        state = self.state()
+        table = self.table(state)
+        files = self._new_files(state)
+        if not files:
+            return table, state
+        table, now, _, _ = self._fold_files(table, state, files)
+        return table, now
+
+    def snapshot(
+        self,
+        options: SnapshotOptions | None = None,
+        votes: tuple[pa.Table, VoteState] | None = None,
+    ) -> Snapshot:
+        """The snapshot of `votes` (a table and state from `folded()`, whole or the part
+        that continual.new_votes or votes_since selects), by default of the whole store
+        after folding in what is new.
 
         Raises:
             NothingToSnapshot: no feedback, or no labelled example in it.
             StoreError: a file could not be read or written.
         """
-        state, table = self._fold()
-        return snapshot_from_votes(table, self.texts(state, counted_keys(table)), state, options)
+        table, state = votes if votes is not None else self.folded()
+        texts = self.texts(self.state(), counted_keys(table))
+        return snapshot_from_votes(table, texts, state, options)
 
-    def rows(self, since: pd.Timestamp | None = None) -> pd.DataFrame:
-        """The vote table's rows (of votes cast at or after `since`, when given) with
-        their texts, in the store's columns: what latest_votes, new_example_keys and
-        build_snapshot take in place of the store's rows (every vote that counts, once;
-        no ingest time)."""
-        state, table = self._fold()
-        if since is not None:
-            at = pa.scalar(since, table.schema.field(records.TS).type)
-            table = table.filter(pc.greater_equal(table[records.TS], at))
-        votes = table.to_pandas()
-        keys = table[records.EXAMPLE_KEY].drop_null().unique()
-        texts = self.texts(state, keys).to_pandas().drop_duplicates(records.EXAMPLE_KEY)
-        joined = votes.merge(texts, on=records.EXAMPLE_KEY, how="left")
-        return joined.drop(columns=[records.EXAMPLE_KEY])
+    def _new_files(self, state: VoteState) -> list[tuple[str, int, int, int]]:
+        """(topic, partition, first, last) of the store files past the state."""
+        ranked = []
+        for topic, partition in self.store.partitions(FEEDBACK):
+            done = state.folded_to(topic, partition)
+            live = self.store.live_batch_files(FEEDBACK, topic, partition)
+            new = [f for f in live if f.last > done]
+            ranked += [(i, (topic, partition, f.first, f.last)) for i, f in enumerate(new)]
+        # The partitions' n-th new files together: partitions fill up side by side, so
+        # each run of files folds in votes mostly newer than the table's (no re-sort).
+        return [f for _, f in sorted(ranked)]
+
+    def _fold_files(
+        self, table: pa.Table, state: VoteState, files: list[tuple[str, int, int, int]]
+    ) -> tuple[pa.Table, VoteState, list[pa.Table], list[pa.Table]]:
+        """The table and state (of the next generation) with `files` folded in, and the
+        texts and event ids they added."""
+        seen = self._seen(state)
+        texts, fresh, now = [], [], state
+        # Some files at a time: the first fold of a large store reads all of it.
+        for chunk in _chunks(files, state, FOLD_CHUNK_ROWS):
+            rows = self.store.read_ranges(_ranges(chunk, state), FOLD_COLUMNS)
+            fold = fold_votes(table, seen, rows, chunk, now)
+            table, now = fold.table, replace(fold.state, generation=state.generation)
+            seen = pa.chunked_array([*seen.chunks, *fold.seen[records.EVENT_ID].chunks])
+            texts.append(fold.texts)
+            fresh.append(fold.seen)
+        return table, replace(now, generation=state.generation + 1), texts, fresh
 
     # -- files --------------------------------------------------------------------
 
@@ -169,7 +188,8 @@ class VoteTable:
         return self._read([self._path("table", state.generation)], VOTE_TABLE_SCHEMA)
 
     def texts(self, state: VoteState, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
-        """The texts of `keys` (with repeats when a text was stored twice)."""
+        """The texts of `keys` among those stored up to `state` (with repeats when a
+        text was stored twice)."""
         paths = [self._path("texts", n) for n in range(1, state.generation + 1)]
         return self._read(paths, TEXT_SCHEMA, ds.field(records.EXAMPLE_KEY).isin(keys))
 

@@ -4,9 +4,9 @@ votes gained since the last judged run plus a replay sample of older ones (conti
 The snapshot stays the whole store's, content-addressed as ever. A vote is new when it
 was stored past the previous judged run's window: per topic partition, an offset above
 the last one that run read (a partition it never read is new throughout). The new
-votes make a snapshot of their own (`build_snapshot` of `new_votes`), so that a new
-example is labelled by what users say now; replay draws from the whole snapshot's
-other examples.
+votes, picked from the vote table (pipeline/feedback/votes.py) the whole snapshot was
+built from, make a snapshot of their own, so that a new example is labelled by what
+users say now; replay draws from the whole snapshot's other examples.
 
 Votes about an adapter's own answers are on-policy for it; `on_policy` counts the
 examples whose answer came from the version that serves now.
@@ -21,19 +21,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.feedback.examples import Example
-from pipeline.feedback.records import (
-    KAFKA_OFFSET,
-    KAFKA_PARTITION,
-    KAFKA_TOPIC,
-    MESSAGES_JSON,
-    PROMPT,
-    RESPONSE,
-    TS,
-)
-from pipeline.feedback.snapshot import latest_votes
+from pipeline.feedback.records import KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TOPIC, TS
+from pipeline.feedback.votes import VoteState, select_votes
 
 # (prompt, messages_json when there is no prompt, completion): an example's identity,
 # as a snapshot groups votes into examples.
@@ -49,34 +43,29 @@ def key_of(example: Example) -> ExampleKey:
     return example_key(example.prompt, example.messages_json, example.completion)
 
 
-def new_votes(feedback: pd.DataFrame, read_up_to: Offsets) -> pd.DataFrame:
-    """The counted votes (latest per voter and message, over the whole store, so that a
-    later retraction or change still wins) stored past `read_up_to` ((topic, partition)
-    -> the last offset the previous judged run read): rows of `feedback`, as
-    `build_snapshot` takes them, so that their own majority labels the new examples."""
-    votes, _ = latest_votes(feedback)
-    if votes.empty:
-        return votes
-    positions = zip(votes[KAFKA_TOPIC], votes[KAFKA_PARTITION], strict=True)
-    last = pd.Series([read_up_to.get((t, int(p)), -1) for t, p in positions], index=votes.index)
-    return votes[votes[KAFKA_OFFSET] > last]
+def new_votes(votes: pa.Table, read_up_to: Offsets) -> tuple[pa.Table, VoteState]:
+    """The votes of the vote table stored past `read_up_to` ((topic, partition) -> the
+    last offset the previous judged run read), with the state of a fold of them alone:
+    what `snapshot_from_votes` takes, so that their own majority labels the new
+    examples. The table holds the latest vote per voter and message over the whole
+    store, so a later retraction or change still wins."""
+    old = pa.array(np.zeros(votes.num_rows, dtype=bool))
+    for (topic, partition), last in read_up_to.items():
+        read = pc.and_(
+            pc.and_(
+                pc.equal(votes[KAFKA_TOPIC], topic), pc.equal(votes[KAFKA_PARTITION], partition)
+            ),
+            pc.less_equal(votes[KAFKA_OFFSET], last),
+        )
+        old = pc.or_(old, read)
+    return select_votes(votes, pc.invert(old))
 
 
-def new_example_keys(feedback: pd.DataFrame, read_up_to: Offsets) -> set[ExampleKey]:
-    """The examples with a counted vote stored past `read_up_to`."""
-    new = new_votes(feedback, read_up_to)
-    if new.empty:
-        return set()
-    new = new[(new[PROMPT].notna() | new[MESSAGES_JSON].notna()) & new[RESPONSE].notna()]
-    return {
-        example_key(None if pd.isna(p) else p, None if pd.isna(m) else m, r)
-        for p, m, r in zip(new[PROMPT], new[MESSAGES_JSON], new[RESPONSE], strict=True)
-    }
-
-
-def votes_since(feedback: pd.DataFrame, days: float, now: dt.datetime) -> pd.DataFrame:
-    """The rows of votes cast within `days` before `now` (retrain's window)."""
-    return feedback[feedback[TS] >= pd.Timestamp(now - dt.timedelta(days=days))]
+def votes_since(votes: pa.Table, days: float, now: dt.datetime) -> tuple[pa.Table, VoteState]:
+    """The votes of the vote table cast within `days` before `now` (retrain's window),
+    with the state of a fold of them alone."""
+    since = pa.scalar(now - dt.timedelta(days=days), votes.schema.field(TS).type)
+    return select_votes(votes, pc.greater_equal(votes[TS], since))
 
 
 @dataclass(frozen=True)

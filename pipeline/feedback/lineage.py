@@ -1,10 +1,11 @@
 """Lineage: which feedback a snapshot was built from, and the chain of adapter versions
 that learned from it.
 
-`feedback_window` describes the store rows a snapshot read and the votes it counted:
+A `FeedbackWindow` describes the store rows a snapshot read and the votes it counted:
 per Kafka topic and partition the offset ranges of both, the time range of the votes,
 and the votes per class and per producing adapter (the events' `adapter` field; None is
-the base model or an unknown producer). `votes_window` does the same for a TRL dataset,
+the base model or an unknown producer). The vote table builds it for a feedback
+snapshot (pipeline/feedback/votes.py); `votes_window` builds it for a TRL dataset,
 which has no Kafka position (the file it came from is named by whoever read it). The
 window describes a snapshot; it is not part of the training table, so it never changes
 the snapshot's content id.
@@ -15,25 +16,14 @@ to the first, as one plain list a script can read.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 
-from pipeline.feedback.records import (
-    ADAPTER,
-    DESIRABLE,
-    INGESTED_AT,
-    KAFKA_OFFSET,
-    KAFKA_PARTITION,
-    KAFKA_TOPIC,
-    TS,
-)
+from pipeline.feedback.records import ADAPTER, DESIRABLE
 from pipeline.serving.registry import parse_served_name
-
-_KAFKA = (KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET)
 
 
 @dataclass(frozen=True)
@@ -137,28 +127,6 @@ class FeedbackWindow:
         )
 
 
-def feedback_window(read: pd.DataFrame, counted: pd.DataFrame) -> FeedbackWindow:
-    """The window of a snapshot built from the store's rows.
-
-    Args:
-        read: every feedback row the snapshot read (records.FEEDBACK_SCHEMA columns;
-            without the Kafka columns there are no partitions to report).
-        counted: the votes it counted (a subset of `read`'s rows, `desirable` set).
-    """
-    window = votes_window(counted)
-    times = counted[TS] if TS in counted.columns else pd.Series([], dtype=object)
-    read_times = read[TS] if TS in read.columns else pd.Series([], dtype=object)
-    ingested = read[INGESTED_AT] if INGESTED_AT in read.columns else pd.Series([], dtype=object)
-    return replace(
-        window,
-        partitions=_partitions(read, counted),
-        votes_from=_iso(times.min()) if len(times) else None,
-        votes_to=_iso(times.max()) if len(times) else None,
-        ingested_to=_iso(ingested.max()) if len(ingested) else None,
-        read_from=_iso(read_times.min()) if len(read_times) else None,
-    )
-
-
 def votes_window(votes: pd.DataFrame) -> FeedbackWindow:
     """The window of votes with no Kafka position (a TRL dataset): counts per class
     and per producing adapter only."""
@@ -183,41 +151,6 @@ def votes_window(votes: pd.DataFrame) -> FeedbackWindow:
         votes_undesirable=int((~desirable).sum()),
         by_adapter=tuple(by_adapter),
     )
-
-
-def _partitions(read: pd.DataFrame, counted: pd.DataFrame) -> tuple[PartitionWindow, ...]:
-    if not all(c in read.columns and c in counted.columns for c in _KAFKA):
-        return ()
-    keys = [KAFKA_TOPIC, KAFKA_PARTITION]
-    stats = ["min", "max", "size"]
-    read_by = read.groupby(keys)[KAFKA_OFFSET].agg(stats)
-    counted_by = counted.groupby(keys)[KAFKA_OFFSET].agg(stats)
-    out = []
-    for (topic, partition), r in read_by.iterrows():
-        c = counted_by.loc[(topic, partition)] if (topic, partition) in counted_by.index else None
-        out.append(
-            PartitionWindow(
-                topic=str(topic),
-                partition=int(partition),
-                first_read=int(r["min"]),
-                last_read=int(r["max"]),
-                rows_read=int(r["size"]),
-                first_counted=None if c is None else int(c["min"]),
-                last_counted=None if c is None else int(c["max"]),
-                votes=0 if c is None else int(c["size"]),
-            )
-        )
-    return tuple(sorted(out, key=lambda p: (p.topic, p.partition)))
-
-
-def _iso(value: Any) -> str | None:
-    if value is None or value is pd.NaT:
-        return None
-    if isinstance(value, pd.Timestamp):
-        value = value.to_pydatetime()
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    return str(value)
 
 
 # -- the chain of versions ------------------------------------------------------------

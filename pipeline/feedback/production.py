@@ -5,18 +5,19 @@ matters after a promotion: of the votes real users gave on answers each served a
 version wrote, how many were likes. Comparing `chat@v3`'s liked share with `chat@v2`'s
 says whether promoting v3 helped the people using it.
 
-Votes are counted as a snapshot counts them (`pipeline.feedback.snapshot.latest_votes`): a
-redelivered event once, only a user's latest event per message, retractions withdrawn,
-neutral ratings left out. Unlike a snapshot, a vote counts even when its row holds no
-prompt or response text: a like is a like whatever was stored with it.
+Votes are counted from the vote table (pipeline/feedback/votes.py), as a snapshot counts
+them: a redelivered event once, only a user's latest event per message, retractions
+withdrawn, neutral ratings left out. Unlike a snapshot, a vote counts even when its row
+holds no prompt or response text: a like is a like whatever was stored with it.
 """
 
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.feedback.records import ADAPTER, DESIRABLE, TS
-from pipeline.feedback.snapshot import latest_votes
+from pipeline.feedback.votes import is_counted
 from pipeline.serving.registry import parse_served_name, version_number
 
 # The adapter row of votes on answers served without an adapter (the base model, or
@@ -39,11 +40,12 @@ LIKED_SHARE_COLUMNS = (
 )
 
 
-def liked_share_by_adapter(feedback: pd.DataFrame) -> pd.DataFrame:
+def liked_share_by_adapter(votes: pa.Table) -> pd.DataFrame:
     """The share of counted votes that were likes, per adapter the answers were served by.
 
     Args:
-        feedback: the feedback store's rows (records.FEEDBACK_SCHEMA).
+        votes: a vote table (votes.VOTE_TABLE_SCHEMA), as the feedback store's vote
+            table folds it (connectors/feedback/vote_table.py).
 
     Returns:
         One row per adapter with columns adapter (str; NO_ADAPTER for answers served
@@ -54,22 +56,12 @@ def liked_share_by_adapter(feedback: pd.DataFrame) -> pd.DataFrame:
         ordered by alias, then version number (`chat@v2` before `chat@v10`); names not
         of the form `alias@vN` follow by name, and NO_ADAPTER comes last. No counted
         votes (or no rows) give an empty frame with these columns.
-
-    Raises:
-        SnapshotError: non-empty rows lacking a column needed to count votes.
     """
-    if feedback.empty:
+    counted = votes.filter(is_counted(votes)).select([ADAPTER, DESIRABLE, TS]).to_pandas()
+    if counted.empty:
         return _empty()
-    votes, _ = latest_votes(feedback)
-    if votes.empty:
-        return _empty()
-    counted = pd.DataFrame(
-        {
-            ADAPTER: votes[ADAPTER].fillna(NO_ADAPTER).astype(str),
-            DESIRABLE: votes[DESIRABLE].astype(bool),
-            TS: votes[TS],
-        }
-    )
+    counted[ADAPTER] = counted[ADAPTER].fillna(NO_ADAPTER).astype(str)
+    counted[DESIRABLE] = counted[DESIRABLE].astype(bool)
     grouped = counted.groupby(ADAPTER, sort=False)
     table = pd.DataFrame(
         {

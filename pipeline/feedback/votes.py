@@ -1,24 +1,37 @@
-"""The vote table: the votes that count, kept up to date night by night, so that a
-snapshot costs what the new votes cost rather than the whole store's history.
+"""The vote table: which feedback votes count, the one place that decides it.
 
-The table holds the latest event per (voter, message), as `latest_votes` decides it
-(pipeline/feedback/snapshot.py): a redelivered event counts once, at its first position; per
-voter and message the latest by ts, Kafka position, then event_id; an event without a
-user is its own voter. Retractions and neutral ratings stay in it (a later vote may
-supersede them), and so does each row's key to its example's text: the text itself is
-kept once per example, beside the table (`TEXT_SCHEMA`).
+Every snapshot of feedback is built here: store rows are folded into a vote table (the
+store's persisted one, night by night, or an empty one in memory for rows read whole:
+an import's events, a file of stored rows), and `snapshot_from_votes` builds the
+snapshot from the table. Measures that count votes (the liked share per adapter, the
+votes since a run) read the same table.
 
-`fold_votes` folds new store rows into the table; the `VoteState` it returns says,
-per topic partition, the last offset folded in and what the rows read so far hold
-(their offsets, how many, when the newest was stored), and how many distinct events
-were seen: what a snapshot's stats and feedback window need of the rows it no longer
-reads. `snapshot_from_votes` builds from the table the snapshot `build_snapshot` builds
-from every row of the store: the same content id, counts, stats and window.
+The rule, as `fold_votes` applies it:
 
-One order of events is out of its reach: a redelivery of the latest vote of a voter
-and message that lands at an earlier Kafka position (another partition) than its first
-delivery, with the same ts as an older vote of theirs on it, would make that older vote
-the latest in a full rebuild; the table no longer holds it.
+1. An event stored twice (at-least-once delivery: same event_id, another offset)
+   counts once, at its first position.
+2. Per (voter, message) only the latest event counts, ordered by ts, then Kafka
+   position (topic, partition, offset), then event_id; an event without a user is its
+   own voter. A retraction as the latest event withdraws that voter's vote; a neutral
+   rating carries no label. Both stay in the table (a later vote may supersede them),
+   and so does each row's key to its example's text: the text itself is kept once per
+   example, beside the table (`TEXT_SCHEMA`).
+3. A vote whose row holds no prompt (or messages) and response counts as a vote, but
+   has nothing to train on: a snapshot leaves it out.
+
+`fold_votes` folds new store rows into the table; the `VoteState` it returns says, per
+topic partition, the last offset folded in and what the rows read so far hold (their
+offsets, how many, when the newest was stored), and how many distinct events were seen:
+what a snapshot's stats and feedback window need of the rows it no longer reads.
+`select_votes` takes part of a table (a window of days, the votes since a run) with the
+state a fold of that part alone would give.
+
+One order of events gives another result folded night by night than folded at once: a
+redelivery of the latest vote of a voter and message that lands at an earlier Kafka
+position (another partition) than its first delivery, with the same ts as an older vote
+of theirs on it. Folded at once, the older vote is then the latest (the redelivery's
+position is the event's); folded after the first delivery, the table no longer holds
+the older vote, and the latest stays the latest.
 """
 
 from __future__ import annotations
@@ -61,12 +74,13 @@ from pipeline.feedback.snapshot import (
     SOURCE_FEEDBACK,
     NothingToSnapshot,
     Snapshot,
+    SnapshotError,
     SnapshotOptions,
     SnapshotStats,
     label_examples,
 )
 
-# The order in which events happened, as latest_votes sorts them.
+# The order in which events happened.
 ORDER = (TS, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET, EVENT_ID)
 _VOTE_FIELDS = (
     *ORDER,
@@ -230,7 +244,7 @@ def fold_votes(
         state: the state of `table`.
     """
     frame = rows.select(list(FOLD_COLUMNS)).to_pandas()
-    frame[EXAMPLE_KEY] = _keys(frame)
+    frame[EXAMPLE_KEY] = pd.Series(_keys(frame), index=frame.index, dtype=object)
     frame = frame.sort_values(list(ORDER), kind="mergesort")
     firsts = frame.drop_duplicates(EVENT_ID, keep="first")
     ids = pa.array(firsts[EVENT_ID], pa.string())
@@ -246,6 +260,41 @@ def fold_votes(
     texts = _new_texts(fresh, table)
     seen_now = pa.table({EVENT_ID: pa.array(fresh[EVENT_ID], pa.string())}, schema=SEEN_SCHEMA)
     return Fold(new_table, texts, seen_now, _next_state(state, frame, files, len(fresh)))
+
+
+def fold_rows(rows: pa.Table) -> Fold:
+    """Fold store rows into an empty vote table: the table of these rows alone (an
+    import's events, a file of stored rows, a rebuild of the whole store).
+
+    Args:
+        rows: store rows (FOLD_COLUMNS at least), in any order.
+    """
+    empty = VOTE_TABLE_SCHEMA.empty_table()
+    return fold_votes(empty, empty[EVENT_ID], rows, _spans(rows), VoteState())
+
+
+def select_votes(table: pa.Table, keep: pa.ChunkedArray | pa.Array) -> tuple[pa.Table, VoteState]:
+    """The votes of the table that `keep` (a boolean mask) selects, and the state that a
+    fold of their rows alone into an empty table gives: a snapshot of part of the votes
+    (the last days', those stored since a run) counts and describes that part only.
+
+    Args:
+        table: a vote table (VOTE_TABLE_SCHEMA), sorted by ORDER.
+    """
+    part = table.filter(keep)
+    # The table holds each event once, the latest of its voter and message: a fold of
+    # its rows gives them back as they are, so only the state is left to work out.
+    frame = part.select([*ORDER, INGESTED_AT]).to_pandas()
+    return part, _next_state(VoteState(), frame, _spans(part), part.num_rows)
+
+
+def _spans(rows: pa.Table) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, first, last) of the offsets of the rows, per partition."""
+    spans = rows.group_by([KAFKA_TOPIC, KAFKA_PARTITION], use_threads=False).aggregate(
+        [(KAFKA_OFFSET, "min"), (KAFKA_OFFSET, "max")]
+    )
+    columns = (KAFKA_TOPIC, KAFKA_PARTITION, f"{KAFKA_OFFSET}_min", f"{KAFKA_OFFSET}_max")
+    return list(zip(*(spans[c].to_pylist() for c in columns), strict=True))
 
 
 def _merge(table: pa.Table, candidates: pd.DataFrame) -> pa.Table:
@@ -345,11 +394,13 @@ def _next_state(
 
 def counted_keys(table: pa.Table) -> pa.Array:
     """The example keys the table's counted votes name: the texts a snapshot needs."""
-    mask = pc.and_(_counted_mask(table), pc.is_valid(table[EXAMPLE_KEY]))
+    mask = pc.and_(is_counted(table), pc.is_valid(table[EXAMPLE_KEY]))
     return pc.unique(table[EXAMPLE_KEY].filter(mask).combine_chunks())
 
 
-def _counted_mask(table: pa.Table) -> pa.ChunkedArray:
+def is_counted(table: pa.Table) -> pa.ChunkedArray:
+    """Which of the table's votes count: neither retracted nor unlabelled (a neutral
+    rating), with a text to train on or not."""
     retracted = pc.fill_null(pc.equal(table[FEEDBACK], _RETRACT), False)
     return pc.and_(pc.invert(retracted), pc.is_valid(table[DESIRABLE]))
 
@@ -357,7 +408,9 @@ def _counted_mask(table: pa.Table) -> pa.ChunkedArray:
 def snapshot_from_votes(
     table: pa.Table, texts: pa.Table, state: VoteState, options: SnapshotOptions | None = None
 ) -> Snapshot:
-    """The snapshot `build_snapshot` builds from every store row folded into the table.
+    """The snapshot of the votes of a vote table: one labelled example per (prompt or
+    messages, completion) of its counted votes with a text, its stats and the feedback
+    window of `state`.
 
     Args:
         table: the vote table (VOTE_TABLE_SCHEMA) of `state`, sorted by ORDER.
@@ -372,7 +425,7 @@ def snapshot_from_votes(
         raise NothingToSnapshot("no feedback rows to build a snapshot from; ingest feedback first")
     retracted = pc.fill_null(pc.equal(table[FEEDBACK], _RETRACT), False)
     labelled = pc.is_valid(table[DESIRABLE])
-    counted_mask = _counted_mask(table)
+    counted_mask = is_counted(table)
     has_text = pc.is_valid(table[EXAMPLE_KEY])
     # The table is kept in ORDER: its counted votes come oldest first. They are found
     # by position, not copied: a night's table holds millions.
@@ -391,6 +444,27 @@ def snapshot_from_votes(
     return replace(snapshot, window=_window(state, table, rows, liked))
 
 
+def snapshot_of_rows(rows: pa.Table, options: SnapshotOptions | None = None) -> Snapshot:
+    """The snapshot of store rows read whole (an import's events, a file of stored
+    rows): folded into an empty vote table, then built from it.
+
+    Args:
+        rows: store rows (records.FEEDBACK_SCHEMA), in any order.
+
+    Raises:
+        SnapshotError: the rows lack a column the fold reads.
+        NothingToSnapshot: no rows, or no labelled example in them.
+    """
+    missing = [c for c in FOLD_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise SnapshotError(
+            f"feedback rows lack the columns {missing} (found {sorted(rows.column_names)}); "
+            "pass the store's rows as FeedbackStore.read_arrow() gives them"
+        )
+    fold = fold_rows(rows)
+    return snapshot_from_votes(fold.table, fold.texts, fold.state, options)
+
+
 def _count(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
@@ -405,7 +479,7 @@ def _examples(
     table: pa.Table, rows: np.ndarray, liked: np.ndarray, texts: pa.Table
 ) -> pd.DataFrame:
     """One row per example of the votes at `rows` (oldest first): the conversation is
-    the first vote's, the adapter the latest vote's (as snapshot._from_votes keeps them)."""
+    the first vote's, the adapter the latest vote's."""
     codes, keys = _codes(table[EXAMPLE_KEY].take(pa.array(rows)))
     n = len(keys)
     first = np.empty(n, dtype=np.int64)
@@ -437,7 +511,7 @@ def _examples(
 def _window(
     state: VoteState, table: pa.Table, rows: np.ndarray, liked: np.ndarray
 ) -> FeedbackWindow:
-    """The feedback window feedback_window gives for the same rows and votes."""
+    """The feedback window of the rows read (as the state says) and the votes counted."""
     topics, topic_names = _codes(table[KAFKA_TOPIC])
     topics = topics[rows]
     partition_of = table[KAFKA_PARTITION].to_numpy()[rows]
@@ -490,8 +564,7 @@ def _by_adapter(table: pa.Table, rows: np.ndarray, liked: np.ndarray) -> tuple[A
 
 
 def _iso_us(value: Any) -> str | None:
-    """ISO 8601 of a time (a datetime, or microseconds since the epoch) as
-    lineage.feedback_window writes it."""
+    """ISO 8601 of a time (a datetime, or microseconds since the epoch)."""
     if value is None:
         return None
     stamp = pd.Timestamp(value, unit="us", tz="UTC") if isinstance(value, int) else value
