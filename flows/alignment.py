@@ -529,6 +529,7 @@ def _train(
         "heldout_before": manifest.metrics.heldout_before,
         "heldout_after": manifest.metrics.heldout_after,
         "warnings": list(manifest.warnings),
+        "notes": list(manifest.notes),
         # A continual night starts from the served adapter and measures against it.
         "init_adapter": manifest.init_adapter,
         "reference_adapter": manifest.reference_adapter,

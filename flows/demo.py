@@ -69,6 +69,7 @@ def main() -> None:
     # Demo data is thrown away, so a fresh hash key per run is fine; production sets one.
     os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     console = Console(stderr=True)
     started = time.monotonic()
     run_dir = (args.workdir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")).resolve()
@@ -87,6 +88,18 @@ def main() -> None:
     print(json.dumps(result))
     if result["status"] != "published":
         raise SystemExit(1)
+
+
+def _quiet_libraries() -> None:
+    """Leave out what the demo's libraries print that says nothing about the demo."""
+    from transformers.utils import logging as transformers_logging
+
+    # The demo model is tiny: transformers' bars for loading and writing its weights
+    # would flash by in well under a second (the demo says what each phase does).
+    transformers_logging.disable_progress_bar()
+    # kafka-python's event loop warns whenever one of its steps takes over 0.1 s, which
+    # is routine while vLLM, training and the demo's clients share two cores.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def run_demo(

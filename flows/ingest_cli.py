@@ -241,7 +241,8 @@ def warn_skipped(snap: Any) -> None:
     if not s.skipped_rows:
         return
     err.print(
-        f"warning: {s.skipped_rows} of {s.rows_read} rows skipped: a value in them cannot be read",
+        f"warning: {s.skipped_rows} of {s.rows_read} rows skipped: a value in them cannot be "
+        "read (the first reasons follow); correct those rows in the data to use them",
         style="yellow",
         markup=False,
     )

@@ -106,6 +106,7 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {k} | {_num(before.get(k))} | {_num(after.get(k))} |" for k in _METRICS]
     lines += [f"- warning: {w}" for w in training.get("warnings", [])]
+    lines += [f"- note: {n}" for n in training.get("notes", [])]
     return lines
 
 

@@ -121,7 +121,7 @@ def _read_inputs(
 
 def _report(m: Manifest, out: Path, snapshot_id: str, skipped_rows: int, balance: Any) -> None:
     """The held-out metrics before and after as a table on stderr, the manifest's
-    warnings, then the JSON summary on stdout."""
+    warnings and notes, then the JSON summary on stdout."""
     before = m.metrics.heldout_before or {}
     after = m.metrics.heldout_after or {}
     table = Table(title=f"adapter {out}")
@@ -136,6 +136,8 @@ def _report(m: Manifest, out: Path, snapshot_id: str, skipped_rows: int, balance
     err.print(table)
     for warning in m.warnings:
         err.print(f"warning: {warning}", style="yellow", markup=False)
+    for note in m.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
     if m.status_reason:
         err.print(f"{m.status}: {m.status_reason}", style="yellow", markup=False)
     typer.echo(

@@ -420,6 +420,8 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
                 "seconds": 4.0,
                 "heldout_before": {"accuracy": 0.0},
                 "heldout_after": {"accuracy": 0.9},
+                "warnings": ["raise [train] batch_size"],
+                "notes": ["the KL estimate was clamped"],
             },
             "gate": decision.as_dict(),
             "version": "v2",
@@ -430,7 +432,8 @@ def test_the_report_shows_counts_lambdas_metrics_gate_and_version() -> None:
     )
     for text in ("**published**", "| train | 120 | 120 |", "lambda_D = 1.000", "| accuracy | 0 | 0.9 |",
                  "Decision: **promote**", "| accuracy | 0.9 | 0.8 | > serving + 0.048 | yes |",
-                 "`chat@v2` (previous: v1)", "[gate.png](file:///tmp/r1/gate.png)"):  # fmt: skip
+                 "`chat@v2` (previous: v1)", "[gate.png](file:///tmp/r1/gate.png)",
+                 "- warning: raise [train] batch_size", "- note: the KL estimate was clamped"):  # fmt: skip
         assert text in markdown, text
 
 

@@ -65,7 +65,7 @@ def test_a_class_absent_from_a_step_has_no_mean_reward_and_counts_as_one_class()
     assert row["one_class_batches"] == 1
 
 
-def test_diagnostics_warn_about_what_the_reference_point_rested_on():
+def test_diagnostics_warn_about_what_to_change_and_note_the_rest():
     d = Diagnostics()
     for step in range(1, 5):
         row = aggregate([micro(0, 8, kl_clamped=1.0, kl_pairs=2)], step, 1.0, 1.0)
@@ -74,17 +74,22 @@ def test_diagnostics_warn_about_what_the_reference_point_rested_on():
     assert summary["kl_clamp_rate"] == 1.0 and summary["one_class_rate"] == 1.0
     assert summary["kl_distinct_pairs_min"] == 2
     assert "heldout_loss" not in d.last and d.last["step"] == 4
-    warnings = " ".join(d.warnings(pairs_per_step=8))
-    assert "only 2 distinct mismatched pairs" in warnings
-    assert "clamped at 0 in 100% of steps" in warnings
-    assert "100% of batches held one class" in warnings
-    assert "a batch of at least 4" in " ".join(d.warnings(pairs_per_step=2))
+    # A warning says what to change; what needs no change is a note for the report.
+    (one_class,) = d.warnings(pairs_per_step=8)
+    assert "100% of batches held one class" in one_class and "[train] batch_size" in one_class
+    few, clamped = d.notes(pairs_per_step=8)
+    assert "only 2 distinct mismatched pairs" in few
+    assert "clamped at 0 in 100% of steps" in clamped
+    # Too few pairs in every batch is a setting to change, said once, as a warning.
+    small = d.warnings(pairs_per_step=2)
+    assert "a batch of at least 4 ([train] batch_size)" in small[0]
+    assert not any("distinct mismatched pairs" in n for n in d.notes(pairs_per_step=2))
 
 
-def test_a_healthy_run_has_no_warnings():
+def test_a_healthy_run_has_no_warnings_and_no_notes():
     d = Diagnostics()
     d.add(aggregate([micro(4, 4)], 1, 1.0, 1.0))
-    assert d.warnings(pairs_per_step=8) == []
+    assert d.warnings(pairs_per_step=8) == [] and d.notes(pairs_per_step=8) == []
 
 
 def test_end_of_turn_guard_stops_below_its_tolerance_of_the_reference_rate():

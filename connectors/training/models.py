@@ -3,6 +3,9 @@ LoRA to train (fresh or warm-started) and, for continual rounds, a reference ada
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,18 @@ import torch
 
 from pipeline.training.errors import TrainError
 from pipeline.training.options import LoraOptions
+
+
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` each time it
+    wraps a model, and transformers 5 answers with a FutureWarning; there is nothing for
+    a user to change until peft reads the new name, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning, module=r"transformers\.modeling_utils"
+        )
+        yield
 
 
 def check_model_dir(path: Path) -> None:
@@ -63,7 +78,8 @@ def load_policy(
 
     base = load_base(base_model, dtype)
     if init_adapter is not None:
-        model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     else:
         config = LoraConfig(
             r=lora.r,
@@ -73,7 +89,8 @@ def load_policy(
             task_type="CAUSAL_LM",
         )
         try:
-            model = get_peft_model(base, config)
+            with _peft_wrapping():
+                model = get_peft_model(base, config)
         except ValueError as exc:
             raise TrainError(
                 f"cannot put LoRA on {list(lora.target_modules)}: {exc}. Set [lora] "
@@ -98,7 +115,8 @@ def attach_adapter(model: Any, name: str, path: Path) -> Any:
         if isinstance(model, PeftModel):
             model.load_adapter(path, adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            with _peft_wrapping():
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TrainError(f"cannot load the adapter {name} from {path}: {exc}") from None
     model.set_adapter(name)

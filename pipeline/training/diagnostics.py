@@ -1,5 +1,5 @@
 """What a run's steps add up to: one metrics row per optimizer step, and over the run
-what the reference point (z_ref) rested on, with the warnings it calls for."""
+what the reference point (z_ref) rested on, with the warnings and notes it calls for."""
 
 from __future__ import annotations
 
@@ -72,26 +72,37 @@ class Diagnostics:
         }
 
     def warnings(self, pairs_per_step: int) -> list[str]:
+        """What the run's settings should change, each with the change to make."""
         out = []
         if pairs_per_step < MIN_KL_PAIRS:
             out.append(
                 f"z_ref rests on {pairs_per_step} mismatched pairs per step (batch_size x "
-                f"ranks): a noisy reference point; use a batch of at least {MIN_KL_PAIRS}"
-            )
-        elif self.min_pairs is not None and self.min_pairs < MIN_KL_PAIRS:
-            out.append(
-                f"some steps had only {self.min_pairs} distinct mismatched pairs (repeated "
-                "prompts or completions in a batch): z_ref was noisy there"
-            )
-        if self.steps and self.clamped / self.steps > 0.5:
-            out.append(
-                f"the KL estimate was clamped at 0 in {self.clamped / self.steps:.0%} of steps: "
-                "the reference point was mostly 0, so rewards were judged against the "
-                "reference itself, not the policy's drift"
+                "ranks): a noisy reference point; use a batch of at least "
+                f"{MIN_KL_PAIRS} ([train] batch_size)"
             )
         if self.micro_batches and self.one_class / self.micro_batches > 0.5:
             out.append(
                 f"{self.one_class / self.micro_batches:.0%} of batches held one class only: "
-                "desirable and undesirable losses rarely met in a step; a larger batch helps"
+                "desirable and undesirable losses rarely met in a step; raise [train] "
+                "batch_size, or send votes of both kinds"
+            )
+        return out
+
+    def notes(self, pairs_per_step: int) -> list[str]:
+        """What the reference point rested on, worth knowing and needing no change: for
+        the run's report, not a warning."""
+        out = []
+        # With too few pairs per step for any batch, warnings() says so already.
+        few = self.min_pairs is not None and self.min_pairs < MIN_KL_PAIRS
+        if few and pairs_per_step >= MIN_KL_PAIRS:
+            out.append(
+                f"some steps had only {self.min_pairs} distinct mismatched pairs (their batch "
+                "repeated prompts or completions), so z_ref was noisier there"
+            )
+        if self.steps and self.clamped / self.steps > 0.5:
+            out.append(
+                f"the KL estimate was clamped at 0 in {self.clamped / self.steps:.0%} of "
+                "steps: the policy stayed near the reference, so z_ref was mostly 0 and "
+                "rewards were judged against the reference itself"
             )
         return out

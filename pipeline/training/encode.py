@@ -207,7 +207,8 @@ def encode_records(
             continue
         out.append(Encoded(tuple(p), tuple(c), record.desirable, float(record.weight)))
     if mismatches:
-        log.warning(
+        # Handled as the server sees it; worth knowing, nothing to change.
+        log.info(
             "%d of %d records tokenize differently as prompt+completion than as prompt, "
             "then completion (tokens merge across the boundary, e.g. a chat template whose "
             "generation prompt ends in a space). Training uses prompt, then completion, "
@@ -294,7 +295,9 @@ def _render_prompts(
         renderable.append(record)
     if unrenderable:
         log.warning(
-            "%d of %d records left out: their prompt cannot be rendered as text (first: %s)",
+            "%d of %d records left out: their prompt cannot be rendered as text (first: %s); "
+            "to train on them, send their prompts as text, or give a chat template that "
+            "renders them (--chat-template, [cycle] chat_template)",
             len(unrenderable),
             len(records),
             unrenderable[0],

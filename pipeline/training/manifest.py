@@ -78,6 +78,8 @@ class Manifest:
     versions: dict[str, str]
     plots: tuple[str, ...] = ()
     judge: dict[str, Any] | None = None
+    # What the run's report says beside the warnings: worth knowing, nothing to change.
+    notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = KIND
 
@@ -87,6 +89,7 @@ class Manifest:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         out["metrics"] = asdict(self.metrics)
         out["warnings"] = list(self.warnings)
+        out["notes"] = list(self.notes)
         out["plots"] = list(self.plots)
         return {"kind": self.kind, **{k: v for k, v in out.items() if k != "kind"}, **self.extra}
 
@@ -97,6 +100,7 @@ class Manifest:
         known = {k: v for k, v in data.items() if k in names}
         known["metrics"] = RunMetrics(**data["metrics"])
         known["warnings"] = tuple(data.get("warnings", ()))
+        known["notes"] = tuple(data.get("notes", ()))
         known["plots"] = tuple(data.get("plots", ()))
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 

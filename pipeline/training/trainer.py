@@ -72,6 +72,12 @@ log = logging.getLogger(__name__)
 # What a resume point holds changes with the trainer's state: one of another format is
 # refused as a checkpoint of another run.
 CHECKPOINT_FORMAT = 3
+# What to do when the taste model is too weak to judge answers by (after its reason).
+_UNJUDGED_ADVICE = (
+    "the last step is kept, unjudged, and the gate will not offer it: collect more votes "
+    "(likes and dislikes, on more prompts), or set [train] selection to a held-out signal "
+    "such as heldout_loss"
+)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ class _Recipe:
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             )
             if not self.answers.trusted:
-                log.warning("%s; the last step is kept, unjudged", self.answers.reason)
+                log.warning("%s; %s", self.answers.reason, _UNJUDGED_ADVICE)
         # How the kept step is chosen: a judge that cannot be trusted chooses nothing.
         self.selection = options.selection
         if self.answers is not None and not self.answers.trusted:
@@ -305,7 +311,8 @@ class _Recipe:
             if self.runtime.main:
                 self.run.append_metrics(row)
             if reason is not None:
-                log.warning(
+                # The run's report says so too (stop_reason): a planned end, not an alarm.
+                log.info(
                     "stopping at step %d and keeping step %d: %s",
                     state.step,
                     state.best_step,
@@ -439,7 +446,7 @@ class _Recipe:
         assert self.confirmed is not None
         if self.confirmed.better:
             return
-        log.warning(
+        log.info(
             "step %d was the judge's best, but on fresh samples %s: keeping the start",
             state.best_step,
             self.confirmed.sentence(),
@@ -491,9 +498,13 @@ class _Recipe:
         warnings = state.diagnostics.warnings(pairs_per_step)
         for w in warnings:
             log.warning(w)
+        notes = state.diagnostics.notes(pairs_per_step)
+        for n in notes:
+            log.info(n)
         status, status_reason = self._status()
         if status_reason is not None:
-            log.warning("%s: %s", status, status_reason)
+            # An outcome, in the manifest and the summary; an untrusted judge warned above.
+            log.info("%s: %s", status, status_reason)
         data = self.data
         return Manifest(
             status=status,
@@ -525,6 +536,7 @@ class _Recipe:
             metrics=metrics,
             diagnostics=state.diagnostics.summary(pairs_per_step),
             warnings=tuple(warnings),
+            notes=tuple(notes),
             seconds=round(time.monotonic() - self.started, 3),
             versions=provenance.versions,
             judge=self._judge_record(),
