@@ -70,7 +70,8 @@ def main() -> None:
     os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    console = Console(stderr=True)
+    # Wrapped to a terminal's width; in a log file or a pipe, one line per message.
+    console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
     started = time.monotonic()
     run_dir = (args.workdir / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

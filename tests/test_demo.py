@@ -53,6 +53,9 @@ def test_the_demo_runs_the_loop_and_stops_everything_it_started(
     )
     assert Path(result["chart"]).stat().st_size > 10_000
     assert "the loop, before and after one cycle" in out.decode() + log
+    # Quiet: no library's warnings or progress bars, and none of ours (nothing to change).
+    noise = [s for s in log.splitlines() if "Warning" in s or "WARNING" in s or "it/s]" in s]
+    assert noise == [], noise
     run_dir = Path(result["run_dir"])
     logs = run_dir / "logs"
     assert {"vllm.log", "broker.log", "prefect.log"} <= {p.name for p in logs.iterdir()}
