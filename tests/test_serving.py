@@ -436,11 +436,11 @@ def test_the_engine_yields_the_cpu_to_the_api_server_and_its_clients(vllm_server
         assert niceness == {ENGINE_NICE}, f"{child.name()} threads at {niceness}"
 
 
-class DropsConnections(httpx.BaseTransport):
-    """A fault injected on the client side (a race that cannot be caused on demand):
-    the first `drops` completion requests fail as if the server closed the connection
-    before answering (or, with `error`, another transport error); everything else goes
-    to the real server."""
+class FakeTransportDropsConnections(httpx.BaseTransport):
+    """A fake transport, a fault injected on the client side (a race that cannot be
+    caused on demand): the first `drops` completion requests fail as if the server
+    closed the connection before answering (or, with `error`, another transport error);
+    everything else goes to the real server."""
 
     def __init__(
         self, drops: int = 1, error: type[httpx.TransportError] = httpx.RemoteProtocolError
@@ -463,19 +463,19 @@ def test_a_completion_whose_connection_dropped_is_sent_once_more_and_counted(
     expected = _ask(admin, "base", SHORT)
     assert admin.retried == 0
 
-    once = DropsConnections(drops=1)
+    once = FakeTransportDropsConnections(drops=1)
     with _admin(vllm_server, transport=once) as a:
         assert list(a.complete("base", SHORT, 8, ignore_eos=True).token_ids) == expected
         assert a.chat("base", [{"role": "user", "content": "hi"}], 4).text is not None
         assert (once.completions, a.retried) == (3, 1)
 
-    twice = DropsConnections(drops=2)
+    twice = FakeTransportDropsConnections(drops=2)
     with _admin(vllm_server, transport=twice) as a, pytest.raises(ConnectionDropped):
         a.complete("base", SHORT, 8)
     assert (twice.completions, a.retried) == (2, 1)
 
     # A timeout is not a dropped connection: a slow server is not asked twice.
-    slow = DropsConnections(drops=1, error=httpx.ReadTimeout)
+    slow = FakeTransportDropsConnections(drops=1, error=httpx.ReadTimeout)
     with _admin(vllm_server, transport=slow) as a, pytest.raises(ServerUnreachable) as raised:
         a.complete("base", SHORT, 8)
     assert not isinstance(raised.value, ConnectionDropped)
@@ -605,8 +605,9 @@ def test_bad_adapters_are_refused_before_any_server_is_touched(
     assert reg.history("guarded").current == good
 
 
-class SwapRouteFails(httpx.BaseTransport):
-    """A fake replica: the real server, except that the alias switch answers 500.
+class FakeTransportSwitchFails(httpx.BaseTransport):
+    """A fake transport, for a fake replica: the real server, except that the alias
+    switch answers 500.
 
     It stands for a replica that loaded and smoke-tested the version but failed at the
     switch, a fault a healthy local server cannot be made to show on cue.
@@ -644,7 +645,7 @@ def test_a_replica_failing_mid_publish_switches_the_others_back(
         assert _ask(admin, "pair", SHORT) == first
 
         # The second replica, real, except that its switch answers 500.
-        failing = _admin(second_replica, transport=SwapRouteFails())
+        failing = _admin(second_replica, transport=FakeTransportSwitchFails())
         with pytest.raises(PublishError, match=r"switching failed .* switched back on"):
             Publisher(registry, serving, [admin, failing]).publish("pair", v2)
         for a in (admin, admin2):
