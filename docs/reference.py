@@ -24,6 +24,12 @@ from pydantic.fields import FieldInfo
 ROOT = Path(__file__).resolve().parent.parent
 # The folders of the code map, in the order a newcomer meets them.
 MAP_FOLDERS = ("pipeline", "connectors", "flows", "deploy", "bench")
+# Within a folder, its own modules first, then its sub-packages in the order they may
+# import one another (tests/test_layering.py checks that order).
+MAP_LAYERS = {
+    "pipeline": ("serving", "feedback", "training", "promotion"),
+    "connectors": ("feedback", "training", "serving"),
+}
 _CODE_SPAN = re.compile(r"(`[^`]*`)")
 
 
@@ -177,12 +183,22 @@ def _summary(path: Path) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+def _map_order(path: Path) -> tuple[int, tuple[str, ...]]:
+    """Where a module goes in the code map: by sub-package in layering order, then by
+    path."""
+    parts = path.relative_to(ROOT).parts
+    layers = MAP_LAYERS.get(parts[0], ())
+    sub = parts[1] if len(parts) > 2 else ""
+    return (layers.index(sub) + 1 if sub in layers else 0, parts)
+
+
 def code_map() -> str:
-    """Each package and module with the first paragraph of its docstring."""
+    """Each package and module with the first paragraph of its docstring, sub-packages
+    in layering order."""
     out = []
     for folder in MAP_FOLDERS:
         out += [f"### {folder}/", ""]
-        paths = sorted((ROOT / folder).rglob("*.py"), key=lambda p: p.relative_to(ROOT).parts)
+        paths = sorted((ROOT / folder).rglob("*.py"), key=_map_order)
         for path in paths:
             rel = path.relative_to(ROOT)
             if any(part == "build" or part.startswith(".") for part in rel.parts):
