@@ -318,7 +318,7 @@ def judge_adapter(p: Prepared, settings: Any, adapter: Path) -> dict[str, Any]:
     from pipeline.training.options import LoraOptions
 
     options = settings.train
-    snap = load_training_data(p.feedback, settings.snapshot.options())
+    snap = load_training_data(p.feedback, settings.snapshot)
     tokenizer = load_tokenizer(p.model)
     runtime = runtime_for(options)
     model = load_policy(p.model, LoraOptions(), runtime.device, torch.float32, adapter, None)
@@ -353,7 +353,7 @@ def run_ours(t: Task, p: Prepared, settings: Any, out: Path) -> dict[str, Any]:
     from pipeline.training.errors import TrainError
 
     started = time.perf_counter()
-    snap = load_training_data(p.feedback, settings.snapshot.options())
+    snap = load_training_data(p.feedback, settings.snapshot)
     c = snap.counts
     repeats = settings.train.repeats
     balance = choose_weights(*snap.class_counts("train", repeats), settings.balance)

@@ -2,7 +2,9 @@
 
 Each concern has its own small model; `[train]`, `[lora]`, `[balance]` and `[gate]` are
 the pipeline's own TrainOptions, LoraOptions, BalanceOptions and GateOptions, which hold
-their fields, bounds and defaults. Environment variables override the file:
+their fields, bounds and defaults. `[snapshot]` and `[events]` are the pipeline's
+SnapshotOptions and RatingPolicy with the settings only I/O reads added (where snapshots
+are written, the user-hash key). Environment variables override the file:
 `KTO_LOOP_<SECTION>__<KEY>`, e.g. `KTO_LOOP_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`
 or `KTO_LOOP_EVENTS__USER_HASH_KEY=...`. Secrets (SASL password, the user-hash key)
 belong in the environment, not in the file.
@@ -16,7 +18,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,7 +39,8 @@ from pydantic_settings import (
 )
 
 from pipeline.feedback.balance import BalanceOptions
-from pipeline.feedback.snapshot import SnapshotOptions, TiePolicy
+from pipeline.feedback.events import RatingPolicy
+from pipeline.feedback.snapshot import SnapshotOptions
 from pipeline.promotion.gate import GateOptions
 from pipeline.serving.registry import RegistryError, check_alias
 from pipeline.training.options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
@@ -172,28 +176,17 @@ def _is_strong_hex_key(key: str) -> bool:
     )
 
 
-class EventsConfig(_Section):
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class EventsConfig(RatingPolicy):
     """How events become labels, and the key of the hash that replaces user ids."""
 
-    rating_desirable_min: int = Field(
-        4,
-        ge=1,
-        le=5,
-        description="a rating this high or higher is a like; applied when an event is "
-        "stored (stored votes keep their label)",
-    )
-    rating_undesirable_max: int = Field(
-        2,
-        ge=1,
-        le=5,
-        description="a rating this low or lower is a dislike (between the two: stored "
-        "without a label); applied when an event is stored",
-    )
-    user_hash_key: SecretStr | None = Field(
-        None,
-        description="secret key of the user-id hash, at least 128 bits of random hex; set "
-        "KTO_LOOP_EVENTS__USER_HASH_KEY",
-    )
+    user_hash_key: Annotated[
+        SecretStr | None,
+        Field(
+            description="secret key of the user-id hash, at least 128 bits of random hex; "
+            "set KTO_LOOP_EVENTS__USER_HASH_KEY"
+        ),
+    ] = None
 
     @field_validator("user_hash_key")
     @classmethod
@@ -207,15 +200,6 @@ class EventsConfig(_Section):
                 "print(secrets.token_hex(32))'` and keep it stable"
             )
         return value
-
-    @model_validator(mode="after")
-    def _check(self) -> EventsConfig:
-        if self.rating_undesirable_max >= self.rating_desirable_min:
-            raise ValueError(
-                "rating_undesirable_max must be below rating_desirable_min, got "
-                f"{self.rating_undesirable_max} and {self.rating_desirable_min}"
-            )
-        return self
 
 
 class FeedbackHttpConfig(_Section):
@@ -277,25 +261,13 @@ class FeedbackHttpConfig(_Section):
         return value
 
 
-class SnapshotConfig(_Section):
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SnapshotConfig(SnapshotOptions):
     """How feedback becomes a training snapshot, and where snapshots are written."""
 
-    heldout_fraction: float = Field(
-        0.1, ge=0, lt=1, description="share of conversations held out for evaluation"
+    out_dir: Annotated[str, Field(min_length=1, description="a local directory")] = (
+        "./data/snapshots"
     )
-    split_seed: str = Field(
-        "kto-loop", min_length=1, description="salt of the split hash; changing it reshuffles"
-    )
-    tie_policy: TiePolicy = Field(
-        "drop",
-        description="an example with as many likes as dislikes: dropped or labelled; "
-        "applied at each snapshot, to every stored vote",
-    )
-    out_dir: str = Field("./data/snapshots", min_length=1, description="a local directory")
-
-    def options(self) -> SnapshotOptions:
-        """The pipeline's options for building a snapshot."""
-        return SnapshotOptions(self.heldout_fraction, self.split_seed, self.tie_policy)
 
 
 class RegistryConfig(_Section):
@@ -548,6 +520,11 @@ def _describe(exc: ValidationError, where: str) -> str:
     lines = [f"invalid configuration ({where}):"]
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
+        if len(loc) == 1 and loc[0] in Settings.model_fields:
+            # A rule across a section's keys: its message names them, and the section's
+            # values, which may hold a secret, are not echoed.
+            lines.append(f"  [{loc[0]}]: {err['msg']}")
+            continue
         key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "?"
         message = err["msg"]
         # Unknown keys: extra_forbidden in a model, unexpected_keyword_argument in a dataclass.

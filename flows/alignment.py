@@ -148,7 +148,7 @@ def snapshot_store(
     # One fold of the store files added since the last snapshot: the whole snapshot,
     # the window and the new votes are all built from the table it leaves.
     votes = VoteTable(fs)
-    options = settings.snapshot.options()
+    options = settings.snapshot
     table, state = votes.folded()
     try:
         if window_days is None:
@@ -210,7 +210,7 @@ def _train_on(
         runs.fresh_candidate(key, run_id)
     general = []
     if cycle.general_data:
-        g = load_training_data(cycle.general_data, settings.snapshot.options())
+        g = load_training_data(cycle.general_data, settings.snapshot)
         general = g.records("train") + g.records("heldout")
     inputs = TrainInputs.from_snapshot(
         snap,

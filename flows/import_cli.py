@@ -28,7 +28,7 @@ from kafka.errors import KafkaError
 from connectors.config import Settings
 from connectors.feedback.import_files import ImportInputError, export_files, read_records
 from flows.console import err, fail, setup_logging
-from pipeline.feedback.events import EventParser, RatingPolicy
+from pipeline.feedback.events import EventParser
 from pipeline.feedback.imports import FORMATS, Checked, ImportOptions, Unmapped, check
 
 SINKS = ("kafka", "snapshot")
@@ -66,8 +66,7 @@ def _parser(settings: Settings, to: str) -> EventParser:
             2,
         )
     secret = key.get_secret_value().encode() if key else secrets.token_bytes(16)
-    policy = RatingPolicy(events.rating_desirable_min, events.rating_undesirable_max)
-    return EventParser(secret, policy, settings.ingest.max_event_bytes)
+    return EventParser(secret, events, settings.ingest.max_event_bytes)
 
 
 def options_from(
@@ -209,9 +208,7 @@ def _snapshot(
         report.add(Unmapped(wheres[offset], "unstorable", reason))
     now = dt.datetime.now(dt.UTC)
     try:
-        snap = snapshot_of_rows(
-            rows.to_table(now, f"kto-loop import {fmt}"), settings.snapshot.options()
-        )
+        snap = snapshot_of_rows(rows.to_table(now, f"kto-loop import {fmt}"), settings.snapshot)
     except SnapshotError as exc:
         fail(RuntimeError(f"no snapshot from this import: {exc}"), 2)
     out_dir = out or Path(settings.snapshot.out_dir)

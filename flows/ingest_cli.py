@@ -171,7 +171,7 @@ def snapshot(settings: Settings, data: Path | None, out: Path | None) -> None:
     from connectors.feedback.vote_table import VoteTable
     from pipeline.feedback.snapshot import SnapshotError
 
-    options = settings.snapshot.options()
+    options = settings.snapshot
     out_dir = out or Path(settings.snapshot.out_dir)
     try:
         if data is None:

@@ -106,10 +106,10 @@ def _read_inputs(
     from pipeline.feedback.snapshot import SnapshotError
 
     try:
-        snap = load_training_data(data, settings.snapshot.options())
+        snap = load_training_data(data, settings.snapshot)
         general_records = []
         if general is not None:
-            g = load_training_data(general, settings.snapshot.options())
+            g = load_training_data(general, settings.snapshot)
             general_records = g.records("train") + g.records("heldout")
         template = chat_template.read_text() if chat_template is not None else None
     except SnapshotError as exc:

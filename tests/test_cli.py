@@ -159,7 +159,7 @@ def test_snapshot_after_store_compact_is_the_full_rebuilds(tmp_path: Path) -> No
     assert "feedback rows" in compacted.stdout and "400" in compacted.stdout
     again = runner.invoke(app, ["snapshot", "--config", str(config)])
     summary = json.loads(again.stdout.strip().splitlines()[-1])
-    options = load_settings(config).snapshot.options()
+    options = load_settings(config).snapshot
     full = snapshot_of_rows(store.read_arrow(FEEDBACK, FOLD_COLUMNS), options)
     assert summary["snapshot"] == full.id
 

@@ -9,6 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from connectors.config import ConfigError, load_settings
+from pipeline.feedback.events import RatingPolicy
+from pipeline.feedback.snapshot import SnapshotOptions
 from pipeline.promotion.gate import GateOptions
 from pipeline.training.options import LoraOptions, TrainOptions
 
@@ -70,17 +72,21 @@ def test_secrets_are_not_echoed_in_errors(tmp_path: Path) -> None:
     assert "hunter2" not in str(err.value)
 
 
-def test_cross_field_rules(tmp_path: Path) -> None:
+def test_cross_field_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="heartbeat_interval_ms must be at most a third"):
         load_settings(
             write(tmp_path, "[kafka]\nsession_timeout_ms = 3000\nheartbeat_interval_ms = 2000\n")
         )
     with pytest.raises(ConfigError, match="needs sasl_mechanism"):
         load_settings(write(tmp_path, '[kafka]\nsecurity_protocol = "SASL_SSL"\n'))
-    with pytest.raises(ConfigError, match="rating_undesirable_max must be below"):
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", SECRET)
+    with pytest.raises(
+        ConfigError, match=r"\[events\]: .*rating_undesirable_max must be below"
+    ) as err:
         load_settings(
             write(tmp_path, "[events]\nrating_desirable_min = 3\nrating_undesirable_max = 3\n")
         )
+    assert SECRET not in str(err.value)  # the section's values are not echoed
 
 
 def test_security_settings_pass_through_to_kafka_python(
@@ -172,11 +178,38 @@ def test_train_lora_and_gate_sections_are_the_pipeline_options(
     )
 
 
-def test_train_lora_and_gate_errors_name_the_key(tmp_path: Path) -> None:
+def test_snapshot_and_events_sections_are_the_pipeline_options_plus_io_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defaults = load_settings(None)
+    assert defaults.snapshot.as_dict() == SnapshotOptions().as_dict()
+    assert defaults.snapshot.out_dir == "./data/snapshots"
+    assert [defaults.events.label(r) for r in range(1, 6)] == [
+        RatingPolicy().label(r) for r in range(1, 6)
+    ]
+    path = write(
+        tmp_path,
+        '[snapshot]\nsplit_seed = "s"\nout_dir = "snaps"\n[events]\nrating_desirable_min = 5\n',
+    )
+    monkeypatch.setenv("KTO_LOOP_SNAPSHOT__TIE_POLICY", "desirable")
+    monkeypatch.setenv("KTO_LOOP_EVENTS__RATING_UNDESIRABLE_MAX", "3")
+    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", SECRET)
+    s = load_settings(path)
+    assert isinstance(s.snapshot, SnapshotOptions) and isinstance(s.events, RatingPolicy)
+    assert s.snapshot.as_dict() == SnapshotOptions(split_seed="s", tie_policy="desirable").as_dict()
+    assert s.snapshot.out_dir == "snaps"
+    assert [s.events.label(r) for r in range(1, 6)] == [False, False, False, None, True]
+    assert s.events.user_hash_key.get_secret_value() == SECRET
+    assert SECRET not in repr(s.events)
+
+
+def test_pipeline_option_sections_errors_name_the_key(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         '[train]\nmax_step = 3\nlr_schedule = "cos"\n[lora]\nr = 4\n'
-        '[gate]\nmax_kll = 3\nscorer = "politeness"\nmin_accuracy_gain = -0.1\n',
+        '[gate]\nmax_kll = 3\nscorer = "politeness"\nmin_accuracy_gain = -0.1\n'
+        '[snapshot]\nheldout_fraction = 1\nsplit_seed = ""\nout_dri = "x"\n'
+        "[events]\nrating_desirable_min = 6\nrating_undesirable = 1\n",
     )
     with pytest.raises(ConfigError) as err:
         load_settings(path)
@@ -187,6 +220,13 @@ def test_train_lora_and_gate_errors_name_the_key(tmp_path: Path) -> None:
     assert "[gate] max_kll: unknown key; did you mean 'max_kl'?" in text
     assert '[gate] scorer: Value error, scorer must be "module:function"' in text
     assert "a loss cannot be tolerated" in text and "KTO_LOOP_GATE__MIN_ACCURACY_GAIN" in text
+    assert "[snapshot] heldout_fraction: Input should be less than 1 (got 1)" in text
+    assert "[snapshot] split_seed: String should have at least 1 character" in text
+    assert "[snapshot] out_dri: unknown key; did you mean 'out_dir'?" in text
+    assert "[events] rating_desirable_min: Input should be less than or equal to 5" in text
+    assert (
+        "[events] rating_undesirable: unknown key; did you mean 'rating_undesirable_max'?" in text
+    )
     with pytest.raises(ConfigError, match="leaves no room for a completion"):
         load_settings(write(tmp_path, "[train]\nmax_length = 64\nmax_prompt_length = 64\n"))
 

@@ -50,10 +50,12 @@ def test_ratings_split_by_the_default_policy(rating: int, desirable: bool | None
 
 
 def test_rating_policy_is_configurable_and_checked() -> None:
-    strict = RatingPolicy(desirable_min=5, undesirable_max=3)
+    strict = RatingPolicy(rating_desirable_min=5, rating_undesirable_max=3)
     assert [strict.label(r) for r in range(1, 6)] == [False, False, False, None, True]
-    with pytest.raises(ValueError, match="undesirable_max < desirable_min"):
-        RatingPolicy(desirable_min=3, undesirable_max=3)
+    with pytest.raises(ValueError, match="rating_undesirable_max must be below"):
+        RatingPolicy(rating_desirable_min=3, rating_undesirable_max=3)
+    with pytest.raises(ValueError, match="rating_desirable_min"):
+        RatingPolicy(rating_desirable_min=6)
 
 
 def test_retraction_needs_only_the_message_it_withdraws() -> None:

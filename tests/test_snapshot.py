@@ -644,14 +644,21 @@ def test_a_bad_snapshot_table_is_refused(tmp_path: Path) -> None:
 # -- config ------------------------------------------------------------------------
 
 
-def test_snapshot_config_becomes_the_pipeline_options(tmp_path: Path) -> None:
+def test_the_snapshot_section_is_the_pipeline_options(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         '[snapshot]\nheldout_fraction = 0.2\nsplit_seed = "abc"\ntie_policy = "desirable"\n'
     )
     settings = load_settings(path)
-    assert settings.snapshot.options() == SnapshotOptions(0.2, "abc", "desirable")
+    options = SnapshotOptions(0.2, "abc", "desirable")
+    assert isinstance(settings.snapshot, SnapshotOptions)
+    assert settings.snapshot.as_dict() == options.as_dict()
     assert settings.snapshot.out_dir == "./data/snapshots"
+    # A snapshot built with the section records the options alone, and reads back.
+    snap = snapshot_of_rows(stored(conversations(0, 9)), settings.snapshot)
+    written = write_snapshot(snap, tmp_path / "snaps")
+    assert json.loads((written / "snapshot.json").read_text())["config"] == options.as_dict()
+    assert read_snapshot(written).options == options
     path.write_text('[snapshot]\ntie_policy = "coin"\n')
     with pytest.raises(ConfigError, match=r"\[snapshot\] tie_policy"):
         load_settings(path)

@@ -57,7 +57,7 @@ from starlette.routing import Route
 
 from connectors.config import ConfigError, FeedbackHttpConfig, Settings
 from connectors.feedback import kafka_clients
-from pipeline.feedback.events import EventError, EventParser, FeedbackEvent, RatingPolicy
+from pipeline.feedback.events import EventError, EventParser, FeedbackEvent
 
 log = logging.getLogger("kto_loop.feedback_http")
 
@@ -304,9 +304,7 @@ class FeedbackEndpoint:
         key = settings.events.user_hash_key
         self.parser = EventParser(
             key.get_secret_value().encode() if key else secrets.token_bytes(16),
-            RatingPolicy(
-                settings.events.rating_desirable_min, settings.events.rating_undesirable_max
-            ),
+            settings.events,
             max_bytes=settings.ingest.max_event_bytes,
         )
         self._keys = [

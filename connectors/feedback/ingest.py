@@ -46,7 +46,7 @@ from connectors.faults import crash_point
 from connectors.feedback import kafka_clients
 from connectors.feedback.dead_letters import DeadLetterError, DeadLetterTopic
 from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore, StoreError
-from pipeline.feedback.events import EventError, EventParser, RatingPolicy
+from pipeline.feedback.events import EventError, EventParser
 from pipeline.feedback.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Ingestor:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._parse = EventParser(
             events.user_hash_key.get_secret_value().encode(),
-            RatingPolicy(events.rating_desirable_min, events.rating_undesirable_max),
+            events,
             settings.ingest.max_event_bytes,
         )
         self._rebalances = _RebalanceLog(self._wait_in_flight, self.stats)

@@ -203,7 +203,7 @@ def _metadata(snapshot: Snapshot) -> dict[str, Any]:
         "rows": len(snapshot.table),
         "counts": dataclasses.asdict(snapshot.counts),
         "stats": dataclasses.asdict(snapshot.stats),
-        "config": dataclasses.asdict(snapshot.options) if snapshot.options else None,
+        "config": snapshot.options.as_dict() if snapshot.options else None,
         "window": snapshot.window.as_dict() if snapshot.window else None,
     }
 

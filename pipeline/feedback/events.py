@@ -27,10 +27,11 @@ import hashlib
 import hmac
 import json
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = frozenset({SCHEMA_VERSION})
@@ -114,25 +115,45 @@ class EventError(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RatingPolicy:
-    """How a 1-5 rating becomes a label: >= desirable_min likes, <= undesirable_max
-    dislikes, anything between is neutral (stored, but carries no label)."""
+    """How a 1-5 rating becomes a label: >= rating_desirable_min likes, <=
+    rating_undesirable_max dislikes, anything between is neutral (stored, but carries
+    no label). The `[events]` configuration section, less the user-hash key (bounds
+    checked whenever one is built)."""
 
-    desirable_min: int = 4
-    undesirable_max: int = 2
+    rating_desirable_min: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=5,
+            description="a rating this high or higher is a like; applied when an event is "
+            "stored (stored votes keep their label)",
+        ),
+    ] = 4
+    rating_undesirable_max: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=5,
+            description="a rating this low or lower is a dislike (between the two: stored "
+            "without a label); applied when an event is stored",
+        ),
+    ] = 2
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.undesirable_max < self.desirable_min <= 5:
+    @model_validator(mode="after")
+    def _check(self) -> RatingPolicy:
+        if self.rating_undesirable_max >= self.rating_desirable_min:
             raise ValueError(
-                "rating policy needs 1 <= undesirable_max < desirable_min <= 5, got "
-                f"undesirable_max={self.undesirable_max}, desirable_min={self.desirable_min}"
+                "rating_undesirable_max must be below rating_desirable_min, got "
+                f"{self.rating_undesirable_max} and {self.rating_desirable_min}"
             )
+        return self
 
     def label(self, rating: int) -> bool | None:
-        if rating >= self.desirable_min:
+        if rating >= self.rating_desirable_min:
             return True
-        if rating <= self.undesirable_max:
+        if rating <= self.rating_undesirable_max:
             return False
         return None
 
@@ -541,11 +562,11 @@ class EventParser:
     def __init__(
         self,
         user_hash_key: bytes,
-        rating_policy: RatingPolicy = RatingPolicy(),
+        rating_policy: RatingPolicy | None = None,
         max_bytes: int = 1 << 20,
         user_cache_size: int = 1 << 16,
     ) -> None:
-        self.rating_policy = rating_policy
+        self.rating_policy = rating_policy or RatingPolicy()
         self.max_bytes = max_bytes
         self._hash = functools.lru_cache(maxsize=user_cache_size)(
             functools.partial(_hash_user_keyed, user_hash_key)
@@ -629,7 +650,7 @@ def parse_event(
     raw: bytes | None,
     *,
     user_hash_key: bytes,
-    rating_policy: RatingPolicy = RatingPolicy(),
+    rating_policy: RatingPolicy | None = None,
     max_bytes: int = 1 << 20,
 ) -> FeedbackEvent:
     """Decode and validate one message value; see `EventParser` (use one for streams)."""

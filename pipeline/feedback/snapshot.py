@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, get_args
+from dataclasses import dataclass, field, fields, replace
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from pipeline.feedback.examples import Example
 from pipeline.feedback.lineage import FeedbackWindow
@@ -65,30 +67,31 @@ class NothingToSnapshot(SnapshotError):
     retracted, neutral or tied away."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SnapshotOptions:
-    """How votes become examples and how examples are split.
+    """How votes become examples and how examples are split: the `[snapshot]`
+    configuration section, less where snapshots are written (bounds checked whenever
+    one is built)."""
 
-    heldout_fraction: share of conversations held out for evaluation, in [0, 1).
-    split_seed: salt of the conversation hash; changing it reshuffles the split.
-    tie_policy: what an example with as many likes as dislikes becomes: dropped, or
-        labelled desirable or undesirable.
-    """
+    heldout_fraction: Annotated[
+        float, Field(ge=0, lt=1, description="share of conversations held out for evaluation")
+    ] = 0.1
+    split_seed: Annotated[
+        str,
+        Field(min_length=1, description="salt of the split hash; changing it reshuffles"),
+    ] = "kto-loop"
+    tie_policy: Annotated[
+        TiePolicy,
+        Field(
+            description="an example with as many likes as dislikes: dropped or labelled; "
+            "applied at each snapshot, to every stored vote"
+        ),
+    ] = "drop"
 
-    heldout_fraction: float = 0.1
-    split_seed: str = "kto-loop"
-    tie_policy: TiePolicy = "drop"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not self.split_seed:
-            raise ValueError("split_seed must be a non-empty string")
-        if self.tie_policy not in get_args(TiePolicy):
-            raise ValueError(
-                f"tie_policy must be one of {', '.join(get_args(TiePolicy))}, "
-                f"got {self.tie_policy!r}"
-            )
+    def as_dict(self) -> dict[str, Any]:
+        """These options alone, by name, as a snapshot's metadata records them (a
+        configuration section that adds fields to them records only these)."""
+        return {f.name: getattr(self, f.name) for f in fields(SnapshotOptions)}
 
 
 @dataclass(frozen=True)
