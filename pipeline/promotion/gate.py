@@ -114,7 +114,8 @@ class GateOptions:
             description="the candidate's KL to the serving adapter (the base model when "
             "nothing serves) per answer token, on answers it samples for held-out prompts, "
             "at most; unlike max_kl (mismatched pairs, clamped at 0) this estimate is "
-            "unbiased and bounds how far one publish moves what users see; None: not checked",
+            "unbiased and bounds how far one publish moves what users see; a very large value "
+            "effectively turns the check off",
         ),
     ] = DEFAULT_MAX_DRIFT
     drift_prompts: Annotated[
