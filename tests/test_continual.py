@@ -20,7 +20,7 @@ from pipeline.feedback.continual import (
 from pipeline.feedback.examples import Example
 from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
 from pipeline.feedback.votes import Fold, VoteState, fold_rows, snapshot_from_votes
-from tests.test_snapshot import T0, event, stored
+from tests.rows import T0, event, stored
 
 
 def folded(rows: list[dict]) -> Fold:

@@ -27,8 +27,7 @@ from pipeline.feedback.sample import sample_events
 from pipeline.feedback.snapshot import Snapshot, SnapshotOptions
 from pipeline.feedback.votes import snapshot_of_rows
 from pipeline.training.manifest import Manifest, RunMetrics
-from tests.test_snapshot import T0, event, stored
-from tests.test_store import feedback_range
+from tests.rows import T0, event, feedback_range, stored
 
 runner = CliRunner()
 

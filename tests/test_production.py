@@ -11,54 +11,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.feedback import records
 from pipeline.feedback.production import LIKED_SHARE_COLUMNS, NO_ADAPTER, liked_share_by_adapter
 from pipeline.feedback.records import FEEDBACK_SCHEMA
 from pipeline.feedback.votes import VOTE_TABLE_SCHEMA, fold_rows
-
-T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
-
-
-def event(
-    event_id: str,
-    *,
-    user: str | None = "u1",
-    message: str = "m1",
-    feedback: str = "like",
-    t: int = 0,
-    rating: int | None = None,
-    adapter: str | None = "chat@v1",
-    text: bool = True,
-) -> dict[str, Any]:
-    """One stored feedback row; `desirable` follows from feedback / rating as
-    pipeline.feedback.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
-    if rating is not None:
-        feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
-    else:
-        desirable = None if feedback == "retract" else feedback == "like"
-    text = text and feedback != "retract"
-    return {
-        records.EVENT_ID: event_id,
-        records.TS: T0 + dt.timedelta(seconds=t),
-        records.CONVERSATION_ID: "c1",
-        records.MESSAGE_ID: message,
-        records.USER_HASH: user,
-        records.PROMPT: "How do I reset my password?" if text else None,
-        records.MESSAGES_JSON: None,
-        records.RESPONSE: "Open Settings, then Security." if text else None,
-        records.FEEDBACK: feedback,
-        records.RATING: rating,
-        records.DESIRABLE: desirable,
-        records.MODEL: "tiny-chat",
-        records.ADAPTER: adapter,
-        records.SCHEMA: 1,
-        records.KAFKA_TOPIC: "fb",
-        records.KAFKA_PARTITION: 0,
-        records.KAFKA_OFFSET: t,
-        records.KAFKA_TIMESTAMP: None,
-        records.INGESTED_AT: T0,
-        records.INGESTED_BY: "test",
-    }
+from tests.rows import T0, event
 
 
 def votes(rows: list[dict[str, Any]]) -> pa.Table:
@@ -114,7 +70,10 @@ def test_a_neutral_rating_is_not_counted() -> None:
 
 
 def test_a_vote_counts_without_prompt_or_response_text() -> None:
-    rows = [event("e1", user="u1", text=False), event("e2", user="u2", feedback="dislike")]
+    rows = [
+        event("e1", user="u1", prompt=None, response=None),
+        event("e2", user="u2", feedback="dislike"),
+    ]
     assert shares(rows) == {"chat@v1": (2, 1, 0.5)}
 
 

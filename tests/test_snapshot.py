@@ -5,7 +5,6 @@ TRL datasets, snapshot files, and the messages of bad input."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import random
 from pathlib import Path
@@ -20,7 +19,7 @@ from connectors.config import ConfigError, load_settings
 from connectors.feedback.snapshots import load_training_data, read_snapshot, write_snapshot
 from pipeline.feedback import records
 from pipeline.feedback.examples import Example
-from pipeline.feedback.records import FEEDBACK_SCHEMA, TRAINING_COLUMNS, TRAINING_SCHEMA
+from pipeline.feedback.records import TRAINING_COLUMNS, TRAINING_SCHEMA
 from pipeline.feedback.snapshot import (
     HELDOUT,
     TRAIN,
@@ -29,62 +28,7 @@ from pipeline.feedback.snapshot import (
     split_of,
 )
 from pipeline.feedback.votes import snapshot_of_rows
-
-T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
-
-
-def event(
-    event_id: str,
-    *,
-    user: str | None = "u1",
-    message: str = "m1",
-    conversation: str = "c1",
-    feedback: str = "like",
-    t: int = 0,
-    offset: int | None = None,
-    prompt: str | None = "How do I reset my password?",
-    messages: list[dict[str, str]] | None = None,
-    response: str | None = "Open Settings, then Security.",
-    rating: int | None = None,
-    adapter: str | None = "chat@v1",
-) -> dict[str, Any]:
-    """One stored feedback row; `desirable` follows from feedback / rating as
-    pipeline.feedback.events decides it (ratings: 4-5 desirable, 1-2 undesirable, 3 neutral)."""
-    if rating is not None:
-        feedback, desirable = "rating", (True if rating >= 4 else False if rating <= 2 else None)
-    else:
-        desirable = None if feedback == "retract" else feedback == "like"
-    if messages is not None:
-        prompt = None
-    if feedback == "retract":
-        prompt, response = None, None
-    return {
-        records.EVENT_ID: event_id,
-        records.TS: T0 + dt.timedelta(seconds=t),
-        records.CONVERSATION_ID: conversation,
-        records.MESSAGE_ID: message,
-        records.USER_HASH: user,
-        records.PROMPT: prompt,
-        records.MESSAGES_JSON: None if messages is None else json.dumps(messages),
-        records.RESPONSE: response,
-        records.FEEDBACK: feedback,
-        records.RATING: rating,
-        records.DESIRABLE: desirable,
-        records.MODEL: "tiny-chat",
-        records.ADAPTER: adapter,
-        records.SCHEMA: 1,
-        records.KAFKA_TOPIC: "fb",
-        records.KAFKA_PARTITION: 0,
-        records.KAFKA_OFFSET: t if offset is None else offset,
-        records.KAFKA_TIMESTAMP: None,
-        records.INGESTED_AT: T0,
-        records.INGESTED_BY: "test",
-    }
-
-
-def stored(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as the store reads them back (its Arrow schema)."""
-    return pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA)
+from tests.rows import event, stored
 
 
 def only_row(snapshot: Any) -> dict[str, Any]:

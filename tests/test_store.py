@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import multiprocessing
 import os
 import shutil
@@ -19,29 +18,11 @@ import pytest
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
 from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline.feedback import records
-from pipeline.feedback.events import FeedbackEvent, parse_event
+from pipeline.feedback.events import FeedbackEvent
 from pipeline.feedback.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
-from pipeline.feedback.sample import sample_events
+from tests.rows import feedback_range, feedback_rows
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
-
-
-def feedback_range(first: int, last: int) -> pa.Table:
-    events = list(sample_events(last + 1))
-    rows = FeedbackRows("fb", 0)
-    for offset in range(first, last + 1):
-        parsed = parse_event(json.dumps(events[offset]).encode(), user_hash_key=b"k")
-        rows.append(parsed, offset, 1_767_225_600_000 + offset)
-    return rows.to_table(NOW, "test")
-
-
-def feedback_rows(offsets: list[int]) -> pa.Table:
-    events = list(sample_events(max(offsets, default=0) + 1))
-    rows = FeedbackRows("fb", 0)
-    for offset in offsets:
-        parsed = parse_event(json.dumps(events[offset]).encode(), user_hash_key=b"k")
-        rows.append(parsed, offset, 1_767_225_600_000 + offset)
-    return rows.to_table(NOW, "test")
 
 
 def dead_letters(offsets: list[int]) -> pa.Table:

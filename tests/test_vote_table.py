@@ -27,7 +27,7 @@ from pipeline.feedback.records import FeedbackRows
 from pipeline.feedback.sample import sample_events
 from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
 from pipeline.feedback.votes import FOLD_COLUMNS, fold_rows, is_counted, snapshot_of_rows
-from tests.test_snapshot import event, stored
+from tests.rows import event, stored
 
 NOW = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
