@@ -15,6 +15,8 @@ from typing import IO, Any
 
 import psutil
 
+from deploy.local.processes import dies_with_this_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,10 +29,18 @@ def start_command(
 ) -> subprocess.Popen:
     """Start `args` in the repository root with SIGINT ignored, as `cmd &` in a script
     or a service manager does, whatever this test process inherited: the command must
-    make itself hear Ctrl-C."""
+    make itself hear Ctrl-C. It gets SIGTERM if the test session dies first (even by
+    SIGKILL), so that it stops what it started."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec
     try:
-        return subprocess.Popen(list(args), stdout=stdout, stderr=stderr, env=env, cwd=ROOT)
+        return subprocess.Popen(
+            list(args),
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=dies_with_this_process(signal.SIGTERM),
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -67,6 +67,15 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), signum)
 
 
+def dies_with_this_process(signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` for subprocess.Popen: the child gets `signum` when this process
+    dies, however it dies (Linux; elsewhere nothing). Start the child from the main
+    thread (see `die_with_parent`)."""
+    parent = os.getpid()
+    _prctl()  # loaded here, not in the child
+    return lambda: die_with_parent(parent, signum)
+
+
 def start_child(
     args: Sequence[str],
     *,
