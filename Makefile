@@ -52,10 +52,12 @@ $(VLLM_STAMP): $(PLUGIN)/pyproject.toml $(wildcard $(PLUGIN)/kto_loop_vllm/*.py)
 demo: setup setup-vllm
 	$(PY) -m flows.demo
 
+# Every test; the run ends with its 25 slowest steps (setup, call and teardown apart).
 test: setup setup-vllm
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
-# The inner loop: what needs no broker, vLLM server or model training (about 2 minutes).
+# The inner loop: what needs no broker, vLLM server, training or Prefect server (the
+# markers in pyproject.toml; integration is all of them).
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
 

@@ -21,7 +21,7 @@ from pipeline.promotion.gate import GateOptions, Measurements, judge
 from pipeline.training.judge import callable_judge
 from pipeline.training.options import TrainOptions
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.training
 
 OPTIONS = TrainOptions(
     learning_rate=2e-3,

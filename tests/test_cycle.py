@@ -16,161 +16,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from connectors.cycle_runs import CycleRuns
-from connectors.feedback.ingest import Ingestor
-from connectors.feedback.produce import produce
-from connectors.serving.adapter_registry import AdapterRegistry
-from connectors.serving.vllm_admin import VllmAdmin
 from deploy.local.broker import free_port
 from deploy.local.synthetic import feedback_events
-from flows.alignment import alignment_cycle
 from flows.cli import app
-from pipeline.feedback.sample import encode
 from pipeline.feedback.snapshot import SnapshotOptions, split_of
 from tests.children import Descendants, start_command
-from tests.conftest import HASH_KEY, KafkaSetup, _toml, wait_until
-from tests.test_serving import Greedy
-
-pytestmark = pytest.mark.integration
+from tests.conftest import HASH_KEY, Cycle, Greedy, run_cycle, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-
-# Large enough to move the tiny model in a few dozen steps (as in test_trainer.py).
-TRAIN = {
-    "beta": 0.1,
-    "learning_rate": 2e-3,
-    "batch_size": 8,
-    "max_length": 96,
-    "max_prompt_length": 64,
-    "eval_every": 5,
-    "early_stopping_patience": 0,
-    "sft_weight": 0.0,
-    "eos_guard": 0.0,
-    # One pass: these tests are about the cycle, not about how far training goes.
-    "epochs": 1,
-    # These tests are about the cycle's mechanics, which one pass of likelihood-judged
-    # training moves reliably; judging by answers is covered by tests/test_answer_check.py
-    # and test_a_cycle_judged_by_answers_publishes_nothing_its_judge_does_not_find_better.
-    "selection": "heldout_loss",
-}
-# Likewise for the gate.
-GATE = {"judge": "likelihood"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture()
-def greedy(tiny_model_dir: Path) -> Greedy:
-    return Greedy(tiny_model_dir)
-
-
-class Cycle:
-    """One test's alias, store, registry and work dir, and its config files."""
-
-    def __init__(self, setup: KafkaSetup, vllm: Any, model: Path, tmp: Path) -> None:
-        self.setup, self.vllm, self.model, self.tmp = setup, vllm, model, tmp
-        self.alias = f"cyc-{uuid.uuid4().hex[:6]}"
-        self.registry = AdapterRegistry(str(tmp / "adapters"))
-        self.runs = CycleRuns(tmp / "cycles", self.alias)
-
-    def config(self, store: str = "store", **sections: dict[str, Any]) -> Path:
-        base: dict[str, dict[str, Any]] = {
-            **self.setup.overrides(),
-            "store": {"url": str(self.tmp / store)},
-            "snapshot": {"heldout_fraction": 0.2, "out_dir": str(self.tmp / "snapshots")},
-            "balance": {"min_examples": 32, "min_per_class": 8},
-            "train": TRAIN,
-            "gate": GATE,
-            "lora": {"r": 8},
-            "registry": {"url": str(self.tmp / "adapters")},
-            "serving": {
-                "replicas": [self.vllm.url],
-                "base_model": str(self.model),
-                "max_lora_rank": 8,
-            },
-            "cycle": {
-                "alias": self.alias,
-                "work_dir": str(self.tmp / "cycles"),
-                "min_new_votes": 50,
-            },
-        }
-        for name, values in sections.items():
-            base[name] = {**base.get(name, {}), **values}
-        path = self.tmp / f"kto-loop-{uuid.uuid4().hex[:6]}.toml"
-        path.write_text(_toml(base))
-        return path
-
-    def ingest(self, events: list[dict], store: str = "store") -> None:
-        """Send events through the broker and store them with a real consumer."""
-        self.setup.create_topics(partitions=2)
-        produce(self.setup.settings().kafka, [encode(e) for e in events])
-        settings = self.setup.settings()
-        settings = settings.model_copy(
-            update={"store": settings.store.model_copy(update={"url": str(self.tmp / store)})}
-        )
-        ingestor = Ingestor(settings)
-        stop, errors = threading.Event(), []
-
-        def target() -> None:
-            try:
-                ingestor.run(stop)
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        wait_until(
-            lambda: ingestor.stats.stored >= len(events) or errors, 90, f"{len(events)} stored"
-        )
-        stop.set()
-        thread.join(30)
-        assert not errors
-
-    def consume(self, config: Path, store: str = "store") -> Any:
-        """Store what the config's topic holds, with a real consumer; the store's rows."""
-        from connectors.config import load_settings
-
-        ingestor = Ingestor(load_settings(config))
-        ingestor.run(threading.Event(), idle_exit_seconds=2.0)
-        return ingestor.store.read()
-
-    def admin(self) -> VllmAdmin:
-        return VllmAdmin(self.vllm.url, self.vllm.api_key, admin_key=self.vllm.admin_key)
-
-
-@pytest.fixture()
-def cycle(
-    kafka_setup: KafkaSetup,
-    vllm_server: Any,
-    tiny_model_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cycle:
-    monkeypatch.setenv("KTO_LOOP_SERVING__API_KEY", vllm_server.api_key)
-    monkeypatch.setenv("KTO_LOOP_SERVING__ADMIN_KEY", vllm_server.admin_key)
-    monkeypatch.setenv("KTO_LOOP_EVENTS__USER_HASH_KEY", HASH_KEY)
-    return Cycle(kafka_setup, vllm_server, tiny_model_dir, tmp_path)
-
-
-def _run(config: Path) -> tuple[Any, dict[str, Any]]:
-    state = alignment_cycle(config=str(config), return_state=True)
-    return state, state.result(raise_on_failure=False) if state.is_completed() else {}
 
 
 def _heldout(conversation: str) -> bool:
@@ -183,7 +44,7 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     cycle.ingest(feedback_events(320, seed=1))
     config = cycle.config(gate={"scorer": "tests.scorers:constant", "generation_prompts": 4})
 
-    state, record = _run(config)
+    state, record = run_cycle(config)
 
     assert state.is_completed() and state.name == "Completed", state.message
     assert record["status"] == "published" and record["version"] == "v1"
@@ -223,7 +84,7 @@ def test_full_cycle_from_kafka_events_to_a_new_adapter_answering_in_vllm(
     assert _artifact_markdown(cycle.alias).startswith(f"# Alignment cycle {record['run_id']}")
 
     # Nothing new since: the next run is skipped, and serving stays.
-    state, record = _run(config)
+    state, record = run_cycle(config)
     assert state.name == "Skipped" and "0 new votes" in state.message
     assert cycle.registry.versions() == ["v1"]
 
@@ -286,11 +147,11 @@ def _artifact_markdown(alias: str) -> str:
 
 def test_too_little_data_is_skipped_and_nothing_is_trained_or_published(cycle: Cycle) -> None:
     config = cycle.config()
-    state, record = _run(config)  # an empty store
+    state, record = run_cycle(config)  # an empty store
     assert state.name == "Skipped" and "no feedback" in state.message
 
     cycle.ingest(feedback_events(30, seed=2))
-    state, record = _run(config)
+    state, record = run_cycle(config)
 
     assert state.is_completed() and state.name == "Skipped"
     assert "30 new votes" in state.message and "min_new_votes=50" in state.message
@@ -316,7 +177,7 @@ def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     cycle: Cycle,
 ) -> None:
     cycle.ingest(feedback_events(320, seed=1))
-    state, _ = _run(cycle.config())
+    state, _ = run_cycle(cycle.config())
     assert state.name == "Completed", state.message
     with cycle.admin() as admin:
         before = admin.complete(cycle.alias, [5, 17, 42], 8, ignore_eos=True)
@@ -337,7 +198,7 @@ def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     poisoned = feedback_events(400, seed=3, flip=lambda c: not _heldout(c))
     cycle.ingest(poisoned, store="store-poisoned")
     config = cycle.config(store="store-poisoned", cycle={"min_new_votes": 1})
-    state, record = _run(config)
+    state, record = run_cycle(config)
 
     assert state.name == "No gain", state.message
     assert record["status"] == "no_gain" and record["trained"]
@@ -357,7 +218,9 @@ def test_a_candidate_no_better_than_the_serving_adapter_is_never_served(
     # it: the candidate trained (it beat its start) and the gate refuses it against v1.
     cycle.ingest(feedback_events(480, seed=3), store="store-brief")
     brief = {"max_steps": 2, "eval_every": 1}
-    state, record = _run(cycle.config(store="store-brief", cycle={"min_new_votes": 1}, train=brief))
+    state, record = run_cycle(
+        cycle.config(store="store-brief", cycle={"min_new_votes": 1}, train=brief)
+    )
 
     assert state.name == "Skipped" and "candidate refused" in state.message, state.message
     assert record["training"]["status"] == "trained" and record["training"]["best_step"] == 2
@@ -380,7 +243,7 @@ def test_a_cycle_judged_by_answers_publishes_nothing_its_judge_does_not_find_bet
     # nothing is registered or served.
     cycle.ingest(feedback_events(320, seed=1))
     shipped = {"selection": "judge", "judge_answers": 64}
-    state, record = _run(cycle.config(train=shipped, gate={"judge": "answers"}))
+    state, record = run_cycle(cycle.config(train=shipped, gate={"judge": "answers"}))
 
     judge = record["training"]["judge"]
     assert judge is not None and isinstance(judge["trusted"], bool), record["training"]
@@ -401,7 +264,7 @@ def test_a_generation_check_that_refuses_retires_the_loaded_candidate(cycle: Cyc
     # Every answer scores the same, and the candidate must beat what serves by 0.5.
     gate = {"scorer": "tests.scorers:constant", "generation_prompts": 4, "min_score_gain": 0.5}
 
-    state, record = _run(cycle.config(gate=gate))
+    state, record = run_cycle(cycle.config(gate=gate))
 
     assert state.name == "Skipped" and "generation_score 1 against 1" in state.message
     assert record["gate"]["serving_name"] == "the base model"
@@ -425,7 +288,7 @@ def test_a_failed_publish_changes_no_replica_and_the_next_run_publishes_the_same
         cycle={"publish_retries": 1, "publish_retry_delay_seconds": 0},
     )
 
-    state, _ = _run(broken)
+    state, _ = run_cycle(broken)
 
     assert state.is_failed() and dead in state.message and "stays on nothing" in state.message
     (failed,) = cycle.runs.recent()
@@ -435,7 +298,7 @@ def test_a_failed_publish_changes_no_replica_and_the_next_run_publishes_the_same
     with cycle.admin() as admin:
         assert cycle.alias not in admin.models()
 
-    state, record = _run(cycle.config())
+    state, record = run_cycle(cycle.config())
 
     assert state.name == "Completed", state.message
     assert record["version"] == "v1" and cycle.registry.versions() == ["v1"]
@@ -469,7 +332,7 @@ def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_clean
     holder = cycle.runs.holder()
     assert holder is not None and holder["pid"] == first.pid
 
-    second, record = _run(config)
+    second, record = run_cycle(config)
     assert second.name == "Skipped", second.message
     assert f"another run of alias {cycle.alias!r} is in progress" in second.message
     assert str(first.pid) in second.message
@@ -481,7 +344,7 @@ def test_a_second_run_is_refused_while_one_trains_and_a_killed_run_resumes_clean
     started.wait_gone(60)  # the run's Prefect server died with it
     assert cycle.registry.versions() == []
 
-    third, record = _run(config)
+    third, record = run_cycle(config)
 
     assert third.name == "Completed", third.message
     assert record["training"]["resumed_from_step"] >= 1

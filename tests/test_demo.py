@@ -2,7 +2,8 @@
 with its JSON line and chart, and every process it started (the broker, vLLM and its
 engine, the Prefect server) is gone afterwards, also after Ctrl-C or a SIGKILL, and
 also when it was started with SIGINT ignored, as `make demo &` starts it. Each run
-starts its own broker, vLLM and Prefect server, as the demo does."""
+starts its own broker, vLLM and Prefect server, as the demo does; the two that are
+stopped start at the same time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,7 +22,7 @@ import pytest
 from tests.children import Descendants, start_command
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def _demo(workdir: Path, model: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -63,29 +65,57 @@ def test_the_demo_runs_the_loop_and_stops_everything_it_started(
     children.wait_gone(30)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+STOPS = {"SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}
+
+
+@dataclass
+class StoppingDemo:
+    """A demo started to be stopped, its stderr in `log`, every process it starts watched."""
+
+    process: subprocess.Popen
+    log: Path
+    children: Descendants
+
+
+@pytest.fixture(scope="module")
+def stopping_demos(
+    chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, StoppingDemo]]:
+    """One demo for each signal the stop test sends, all started at once: starting the
+    stack (a broker, vLLM and a Prefect server each) is most of what a stop test costs,
+    and the stacks start side by side. Whatever a test leaves running is killed here."""
+    demos = {}
+    for name in STOPS:
+        tmp = tmp_path_factory.mktemp(f"stopped-demo-{name}")
+        log = tmp / "demo.log"
+        demo = _demo(tmp / "demo", chat_model_dir, log, "--chats", "100000")
+        demos[name] = StoppingDemo(demo, log, Descendants(demo))
+    yield demos
+    for demo in demos.values():
+        demo.children.kill()
+
+
+@pytest.mark.parametrize("name", list(STOPS))
 def test_a_stopped_demo_leaves_no_process_behind(
-    signum: int,
-    chat_model_dir: Path,
-    tmp_path: Path,
-    watch: Callable[[subprocess.Popen], Descendants],
+    name: str, stopping_demos: dict[str, StoppingDemo]
 ) -> None:
-    log = tmp_path / "demo.log"
-    demo = _demo(tmp_path / "demo", chat_model_dir, log, "--chats", "100000")
-    children = watch(demo)
+    demo = stopping_demos[name]
+    log = demo.log
     # Stopped while users chat: the broker, vLLM and the Prefect server are all up.
-    wait_until(lambda: ", logs in " in log.read_text() or demo.poll() is not None, 300, "the stack")
-    assert demo.poll() is None, log.read_text()[-3000:]
-    children.record()
-    servers = psutil.Process(demo.pid).children()
+    wait_until(
+        lambda: ", logs in " in log.read_text() or demo.process.poll() is not None, 300, "the stack"
+    )
+    assert demo.process.poll() is None, log.read_text()[-3000:]
+    demo.children.record()
+    servers = psutil.Process(demo.process.pid).children()
     assert len(servers) >= 3, [p.cmdline()[:3] for p in servers]
 
-    demo.send_signal(signum)
+    demo.process.send_signal(STOPS[name])
 
-    demo.wait(timeout=120)
-    if signum == signal.SIGINT:
-        assert demo.returncode == 130, log.read_text()[-3000:]
+    demo.process.wait(timeout=120)
+    if name == "SIGINT":
+        assert demo.process.returncode == 130, log.read_text()[-3000:]
         assert "interrupted" in log.read_text()
     else:
-        assert demo.returncode == -signal.SIGKILL
-    children.wait_gone(60)
+        assert demo.process.returncode == -signal.SIGKILL
+    demo.children.wait_gone(60)

@@ -28,7 +28,7 @@ from pipeline.feedback.votes import fold_rows
 from tests.children import Descendants
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "web-" + "3f9a" * 8
 

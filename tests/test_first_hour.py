@@ -39,8 +39,6 @@ from deploy.local.broker import free_port
 from tests.children import Descendants, start_command
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "quickstart.md"
 PORTS = {"kafka": 9092, "vllm": 8000, "prefect": 4200}
@@ -67,6 +65,7 @@ def test_the_readme_section_has_the_steps_this_test_runs() -> None:
     assert any(c.startswith(MODEL_BUILD) for c in every)
 
 
+@pytest.mark.e2e
 def test_a_model_directory_to_a_published_adapter_as_the_readme_says(
     chat_model_dir: Path, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
 ) -> None:

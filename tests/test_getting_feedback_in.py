@@ -21,13 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port
 from tests.conftest import HASH_KEY, KafkaSetup
 
-pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "getting-feedback-in.md"
 

@@ -458,7 +458,6 @@ def test_import_to_snapshot_holds_what_the_mapping_says(tmp_path: Path) -> None:
     assert {(x["where"], x["reason"]) for x in lines} == set(_unmapped(_map("openwebui")).items())
 
 
-@pytest.mark.integration
 def test_import_to_kafka_twice_stores_no_vote_twice(
     kafka_setup: KafkaSetup, ingest_processes: Any, tmp_path: Path
 ) -> None:

@@ -3,8 +3,6 @@ through crashes, rebalances, bad messages and an absent broker."""
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
 import random
 import re
@@ -13,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from connectors.feedback.ingest import Ingestor
 from connectors.feedback.produce import produce
@@ -21,45 +19,20 @@ from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port, start_broker
 from pipeline.feedback import records
 from pipeline.feedback.sample import encode, malformed_samples, odd_valid_samples, sample_events
-from tests.conftest import KafkaSetup, wait_until
+from tests.conftest import (
+    KafkaSetup,
+    assert_each_offset_in_exactly_one_file,
+    committed_offsets,
+    wait_until,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.broker
 
 
 def send_events(setup: KafkaSetup, n: int, seed: int = 0) -> list[dict]:
     events = list(sample_events(n, seed))
     produce(setup.settings().kafka, [encode(e) for e in events])
     return events
-
-
-def assert_each_offset_in_exactly_one_file(store: FeedbackStore, topic: str) -> None:
-    """Raw files: batch ranges of a partition never overlap, and every stored offset is
-    in the file whose range covers it."""
-    seen: collections.Counter[tuple[int, int]] = collections.Counter()
-    for path in store.files(FEEDBACK):
-        partition = int(re.search(r"partition=(\d+)", path).group(1))
-        table = store._read_files([path], FEEDBACK)
-        first, last = (int(x) for x in Path(path).stem.split("-"))
-        for offset in table[records.KAFKA_OFFSET].to_pylist():
-            assert first <= offset <= last, (path, offset)
-            seen[(partition, offset)] += 1
-    assert seen and max(seen.values()) == 1, [k for k, v in seen.items() if v > 1][:5]
-    for partition in {p for p, _ in seen}:
-        ranges = [(f.first, f.last) for f in store.batch_files(FEEDBACK, topic, partition)]
-        for (_, last), (first, _) in itertools.pairwise(ranges):
-            assert first == last + 1, f"partition {partition}: ranges {ranges} overlap or gap"
-
-
-def committed_offsets(setup: KafkaSetup) -> dict[int, int | None]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=setup.broker.bootstrap, group_id=setup.group, enable_auto_commit=False
-    )
-    try:
-        return {
-            p: consumer.committed(TopicPartition(setup.topic, p)) for p in range(setup.partitions)
-        }
-    finally:
-        consumer.close(autocommit=False)
 
 
 def run_in_thread(ingestor: Ingestor) -> tuple[threading.Thread, threading.Event, list]:

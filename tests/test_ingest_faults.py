@@ -21,10 +21,15 @@ from connectors.feedback.produce import produce
 from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from pipeline.feedback import records
 from pipeline.feedback.sample import encode, sample_events
-from tests.conftest import IngestProcess, KafkaSetup, wait_until
-from tests.test_ingest import assert_each_offset_in_exactly_one_file, committed_offsets
+from tests.conftest import (
+    IngestProcess,
+    KafkaSetup,
+    assert_each_offset_in_exactly_one_file,
+    committed_offsets,
+    wait_until,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.broker
 
 # Small waits between store retries, so a failing store ends a run in well under a second.
 FAST_RETRIES = {"store_attempts": 3, "store_retry_wait_seconds": 0.05}

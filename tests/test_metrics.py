@@ -64,7 +64,6 @@ def try_scrape(url: str) -> dict[str, float] | None:
 # -------------------------------------------------------------------- ingest
 
 
-@pytest.mark.integration
 def test_ingest_counters_count_what_was_sent(
     kafka_setup: KafkaSetup, ingest_processes, tmp_path: Path
 ) -> None:

@@ -1,5 +1,5 @@
 """Two nights of the loop, the second continuing the first: the real broker, the tiny
-model, Prefect's test harness and the session's vLLM (the fixtures of test_cycle.py).
+model, Prefect's test harness and the session's vLLM (the `cycle` fixture).
 
 Night 1 has nothing served, so even a continual configuration retrains and publishes.
 Night 2 trains on the votes about night 1's answers (they name its version) and a replay
@@ -15,13 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.synthetic import feedback_events
-from tests import test_cycle
-from tests.test_cycle import Cycle, _run
-
-pytestmark = pytest.mark.integration
-# test_cycle.py's fixtures: its Prefect harness (module-wide) and one test's alias.
-prefect_harness = test_cycle.prefect_harness
-cycle = test_cycle.cycle
+from tests.conftest import Cycle, run_cycle
 
 
 def test_a_continual_night_trains_on_votes_about_the_served_adapter_from_it(cycle: Cycle):
@@ -34,7 +28,7 @@ def test_a_continual_night_trains_on_votes_about_the_served_adapter_from_it(cycl
     # Night 1: nothing serves, so the night retrains; a fresh LoRA moves the base
     # model farther than the limit, but with nothing served the drift is from the base.
     first = cycle.config(cycle={"strategy": "continual", "replay_fraction": 0.5})
-    state, record = _run(first)
+    state, record = run_cycle(first)
     assert state.name == "Completed", state.message
     assert record["plan"]["strategy"] == "retrain"
     assert record["plan"]["why"] == "nothing is served yet"
@@ -48,7 +42,7 @@ def test_a_continual_night_trains_on_votes_about_the_served_adapter_from_it(cycl
     cycle.ingest(
         feedback_events(200, seed=2, adapter=served, start=dt.datetime(2026, 1, 2, tzinfo=dt.UTC))
     )
-    state, record = _run(config)
+    state, record = run_cycle(config)
 
     plan = record["plan"]
     assert plan["strategy"] == "continual", plan

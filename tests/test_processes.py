@@ -48,15 +48,21 @@ def test_a_child_hears_sigint_even_when_its_parent_ignores_it(tmp_path: Path) ->
     assert out.read_text().strip() == "default_int_handler"
 
 
-def test_stop_kills_a_child_that_ignores_sigterm_and_everything_it_started(
-    tmp_path: Path,
-) -> None:
-    log = tmp_path / "log"
+def _child_with_a_sleeping_child(
+    log: Path, ignore_sigterm: bool = False, grandchild_dies_with_it: bool = False
+) -> tuple[subprocess.Popen, Descendants]:
+    """A child (start_child) that starts a grandchild sleeping 600 s, once it has said
+    so; every process under it watched."""
     child = start_child(
-        _python("""
+        _python(f"""
             import signal, subprocess, sys, time
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            from deploy.local.processes import dies_with_this_process
+            if {ignore_sigterm}:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(600)"],
+                preexec_fn=dies_with_this_process() if {grandchild_dies_with_it} else None,
+            )
             print("ready", flush=True)
             time.sleep(600)
             """),
@@ -66,13 +72,38 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_everything_it_started(
     try:
         wait_until(lambda: "ready" in log.read_text(), 60, "the child to start its own")
         assert len(descendants.record()) == 1  # the grandchild
+    except BaseException:
+        descendants.kill()
+        raise
+    return child, descendants
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_and_everything_it_started(
+    tmp_path: Path,
+) -> None:
+    child, descendants = _child_with_a_sleeping_child(tmp_path / "log", ignore_sigterm=True)
+    try:
         assert stop_child(child, timeout=1) == -signal.SIGKILL
         descendants.wait_gone(10)
     finally:
         descendants.kill()
 
 
-@pytest.mark.integration
+def test_a_process_started_to_die_with_its_parent_ends_when_the_parent_is_killed(
+    tmp_path: Path,
+) -> None:
+    child, descendants = _child_with_a_sleeping_child(
+        tmp_path / "log", grandchild_dies_with_it=True
+    )
+    try:
+        child.kill()  # no chance to clean up
+        child.wait(timeout=30)
+        descendants.wait_gone(10)
+    finally:
+        descendants.kill()
+
+
+@pytest.mark.broker
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_the_broker_launcher_leaves_no_broker_behind(
     name: str, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
@@ -98,7 +129,6 @@ def test_the_broker_launcher_leaves_no_broker_behind(
     descendants.wait_gone(30)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_ingest_stops_on_each_signal_even_started_with_sigint_ignored(
     name: str,
@@ -132,7 +162,7 @@ def test_ingest_stops_on_each_signal_even_started_with_sigint_ignored(
     descendants.wait_gone(30)
 
 
-@pytest.mark.integration
+@pytest.mark.prefect
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_kto_loop_run_leaves_no_prefect_server_behind(
     name: str, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]

@@ -34,7 +34,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from connectors.config import ServingConfig
@@ -54,9 +53,7 @@ from deploy.local.vllm_server import ENGINE_NICE
 from flows.cli import app
 from pipeline.serving.adapter_check import AdapterRefused
 from pipeline.serving.registry import AliasHistory
-from tests.conftest import wait_until
-
-pytestmark = pytest.mark.integration
+from tests.conftest import Greedy, wait_until
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,40 +66,6 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """Four random adapters (different seeds) for the tiny model."""
     root = tmp_path_factory.mktemp("serving-adapters")
     return [make_random_adapter(tiny_model_dir, root / f"seed{s}", seed=s) for s in range(4)]
-
-
-class Greedy:
-    """peft's greedy continuation, token by token (the reference for vLLM's answers)."""
-
-    def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.cache: dict[tuple, list[int]] = {}
-
-    @torch.no_grad()
-    def __call__(self, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-        key = (str(adapter), tuple(prompt), n)
-        if key in self.cache:
-            return self.cache[key]
-        from peft import PeftModel
-
-        model = self.base if adapter is None else PeftModel.from_pretrained(self.base, adapter)
-        ids = torch.tensor([prompt])
-        out: list[int] = []
-        for _ in range(n):
-            nxt = int(model(ids).logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        if adapter is not None:
-            model.unload()
-        self.cache[key] = out
-        return out
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny_model_dir: Path) -> Greedy:
-    return Greedy(tiny_model_dir)
 
 
 @pytest.fixture()
@@ -566,8 +529,10 @@ def test_bad_adapters_are_refused_before_any_server_is_touched(
     adapters: list[Path],
     tmp_path: Path,
     tiny_model_dir: Path,
+    model_cache: Path,
 ) -> None:
-    from deploy.local.tiny_model import TinyModelSpec, build_tiny_model
+    from deploy.local.model_cache import tiny_model
+    from deploy.local.tiny_model import TinyModelSpec
 
     reg = publisher.registry
     good = reg.add(adapters[0])["version"]
@@ -580,7 +545,7 @@ def test_bad_adapters_are_refused_before_any_server_is_touched(
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
     nan = poison_adapter(shutil.copytree(adapters[1], tmp_path / "nan"))
     rank16 = make_random_adapter(tiny_model_dir, tmp_path / "rank16", seed=5, rank=16)
-    other_base = build_tiny_model(tmp_path / "other", TinyModelSpec(hidden_size=96, num_heads=3))
+    other_base = tiny_model(model_cache, TinyModelSpec(hidden_size=96, num_heads=3))
     foreign = make_random_adapter(other_base, tmp_path / "foreign", seed=6)
 
     for directory, reason in [(truncated, "truncated or corrupt"), (nan, "NaN or inf")]:
@@ -820,12 +785,16 @@ def test_the_control_plane_wants_the_admin_key_and_the_inference_key_is_not_it(
     assert e.value.status == 403
 
 
-def test_a_server_without_an_admin_key_serves_the_control_plane_on_loopback_only(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    from deploy.local.vllm_server import start_vllm, vllm_python
+@pytest.mark.vllm  # the plugin as installed in vLLM's venv
+def test_a_server_without_an_admin_key_serves_the_control_plane_on_loopback_only() -> None:
+    """The plugin's policy for a server with no admin key, from vLLM's --host and --uds:
+    open on loopback or a Unix socket, refused with 403 and what to set anywhere else.
+    The guard that answers a refusal on every control-plane route, vLLM's own among them,
+    is checked on the session's server (test_the_control_plane_wants_the_admin_key_...);
+    a server with no admin key on loopback publishes in tests/test_demo.py and
+    tests/test_first_hour.py."""
+    from deploy.local.vllm_server import vllm_python
 
-    # How the plugin, as installed in vLLM's venv, reads vLLM's --host and --uds.
     cases = [
         ("127.0.0.1", None, True),
         ("::1", None, True),
@@ -836,33 +805,33 @@ def test_a_server_without_an_admin_key_serves_the_control_plane_on_loopback_only
         ("10.0.0.5", None, False),
         ("vllm.internal", None, False),
     ]
-    script = (
-        "import json, sys\nfrom kto_loop_vllm.plugin import loopback_only\n"
-        "print(json.dumps([loopback_only(h, u) for h, u in json.loads(sys.argv[1])]))"
-    )
+    script = """
+import json, sys
+from kto_loop_vllm.plugin import AdminPolicy, loopback_only
+out = []
+for host, uds in json.loads(sys.argv[1]):
+    policy = AdminPolicy()
+    policy.configure(None, host, uds, 8000)
+    out.append([loopback_only(host, uds), policy.refusal(None), policy.refusal("any-key")])
+print(json.dumps(out))
+"""
     run = subprocess.run(
         [vllm_python(), "-c", script, json.dumps([[h, u] for h, u, _ in cases])],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert json.loads(run.stdout) == [expected for _, _, expected in cases]
-
-    server = start_vllm(
-        tiny_model_dir, tmp_path / "vllm.log", host="0.0.0.0", dtype="float32", max_model_len=512
-    )
-    try:
-        with VllmAdmin(server.url, admin_key="any-key") as a:
-            with pytest.raises(AdminKeyRefused, match=r"0\.0\.0\.0.*KTO_LOOP_ADMIN_KEY") as e:
-                a.swap_state()
-            assert e.value.status == 403
-            with pytest.raises(AdminKeyRefused):
-                a.load("open@v1", "/nonexistent")
-            with pytest.raises(AdminKeyRefused):
-                a.swap("open", "open@v1", [])
-            assert a.complete("base", SHORT, 2).token_ids  # inference is not refused
-    finally:
-        server.stop()
+    for (host, _, open_), (loopback, without, with_any) in zip(
+        cases, json.loads(run.stdout), strict=True
+    ):
+        assert loopback == open_, host
+        if open_:
+            assert without is None and with_any is None, host
+        else:
+            assert without == with_any, host
+            status, message = without
+            assert status == 403 and "KTO_LOOP_ADMIN_KEY" in message, host
+            assert f"listens on {host or '0.0.0.0'}:8000" in message, host
 
 
 class FakeTransportKillsAReplicaAtSwitch(httpx.BaseTransport):

@@ -26,7 +26,7 @@ from pipeline.training.errors import (
 )
 from pipeline.training.options import TrainOptions
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.training
 
 # Large enough to move the tiny model in a few dozen steps.
 FAST = TrainOptions(
@@ -333,10 +333,11 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     assert no_adapter(out)
 
 
-def test_model_without_a_chat_template_says_how_to_supply_one(tmp_path_factory, tmp_path):
-    from deploy.local.tiny_model import CHAT_TEMPLATE, build_tiny_model
+def test_model_without_a_chat_template_says_how_to_supply_one(model_cache, tmp_path):
+    from deploy.local.model_cache import tiny_model
+    from deploy.local.tiny_model import CHAT_TEMPLATE
 
-    model = build_tiny_model(tmp_path_factory.mktemp("no-template"), chat_template=False)
+    model = tiny_model(model_cache, chat_template=False)
     out = tmp_path / "adapter"
     with pytest.raises(EncodeError, match="--chat-template"):
         run_training(inputs(model, out), replace(FAST, max_steps=2))

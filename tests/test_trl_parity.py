@@ -16,7 +16,7 @@ from pipeline.feedback.balance import choose_weights
 from pipeline.feedback.examples import Example
 from pipeline.training.options import LoraOptions, TrainOptions, trl_recipe
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.training
 
 ROWS = 76  # 9 full batches of 8 and a short one: TRL keeps it
 EPOCHS = 2
