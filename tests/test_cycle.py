@@ -360,6 +360,8 @@ def _schedule(config: Path, log: Path) -> subprocess.Popen:
     ignored (as a background job or a service starts it)."""
     env = {**os.environ, "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY}
     env.pop("PREFECT_API_URL", None)
+    # Prefect's runner asks for due runs every 10 s by default; every second here.
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"
     args = ["schedule", "--config", str(config), "--interval", "2"]
     with log.open("wb") as out:
         return start_command([sys.executable, "-m", "flows.cli", *args], stdout=out, env=env)
