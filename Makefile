@@ -53,7 +53,10 @@ demo: setup setup-vllm
 	$(PY) -m flows.demo
 
 # Every test; the run ends with its 25 slowest steps (setup, call and teardown apart).
-test: setup setup-vllm
+# The two venvs install side by side: each install keeps one core busy (77 s instead of
+# 140 s on two cores).
+test:
+	$(MAKE) --jobs=2 setup setup-vllm
 	$(PY) -m pytest --durations=25
 
 # The inner loop: what needs no broker, vLLM server, training or Prefect server (the
