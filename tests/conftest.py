@@ -1,7 +1,11 @@
 """Shared fixtures: one real Kafka-protocol broker and one real vLLM server per test
 session, tiny models built once per machine, per-test topics, config files and ingest
 processes, the cycle's alias and Prefect harness, and polling with a deadline (never
-sleeps). Each test is marked with the real parts it needs, from the fixtures it uses."""
+sleeps). Each test is marked with the real parts it needs, from the fixtures it uses.
+
+Every test run loads this file, so torch, peft, Prefect's flows and the adapter registry
+(which imports torch) are imported by the fixtures that use them: a run of a few unit
+tests does not wait for them."""
 
 from __future__ import annotations
 
@@ -37,9 +41,6 @@ from pipeline.feedback.sample import encode
 ROOT = Path(__file__).resolve().parent.parent
 HASH_KEY = "9f86d081884c7d659a2feaa0c55ad015"  # 128 bits of hex, as required
 MODEL_CACHE = ROOT / "data" / "cache" / "models"
-# Every test run loads this file: torch, peft, Prefect's flows and the registry (which
-# imports torch) are imported by the fixtures that use them, so that a run of a few unit
-# tests does not wait for them.
 # Offline, Prefect's telemetry errors on a locked SQLite database (docs/architecture.md).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -201,6 +201,7 @@ def loop_state(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return tmp
 
 
+@pytest.mark.prefect  # loop_state runs its cycles under Prefect's test harness
 def test_metrics_command_serves_outcomes_versions_liked_share_and_latency(
     loop_state: Path, watch, tmp_path: Path
 ) -> None:
