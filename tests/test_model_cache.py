@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.model_cache import MANIFEST, cached_model, intact
+from deploy.local.processes import dies_with_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("deploy.local.model_cache",)
@@ -107,7 +108,14 @@ def test_processes_asking_at_once_get_one_finished_entry_built_once(tmp_path: Pa
     log = tmp_path / "builds.log"
     args = [sys.executable, "-c", CONCURRENT, str(tmp_path / "cache"), str(log)]
     processes = [
-        subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(8)
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=dies_with_this_process(),
+        )
+        for _ in range(8)
     ]
     answers = []
     for p in processes:
