@@ -19,7 +19,7 @@ from pipeline.feedback.continual import (
 )
 from pipeline.feedback.examples import Example
 from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
-from pipeline.feedback.votes import Fold, VoteState, fold_rows, snapshot_from_votes
+from pipeline.feedback.votes import Fold, VoteState, example_key, fold_rows, snapshot_from_votes
 from tests.rows import T0, event, stored
 
 
@@ -70,10 +70,12 @@ def test_history_prompts_key_by_their_messages() -> None:
     fold = folded([event("a", messages=[{"role": "user", "content": "hi"}], t=1)])
     new = snapshot(fold, new_votes(fold.table, {}))
     (example,) = new.records("train") + new.records("heldout")
-    assert key_of(example) == (
-        None,
-        '[{"role": "user", "content": "hi"}]',
-        "Open Settings, then Security.",
+    assert example.prompt is None
+    assert key_of(example) == example_key(
+        None, '[{"role": "user", "content": "hi"}]', "Open Settings, then Security."
+    )
+    assert key_of(example) != example_key(
+        None, '[{"role": "user", "content": "hello"}]', "Open Settings, then Security."
     )
 
 

@@ -27,20 +27,18 @@ import pyarrow.compute as pc
 
 from pipeline.feedback.examples import Example
 from pipeline.feedback.records import KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TOPIC, TS
-from pipeline.feedback.votes import VoteState, select_votes
+from pipeline.feedback.votes import VoteState, example_key, select_votes
 
-# (prompt, messages_json when there is no prompt, completion): an example's identity,
-# as a snapshot groups votes into examples.
-ExampleKey = tuple[str | None, str | None, str]
+# An example's identity is the vote table's: which answer a vote is about.
+ExampleKey = bytes
 Offsets = Mapping[tuple[str, int], int]
 
 
-def example_key(prompt: str | None, messages_json: str | None, completion: str) -> ExampleKey:
-    return (prompt, None if prompt is not None else messages_json, completion)
-
-
 def key_of(example: Example) -> ExampleKey:
-    return example_key(example.prompt, example.messages_json, example.completion)
+    key = example_key(example.prompt, example.messages_json, example.completion)
+    if key is None:  # an Example always has a completion and a prompt or messages
+        raise ValueError(f"an example with neither a prompt nor messages: {example!r}")
+    return key
 
 
 def new_votes(votes: pa.Table, read_up_to: Offsets) -> tuple[pa.Table, VoteState]:
