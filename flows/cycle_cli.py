@@ -42,6 +42,9 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The trainer's, the publisher's and the cycle's own logs go to Prefect's run logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,connectors,kto_loop")
+    # Those loggers also run outside a flow run (before it starts, in ingest): there they
+    # log to the console alone, not to the API with a warning that no run is there.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def run(settings: Settings, config: Path | None, alias: str | None) -> None:
