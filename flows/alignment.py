@@ -400,7 +400,7 @@ def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> N
     _base_model(settings)  # fail before any work when it is not configured
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     served = registry.history(alias).current
-    snap, new, _ = _take_snapshot(settings, alias, runs, run, served)
+    snap, new = _take_snapshot(settings, alias, runs, run, served)
     plan = _plan(settings, alias, served, snap, new, run)
     balance = _choose_balance(settings, plan, run)
     report_dir = _train(settings, runs, run, snap, plan, balance)
@@ -442,7 +442,7 @@ def _plan(
 
 def _take_snapshot(
     settings: Settings, alias: str, runs: CycleRuns, run: RunRecord, served: str | None
-) -> tuple[Snapshot, Snapshot | None, bool]:
+) -> tuple[Snapshot, Snapshot | None]:
     """Snapshot the store, its window naming this run and what the alias serves; skip
     unless enough votes came since the last judged run. A continual night (something
     serves) also learns which examples were voted on since that run; a retrain reads
@@ -479,7 +479,7 @@ def _take_snapshot(
             f"{max(run.new_votes, 0)} new votes {since}, fewer than cycle.min_new_votes="
             f"{settings.cycle.min_new_votes}"
         )
-    return snap, new, continual
+    return snap, new
 
 
 def _read_up_to(last: dict[str, Any] | None) -> dict[tuple[str, int], int]:
