@@ -284,14 +284,17 @@ def test_a_fold_killed_at_any_step_leaves_a_table_the_next_fold_completes(
     write_batches(store, steps[1], partitions=2, batch=30)
     assert run_killed_at(tmp_path, fault)
     # Killed before the commit, the old table is whole and still gives its snapshot.
-    state = votes.state()
-    if state.generation == 1:
-        table = votes.table(state)
-        assert table.num_rows and before.stats.rows_read == state.rows_read
+    current = votes.current()
+    if current.state.generation == 1:
+        table = votes.table(current)
+        assert table.num_rows and before.stats.rows_read == current.state.rows_read
     assert_same(votes.snapshot(), full_rebuild(store))
     names = os.listdir(tmp_path / "votes")
     assert not [n for n in names if n.startswith(".")]
-    assert [n for n in names if n.startswith("table")] == ["table-00000002.arrow"]
+    current = votes.current()
+    assert [n for n in names if n.startswith("table")] == [current.table]
+    assert current.table.startswith("table-00000002-")
+    assert [n for n in names if n.startswith("state")] == ["state-00000002.json"]
 
 
 def test_a_fold_killed_twice_in_a_row_still_completes(tmp_path: Path) -> None:

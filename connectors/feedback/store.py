@@ -484,12 +484,15 @@ def write_local_atomic(
     path: str,
     data: bytes | memoryview | Callable[[BinaryIO], None],
     crash_points: str | None = None,
+    exclusive: bool = False,
 ) -> None:
     """Write `path` whole or not at all: a temp file, fsync, rename, fsync of the
     directory. `data` is the bytes, or a function that writes them to the open file
     (a large file need not be held in memory first). With `crash_points`, the steps are
     crash points "<crash_points>.1" (temp file written, not renamed) and
-    "<crash_points>.2" (renamed, directory not synced)."""
+    "<crash_points>.2" (renamed, directory not synced). With `exclusive`, the temp
+    file is linked to `path` instead of renamed over it: FileExistsError if `path`
+    exists (one of two writers wins, whole)."""
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -503,7 +506,11 @@ def write_local_atomic(
             os.fsync(f.fileno())
         if crash_points:
             crash_point(f"{crash_points}.1")
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
