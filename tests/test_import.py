@@ -401,6 +401,40 @@ def test_a_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
         list(read_records(bad))
 
 
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_a_too_deep_record_in_an_array_is_reported_and_the_rest_imported(tmp_path: Path) -> None:
+    records = json.loads((DATA / "openwebui" / "feedback-export-2025-03-01.json").read_text())
+    deep = '{"id": "fb-deep", "data": {"rating": 1}, "meta": ' + _deep(100_000) + "}"
+    parts = [json.dumps(r) for r in records]
+    path = tmp_path / "export.json"
+    path.write_text("[" + ",\n".join([parts[0], deep, *parts[1:]]) + "]")
+    items = _map("openwebui", path)
+    expected = _map("openwebui", DATA / "openwebui" / "feedback-export-2025-03-01.json")
+    assert _unmapped(items)["export.json[1]"] == "too_deep"
+    assert sorted(map(str, _events(items).values())) == sorted(map(str, _events(expected).values()))
+
+
+def test_an_array_is_streamed_its_first_events_come_before_its_end_is_read(
+    tmp_path: Path,
+) -> None:
+    record = json.loads((DATA / "openwebui" / "feedback-export-2025-03-01.json").read_text())[0]
+    records = [json.dumps({**record, "id": f"fb-{i}"}) for i in range(2_000)]
+    path = tmp_path / "export.json"
+    path.write_text("[" + ",\n".join(records[:1_000]) + ",\n")  # the export still being written
+    assert path.stat().st_size > 1 << 20
+    items = import_openwebui.map_export(read_records(path), ImportOptions())
+    first = next(items)
+    assert isinstance(first, Mapped) and first.where == "export.json[0]"
+    with path.open("a") as f:
+        f.write(",\n".join(records[1_000:]) + "]")
+    rest = list(items)
+    assert len(rest) == 1_999 and all(isinstance(i, Mapped) for i in rest)
+    assert rest[-1].where == "export.json[1999]"
+
+
 # -- the command ----------------------------------------------------------------------
 
 
@@ -456,6 +490,26 @@ def test_import_to_snapshot_holds_what_the_mapping_says(tmp_path: Path) -> None:
     }
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert {(x["where"], x["reason"]) for x in lines} == set(_unmapped(_map("openwebui")).items())
+
+
+def test_a_too_deep_line_is_reported_and_the_rest_imported(tmp_path: Path) -> None:
+    lines = (DATA / "openai" / "chat-logs.jsonl").read_text().splitlines()
+    deep = '{"id": "chatcmpl-deep", "metadata": {"feedback": "up"}, "request": ' + _deep(100_000)
+    export = tmp_path / "chat-logs.jsonl"
+    export.write_text("\n".join([lines[0], deep + "}", *lines[1:]]) + "\n")
+    report = tmp_path / "report.jsonl"
+    result = _invoke(
+        "--from", "openai", str(export), "--to", "snapshot", "--out", str(tmp_path / "snaps"),
+        "--report", str(report),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["events"] == len(_events(_map("openai")))
+    assert summary["unmapped_by_reason"]["too_deep"] == 1
+    reported = [json.loads(line) for line in report.read_text().splitlines()]
+    assert {"where": "chat-logs.jsonl:2", "reason": "too_deep"}.items() <= next(
+        r for r in reported if r["reason"] == "too_deep"
+    ).items()
 
 
 def test_import_to_kafka_twice_stores_no_vote_twice(

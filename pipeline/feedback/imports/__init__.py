@@ -48,6 +48,7 @@ _DISLIKE_WORDS = frozenset(
 )  # fmt: skip
 _RETRACT_WORDS = frozenset({"retract", "retracted", "removed", "cleared", "unset"})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+TOO_DEEP = "the record nests arrays/objects deeper than an event can; flatten it"
 
 
 @dataclass(frozen=True)
@@ -373,11 +374,14 @@ def require_model(model: Any, options: ImportOptions, what: str) -> str:
 
 
 def guarded(where: str, make: Any, *args: Any) -> Mapped | Unmapped:
-    """`make(*args)` as a Mapped event at `where`, or the Unmapped its Skip says."""
+    """`make(*args)` as a Mapped event at `where`, or the Unmapped its Skip says (or
+    too_deep, for a record nested deeper than the mapping can follow)."""
     try:
         return Mapped(where, make(*args))
     except Skip as skip:
         return Unmapped(where, skip.reason, skip.detail)
+    except RecursionError:
+        return Unmapped(where, "too_deep", TOO_DEEP)
 
 
 def map_each(
@@ -397,7 +401,11 @@ def check(items: Iterable[Mapped | Unmapped], parser: EventParser) -> Iterator[C
         if isinstance(item, Unmapped):
             yield item
             continue
-        value = encode(item.event)
+        try:
+            value = encode(item.event)
+        except RecursionError:
+            yield Unmapped(item.where, "too_deep", TOO_DEEP)
+            continue
         try:
             event = parser(value)
         except EventError as exc:
