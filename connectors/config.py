@@ -187,6 +187,15 @@ class EventsConfig(RatingPolicy):
             "set KTO_LOOP_EVENTS__USER_HASH_KEY"
         ),
     ] = None
+    clock_skew_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="how far a vote's ts may stray from the time it reached us (the "
+            "endpoint's receive time; at ingest, the Kafka record's timestamp and the "
+            "ingest clock): a ts past it is clamped to it",
+        ),
+    ] = 300.0
 
     @field_validator("user_hash_key")
     @classmethod
@@ -207,8 +216,10 @@ class FeedbackHttpConfig(_Section):
 
     API keys are named (`{name = key}`): the name labels metrics, logs and the per-key
     rate limit, the key itself stays secret (KTO_LOOP_FEEDBACK_HTTP__API_KEYS='{"web":
-    "..."}'). Rate limits are in `limits` notation ("20/second;600/minute") and count
-    events, not requests."""
+    "..."}'). A key is a browser key unless `trusted_keys` names it: a browser key cannot
+    name a user, its votes are the user's of a token signed with `user_token_secret`
+    (`X-User-Token`), or anonymous when `anonymous_votes` allows. Rate limits are in
+    `limits` notation ("20/second;600/minute") and count events, not requests."""
 
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8088, ge=0, le=65535)
@@ -218,13 +229,39 @@ class FeedbackHttpConfig(_Section):
     allow_anonymous: bool = Field(
         False, description="accept requests without a key (a local try-out only)"
     )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="names of api_keys that may send `user_id` (your backend's "
+        "server-to-server keys, never one in a web page)",
+    )
+    user_token_secret: SecretStr | None = Field(
+        None,
+        description="HS256 key your backend signs user tokens with (JWT, `sub` = the user); "
+        "set KTO_LOOP_FEEDBACK_HTTP__USER_TOKEN_SECRET",
+    )
+    user_token_audience: str = Field(
+        "kto-loop-feedback", min_length=1, description="the `aud` a user token must carry"
+    )
+    user_token_issuer: str | None = Field(None, description="the `iss` it must carry, if set")
+    anonymous_votes: bool = Field(
+        False,
+        description="accept votes without a user (no token, no trusted key): each client "
+        "address is then one voter, under rate_per_user",
+    )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description="proxies whose X-Forwarded-For names the client address (e.g. "
+        '["10.0.0.5"]); empty: the connection\'s own address',
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="browser origins allowed to post, e.g. https://chat.example.com",
     )
     rate_per_key: str = Field("2000/second", description="events per API key")
     rate_per_user: str = Field(
-        "5/second;300/hour", description="events per user_id (events without one: per key only)"
+        "5/second;300/hour",
+        description="events per voter: a token's user, a trusted key's user_id, or an "
+        "anonymous client address",
     )
     rate_limit_storage: str = Field(
         "memory://",
@@ -234,6 +271,21 @@ class FeedbackHttpConfig(_Section):
     max_events_per_request: int = Field(1000, ge=1)
     produce_timeout_seconds: float = Field(
         10.0, gt=0, description="longest wait for the broker's acknowledgement before a 503"
+    )
+    max_in_flight_bytes: int = Field(
+        16 << 20,
+        ge=1 << 16,
+        description="events handed to the broker and not yet acknowledged, at most; past "
+        "it (a stalled broker) requests are answered 503 at once",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections and requests at once; past it, 503"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this, or it is closed"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="its body must arrive within this, or it is answered 408"
     )
 
     @field_validator("rate_per_key", "rate_per_user")
@@ -248,6 +300,26 @@ class FeedbackHttpConfig(_Section):
                 f'{value!r} is not a rate limit; write e.g. "20/second" or "5/second;300/hour"'
             ) from None
         return value
+
+    @field_validator("user_token_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "is shorter than 32 characters (HS256 wants 256 bits); make one with "
+                "`openssl rand -hex 32`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _trusted_are_keys(self) -> FeedbackHttpConfig:
+        unknown = sorted(set(self.trusted_keys) - set(self.api_keys))
+        if unknown and self.api_keys:
+            raise ValueError(
+                f"trusted_keys names {', '.join(unknown)}, which api_keys does not hold; "
+                f"its keys are {', '.join(sorted(self.api_keys))}"
+            )
+        return self
 
     @field_validator("api_keys")
     @classmethod

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from connectors.config import CONFIG_ENV, ConfigError, Settings, load_settings
-from connectors.feedback.feedback_http import create_app
+from connectors.feedback.feedback_http import HeaderDeadlineProtocol, create_app
 from deploy.local.processes import die_with_parent
 from flows.console import err, fail
 
@@ -58,6 +58,12 @@ def serve(
         "access_log": False,
         "timeout_graceful_shutdown": config.produce_timeout_seconds + 5,
         "server_header": False,
+        "http": HeaderDeadlineProtocol,
+        "limit_concurrency": config.max_connections,
+        # The client address (an anonymous voter's identity) is the connection's own
+        # unless a proxy in forwarded_allow_ips says otherwise.
+        "proxy_headers": bool(config.forwarded_allow_ips),
+        "forwarded_allow_ips": ",".join(config.forwarded_allow_ips) or None,
     }
     err.print(
         f"feedback endpoint on http://{host}:{port}/v1/feedback ({workers} process"

@@ -4,12 +4,14 @@ of the real broker; what it accepted is read back from the topic and through
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,20 +19,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
+import pandas as pd
 import pyarrow as pa
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import Broker, free_port, start_broker
+from pipeline.feedback.events import hash_user
 from pipeline.feedback.records import FEEDBACK_SCHEMA
-from pipeline.feedback.votes import fold_rows
+from pipeline.feedback.votes import fold_rows, is_counted
 from tests.children import Descendants
 from tests.conftest import HASH_KEY, KafkaSetup, wait_until
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "web-" + "3f9a" * 8
+# The backend's key, trusted to name users, and a browser key, which names no one.
+KEY = "backend-" + "3f9a" * 8
+BROWSER_KEY = "web-" + "77c1" * 8
+TOKEN_SECRET = "b5" * 32
+# Where the endpoint puts the ids of events posted with KEY.
+NS = "k.backend:"
 
 
 def event(i: int | str, **fields: Any) -> dict[str, Any]:
@@ -78,7 +88,9 @@ def serve_feedback(tmp_path: Path) -> Iterator[Callable[..., Endpoint]]:
         env = {
             **os.environ,
             "KTO_LOOP_EVENTS__USER_HASH_KEY": HASH_KEY,
-            "KTO_LOOP_FEEDBACK_HTTP__API_KEYS": json.dumps({"web": KEY}),
+            "KTO_LOOP_FEEDBACK_HTTP__API_KEYS": json.dumps({"backend": KEY, "web": BROWSER_KEY}),
+            "KTO_LOOP_FEEDBACK_HTTP__TRUSTED_KEYS": '["backend"]',
+            "KTO_LOOP_FEEDBACK_HTTP__USER_TOKEN_SECRET": TOKEN_SECRET,
         }
         with open(log, "wb") as out:
             process = subprocess.Popen(
@@ -146,25 +158,26 @@ def test_posted_events_reach_the_store_exactly_once_through_ingest(
     for e in singles:
         r = endpoint.post(e)
         assert r.status_code == 202, r.text
-        assert r.json() == {"accepted": 1, "event_ids": [e["event_id"]]}
+        assert r.json() == {"accepted": 1, "event_ids": [NS + e["event_id"]]}
     batch = [event(i, feedback="dislike", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], prompt=None) for i in range(12, 30)]  # fmt: skip
     r = endpoint.post(batch)
     assert r.status_code == 202, r.text
     assert r.json()["accepted"] == 18
 
-    # On the topic: each event once, keyed by its conversation, as it was sent.
+    # On the topic: each event once, keyed by its conversation, its id in the key's
+    # namespace.
     on_topic = _topic_values(kafka_setup)
     assert sorted(json.loads(v)["event_id"] for _, v in on_topic) == sorted(
-        e["event_id"] for e in singles + batch
+        NS + e["event_id"] for e in singles + batch
     )
     assert all(k.decode() == json.loads(v)["conversation_id"] for k, v in on_topic)
 
     stored = _ingest(kafka_setup, ingest_processes)
-    assert sorted(stored["event_id"]) == sorted(e["event_id"] for e in singles + batch)
+    assert sorted(stored["event_id"]) == sorted(NS + e["event_id"] for e in singles + batch)
     by_id = stored.set_index("event_id")
-    assert by_id.loc["http-3", "desirable"] == True  # noqa: E712 (a numpy bool)
-    assert by_id.loc["http-20", "desirable"] == False  # noqa: E712
-    assert json.loads(by_id.loc["http-20", "messages_json"])[0]["content"][0]["text"] == "hi"
+    assert by_id.loc[NS + "http-3", "desirable"] == True  # noqa: E712 (a numpy bool)
+    assert by_id.loc[NS + "http-20", "desirable"] == False  # noqa: E712
+    assert json.loads(by_id.loc[NS + "http-20", "messages_json"])[0]["content"][0]["text"] == "hi"
     assert "ktoloop_feedback_http_events_accepted_total 30.0" in endpoint.metrics()
 
 
@@ -219,13 +232,14 @@ def test_keys_body_size_and_cors_are_enforced(
     r = endpoint.post(event(3), headers={"Origin": "https://chat.example.com"})
     assert r.status_code == 202
     assert r.headers["access-control-allow-origin"] == "https://chat.example.com"
-    assert [json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup)] == ["http-3"]
+    assert [json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup)] == [NS + "http-3"]
 
 
 def test_a_user_over_the_rate_limit_gets_429_with_retry_after(
     kafka_setup: KafkaSetup, serve_feedback: Callable[..., Endpoint]
 ) -> None:
-    endpoint = serve_feedback(kafka_setup, rate_per_user="3/minute", rate_per_key="7/minute")
+    # The key's limit counts every event posted with it, refused ones too: 12 here.
+    endpoint = serve_feedback(kafka_setup, rate_per_user="3/minute", rate_per_key="12/minute")
     for i in range(3):
         assert endpoint.post(event(i, user_id="ann")).status_code == 202
     r = endpoint.post(event(3, user_id="ann"))
@@ -242,7 +256,7 @@ def test_a_user_over_the_rate_limit_gets_429_with_retry_after(
     r = endpoint.post(event(8, user_id="dee"))
     assert r.status_code == 429 and "per key" in r.json()["error"]
     accepted = sorted(json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup))
-    assert accepted == [f"http-{i}" for i in (0, 1, 2, 4, 5, 6, 7)]
+    assert accepted == [f"{NS}http-{i}" for i in (0, 1, 2, 4, 5, 6, 7)]
     assert 'ktoloop_feedback_http_rate_limited_total{limit="user"} 2.0' in endpoint.metrics()
 
 
@@ -262,7 +276,7 @@ def test_worker_processes_share_the_port_and_die_with_the_server(
             )
             assert r.status_code == 202, r.text
     on_topic = sorted(json.loads(v)["event_id"] for _, v in _topic_values(kafka_setup))
-    assert on_topic == sorted(f"http-{i}" for i in range(20))
+    assert on_topic == sorted(f"{NS}http-{i}" for i in range(20))
     workers = wait_until(lambda: descendants.running("spawn_main"), 30, "two workers")
     assert len(workers) >= 2
     endpoint.process.kill()  # SIGKILL: the workers cannot be told, they must notice
@@ -322,7 +336,7 @@ def test_a_broker_that_goes_away_mid_stream_gives_503s_and_never_a_202_for_a_los
         stop.set()
         poster.join(timeout=60)
     assert set(answers.values()) <= {202, 503}
-    on_topic = {json.loads(v)["event_id"] for _, v in _topic_values(setup)}
+    on_topic = {json.loads(v)["event_id"].removeprefix(NS) for _, v in _topic_values(setup)}
     accepted = {i for i, c in answers.items() if c == 202}
     assert accepted <= on_topic, f"answered 202 but not in the topic: {accepted - on_topic}"
     assert 'ktoloop_feedback_http_requests_total{code="503"}' in endpoint.metrics()
@@ -354,7 +368,155 @@ def test_a_retry_after_a_client_timeout_does_not_make_a_second_vote(
     wait_until(lambda: len(_topic_values(setup)) == 2, 60, "the first write to land too")
 
     stored = _ingest(setup, ingest_processes)
-    assert list(stored["event_id"]) == ["http-retry", "http-retry"]  # two offsets...
+    assert list(stored["event_id"]) == [NS + "http-retry"] * 2  # two offsets...
     fold = fold_rows(pa.Table.from_pandas(stored, schema=FEEDBACK_SCHEMA, preserve_index=False))
     assert fold.table.num_rows == 1  # ...one vote
     assert (fold.state.rows_read, fold.state.events) == (2, 1)
+
+
+# -- who votes, and when --------------------------------------------------------------
+
+
+def _token(user: str, **claims: Any) -> str:
+    """What the app's backend gives its signed-in user (docs/getting-feedback-in.md)."""
+    now = int(time.time())
+    payload = {"sub": user, "aud": "kto-loop-feedback", "iat": now, "exp": now + 600, **claims}
+    return jwt.encode(payload, TOKEN_SECRET, algorithm="HS256")
+
+
+def _browser(endpoint: Endpoint, body: Any, user: str | None = None, **kw: Any) -> httpx.Response:
+    headers = {"X-User-Token": _token(user)} if user else {}
+    return endpoint.post(body, key=BROWSER_KEY, headers=headers, **kw)
+
+
+def _votes_on(stored: Any, message_id: str) -> tuple[int, int]:
+    """(likes, dislikes) that count on a message, by the one vote rule."""
+    rows = pa.Table.from_pandas(stored, schema=FEEDBACK_SCHEMA, preserve_index=False)
+    votes = fold_rows(rows).table
+    counted = votes.filter(is_counted(votes)).to_pandas()
+    liked = counted[counted["message_id"] == message_id]["desirable"]
+    return int(liked.sum()), int((~liked).sum())
+
+
+def test_a_browser_key_cannot_change_retract_or_outvote_another_users_vote(
+    kafka_setup: KafkaSetup, serve_feedback: Callable[..., Endpoint], ingest_processes: Any
+) -> None:
+    """The attack as one holding only the page's key would make it, on default settings
+    (anonymous votes off) and with a user token of the attacker's own."""
+    endpoint = serve_feedback(kafka_setup)
+    # User A's like arrives from the app's own Kafka producer.
+    a_like = event("a", user_id="A", ts="2026-12-01T10:00:00Z")
+    s = kafka_setup.settings()
+    producer = KafkaProducer(bootstrap_servers=s.kafka.bootstrap_servers, acks="all")
+    producer.send(s.kafka.topic, key=b"c-a", value=json.dumps(a_like).encode()).get(timeout=30)
+    producer.close()
+
+    future, past = "2262-01-01T00:00:00Z", "1970-01-01T00:00:01Z"
+    attacks = [
+        event("x1", user_id="A", feedback="retract", ts=future),  # in A's name, dated 2262
+        event("x2", user_id="A", feedback="dislike", ts=future),
+        {**event("a"), "user_id": None, "feedback": "dislike", "ts": past},  # A's event_id
+        *[event(f"x{i}", user_id=None, feedback="dislike", message_id="m-a",
+                conversation_id="c-a", ts=future) for i in range(300)],
+    ]  # fmt: skip
+    for attack in attacks[:3]:
+        assert _browser(endpoint, attack).status_code == 403
+    r = _browser(endpoint, attacks[3:])
+    assert r.status_code == 403 and "anonymous_votes" in r.json()["error"]
+    # The same with the attacker's own token: naming A is refused; the rest are
+    # mallory's own votes, her ids in her namespace, her ts clamped to the endpoint's clock.
+    r = _browser(endpoint, attacks[0], user="mallory")
+    assert r.status_code == 403 and "not the X-User-Token's user" in r.json()["error"]
+    r = _browser(endpoint, attacks[2], user="mallory")
+    assert r.status_code == 202 and r.json()["event_ids"][0].endswith(":http-a")
+    assert r.json()["event_ids"][0] != "http-a"
+    mallory = {**attacks[2], "feedback": "retract", "ts": future, "event_id": "http-x3"}
+    assert _browser(endpoint, mallory, user="mallory").status_code == 202
+    for i in range(300):  # each one replaces mallory's previous vote: one voter
+        body = {**attacks[3], "event_id": f"http-y{i}"}
+        r = _browser(endpoint, body, user="mallory")
+        assert r.status_code in (202, 429), r.text
+
+    stored = _ingest(kafka_setup, ingest_processes)
+    assert _votes_on(stored, "m-a") == (1, 1)  # A's like stands; mallory is one dislike
+    assert "http-a" in set(stored["event_id"])  # A's own event, untouched
+    on_a = stored[stored["message_id"] == "m-a"]
+    assert on_a["ts"].max() < pd.Timestamp.now(tz="UTC") + pd.Timedelta(minutes=6)
+    assert set(on_a["user_hash"]) == {
+        hash_user("A", HASH_KEY.encode()),
+        hash_user("mallory", HASH_KEY.encode()),
+    }
+
+
+def test_user_tokens_are_verified_and_name_the_voter(
+    kafka_setup: KafkaSetup, serve_feedback: Callable[..., Endpoint]
+) -> None:
+    endpoint = serve_feedback(kafka_setup)
+    r = _browser(endpoint, event(1, user_id=None), user="ann")
+    assert r.status_code == 202
+    (event_id,) = r.json()["event_ids"]
+    assert event_id.startswith("u.") and event_id.endswith(":http-1")
+    # The user_id the token names may be repeated; another is refused.
+    assert _browser(endpoint, event(2, user_id="ann"), user="ann").status_code == 202
+    assert _browser(endpoint, event(3, user_id="bob"), user="ann").status_code == 403
+    # Tokens that do not verify: another secret, expired, another audience, no sub.
+    now = int(time.time())
+    bad = [
+        jwt.encode({"sub": "ann", "aud": "kto-loop-feedback", "exp": now + 60}, "c" * 64, "HS256"),
+        _token("ann", exp=now - 120),
+        _token("ann", aud="another-app"),
+        jwt.encode({"aud": "kto-loop-feedback", "exp": now + 60}, TOKEN_SECRET, "HS256"),
+        "not-a-token",
+    ]
+    for token in bad:
+        r = endpoint.post(event(4, user_id=None), key=BROWSER_KEY, headers={"X-User-Token": token})
+        assert r.status_code == 401, (token, r.text)
+        assert "X-User-Token" in r.json()["error"]
+    # The backend's trusted key names users itself.
+    assert endpoint.post(event(5, user_id="cy")).status_code == 202
+    on_topic = {json.loads(v)["event_id"]: json.loads(v) for _, v in _topic_values(kafka_setup)}
+    assert sorted(e["user_id"] for e in on_topic.values()) == ["ann", "ann", "cy"]
+    assert on_topic[event_id]["user_id"] == "ann"
+
+
+def test_anonymous_votes_count_as_one_voter_per_address(
+    kafka_setup: KafkaSetup, serve_feedback: Callable[..., Endpoint], ingest_processes: Any
+) -> None:
+    """10,000 anonymous dislikes from one address, with X-Forwarded-For made up for each:
+    that address's votes under its limit, one voter, not 10,000."""
+    endpoint = serve_feedback(
+        kafka_setup, anonymous_votes=True, rate_per_user="50/minute", rate_per_key="100000/minute"
+    )
+    answers: collections.Counter[int] = collections.Counter()
+    with httpx.Client(timeout=30) as client:
+        for i in range(0, 10_000, 5):
+            body = [event(f"n{i + j}", user_id=None, feedback="dislike", message_id="m-a", conversation_id="c-a") for j in range(5)]  # fmt: skip
+            r = client.post(
+                f"{endpoint.url}/v1/feedback",
+                json=body,
+                headers={
+                    "Authorization": f"Bearer {BROWSER_KEY}",
+                    "X-Forwarded-For": f"10.0.{i % 250}.9",
+                },
+            )
+            answers[r.status_code] += len(body)
+    assert answers[202] == 50 and answers[429] == 9_950, answers
+    stored = _ingest(kafka_setup, ingest_processes)
+    assert len(stored) == 50 and stored["user_hash"].nunique() == 1
+    assert _votes_on(stored, "m-a") == (0, 1)
+
+
+def test_refused_events_count_against_the_key_and_too_deep_is_a_400(
+    kafka_setup: KafkaSetup, serve_feedback: Callable[..., Endpoint]
+) -> None:
+    endpoint = serve_feedback(kafka_setup, rate_per_key="6/minute")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (b"[" + deep + b"]", b'{"schema": 1, "x": ' + deep + b"}"):
+        r = httpx.post(f"{endpoint.url}/v1/feedback", content=body, headers={"X-API-Key": KEY})
+        assert (r.status_code, r.json()["invalid"][0]["kind"]) == (400, "too_deep"), r.text
+    r = endpoint.post([event(1, feedback="meh")] * 3)
+    assert r.status_code == 400
+    # 2 + 3 events refused so far: one valid event is the sixth, a second is over.
+    assert endpoint.post(event(2)).status_code == 202
+    r = endpoint.post(event(3))
+    assert r.status_code == 429 and "per key" in r.json()["error"]

@@ -9,11 +9,18 @@ Browsers cannot speak Kafka, so a thumbs button posts here:
 Each event is checked by the consumer's own `EventParser`, so the endpoint refuses
 exactly what ingest would dead-letter, with the same kind and message. A request is
 all or nothing: one invalid event answers 400 naming each bad one, and nothing is
-produced. Valid events go to the topic as sent (the bytes of each array element), keyed
-by conversation_id, and 202 is answered only once the broker acknowledged every one of
-them (acks=all). When it does not in time, the answer is 503: a 202 is never given for
-an event that is not in the topic, and a client that retries a 503 or a timed-out POST
-may produce an event twice, which snapshots dedupe by event_id.
+produced. Who votes and when is the endpoint's to say, not the client's
+(connectors/feedback/voters.py): each valid event goes to the topic with its voter's
+user_id, its event_id in that voter's namespace and its ts clamped to the receive time,
+keyed by conversation_id, and 202 is answered only once the broker acknowledged every
+one of them (acks=all). When it does not in time, the answer is 503: a 202 is never
+given for an event that is not in the topic, and a client that retries a 503 or a
+timed-out POST may produce an event twice, which snapshots dedupe by event_id.
+
+Load is bounded: connections and requests at once (`max_connections`, then 503), the
+time headers and a body may take, the bytes waiting on the broker (`max_in_flight_bytes`,
+then 503 at once rather than a queue), and every event of a request, refused or not,
+counts against its key's rate limit before it is parsed.
 
 Starlette rather than FastAPI: the body is validated by our parser from its raw bytes,
 so FastAPI's pydantic request models would decode every body a second time for nothing.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import hmac
 import logging
 import math
@@ -54,9 +62,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from connectors.config import ConfigError, FeedbackHttpConfig, Settings
 from connectors.feedback import kafka_clients
+from connectors.feedback.voters import Caller, Refused, UserTokens, Voter, Voters, clamp, stamped
 from pipeline.feedback.events import EventError, EventParser, FeedbackEvent
 
 log = logging.getLogger("kto_loop.feedback_http")
@@ -65,6 +75,8 @@ log = logging.getLogger("kto_loop.feedback_http")
 _RECONNECT_SECONDS = 1.0
 # What a 503 asks the client to wait before retrying.
 _RETRY_AFTER_UNAVAILABLE = 2
+# Bodies larger than this are parsed in a worker thread, off the event loop.
+_PARSE_IN_THREAD_BYTES = 64 << 10
 
 
 class Unavailable(RuntimeError):
@@ -116,8 +128,12 @@ class TopicSink:
         self._kafka = settings.kafka
         self._timeout = settings.feedback_http.produce_timeout_seconds
         self._max_bytes = settings.ingest.max_event_bytes
+        self._max_in_flight = settings.feedback_http.max_in_flight_bytes
         self._producer: Any = None
         self._lock = threading.Lock()
+        # Bytes handed to the producer and not yet acknowledged or failed.
+        self.in_flight = 0
+        self._flight_lock = threading.Lock()
         self._next_try = 0.0
         self.last_error: str | None = None
 
@@ -153,22 +169,48 @@ class TopicSink:
             self.last_error = None
             return self._producer
 
-    def _send(self, messages: Sequence[tuple[bytes, bytes]]) -> list[Any]:
-        producer = self._connected()
+    def _reserve(self, size: int) -> None:
+        with self._flight_lock:
+            if self.in_flight and self.in_flight + size > self._max_in_flight:
+                raise Unavailable(
+                    f"{self.in_flight} bytes are waiting on the broker "
+                    "([feedback_http] max_in_flight_bytes)"
+                )
+            self.in_flight += size
+
+    def _release(self, size: int, _result: Any = None) -> None:
+        with self._flight_lock:
+            self.in_flight -= size
+
+    def _send(self, messages: Sequence[tuple[bytes, bytes]], timestamp_ms: int) -> list[Any]:
+        """Hand the messages to the producer. Each one's bytes, reserved in flight by
+        the caller, are released when the broker acknowledged or failed it, or here when
+        it was never handed over."""
+        futures = []
         try:
-            return [producer.send(self._kafka.topic, key=k, value=v) for k, v in messages]
-        except KafkaError as exc:
+            producer = self._connected()
+            for k, v in messages:
+                future = producer.send(self._kafka.topic, key=k, value=v, timestamp_ms=timestamp_ms)
+                future.add_both(self._release, len(k) + len(v))
+                futures.append(future)
+        except (Unavailable, KafkaError) as exc:
+            self._release(sum(len(k) + len(v) for k, v in messages[len(futures) :]))
+            if isinstance(exc, Unavailable):
+                raise
             self.last_error = f"producing to {self._kafka.topic}: {type(exc).__name__}: {exc}"
             raise Unavailable(self.last_error) from None
+        return futures
 
-    async def produce(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+    async def produce(self, messages: Sequence[tuple[bytes, bytes]], timestamp_ms: int) -> None:
         """Return once the broker acknowledged every message.
 
         Raises:
-            Unavailable: no broker, a refused write, or no acknowledgement within
-                [feedback_http] produce_timeout_seconds.
+            Unavailable: no broker, a refused write, more than [feedback_http]
+                max_in_flight_bytes waiting on the broker already, or no acknowledgement
+                within produce_timeout_seconds.
         """
-        futures = await anyio.to_thread.run_sync(self._send, messages)
+        self._reserve(sum(len(k) + len(v) for k, v in messages))
+        futures = await anyio.to_thread.run_sync(self._send, messages, timestamp_ms)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         pending = [len(futures)]
@@ -236,21 +278,27 @@ class Limited:
 
 
 class RateLimits:
-    """Per-key and per-user limits on events, counted in a moving window."""
+    """Per-key and per-voter limits on events, counted in a moving window."""
 
     def __init__(self, config: FeedbackHttpConfig) -> None:
         self._limiter = MovingWindowRateLimiter(storage_from_string(config.rate_limit_storage))
-        self._per_key = parse_many(config.rate_per_key)
-        self._per_user = parse_many(config.rate_per_user)
+        self._per = {
+            "key": parse_many(config.rate_per_key),
+            "user": parse_many(config.rate_per_user),
+        }
 
-    def take(self, key: str, users: collections.Counter[str], events: int) -> Limited | None:
-        """Count `events` against the key and each user's share against that user, or
-        count nothing and say which limit the request would exceed."""
-        checks: list[tuple[str, RateLimitItem, str, int]] = [
-            ("key", item, key, events) for item in self._per_key
-        ]
-        checks += [("user", item, user, n) for user, n in users.items() for item in self._per_user]
-        for limit, item, who, cost in checks:
+    def exhausted(self, limit: str, who: str) -> Limited | None:
+        """Whether `who` has no event left under `limit` ("key" or "user"), counting nothing."""
+        for item in self._per[limit]:
+            if not self._limiter.test(item, limit, who):
+                return self._limited(limit, item, who)
+        return None
+
+    def take(self, limit: str, costs: collections.Counter[str]) -> Limited | None:
+        """Count each `who`'s events against `limit`, or count nothing and say which
+        limit the request would exceed."""
+        checks = [(item, who, cost) for who, cost in costs.items() for item in self._per[limit]]
+        for item, who, cost in checks:
             if cost > item.amount:
                 return Limited(
                     limit,
@@ -259,12 +307,15 @@ class RateLimits:
                     None,
                 )
             if not self._limiter.test(item, limit, who, cost=cost):
-                reset, _ = self._limiter.get_window_stats(item, limit, who)
-                wait = max(1, math.ceil(reset - time.time()))
-                return Limited(limit, f"rate limit of {item} per {limit} reached", wait)
-        for limit, item, who, cost in checks:
+                return self._limited(limit, item, who)
+        for item, who, cost in checks:
             self._limiter.hit(item, limit, who, cost=cost)
         return None
+
+    def _limited(self, limit: str, item: RateLimitItem, who: str) -> Limited:
+        reset, _ = self._limiter.get_window_stats(item, limit, who)
+        wait = max(1, math.ceil(reset - time.time()))
+        return Limited(limit, f"rate limit of {item} per {limit} reached", wait)
 
 
 def split_body(body: bytes) -> list[bytes]:
@@ -281,13 +332,17 @@ def split_body(body: bytes) -> list[bytes]:
         raise EventError(
             "not_json", "the body starts with [ but is not a JSON array of events"
         ) from None
+    except RecursionError:
+        raise EventError(
+            "too_deep", "the body nests arrays/objects deeper than the decoder allows"
+        ) from None
     if not elements:
         raise EventError("empty", "the body is an empty array; send at least one event")
     return [bytes(element) for element in elements]
 
 
 class FeedbackEndpoint:
-    """The routes' state: the parser, the sink, the limits and the metrics."""
+    """The routes' state: the parser, the voters, the sink, the limits and the metrics."""
 
     def __init__(self, settings: Settings) -> None:
         config = settings.feedback_http
@@ -299,21 +354,32 @@ class FeedbackEndpoint:
             )
         self.config = config
         self.max_body = settings.ingest.max_event_bytes
-        # The hash only names users for the per-user limit here (the store hashes
-        # again at ingest); without a configured key, a key for this process will do.
+        # The hash names voters here (their rate limits, their event ids' namespace);
+        # the store hashes the user_id again at ingest. Without a configured key, a key
+        # for this process will do, and namespaces change when it restarts.
         key = settings.events.user_hash_key
+        hash_key = key.get_secret_value().encode() if key else secrets.token_bytes(16)
         self.parser = EventParser(
-            key.get_secret_value().encode() if key else secrets.token_bytes(16),
-            settings.events,
-            max_bytes=settings.ingest.max_event_bytes,
+            hash_key, settings.events, max_bytes=settings.ingest.max_event_bytes
         )
+        self.tokens = UserTokens(config)
+        self.voters = Voters(hash_key, config.anonymous_votes)
+        self.skew = dt.timedelta(seconds=settings.events.clock_skew_seconds)
         self._keys = [
             (name, key.get_secret_value().encode()) for name, key in config.api_keys.items()
         ]
+        self._trusted = set(config.trusted_keys)
         self.sink = TopicSink(settings)
         self.limits = RateLimits(config)
         self.metrics = HttpMetrics()
         self._bootstrap = settings.kafka.bootstrap_servers
+        mute = set(config.api_keys) - self._trusted
+        if mute and config.user_token_secret is None and not config.anonymous_votes:
+            log.warning(
+                "the keys %s are browser keys (not in trusted_keys) and can post nothing: set "
+                "user_token_secret for user tokens, or anonymous_votes = true",
+                ", ".join(sorted(mute)),
+            )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -337,17 +403,33 @@ class FeedbackEndpoint:
             return None
         return "anonymous" if self.config.allow_anonymous else None
 
+    def _caller(self, key: str, request: Request) -> Caller:
+        """Who sends the request.
+
+        Raises:
+            Refused: a user token that does not verify.
+        """
+        token = request.headers.get("x-user-token")
+        user = self.tokens.user(token) if token else None
+        address = request.client.host if request.client else "unknown"
+        return Caller(key, key in self._trusted, user, address)
+
     async def _body(self, request: Request) -> bytes | None:
-        """The body, or None when it is larger than the limit."""
+        """The body, or None when it is larger than the limit.
+
+        Raises:
+            TimeoutError: it did not arrive within [feedback_http] body_timeout_seconds.
+        """
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return None
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            chunks.append(chunk)
+        with anyio.fail_after(self.config.body_timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    return None
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def post(self, request: Request) -> Response:
@@ -356,6 +438,7 @@ class FeedbackEndpoint:
         return response
 
     async def _post(self, request: Request) -> Response:
+        received = dt.datetime.now(dt.UTC)
         key = self._key_name(request)
         if key is None:
             return _error(
@@ -364,8 +447,25 @@ class FeedbackEndpoint:
                 "from [feedback_http] api_keys",
                 {"WWW-Authenticate": "Bearer"},
             )
-        body = await self._body(request)
+        # A key out of events is answered before its body is read.
+        if (limited := self.limits.exhausted("key", key)) is not None:
+            return self._limited(limited)
+        try:
+            caller = self._caller(key, request)
+        except Refused as exc:
+            self.limits.take("key", collections.Counter({key: 1}))
+            return _error(exc.status, exc.message)
+        try:
+            body = await self._body(request)
+        except TimeoutError:
+            self.limits.take("key", collections.Counter({key: 1}))
+            return _error(
+                408,
+                f"the body did not arrive within {self.config.body_timeout_seconds:g} s "
+                "([feedback_http] body_timeout_seconds)",
+            )
         if body is None:
+            self.limits.take("key", collections.Counter({key: 1}))
             return _error(
                 413,
                 f"the body is larger than {self.max_body} bytes ([ingest] max_event_bytes); "
@@ -374,24 +474,38 @@ class FeedbackEndpoint:
         try:
             raws = split_body(body)
         except EventError as exc:
+            self.limits.take("key", collections.Counter({key: 1}))
             self.metrics.rejected.labels(exc.kind).inc()
             return _invalid([_refusal(0, None, exc)])
         if len(raws) > self.config.max_events_per_request:
+            self.limits.take("key", collections.Counter({key: 1}))
             return _error(
                 413,
                 f"{len(raws)} events in one request; at most {self.config.max_events_per_request} "
                 "([feedback_http] max_events_per_request)",
             )
-        events, refused = self._parse(raws)
+        # Every event counts against the key, valid or not, before it is parsed.
+        if (limited := self.limits.take("key", collections.Counter({key: len(raws)}))) is not None:
+            return self._limited(limited)
+        if len(body) > _PARSE_IN_THREAD_BYTES:
+            events, refused = await anyio.to_thread.run_sync(self._parse, raws)
+        else:
+            events, refused = self._parse(raws)
         if refused:
             return _invalid(refused)
-        users = collections.Counter(e.user_hash for e in events if e.user_hash)
-        limited = self.limits.take(key, users, len(events))
-        if limited is not None:
-            self.metrics.rate_limited.labels(limited.limit).inc()
-            headers = {"Retry-After": str(limited.retry_after)} if limited.retry_after else {}
-            return _error(429, limited.message, headers)
-        return await self._produce(events, raws)
+        try:
+            voters = [self.voters.of(caller, event) for event in events]
+        except Refused as exc:
+            return _error(exc.status, exc.message)
+        charged = collections.Counter(v.charged for v in voters if v.charged is not None)
+        if (limited := self.limits.take("user", charged)) is not None:
+            return self._limited(limited)
+        return await self._produce(events, raws, voters, received)
+
+    def _limited(self, limited: Limited) -> Response:
+        self.metrics.rate_limited.labels(limited.limit).inc()
+        headers = {"Retry-After": str(limited.retry_after)} if limited.retry_after else {}
+        return _error(429, limited.message, headers)
 
     def _parse(self, raws: list[bytes]) -> tuple[list[FeedbackEvent], list[dict[str, Any]]]:
         events, refused = [], []
@@ -403,12 +517,21 @@ class FeedbackEndpoint:
                 refused.append(_refusal(i, raw, exc))
         return events, refused
 
-    async def _produce(self, events: list[FeedbackEvent], raws: list[bytes]) -> Response:
+    async def _produce(
+        self,
+        events: list[FeedbackEvent],
+        raws: list[bytes],
+        voters: list[Voter],
+        received: dt.datetime,
+    ) -> Response:
         started = time.perf_counter()
+        messages, event_ids = [], []
+        for event, raw, voter in zip(events, raws, voters, strict=True):
+            value, event_id = stamped(raw, event, voter, clamp(event.ts, received, self.skew))
+            messages.append((event.conversation_id.encode(), value))
+            event_ids.append(event_id)
         try:
-            await self.sink.produce(
-                [(e.conversation_id.encode(), raw) for e, raw in zip(events, raws, strict=True)]
-            )
+            await self.sink.produce(messages, int(received.timestamp() * 1000))
         except Unavailable as exc:
             log.warning("answering 503: %s", exc)
             return _error(
@@ -418,9 +541,7 @@ class FeedbackEndpoint:
             )
         self.metrics.produce_seconds.observe(time.perf_counter() - started)
         self.metrics.accepted.inc(len(events))
-        return JSONResponse(
-            {"accepted": len(events), "event_ids": [e.event_id for e in events]}, 202
-        )
+        return JSONResponse({"accepted": len(events), "event_ids": event_ids}, 202)
 
     async def health(self, _request: Request) -> Response:
         """200 while a bootstrap server accepts connections, else 503; the last produce
@@ -440,7 +561,7 @@ class FeedbackEndpoint:
 
 def _refusal(index: int, raw: bytes | None, exc: EventError) -> dict[str, Any]:
     refusal: dict[str, Any] = {"index": index, "kind": exc.kind, "message": exc.message}
-    with contextlib.suppress(msgspec.DecodeError, TypeError, AttributeError):
+    with contextlib.suppress(msgspec.DecodeError, TypeError, AttributeError, RecursionError):
         event_id = msgspec.json.decode(raw).get("event_id") if raw else None
         if isinstance(event_id, str):
             refusal["event_id"] = event_id
@@ -462,13 +583,56 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message, "accepted": 0}, status, headers=headers)
 
 
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not
+    all arrived `header_timeout` seconds after its first byte (or after it opened): a
+    client that sends its headers a byte at a time holds a connection that long, not
+    for ever. uvicorn's keep-alive timeout covers an idle connection between requests;
+    `limit_concurrency` bounds how many there are at once."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def create_app(settings: Settings) -> Starlette:
-    """The endpoint as an ASGI app (serve it with uvicorn).
+    """The endpoint as an ASGI app (serve it with uvicorn, `http=HeaderDeadlineProtocol`).
 
     Raises:
         ConfigError: no API key configured and anonymous posting not allowed.
     """
     endpoint = FeedbackEndpoint(settings)
+    # The protocol is a class uvicorn instantiates per connection, in this process.
+    HeaderDeadlineProtocol.header_timeout = endpoint.config.header_timeout_seconds
     middleware = []
     if endpoint.config.cors_origins:
         middleware.append(
@@ -476,7 +640,7 @@ def create_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=endpoint.config.cors_origins,
                 allow_methods=["POST"],
-                allow_headers=["authorization", "content-type", "x-api-key"],
+                allow_headers=["authorization", "content-type", "x-api-key", "x-user-token"],
                 max_age=600,
             )
         )

@@ -94,10 +94,12 @@ class _InFlight:
 
 
 class _PartitionBatch:
-    def __init__(self, tp: TopicPartition, first: int) -> None:
+    def __init__(self, tp: TopicPartition, first: int, clock_skew: dt.timedelta) -> None:
         self.first = first
         self.last = -1
-        self.rows = FeedbackRows(tp.topic, tp.partition)
+        # Votes dated past their record's timestamp (or the clock) by more than the
+        # skew are clamped to it (connectors/feedback/voters.py: the time model).
+        self.rows = FeedbackRows(tp.topic, tp.partition, clock_skew, time.time)
         # Bytes of the keys and values taken into the batch.
         self.bytes = 0
         # For the DLQ topic and the table.
@@ -160,6 +162,7 @@ class Ingestor:
                 "are stored only as a hash keyed by it"
             )
         self.settings = settings
+        self._clock_skew = dt.timedelta(seconds=settings.events.clock_skew_seconds)
         self.store = store or FeedbackStore(settings.store.url, settings.store.storage_options)
         self.stats = IngestStats()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -335,7 +338,7 @@ class Ingestor:
                 self.stats.skipped_already_stored += 1
                 continue
             if batch is None:
-                batch = self._batches[tp] = _PartitionBatch(tp, offset)
+                batch = self._batches[tp] = _PartitionBatch(tp, offset, self._clock_skew)
                 if self._batch_started is None:
                     self._batch_started = time.monotonic()
             size = len(m.value or b"") + len(m.key or b"")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.feedback.events import FeedbackEvent
 
@@ -162,11 +164,23 @@ class FeedbackRows:
     Events are turned into Arrow columns a poll's worth at a time (`seal`), while
     their strings are still in the CPU cache: converting a whole batch at write
     time reads every string back from memory and costs three times as much.
+
+    With `clock_skew`, an event's ts is clamped to at most its Kafka record's timestamp,
+    or `clock()` (Unix seconds) at the seal when that is earlier or absent, plus the
+    skew: the producer's `ts` decides the order of a voter's votes only within it.
     """
 
-    def __init__(self, topic: str, partition: int) -> None:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        clock_skew: dt.timedelta | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.topic = topic
         self.partition = partition
+        self._skew_ms = None if clock_skew is None else int(clock_skew.total_seconds() * 1000)
+        self._clock = clock
         self._chunks: list[pa.RecordBatch] = []
         self._rows = 0
         self._events: list[FeedbackEvent] = []
@@ -193,14 +207,17 @@ class FeedbackRows:
             return []
         events, offsets, timestamps = self._events, self._offsets, self._timestamps
         self._events, self._offsets, self._timestamps = [], [], []
+        latest = None
+        if self._skew_ms is not None and self._clock is not None:
+            latest = (int(self._clock() * 1000), self._skew_ms)
         rejected: list[tuple[int, str]] = []
         try:
-            chunks = [_chunk(events, offsets, timestamps)]
+            chunks = [_chunk(events, offsets, timestamps, latest)]
         except _UNSTORABLE:
             chunks = []
             for row in zip(events, offsets, timestamps, strict=True):
                 try:
-                    chunks.append(_chunk([row[0]], [row[1]], [row[2]]))
+                    chunks.append(_chunk([row[0]], [row[1]], [row[2]], latest))
                 except _UNSTORABLE as exc:
                     rejected.append((row[1], f"the store cannot hold this event: {exc}"))
         self._chunks += chunks
@@ -227,14 +244,27 @@ _UNSTORABLE = (pa.ArrowException, OverflowError, UnicodeError, ValueError, TypeE
 
 
 def _chunk(
-    events: list[FeedbackEvent], offsets: list[int], timestamps: list[int | None]
+    events: list[FeedbackEvent],
+    offsets: list[int],
+    timestamps: list[int | None],
+    latest: tuple[int, int] | None,
 ) -> pa.RecordBatch:
+    """The rows' columns; with `latest` = (now, skew) in ms, each ts clamped to at most
+    min(its record's timestamp, now) + skew."""
     # One list per field, not a tuple per event: fewer objects for the GC to track.
     columns = {name: list(map(get, events)) for name, get in _EVENT_GETTERS}
     columns[KAFKA_OFFSET] = offsets
     columns[KAFKA_TIMESTAMP] = timestamps
-    arrays = [pa.array(columns[f.name], type=f.type) for f in _CHUNK_SCHEMA]
-    return pa.RecordBatch.from_arrays(arrays, schema=_CHUNK_SCHEMA)
+    arrays = {f.name: pa.array(columns[f.name], type=f.type) for f in _CHUNK_SCHEMA}
+    if latest is not None:
+        now_ms, skew_ms = latest
+        # kafka-python gives -1 for a record without a timestamp.
+        record_ms = arrays[KAFKA_TIMESTAMP].cast(pa.int64())
+        record_ms = pc.if_else(pc.less(record_ms, 0), None, record_ms)
+        bound_ms = pc.add(pc.min_element_wise(record_ms, now_ms), skew_ms)
+        ts_us = pc.min_element_wise(arrays[TS].cast(pa.int64()), pc.multiply(bound_ms, 1000))
+        arrays[TS] = ts_us.cast(_UTC_US)
+    return pa.RecordBatch.from_arrays(list(arrays.values()), schema=_CHUNK_SCHEMA)
 
 
 @dataclass
