@@ -7,9 +7,18 @@ The durable truth is on disk already: every run leaves a record
 (`connectors.cycle_runs`), every promotion and rollback is in the alias's history
 (`connectors.serving.adapter_registry`), and every vote is in the feedback store. So
 `LoopCollector` reads those when Prometheus scrapes, and holds what it built for
-`cache_seconds` (concurrent or frequent scrapes read nothing twice). The store is the
-expensive part: its liked share is recomputed only when its files changed, and at most
-once per `store_refresh_seconds`, whatever the scrape interval.
+`cache_seconds` (concurrent or frequent scrapes read nothing twice). The votes are the
+expensive part: the liked share is counted from the store's vote table
+(`VoteTable.read()`: the table the cycle folded, with the store files added since
+folded in memory), recomputed only when the store's files or the registered versions
+changed, and at most once per `store_refresh_seconds`, whatever the scrape interval.
+A read that fails is tried again after STORE_RETRY_SECONDS, then twice as long each
+time up to `store_refresh_seconds`; meanwhile the last liked share is served, with
+ktoloop_metrics_store_stale at 1 and a warning logged at each failed try.
+
+The `adapter` label comes from the votes, that is from clients: only a version the
+registry holds (`alias@vN` for a known alias) becomes a label, every other name is
+counted as `other`, so no client can make the series grow without bound.
 
 Served by `kto-loop metrics` (its own long-running process, one per deployment: every
 value comes from shared files, so two of them would report the same numbers), or
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import pandas as pd
+import pyarrow as pa
 from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -54,14 +64,18 @@ from pipeline.promotion.loop_metrics import (
     AliasSummary,
     CycleSummary,
     histogram,
+    registered_adapters,
     summarize_alias,
     summarize_runs,
 )
-from pipeline.serving.registry import RegistryError, parse_served_name
+from pipeline.serving.registry import RegistryError, parse_served_name, served_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9309
+DEFAULT_HOST = "127.0.0.1"
+# The first wait after a failed read of the votes; each further failure doubles it.
+STORE_RETRY_SECONDS = 30.0
 # Publishing loads and smoke-tests on every replica, then swaps: under a second on one
 # idle replica, tens of seconds for many replicas or a slow smoke completion.
 PUBLISH_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -91,6 +105,7 @@ class _Scan:
     liked_share: pd.DataFrame | None
     store_read_at: float | None
     up: dict[str, bool]
+    store_stale: bool = False
 
 
 class LoopCollector(Collector):
@@ -102,7 +117,8 @@ class LoopCollector(Collector):
         settings: where the run records ([cycle] work_dir), the registry and the store
             are; [cycle] alias is reported even before its first run.
         cache_seconds: a scrape within this long of the last one reuses its values.
-        store_refresh_seconds: the least time between two reads of the feedback store.
+        store_refresh_seconds: the least time between two reads of the votes (and the
+            longest wait before retrying a failed one).
         clock: monotonic seconds (tests pass their own).
     """
 
@@ -121,9 +137,12 @@ class LoopCollector(Collector):
         self._families: list[Metric] | None = None
         self._built_at = 0.0
         self._store_files: list[str] | None = None
-        self._store_checked_at: float | None = None
+        self._store_next_at: float | None = None
+        self._store_failures = 0
         self._liked_share: pd.DataFrame | None = None
+        self._labelled: frozenset[str] | None = None
         self._store_read_at: float | None = None
+        self._registered: frozenset[str] = frozenset()
 
     def describe(self) -> Iterable[Metric]:
         # The families this collector reports, without reading anything: registering
@@ -151,6 +170,13 @@ class LoopCollector(Collector):
             log.warning("metrics: cannot list the registry at %s: %s", s.registry.url, exc)
             registered = []
         names = sorted({s.cycle.alias, *registered, *aliases_with_runs(s.cycle.work_dir)})
+        try:
+            versions = registry.versions()
+            self._registered = frozenset(served_name(a, v) for a in names for v in versions)
+        except (OSError, ValueError, RegistryError) as exc:
+            # The versions last read stay the labels.
+            up[REGISTRY] = False
+            log.warning("metrics: cannot list the registry's versions: %s", exc)
         runs, running, aliases = {}, {}, {}
         for alias in names:
             try:
@@ -165,29 +191,48 @@ class LoopCollector(Collector):
             except (OSError, ValueError, KeyError, RegistryError) as exc:
                 up[REGISTRY] = False
                 log.warning("metrics: cannot read %s's history: %s", alias, exc)
-        up[STORE] = self._refresh_liked_share(now)
-        return _Scan(runs, running, aliases, self._liked_share, self._store_read_at, up)
+        self._refresh_liked_share(now)
+        up[STORE] = self._store_failures == 0
+        return _Scan(
+            runs, running, aliases, self._liked_share, self._store_read_at, up, not up[STORE]
+        )
 
-    def _refresh_liked_share(self, now: float) -> bool:
-        """Recompute the liked share when the store's files changed and the last read
-        is store_refresh_seconds old; say whether the store could be read."""
-        checked = self._store_checked_at
-        if checked is not None and now - checked < self.store_refresh_seconds:
-            return True
+    def _refresh_liked_share(self, now: float) -> None:
+        """Recount the liked share from the vote table when the store's files or the
+        registered versions changed, at most once per store_refresh_seconds; after a
+        failed read, wait STORE_RETRY_SECONDS, doubled per failure, up to that."""
+        if self._store_next_at is not None and now < self._store_next_at:
+            return
         s = self.settings.store
+        registered = self._registered
         try:
             store = FeedbackStore(s.url, s.storage_options)
             files = store.files(FEEDBACK)
-            if files != self._store_files:
+            if files != self._store_files or registered != self._labelled:
                 votes, _ = VoteTable(store).read()
-                self._liked_share = liked_share_by_adapter(votes)
-                self._store_files = files
+                self._liked_share = liked_share_by_adapter(registered_adapters(votes, registered))
+                self._store_files, self._labelled = files, registered
                 self._store_read_at = time.time()
-        except (StoreError, OSError) as exc:
-            log.warning("metrics: cannot read the feedback store at %s: %s", s.url, exc)
-            return False
-        self._store_checked_at = now
-        return True
+        except (StoreError, OSError, pa.ArrowException) as exc:  # a corrupt file too
+            self._store_failures += 1
+            wait = min(
+                STORE_RETRY_SECONDS * 2 ** (self._store_failures - 1),
+                max(self.store_refresh_seconds, STORE_RETRY_SECONDS),
+            )
+            self._store_next_at = now + wait
+            log.warning(
+                "metrics: cannot read the votes of the feedback store at %s: %s; the liked "
+                "share served is stale (%s), next try in %.0f s",
+                s.url,
+                exc,
+                "never read"
+                if self._store_read_at is None
+                else f"read at {self._store_read_at:.0f}",
+                wait,
+            )
+            return
+        self._store_failures = 0
+        self._store_next_at = now + self.store_refresh_seconds
 
 
 def _families(scan: _Scan) -> Iterator[Metric]:
@@ -204,11 +249,18 @@ def _families(scan: _Scan) -> Iterator[Metric]:
     yield up
     read_at = GaugeMetricFamily(
         "ktoloop_metrics_store_read_timestamp_seconds",
-        "When the liked share was last computed from the feedback store (Unix time)",
+        "When the liked share was last counted from the vote table (Unix time)",
     )
     if scan.store_read_at is not None:
         read_at.add_metric([], scan.store_read_at)
     yield read_at
+    stale = GaugeMetricFamily(
+        "ktoloop_metrics_store_stale",
+        "1 while the last read of the votes failed and the liked share served is older "
+        "(the read is retried with backoff), else 0",
+    )
+    stale.add_metric([], 1.0 if scan.store_stale else 0.0)
+    yield stale
 
 
 def _cycle_families(scan: _Scan) -> Iterator[Metric]:
@@ -294,7 +346,8 @@ def _liked_share_families(scan: _Scan) -> Iterator[Metric]:
     labels = ["adapter", "alias", "version"]
     share = GaugeMetricFamily(
         "ktoloop_adapter_liked_share",
-        "Share of production votes on the adapter version's answers that were likes",
+        "Share of production votes on the adapter version's answers that were likes "
+        "(adapter=other: versions the registry does not hold)",
         labels=labels,
     )
     votes = GaugeMetricFamily(
@@ -315,10 +368,11 @@ def _liked_share_families(scan: _Scan) -> Iterator[Metric]:
 
 
 def serve(
-    collector: Collector, port: int = DEFAULT_PORT, host: str = "0.0.0.0"
+    collector: Collector, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve `collector` alone on http://host:port/metrics from a daemon thread; return
-    the server (call its shutdown() to stop) and its thread."""
+    """Serve `collector` alone on http://host:port/metrics from a daemon thread (on
+    loopback by default; host "0.0.0.0" for every interface); return the server (call
+    its shutdown() to stop) and its thread."""
     registry = CollectorRegistry()
     registry.register(collector)
     return start_http_server(port, addr=host, registry=registry)

@@ -457,12 +457,21 @@ def status(
 def metrics(
     config: ConfigOption = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of /metrics.")] = 9309,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: loopback by default; 0.0.0.0 for every interface "
+            "(for a Prometheus on another machine)."
+        ),
+    ] = "127.0.0.1",
     cache_seconds: Annotated[
         float, typer.Option(min=0.0, help="Scrapes this close reuse one reading.")
     ] = 10.0,
     store_refresh_seconds: Annotated[
-        float, typer.Option(min=0.0, help="Least time between two reads of the store.")
+        float,
+        typer.Option(
+            min=0.0, help="Least time between two reads of the votes (and most between retries)."
+        ),
     ] = 300.0,
     log_level: LogLevel = "INFO",
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +23,7 @@ from connectors.config import Settings, load_settings
 from connectors.cycle_runs import CycleRuns
 from connectors.feedback.produce import produce
 from connectors.feedback.store import FEEDBACK, FeedbackStore
-from connectors.metrics import HTTP_METRICS, LoopCollector
+from connectors.metrics import HTTP_METRICS, LoopCollector, serve
 from connectors.serving.adapter_registry import AdapterRegistry, now_iso
 from connectors.serving.publish import PublishResult
 from deploy.local.broker import free_port
@@ -270,7 +271,8 @@ def test_a_scrape_within_the_cache_reads_nothing_and_the_store_waits_its_refresh
         return samples(generate_latest(registry).decode())
 
     published = 'ktoloop_cycle_runs_total{alias="chat",outcome="published"}'
-    share = 'ktoloop_adapter_liked_share{adapter="chat@v1",alias="chat",version="v1"}'
+    # No version is registered here, so the votes count as other.
+    share = 'ktoloop_adapter_liked_share{adapter="other",alias="",version=""}'
 
     assert read()[published] == 0 and share not in read()
     _record(runs, "r1", "published", gate={"promote": True}, version="v1")
@@ -282,6 +284,95 @@ def test_a_scrape_within_the_cache_reads_nothing_and_the_store_waits_its_refresh
     assert got[published] == 1 and share not in got, "the store was read before its refresh"
     now[0] += 60
     assert read()[share] == 0.5
+
+
+def _exported(registry: CollectorRegistry) -> dict[str, float]:
+    return samples(generate_latest(registry).decode())
+
+
+def test_only_registered_versions_become_adapter_labels_the_rest_count_as_other(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from deploy.local.adapters import make_random_adapter
+
+    settings = load_settings(None, **_settings(tmp_path))
+    AdapterRegistry(str(tmp_path / "adapters")).add(
+        make_random_adapter(tiny_model_dir, tmp_path / "a1", seed=1)
+    )
+    store = FeedbackStore(str(tmp_path / "store"))
+    _store_votes(store, _votes("chat@v1", 1, 1, 0), 0)
+    _store_votes(store, _votes("chat@v7", 1, 0, 2), 2)  # a version never registered
+    for i in range(50):  # a client inventing a name per vote
+        _store_votes(store, _votes(f"made-up-{i}", 0, 1, 3 + i), 3 + i)
+    registry = CollectorRegistry()
+    registry.register(LoopCollector(settings))
+    got = _exported(registry)
+    labels = {k for k in got if k.startswith("ktoloop_adapter_votes{")}
+    other = '{adapter="other",alias="",version=""}'
+    assert labels == {
+        'ktoloop_adapter_votes{adapter="chat@v1",alias="chat",version="v1"}',
+        f"ktoloop_adapter_votes{other}",
+    }
+    assert got[f"ktoloop_adapter_votes{other}"] == 51
+    assert got[f"ktoloop_adapter_liked_share{other}"] == pytest.approx(1 / 51)
+
+
+def test_a_failed_read_of_the_votes_backs_off_and_says_the_liked_share_is_stale(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(None, **_settings(tmp_path))
+    now = [1000.0]
+    registry = CollectorRegistry()
+    registry.register(
+        LoopCollector(settings, cache_seconds=0, store_refresh_seconds=300, clock=lambda: now[0])
+    )
+    store = FeedbackStore(str(tmp_path / "store"))
+    _store_votes(store, _votes("chat@v1", 1, 1, 0), 0)
+
+    def votes() -> float:
+        return sum(v for k, v in got.items() if k.startswith("ktoloop_adapter_votes{"))
+
+    def tries() -> int:
+        return sum("cannot read" in r.getMessage() for r in caplog.records)
+
+    got = _exported(registry)
+    assert votes() == 2
+    # A batch file that cannot be opened (a link to itself) makes every read fail.
+    broken = Path(store.batch_path(FEEDBACK, "fb", 0, 2, 2))
+    broken.symlink_to(broken)
+    now[0] += 300
+    got = _exported(registry)
+    assert tries() == 1
+    assert votes() == 2, "the last liked share is served while the store fails"
+    for step, expected_tries in ((10, 1), (10, 1), (15, 2), (50, 2), (15, 3)):
+        now[0] += step  # retries 30 s, then 60 s after each failure
+        got = _exported(registry)
+        assert tries() == expected_tries, f"{now[0] - 1300:.0f} s after the first failure"
+        assert got["ktoloop_metrics_store_stale"] == 1
+        assert got['ktoloop_metrics_source_up{source="store"}'] == 0
+        assert votes() == 2
+    broken.unlink()
+    now[0] += 120
+    got = _exported(registry)
+    assert tries() == 3
+    assert got["ktoloop_metrics_store_stale"] == 0
+    assert got['ktoloop_metrics_source_up{source="store"}'] == 1
+
+
+def test_the_metrics_endpoint_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    from flows.cli import app
+
+    settings = load_settings(None, **_settings(tmp_path))
+    server, thread = serve(LoopCollector(settings), port=free_port())
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    command = typer.main.get_command(app).get_command(None, "metrics")  # type: ignore[attr-defined]
+    host = next(p for p in command.params if p.name == "host")
+    assert host.default == "127.0.0.1"
 
 
 def test_metrics_command_stops_on_ctrl_c(tmp_path: Path, watch) -> None:

@@ -1,18 +1,23 @@
 """What the alignment loop's records say, as numbers a monitoring system can watch.
 
 Values in, values out: the cycle's run records (dicts, as `flows.alignment.RunRecord`
-writes them) and an alias's history go in; counts, times and latencies come out.
-`connectors.metrics` reads the records and exposes these numbers to Prometheus.
+writes them), an alias's history and the vote table go in; counts, times and
+latencies come out. `connectors.metrics` reads the records and exposes these numbers
+to Prometheus.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.feedback.records import ADAPTER
 from pipeline.serving.registry import ACTIONS, AliasHistory, version_number
 from pipeline.training.manifest import NO_GAIN
 
@@ -24,6 +29,8 @@ PUBLISHED, REFUSED, SKIPPED, FAILED, CRASHED, UNREADABLE = (
 )  # fmt: skip
 OUTCOMES = (PUBLISHED, REFUSED, SKIPPED, NO_GAIN, FAILED, CRASHED, UNREADABLE)
 RUNNING = "running"
+# The adapter label of votes on answers of a version the registry does not hold.
+OTHER_ADAPTER = "other"
 
 
 def run_outcome(record: Mapping[str, Any]) -> str:
@@ -140,3 +147,17 @@ def histogram(values: Iterable[float], bounds: Iterable[float]) -> list[tuple[st
 
 def _bound(b: float) -> str:
     return repr(float(b))
+
+
+def registered_adapters(votes: pa.Table, registered: Collection[str]) -> pa.Table:
+    """`votes` with every adapter name not in `registered` (served names, `chat@v3`)
+    replaced by OTHER_ADAPTER; votes without an adapter keep none.
+
+    The client that sends a vote names its adapter, so a name becomes a label only
+    when the registry holds that version: one client cannot make the series Prometheus
+    keeps grow without bound.
+    """
+    names = votes[ADAPTER]
+    known = pc.is_in(names, value_set=pa.array(sorted(registered), pa.string()))
+    kept = pc.if_else(pc.or_(known, pc.is_null(names)), names, OTHER_ADAPTER)
+    return votes.set_column(votes.schema.get_field_index(ADAPTER), ADAPTER, kept)
