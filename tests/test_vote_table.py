@@ -2,8 +2,10 @@
 night by night from the store files added since the last one is the snapshot of a fold
 of every row at once, through redeliveries, superseding votes, retractions, ratings and
 votes without a user, and through a crash at any step; the one order of events where
-the two differ; the cycle's snapshot task, which folds once; and `kto-loop status`,
-which reads the table without writing it."""
+the two differ; two folds at once (the cycle's and a manual snapshot's, on a local
+store and on S3), killed at random steps, counting every vote once; a table of the
+earlier layout, folded on; the cycle's snapshot task, which folds once; and `kto-loop
+status`, which reads the table without writing it."""
 
 from __future__ import annotations
 
@@ -14,14 +16,18 @@ import multiprocessing
 import os
 import random
 import zlib
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from connectors.faults import FAULT_EXIT_CODE, FAULT_POINT_ENV
 from connectors.feedback.store import FEEDBACK, FeedbackStore
-from connectors.feedback.vote_table import VoteTable
+from connectors.feedback.vote_table import LOCK_FILE, VoteTable
 from pipeline.feedback import records
+from pipeline.feedback.continual import new_votes
 from pipeline.feedback.events import parse_event
 from pipeline.feedback.records import FeedbackRows
 from pipeline.feedback.sample import sample_events
@@ -307,6 +313,140 @@ def test_a_fold_killed_twice_in_a_row_still_completes(tmp_path: Path) -> None:
     assert run_killed_at(tmp_path, "votes.fold.4")
     write_batches(store, steps[2], partitions=1, batch=50)
     assert_same(VoteTable(store).snapshot(), full_rebuild(store))
+
+
+# -- two folds at once ---------------------------------------------------------------
+
+
+def _fold_beside(
+    root: str, storage: dict | None, fault: str | None, go: Any, as_cycle: bool
+) -> None:
+    """Once `go` is set, fold as the cycle does (the snapshot and the new votes from one
+    fold) or as `kto-loop snapshot` does, killed at crash point `fault` if given."""
+    if fault:
+        os.environ[FAULT_POINT_ENV] = fault
+    go.wait(60)
+    votes = VoteTable(FeedbackStore(root, storage))
+    if not as_cycle:
+        votes.snapshot()
+        return
+    table, state = votes.folded()
+    votes.snapshot(None, (table, state))
+    with suppress(NothingToSnapshot):
+        votes.snapshot(None, new_votes(table, {("fb", 0): state.folded_to("fb", 0) // 2}))
+
+
+def fold_together(root: str, storage: dict | None, rounds: int, seed: int) -> int:
+    """`rounds` times: store some events, start a cycle's fold and a manual snapshot's
+    together, each killed at a random crash point or not, while more events are stored
+    beside them; then check that the next fold counts every stored vote once, as a
+    rebuild does. Returns how many folds were killed."""
+    rng = random.Random(seed)
+    store = FeedbackStore(root, storage)
+    events = messy_events(30 * rounds, seed)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pytest", "connectors.feedback.vote_table"])
+    killed = 0
+    for n in range(rounds):
+        batch = events[n::rounds]
+        write_batches(store, batch[: len(batch) // 2], partitions=2, batch=5)
+        go = ctx.Event()
+        faults = [rng.choice([None, None, *FAULTS]) for _ in range(2)]
+        children = [
+            ctx.Process(target=_fold_beside, args=(root, storage, fault, go, as_cycle))
+            for fault, as_cycle in zip(faults, (True, False), strict=True)
+        ]
+        try:
+            for child in children:
+                child.start()
+            go.set()
+            # Ingest goes on meanwhile: the two folds may find different store files.
+            write_batches(store, batch[len(batch) // 2 :], partitions=2, batch=5)
+            for child in children:
+                child.join(120)
+        finally:
+            for child in children:
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+        codes = [child.exitcode for child in children]
+        said = f"round {n}: crash points {faults}, exit codes {codes}"
+        assert all(code in (0, FAULT_EXIT_CODE) for code in codes), said
+        assert_same(VoteTable(store).snapshot(), full_rebuild(store)), said
+        killed += codes.count(FAULT_EXIT_CODE)
+    return killed
+
+
+def test_two_folds_at_once_killed_at_random_steps_count_every_vote_once(
+    tmp_path: Path,
+) -> None:
+    """The cycle and `kto-loop snapshot` on one local store, 20 times: the second waits
+    for the first's lock, and whichever dies, the next fold completes the table."""
+    assert fold_together(str(tmp_path), None, rounds=20, seed=7) >= 5
+    names = os.listdir(tmp_path / "votes")
+    assert not [n for n in names if n.startswith(".")], names
+    assert len([n for n in names if n.startswith("state-")]) == 1, names
+
+
+@pytest.fixture
+def s3_bucket() -> Iterator[tuple[str, dict]]:
+    """A bucket on moto's S3 server (the S3 API over HTTP, in a thread of this
+    process): its URL and the storage options that reach it."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {
+            "key": "test",
+            "secret": "test",
+            "endpoint_url": f"http://{host}:{port}",
+        }
+        fsspec.filesystem("s3", **options).mkdir("kto-votes")
+        yield "s3://kto-votes/store", options
+    finally:
+        server.stop()
+
+
+def test_two_folds_at_once_on_object_storage_commit_one_generation_each(
+    s3_bucket: tuple[str, dict],
+) -> None:
+    """The same on S3 (10 times: each call is an HTTP request), where no lock holds them
+    apart: of two folds of one generation, the commit (a PUT with If-None-Match) takes
+    one; the other folds again from it."""
+    url, options = s3_bucket
+    assert fold_together(url, options, rounds=10, seed=8) >= 3
+
+
+def test_a_table_from_before_numbered_states_is_read_and_folded_on(tmp_path: Path) -> None:
+    """The earlier layout: state.json, and table-, texts- and seen- files named for
+    their generation alone. It is read as it is; the next fold commits state-2 naming
+    the old texts and ids beside its own, and removes the old table and state.json."""
+    store = FeedbackStore(str(tmp_path))
+    steps = grown_in_steps(tmp_path, seed=6)
+    write_batches(store, steps[0], partitions=2, batch=40)
+    votes = VoteTable(store)
+    votes.fold()
+    folder = tmp_path / "votes"
+    one = votes.current()
+    for name in (one.table, *one.texts, *one.seen):
+        kind, _, _ = name.split("-")
+        (folder / name).rename(folder / f"{kind}-00000001.{name.rsplit('.', 1)[1]}")
+    state = json.loads((folder / "state-00000001.json").read_text())
+    (folder / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    (folder / "state-00000001.json").unlink()
+    assert votes.current().table == "table-00000001.arrow"
+    assert_same(votes.snapshot(), full_rebuild(store))  # nothing new: read as it is
+    write_batches(store, steps[1], partitions=2, batch=40)
+    assert_same(votes.snapshot(), full_rebuild(store))
+    two = votes.current()
+    assert two.texts[0] == "texts-00000001.parquet" and two.seen[0] == "seen-00000001.arrow"
+    assert sorted(os.listdir(folder)) == sorted(
+        [LOCK_FILE, "state-00000002.json", two.table, *two.texts, *two.seen]
+    )
 
 
 def test_state_round_trips() -> None:

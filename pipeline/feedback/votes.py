@@ -259,7 +259,7 @@ def fold_votes(
     fresh = firsts[~known]
     texts = _new_texts(fresh, table)
     seen_now = pa.table({EVENT_ID: pa.array(fresh[EVENT_ID], pa.string())}, schema=SEEN_SCHEMA)
-    return Fold(new_table, texts, seen_now, _next_state(state, frame, files, len(fresh)))
+    return Fold(new_table, texts, seen_now, _next_state(state, rows, files, len(fresh)))
 
 
 def fold_rows(rows: pa.Table) -> Fold:
@@ -283,9 +283,9 @@ def select_votes(table: pa.Table, keep: pa.ChunkedArray | pa.Array) -> tuple[pa.
     """
     part = table.filter(keep)
     # The table holds each event once, the latest of its voter and message: a fold of
-    # its rows gives them back as they are, so only the state is left to work out.
-    frame = part.select([*ORDER, INGESTED_AT]).to_pandas()
-    return part, _next_state(VoteState(), frame, _spans(part), part.num_rows)
+    # its rows gives them back as they are, so only the state is left to work out (in
+    # Arrow: the part may be most of a table of millions).
+    return part, _next_state(VoteState(), part, _spans(part), part.num_rows)
 
 
 def _spans(rows: pa.Table) -> list[tuple[str, int, int, int]]:
@@ -361,27 +361,37 @@ def _new_texts(fresh: pd.DataFrame, table: pa.Table) -> pa.Table:
 
 
 def _next_state(
-    state: VoteState, frame: pd.DataFrame, files: Iterable[tuple[str, int, int, int]], fresh: int
+    state: VoteState, rows: pa.Table, files: Iterable[tuple[str, int, int, int]], fresh: int
 ) -> VoteState:
+    """The state after folding in `rows` (ORDER and INGESTED_AT at least), read from
+    `files`, of which `fresh` are events not seen before."""
     parts = {(p.topic, p.partition): p for p in state.partitions}
     for topic, partition, _first, last in files:
         old = parts.get((topic, partition)) or PartitionFold(topic, partition, -1, None, None, 0)
         parts[(topic, partition)] = replace(old, folded_to=max(old.folded_to, last))
-    read = frame.groupby([KAFKA_TOPIC, KAFKA_PARTITION])[KAFKA_OFFSET].agg(["min", "max", "size"])
-    for (topic, partition), r in read.iterrows():
-        old = parts[(str(topic), int(partition))]
-        lo, hi = int(r["min"]), int(r["max"])
-        parts[(old.topic, old.partition)] = replace(
+    read = rows.group_by([KAFKA_TOPIC, KAFKA_PARTITION], use_threads=False).aggregate(
+        [
+            (KAFKA_OFFSET, "min"),
+            (KAFKA_OFFSET, "max"),
+            (KAFKA_OFFSET, "count", pc.CountOptions(mode="all")),
+        ]
+    )
+    aggregates = (f"{KAFKA_OFFSET}_{f}" for f in ("min", "max", "count"))
+    columns = [KAFKA_TOPIC, KAFKA_PARTITION, *aggregates]
+    for topic, partition, lo, hi, size in zip(*(read[c].to_pylist() for c in columns), strict=True):
+        old = parts[(topic, partition)]
+        parts[(topic, partition)] = replace(
             old,
             first_read=lo if old.first_read is None else min(old.first_read, lo),
             last_read=hi if old.last_read is None else max(old.last_read, hi),
-            rows_read=old.rows_read + int(r["size"]),
+            rows_read=old.rows_read + size,
         )
     ingested, oldest = state.ingested_to_us, state.read_from_us
-    if len(frame):
-        newest = int(frame[INGESTED_AT].max().value // 1000)  # ns -> us
+    if rows.num_rows:
+        # Both are microseconds since the epoch (records.FEEDBACK_SCHEMA).
+        newest = pc.max(rows[INGESTED_AT].cast(pa.int64())).as_py()
         ingested = newest if ingested is None else max(ingested, newest)
-        first = int(frame[TS].min().value // 1000)
+        first = pc.min(rows[TS].cast(pa.int64())).as_py()
         oldest = first if oldest is None else min(oldest, first)
     return VoteState(
         generation=state.generation + 1,
