@@ -211,6 +211,22 @@ def _bare_phase(settings: Any, n: int) -> Phase:
     return phase
 
 
+def start_endpoint(root: Path, bootstrap: str, name: str) -> tuple[Any, subprocess.Popen, str]:
+    """serve-feedback on a fresh topic `<name>-<random>`, without rate limits, with this
+    benchmark's key trusted (a backend's: it names the users of its events)."""
+    topic = f"{name}-{uuid.uuid4().hex[:6]}"
+    config = root / "kto-loop.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = ["{bootstrap}"]\ntopic = "{topic}"\n'
+        '[feedback_http]\nrate_per_key = "1000000/second"\nrate_per_user = "1000000/second"\n'
+        'trusted_keys = ["bench"]\n'
+    )
+    settings = load_settings(config)
+    kafka_clients.ensure_topics(settings.kafka, [topic])
+    process, url = _start_endpoint(config, root / "serve-feedback.log")
+    return settings, process, url
+
+
 def _start_endpoint(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
@@ -266,16 +282,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, running_broker() as broker:
-        root = Path(tmp)
-        topic = f"bench-{uuid.uuid4().hex[:6]}"
-        config = root / "kto-loop.toml"
-        config.write_text(
-            f'[kafka]\nbootstrap_servers = ["{broker.bootstrap}"]\ntopic = "{topic}"\n'
-            '[feedback_http]\nrate_per_key = "1000000/second"\nrate_per_user = "1000000/second"\n'
-        )
-        settings = load_settings(config)
-        kafka_clients.ensure_topics(settings.kafka, [topic])
-        process, url = _start_endpoint(config, root / "serve-feedback.log")
+        settings, process, url = start_endpoint(Path(tmp), broker.bootstrap, "bench")
         try:
             endpoint = psutil.Process(process.pid)
             port = int(url.rsplit(":", 1)[1])

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from bench.feedback_http_siege import siege, topic_event_ids
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import Broker, free_port, start_broker
 from pipeline.feedback.events import hash_user
@@ -520,3 +521,39 @@ def test_refused_events_count_against_the_key_and_too_deep_is_a_400(
     assert endpoint.post(event(2)).status_code == 202
     r = endpoint.post(event(3))
     assert r.status_code == 429 and "per key" in r.json()["error"]
+
+
+def test_slow_clients_and_a_stalled_broker_leave_memory_bounded_and_lose_nothing(
+    own_broker: Broker, tmp_path: Path, serve_feedback: Callable[..., Endpoint]
+) -> None:
+    """500 connections sending headers or a body a byte a second, while the broker
+    stalls: they are closed at their deadlines, valid posts are answered 202 or 503
+    (503 at once once max_in_flight_bytes wait on the broker), memory stays bounded
+    and every 202 is in the topic. bench.feedback_http_siege runs it with a 60 s stall."""
+    setup = _own_setup(own_broker, tmp_path)
+    endpoint = serve_feedback(
+        setup,
+        header_timeout_seconds=2.0,
+        body_timeout_seconds=3.0,
+        produce_timeout_seconds=3.0,
+        max_in_flight_bytes=1 << 16,
+        rate_per_key="100000/second",
+        rate_per_user="100000/second",
+    )
+    pid = own_broker.process.pid
+    result = siege(
+        endpoint.url,
+        endpoint.process.pid,
+        lambda: os.kill(pid, signal.SIGSTOP),
+        lambda: os.kill(pid, signal.SIGCONT),
+        slow=500,
+        stall_seconds=10.0,
+        posters=16,
+        key=KEY,
+    )
+    assert set(result.answers) <= {202, 503}, result.answers
+    assert result.answers[503] > 0 and result.slow_open_peak == 500
+    assert result.slow_closed >= 500  # each slow one closed at its deadline, and again
+    assert result.peak_rss_mb - result.rss_before_mb < 100, result.summary()
+    on_topic = topic_event_ids([own_broker.bootstrap], setup.topic)
+    assert result.accepted and result.accepted <= on_topic

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import msgspec
 import pytest
 
 from pipeline.feedback import records
@@ -69,3 +70,34 @@ def pa_address(value: bytes) -> int:
     import pyarrow as pa
 
     return pa.py_buffer(value).address
+
+
+def test_a_vote_dated_past_its_record_and_the_clock_is_clamped_to_them() -> None:
+    """The time model at ingest (connectors/feedback/voters.py): a ts later than the
+    Kafka record's timestamp, or the ingest clock, by more than the skew takes that
+    bound; an earlier one, or one within the skew, stays as sent."""
+    clock = NOW.timestamp()
+    ms = int(clock * 1000)
+    rows = FeedbackRows("t", 0, dt.timedelta(seconds=300), lambda: clock)
+    dated = {
+        0: (dt.datetime(2262, 1, 1, tzinfo=dt.UTC), ms - 3_600_000),  # past the record
+        1: (dt.datetime(2262, 1, 1, tzinfo=dt.UTC), None),  # no record time: the clock
+        2: (dt.datetime(2262, 1, 1, tzinfo=dt.UTC), ms + 3_600_000),  # a record from ahead
+        3: (NOW + dt.timedelta(seconds=100), ms),  # within the skew
+        4: (dt.datetime(1970, 1, 2, tzinfo=dt.UTC), ms),  # the past is the voter's own
+    }
+    for offset, (ts, record_ms) in dated.items():
+        rows.append(msgspec.structs.replace(event(offset), ts=ts), offset, record_ms)
+    got = rows.to_table(NOW, "test")[records.TS].to_pylist()
+    skew = dt.timedelta(seconds=300)
+    assert got == [
+        NOW - dt.timedelta(hours=1) + skew,
+        NOW + skew,
+        NOW + skew,
+        NOW + dt.timedelta(seconds=100),
+        dt.datetime(1970, 1, 2, tzinfo=dt.UTC),
+    ]
+    # Without a skew (imports into a snapshot), ts is kept as sent.
+    plain = FeedbackRows("t", 0)
+    plain.append(msgspec.structs.replace(event(0), ts=dated[0][0]), 0, ms)
+    assert plain.to_table(NOW, "test")[records.TS].to_pylist() == [dated[0][0]]

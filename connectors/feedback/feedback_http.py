@@ -463,6 +463,7 @@ class FeedbackEndpoint:
                 408,
                 f"the body did not arrive within {self.config.body_timeout_seconds:g} s "
                 "([feedback_http] body_timeout_seconds)",
+                {"Connection": "close"},
             )
         if body is None:
             self.limits.take("key", collections.Counter({key: 1}))
