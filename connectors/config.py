@@ -42,7 +42,7 @@ from pipeline.feedback.balance import BalanceOptions
 from pipeline.feedback.events import RatingPolicy
 from pipeline.feedback.snapshot import SnapshotOptions
 from pipeline.promotion.gate import GateOptions
-from pipeline.serving.registry import RegistryError, check_alias
+from pipeline.serving.registry import KEEP_ROLLBACKS, RegistryError, check_alias
 from pipeline.training.options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
 
 ENV_PREFIX = "KTO_LOOP_"
@@ -350,6 +350,12 @@ class RegistryConfig(_Section):
     url: str = Field("./data/adapters", min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     keep_last: int = Field(5, ge=1, description="newest versions `adapters gc` always keeps")
+    keep_rollbacks: int = Field(
+        KEEP_ROLLBACKS,
+        ge=0,
+        description="rollbacks in a row each alias can make: `kto-loop gc` keeps the versions "
+        "they return to",
+    )
 
 
 class ServingConfig(_Section):

@@ -228,9 +228,22 @@ def gc(settings: Settings, dry_run: bool) -> None:
             settings.registry.keep_last,
             server_paths=seen[1] if seen else (),
             version_paths={v: settings.serving.server_path(registry.path(v)) for v in versions},
+            keep_rollbacks=settings.registry.keep_rollbacks,
         )
         for v in plan.delete:
             if not dry_run:
-                registry.delete(v)
+                registry.delete(v, settings.registry.keep_rollbacks)
             err.print(f"{'would delete' if dry_run else 'deleted'} {v}", markup=False)
-    typer.echo(json.dumps({"deleted": list(plan.delete), "dry_run": dry_run, "kept": plan.keep}))
+        abandoned = [] if dry_run else registry.sweep()
+        for v in abandoned:
+            err.print(f"removed the abandoned upload of {v}", markup=False)
+    typer.echo(
+        json.dumps(
+            {
+                "deleted": list(plan.delete),
+                "dry_run": dry_run,
+                "kept": plan.keep,
+                "abandoned_uploads": abandoned,
+            }
+        )
+    )

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -78,6 +82,32 @@ def test_retention_keeps_what_is_served_rolled_back_to_loaded_or_recent() -> Non
     assert retention(["v1", "v2"], [h], server_names=None, keep_last=1).delete == ()
 
 
+def test_gc_keeps_the_versions_successive_rollbacks_return_to() -> None:
+    promoted = AliasHistory("chat")
+    for v in ("v1", "v2", "v3", "v4", "v5"):
+        promoted = promoted.promoted(v, T, "", [])
+    versions = [f"v{i}" for i in range(1, 7)]
+    plan = retention(versions, [promoted], server_names=[], keep_last=1)
+    assert plan.keep == {
+        "v5": "served as chat",
+        "v4": "rollback target of chat",
+        "v3": "rollback target 2 of chat",
+        "v2": "rollback target 3 of chat",
+        "v6": "among the newest 1",
+    }
+    assert plan.delete == ("v1",)
+    # Three rollbacks in a row each return to a version gc kept.
+    h = promoted
+    for expected in ("v4", "v3", "v2"):
+        h = h.rolled_back(T, "", [])
+        assert h.current == expected and expected not in plan.delete
+    assert h.rollback_target == "v1"
+    fewer = retention(versions, [promoted], server_names=[], keep_last=1, keep_rollbacks=1)
+    assert fewer.delete == ("v1", "v2", "v3")
+    none = retention(versions, [promoted], server_names=[], keep_last=1, keep_rollbacks=0)
+    assert none.delete == ("v1", "v2", "v3", "v4")
+
+
 def test_retention_keeps_a_version_a_server_loaded_under_a_name_of_any_form() -> None:
     paths = {v: f"/adapters/versions/{v}" for v in ("v1", "v2", "v3")}
     plan = retention(
@@ -105,7 +135,7 @@ def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from deploy.local.adapters import make_random_adapter
 
     root = tmp_path_factory.mktemp("adapters")
-    return [make_random_adapter(tiny_model_dir, root / f"a{s}", seed=s) for s in (1, 2)]
+    return [make_random_adapter(tiny_model_dir, root / f"a{s}", seed=s) for s in (1, 2, 3, 4)]
 
 
 def test_a_registered_version_is_immutable_with_its_lineage(
@@ -133,14 +163,19 @@ def test_delete_refuses_a_version_an_alias_serves_or_would_roll_back_to(
     adapter_dirs: list[Path], tmp_path: Path
 ) -> None:
     reg = AdapterRegistry(str(tmp_path / "reg"))
-    v1, v2, v3 = (reg.add(adapter_dirs[0])["version"] for _ in range(3))
+    v1, v2, v3, v4 = (reg.add(adapter_dirs[0])["version"] for _ in range(4))
     reg.save_history(AliasHistory("chat").promoted(v1, T, "", []).promoted(v2, T, "", []))
     with pytest.raises(RegistryError, match=f"{v2} is served as chat"):
         reg.delete(v2)
     with pytest.raises(RegistryError, match=f"{v1} is rollback target of chat"):
         reg.delete(v1)
-    reg.delete(v3)
-    assert reg.versions() == [v1, v2]
+    reg.delete(v4)
+    assert reg.versions() == [v1, v2, v3]
+    reg.save_history(reg.history("chat").promoted(v3, T, "", []))
+    with pytest.raises(RegistryError, match=f"{v1} is rollback target 2 of chat"):
+        reg.delete(v1)
+    reg.delete(v1, keep_rollbacks=1)
+    assert reg.versions() == [v2, v3]
 
 
 def _truncated(adapter: Path, where: Path) -> Path:
@@ -323,3 +358,172 @@ def test_a_remote_registry_needs_a_path_map_before_any_server_is_asked(
     )
     assert mapped.server_path(v) == f"/mnt/adapters/versions/{v}"
     assert reg.history("chat").events == ()
+
+
+def _writable_copy_of(source: Path, target: Path) -> None:
+    """Replace a local version's file with another (the registry keeps them read-only)."""
+    target.chmod(0o644)
+    target.write_bytes(source.read_bytes())
+
+
+def test_a_rollback_to_a_deleted_or_changed_version_is_refused_before_any_replica_is_asked(
+    adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.local.broker import free_port
+    from flows.cli import app
+
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    v1, v2, v3, v4, v5 = (reg.add(adapter_dirs[i % 4])["version"] for i in range(5))
+    chat = AliasHistory("chat")
+    for v in (v1, v2, v3):
+        chat = chat.promoted(v, T, "", [])
+    reg.save_history(chat.rolled_back(T, "worse", []))
+    for f in Path(reg.path(v1)).iterdir():  # gone, as a gc keeping one rollback left it
+        f.chmod(0o644)
+    shutil.rmtree(reg.path(v1))
+    other = AliasHistory("other").promoted(v4, T, "", []).promoted(v5, T, "", [])
+    reg.save_history(other)
+    weights = "adapter_model.safetensors"
+    _writable_copy_of(adapter_dirs[1] / weights, Path(reg.path(v4)) / weights)
+
+    config = tmp_path / "kto-loop.toml"
+    # A replica that is down: a rollback that asks it fails with exit 1 instead.
+    config.write_text(
+        f'[registry]\nurl = "{reg.url}"\n'
+        f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\nretries = 1\n'
+    )
+    runner = CliRunner()
+    gone = runner.invoke(app, ["rollback", "--alias", "chat", "--config", str(config)])
+    assert gone.exit_code == 2, gone.output
+    assert f"cannot roll back to {v1}" in gone.output and "no longer has it" in gone.output
+    changed = runner.invoke(app, ["rollback", "--alias", "other", "--config", str(config)])
+    assert changed.exit_code == 2, changed.output
+    assert f"{weights} is not the file registered" in changed.output
+    assert len(reg.history("chat").events) == 4 and reg.history("chat").current == v2
+    assert reg.history("other") == other
+
+
+# -- on an object store: moto's server speaks the S3 API over HTTP ----------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    # Its HTTP server logs each request at INFO to the stderr of the test that started it,
+    # which pytest has closed by the next test.
+    requests = logging.getLogger("werkzeug")
+    level = requests.level
+    requests.setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    requests.setLevel(level)
+
+
+@pytest.fixture()
+def s3_registry(s3_endpoint: str) -> Callable[..., AdapterRegistry]:
+    """Opens the registry in a fresh bucket; each call is another client, as another
+    machine's would be (its own connections and listing cache)."""
+    import fsspec
+
+    bucket = f"reg-{uuid.uuid4().hex[:12]}"
+    options = {
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "eu-west-1"},
+        "skip_instance_cache": True,
+    }
+    fsspec.filesystem("s3", **options).mkdir(bucket)
+    return lambda **kw: AdapterRegistry(f"s3://{bucket}/adapters", options, **kw)
+
+
+def test_registrations_at_once_on_an_object_store_get_distinct_versions_with_their_own_files(
+    adapter_dirs: list[Path], s3_registry: Callable[..., AdapterRegistry]
+) -> None:
+    start = threading.Barrier(len(adapter_dirs))
+    got: dict[Path, str] = {}
+    failed: list[BaseException] = []
+
+    def register(adapter: Path) -> None:
+        reg = s3_registry()
+        start.wait(60)
+        try:
+            got[adapter] = reg.add(adapter)["version"]
+        except BaseException as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=register, args=(d,)) for d in adapter_dirs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failed, failed
+    reg = s3_registry()
+    assert sorted(got.values()) == reg.versions() == [f"v{i}" for i in range(1, 5)]
+    for adapter, version in got.items():
+        assert reg.info(version)["source"] == str(adapter.resolve())
+        with reg.local_copy(version) as local:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                assert (local / name).read_bytes() == (adapter / name).read_bytes(), version
+
+
+def test_an_object_stores_changed_file_is_refused_by_validate_and_before_any_load(
+    adapter_dirs: list[Path], s3_registry: Callable[..., AdapterRegistry]
+) -> None:
+    from connectors.serving.publish import Publisher
+
+    reg = s3_registry()
+    v1 = reg.add(adapter_dirs[0])["version"]
+    weights = "adapter_model.safetensors"
+    # Another adapter's weights: they load and pass every check but the sha256.
+    reg.fs.put_file(str(adapter_dirs[1] / weights), f"{reg.path(v1)}/{weights}")
+    publisher = Publisher(
+        reg,
+        ServingConfig(replicas=["http://127.0.0.1:9"], path_map={reg.url: "/mnt/adapters"}),
+    )
+    refused = f"{weights} is not the file registered"
+    with pytest.raises(AdapterRefused, match=refused):
+        publisher.validate(v1)
+    with pytest.raises(AdapterRefused, match=refused), reg.local_copy(v1):
+        pass
+    with pytest.raises(AdapterRefused, match=refused):
+        publisher.publish("chat", v1)
+    assert reg.history("chat").events == ()
+
+
+def test_an_upload_a_crash_left_is_invisible_and_the_next_register_removes_it(
+    adapter_dirs: list[Path], s3_registry: Callable[..., AdapterRegistry]
+) -> None:
+    reg = s3_registry()
+    weights = "adapter_model.safetensors"
+    # A writer that died after its first file, before claims existed.
+    reg.fs.put_file(str(adapter_dirs[0] / weights), f"{reg.path('v1')}/{weights}")
+    assert reg.versions() == []
+    v2 = reg.add(adapter_dirs[1])["version"]
+    assert v2 == "v2" and reg.versions() == [v2]
+    assert not reg.fs.exists(f"{reg.path('v1')}/{weights}")
+
+    def crashed(version: str, age: timedelta) -> None:
+        """What a writer leaves that claimed `version` `age` ago and died mid-upload."""
+        at = (datetime.now(UTC) - age).isoformat()
+        reg.fs.pipe_file(
+            f"{reg.url}/claims/{version}", json.dumps({"claimed_at": at, "by": "gone:1"}).encode()
+        )
+        reg.fs.put_file(str(adapter_dirs[0] / weights), f"{reg.path(version)}/{weights}")
+
+    crashed("v3", timedelta(hours=2))
+    crashed("v4", timedelta(seconds=1))  # still within its lease: a live upload
+    assert reg.versions() == [v2]
+    assert reg.add(adapter_dirs[2])["version"] == "v5"
+    assert not reg.fs.exists(f"{reg.path('v3')}/{weights}")
+    assert reg.fs.exists(f"{reg.path('v4')}/{weights}")
+    assert reg.versions() == [v2, "v5"]
+    # A number once claimed is never given out again, even after its files are gone.
+    assert s3_registry(upload_lease_s=0.0).sweep() == ["v4"]
+    assert reg.add(adapter_dirs[3])["version"] == "v6"
+    assert reg.versions() == [v2, "v5", "v6"]

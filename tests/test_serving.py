@@ -729,9 +729,13 @@ def test_gc_deletes_only_what_no_server_reads(
     monkeypatch.delenv("KTO_LOOP_SERVING__REPLICAS")
 
     loaded = {a["name"].rpartition("@")[2] for a in admin.swap_state()["adapters"]}
+    # Two rollbacks in a row would return to the first: kept unless fewer are wanted.
+    first = _last_json(runner.invoke(app, ["gc", "--config", str(config)]).stdout)
+    assert first["kept"][versions[-3]] == "rollback target 2 of gcx"
+    monkeypatch.setenv("KTO_LOOP_REGISTRY__KEEP_ROLLBACKS", "1")
     result = _last_json(runner.invoke(app, ["gc", "--config", str(config)]).stdout)
-    deleted = set(result["deleted"])
-    assert versions[-3] in deleted
+    assert result["deleted"] == [versions[-3]]
+    deleted = set(first["deleted"]) | {versions[-3]}
     assert {versions[-2], versions[-1]}.isdisjoint(deleted)
     assert not deleted & loaded, "a version a server may read was deleted"
     assert set(registry.versions()) == set(versions) - deleted

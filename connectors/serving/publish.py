@@ -2,9 +2,10 @@
 
 The protocol, per alias and under the registry's alias lock:
 
-1. Check the version's files here (present, loadable, finite, rank within the servers'
-   limit, shapes and fingerprint of the served base model). A bad adapter stops here,
-   before any server is touched.
+1. Check the version's files here (present, the ones registered by their sha256,
+   loadable, finite, rank within the servers' limit, shapes and fingerprint of the served
+   base model). A bad adapter stops here, before any server is touched; a rollback and a
+   sync check the version they load the same way.
 2. On every replica: load it under its own name `alias@vN` from its own path, and ask it
    a greedy smoke completion. Nothing clients call has changed yet.
 3. On every replica: switch the alias to it (the plugin's one-assignment swap), keeping
@@ -113,7 +114,8 @@ class Publisher:
         return self.registry.add(adapter_dir, limits=limits, base_shapes=shapes, **kwargs)
 
     def validate(self, version: str) -> None:
-        """Raise AdapterRefused with every reason the version must not be served."""
+        """Raise AdapterRefused with every reason the version must not be served (a file
+        that is not the one registered, first of all)."""
         info = self.registry.info(version)
         limits, shapes = self.limits()
         with self.registry.local_copy(version) as local:
@@ -146,16 +148,24 @@ class Publisher:
         with self.registry.lock(alias):
             history = self.registry.history(alias)
             after = history.promoted(version, now_iso(), reason, self._urls())
-            self.server_path(version)
-            self.validate(version)
-            self.progress(f"{version}: files checked")
+            self._check(version)
             return self._switch(history, after)
 
     def rollback(self, alias: str, reason: str = "") -> PublishResult:
-        """Serve the version before the current one again, on every replica."""
+        """Serve the version before the current one again, on every replica, once its
+        files pass the checks a publish makes."""
         with self.registry.lock(alias):
             history = self.registry.history(alias)
             after = history.rolled_back(now_iso(), reason, self._urls())
+            target = after.current
+            assert target is not None
+            if target not in self.registry.versions():
+                raise RegistryError(
+                    f"{alias} cannot roll back to {target}: {self.registry.url} no longer has "
+                    f"it; publish a version instead ([registry] keep_rollbacks says how many "
+                    "rollbacks `kto-loop gc` keeps the versions for)"
+                )
+            self._check(target)
             return self._switch(history, after)
 
     def sync(self, alias: str) -> PublishResult:
@@ -165,7 +175,15 @@ class Publisher:
             history = self.registry.history(alias)
             if history.current is None:
                 raise RegistryError(f"{alias} has never been published: nothing to sync")
+            self._check(history.current)
             return self._switch(history, history, record=False)
+
+    def _check(self, version: str) -> None:
+        """Step 1, for the version about to be loaded: its path as the servers see it, and
+        its files."""
+        self.server_path(version)
+        self.validate(version)
+        self.progress(f"{version}: files checked")
 
     def _urls(self) -> list[str]:
         return [a.url for a in self.admins]

@@ -19,6 +19,8 @@ ACTIONS = (PROMOTE, ROLLBACK)
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SERVED_SEPARATOR = "@"
+# How many versions gc keeps for successive rollbacks of an alias, unless told otherwise.
+KEEP_ROLLBACKS = 3
 
 
 class RegistryError(Exception):
@@ -143,14 +145,22 @@ class AliasHistory:
         stack = self._stack()
         return stack[-2] if len(stack) >= 2 else None
 
-    def role_of(self, version: str) -> str | None:
-        """Why this alias needs `version` ("served as chat", "rollback target of chat"),
-        or None when it does not."""
+    @property
+    def rollback_targets(self) -> tuple[str, ...]:
+        """The versions successive rollbacks would serve, the next one first."""
+        return tuple(reversed(self._stack()[:-1]))
+
+    def role_of(self, version: str, rollbacks: int = KEEP_ROLLBACKS) -> str | None:
+        """Why this alias needs `version` ("served as chat", "rollback target of chat",
+        "rollback target 2 of chat" for the one a second rollback serves), counting the
+        first `rollbacks` rollback targets; None when it does not."""
         if version == self.current:
             return f"served as {self.alias}"
-        if version == self.rollback_target:
-            return f"rollback target of {self.alias}"
-        return None
+        targets = self.rollback_targets[:rollbacks]
+        if version not in targets:
+            return None
+        n = targets.index(version) + 1
+        return f"rollback target{f' {n}' if n > 1 else ''} of {self.alias}"
 
     def promoted(self, version: str, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
         """The history with `version` promoted on top of the current one."""
@@ -193,13 +203,14 @@ def retention(
     keep_last: int,
     server_paths: Iterable[str] = (),
     version_paths: Mapping[str, str] | None = None,
+    keep_rollbacks: int = KEEP_ROLLBACKS,
 ) -> Retention:
     """Decide which versions' files may be deleted.
 
-    A version stays when an alias serves it, when a rollback would return to it, when any
-    server still knows it under any name (a served adapter whose directory vanishes kills
-    vLLM, and vLLM reloads an evicted adapter from its path), or when it is among the
-    newest `keep_last`.
+    A version stays when an alias serves it, when one of the next `keep_rollbacks`
+    rollbacks of an alias would return to it, when any server still knows it under any
+    name (a served adapter whose directory vanishes kills vLLM, and vLLM reloads an
+    evicted adapter from its path), or when it is among the newest `keep_last`.
 
     Args:
         versions: every version in the registry.
@@ -210,14 +221,16 @@ def retention(
         server_paths: the directories the servers' listed adapters were loaded from.
         version_paths: each version's directory as the servers see it, to match a
             version loaded under a name of another form against `server_paths`.
+        keep_rollbacks: how many rollbacks in a row each alias can make (one keeps
+            only the version the next rollback serves).
     """
     versions = sorted(versions, key=version_number)
     keep: dict[str, str] = {}
     if server_names is None:
         return Retention((), {v: "a server could not be asked what it reads" for v in versions})
     for h in histories:
-        for v in (h.current, h.rollback_target):
-            role = h.role_of(v) if v else None
+        for v in (h.current, *h.rollback_targets):
+            role = h.role_of(v, keep_rollbacks) if v else None
             if v and role:
                 keep.setdefault(v, role)
     for name in server_names:
