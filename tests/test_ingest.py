@@ -18,8 +18,11 @@ from connectors.feedback.produce import produce
 from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port, start_broker
 from pipeline.feedback import records
+from pipeline.feedback.events import HASHED_USER_ID, hash_user
+from pipeline.feedback.redact import SEALED, redact_value, unseal_value
 from pipeline.feedback.sample import encode, malformed_samples, odd_valid_samples, sample_events
 from tests.conftest import (
+    HASH_KEY,
     KafkaSetup,
     assert_each_offset_in_exactly_one_file,
     committed_offsets,
@@ -175,7 +178,8 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_going(
     assert set(dead.index) == set(bad)
     for kind, raw in bad.items():
         row = dead.loc[kind]
-        assert (row[records.VALUE] or b"") == raw, kind  # the whole raw bytes, even 5 MB
+        # The whole raw bytes, even 5 MB, with the user id hashed (or all sealed).
+        assert _replayable(row[records.VALUE] or b"") == _replayable(redact_value(raw, KEY)), kind
         assert row[records.KEY] == f"bad-{kind}".encode()
         assert row[records.REASON]
         assert row[records.KAFKA_OFFSET] == 20 + list(bad).index(kind)
@@ -211,9 +215,57 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_going(
         assert message.key == f"bad-{kind}".encode()
         if kind == "too_large":
             assert headers["kto.truncated"] == b"true"
-            assert bad[kind].startswith(message.value)
+            assert redact_value(bad[kind], KEY).startswith(message.value)
         else:
-            assert (message.value or b"") == bad[kind]
+            assert _replayable(message.value or b"") == _replayable(redact_value(bad[kind], KEY))
+
+
+KEY = HASH_KEY.encode()
+
+
+def _replayable(value: bytes) -> bytes:
+    """A dead letter's value as replay sends it: unsealed when sealed (sealing draws a
+    new nonce each time)."""
+    return unseal_value(value, KEY)
+
+
+def test_dead_letters_hold_no_plaintext_user_id_and_replay_as_the_same_user(
+    kafka_setup: KafkaSetup,
+) -> None:
+    kafka_setup.create_topics(partitions=1)
+    user = "ann@example.com"
+    vote = next(sample_events(1, seed=5)) | {"user_id": user, "event_id": "good"}
+    no_model = {k: v for k, v in vote.items() if k != "model"} | {"event_id": "fixed-later"}
+    form = f"user_id={user}&feedback=like".encode()  # not JSON: sealed whole
+    settings = kafka_setup.settings()
+    messages = [encode(vote), (b"c", json.dumps(no_model, indent=1).encode()), (b"c", form)]
+    produce(settings.kafka, messages, topic=kafka_setup.topic)
+    ingestor = Ingestor(settings)
+    thread, stop, errors = run_in_thread(ingestor)
+    try:
+        wait_until(
+            lambda: (ingestor.stats.dead_lettered >= 2 and ingestor.stats.stored >= 1) or errors,
+            90,
+            "the vote stored and two dead letters",
+        )
+        dead = ingestor.store.read(DEAD_LETTERS).set_index(records.ERROR_KIND)
+        values = {kind: bytes(v) for kind, v in dead[records.VALUE].items()}
+        assert set(values) == {"missing_field", "not_json"}
+        assert all(user.encode() not in v for v in values.values()), values
+        assert values["not_json"].startswith(SEALED)
+        assert unseal_value(values["not_json"], KEY) == form
+        letter = json.loads(values["missing_field"])
+        assert letter["user_id"] == HASHED_USER_ID + hash_user(user, KEY)
+        # Replayed once its producer's bug is fixed: the same user as the vote sent whole.
+        replay = json.dumps(letter | {"model": vote["model"]}).encode()
+        produce(settings.kafka, [(b"c", replay)], topic=kafka_setup.topic)
+        wait_until(lambda: ingestor.stats.stored >= 2 or errors, 90, "the replayed letter")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors and not thread.is_alive()
+    users = ingestor.store.read().set_index(records.EVENT_ID)[records.USER_HASH]
+    assert users["fixed-later"] == users["good"] == hash_user(user, KEY)
 
 
 def test_crash_after_a_batch_is_stored_but_before_its_commit(kafka_setup: KafkaSetup) -> None:

@@ -1,6 +1,7 @@
 """The dead-letter topic: messages kto-loop could not store, with the reason in headers.
 
-Each dead letter keeps the original key, value and headers, plus:
+Each dead letter keeps the original key and headers, and the value with its user ids
+hashed in place or, when it is not JSON, sealed (pipeline/feedback/redact.py), plus:
 
     kto.error.kind       stable short code (not_json, missing_field, too_large, ...)
     kto.error.reason     what was wrong, for a person

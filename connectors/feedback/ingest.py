@@ -48,6 +48,7 @@ from connectors.feedback.dead_letters import DeadLetterError, DeadLetterTopic
 from connectors.feedback.store import DEAD_LETTERS, FEEDBACK, FeedbackStore, StoreError
 from pipeline.feedback.events import EventError, EventParser
 from pipeline.feedback.records import DeadLetter, DeadLetterRows, FeedbackRows, Provenance
+from pipeline.feedback.redact import redact_value
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Ingestor:
             events,
             settings.ingest.max_event_bytes,
         )
+        self._user_hash_key = events.user_hash_key.get_secret_value().encode()
         self._rebalances = _RebalanceLog(self._wait_in_flight, self.stats)
         self._writer: ThreadPoolExecutor  # made by run()
         self._in_flight: _InFlight | None = None
@@ -367,10 +369,13 @@ class Ingestor:
         self._metrics.consumed.inc(taken)
         return end
 
-    @staticmethod
-    def _dead_letter(batch: _PartitionBatch, tp: TopicPartition, m, kind: str, reason: str) -> None:
+    def _dead_letter(
+        self, batch: _PartitionBatch, tp: TopicPartition, m, kind: str, reason: str
+    ) -> None:
         source = Provenance(tp.topic, tp.partition, m.offset, m.timestamp)
-        letter = DeadLetter(source, m.key, m.value, tuple(m.headers or ()), kind, reason)
+        # The user id never reaches the topic or the store in plaintext (redact.py).
+        value = redact_value(m.value, self._user_hash_key)
+        letter = DeadLetter(source, m.key, value, tuple(m.headers or ()), kind, reason)
         batch.dead_letters.append(letter)
 
     def _batch_full(self) -> bool:

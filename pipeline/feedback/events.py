@@ -15,7 +15,10 @@ Wire format, schema 1 (unknown extra fields are ignored so producers can add som
      "model": "<base>", "adapter": "<alias@version that produced it, optional>"}
 
 A retraction names the (user, message) whose vote it withdraws; prompt, response
-and model may be left out of it.
+and model may be left out of it. A user_id of the form `kto-user-hash:<32 hex>` is
+taken as the hash it names instead of being hashed: it is what a dead letter keeps
+in place of the user id (pipeline/feedback/redact.py), so that a replayed one counts
+for the same user.
 """
 
 from __future__ import annotations
@@ -183,7 +186,22 @@ def hash_user(user_id: str, key: bytes) -> str:
     return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
-def _hash_user_keyed(key: bytes, user_id: str) -> str:
+# A user_id already hashed: what a dead letter keeps in place of the id it was sent
+# with (pipeline/feedback/redact.py), so that replaying it does not hash the hash.
+HASHED_USER_ID = "kto-user-hash:"
+_HASHED = re.compile(re.escape(HASHED_USER_ID) + "[0-9a-f]{32}")
+
+
+def is_hashed_user_id(user_id: Any) -> bool:
+    """Whether `user_id` is HASHED_USER_ID followed by a hash_user() hash."""
+    return isinstance(user_id, str) and _HASHED.fullmatch(user_id) is not None
+
+
+def _user_hash(key: bytes, user_id: str) -> str:
+    """The stored hash of a user id: hash_user(), or the hash an already hashed id
+    (a replayed dead letter's) names."""
+    if is_hashed_user_id(user_id):
+        return user_id[len(HASHED_USER_ID) :]
     return hash_user(user_id, key)
 
 
@@ -569,7 +587,7 @@ class EventParser:
         self.rating_policy = rating_policy or RatingPolicy()
         self.max_bytes = max_bytes
         self._hash = functools.lru_cache(maxsize=user_cache_size)(
-            functools.partial(_hash_user_keyed, user_hash_key)
+            functools.partial(_user_hash, user_hash_key)
         )
 
     def __call__(self, raw: bytes | None) -> FeedbackEvent:
