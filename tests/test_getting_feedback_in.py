@@ -23,6 +23,7 @@ from pathlib import Path
 
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import free_port
+from pipeline.feedback.events import hash_user
 from tests.conftest import HASH_KEY, KafkaSetup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,8 @@ def test_the_section_walks_through_all_three_ways() -> None:
     languages = [language for language, _ in blocks]
     assert languages.count("python") == 2 and "html" in languages
     code = "\n".join(c for _, c in blocks)
-    for step in ("kto-loop serve-feedback", "httpx.post", "KafkaProducer", "kto-loop import"):
+    for step in ("kto-loop serve-feedback", "jwt.encode", "X-User-Token", "httpx.post",
+                 "KafkaProducer", "kto-loop import"):  # fmt: skip
         assert step in code, step
 
 
@@ -78,8 +80,13 @@ def test_every_way_in_the_readme_lands_in_the_store(kafka_setup: KafkaSetup, tmp
 
     stored = FeedbackStore(str(kafka_setup.tmp / "store")).read(FEEDBACK)
     ids = set(stored["event_id"])
-    assert {"readme-1", "readme-kafka-1"} <= ids  # curl, the Kafka producer
-    assert sum(len(i) == 36 and i.count("-") == 4 for i in ids) == 1  # httpx's uuid4
+    # curl with the backend's key, in its namespace; the Kafka producer, as sent
+    assert {"k.backend:readme-1", "readme-kafka-1"} <= ids
+    # httpx with the browser key and a token the backend signed: bob's namespace
+    (token_vote,) = [i for i in ids if i.startswith("u.")]
+    assert len(token_vote.split(":")[1]) == 36 and token_vote.count("-") == 4
+    by_id = stored.set_index("event_id")
+    assert by_id.loc[token_vote, "user_hash"] == hash_user("bob", HASH_KEY.encode())
     assert any(i.startswith("openwebui:") for i in ids)
     assert any(i.startswith("langsmith:") for i in ids)
     rows_line = next(line for line in done.stdout.splitlines() if "feedback rows" in line)
