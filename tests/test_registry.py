@@ -527,3 +527,36 @@ def test_an_upload_a_crash_left_is_invisible_and_the_next_register_removes_it(
     assert s3_registry(upload_lease_s=0.0).sweep() == ["v4"]
     assert reg.add(adapter_dirs[3])["version"] == "v6"
     assert reg.versions() == [v2, "v5", "v6"]
+
+
+def test_gc_removes_an_abandoned_upload_from_an_object_store(
+    adapter_dirs: list[Path], s3_registry: Callable[..., AdapterRegistry], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.local.broker import free_port
+    from flows.cli import app
+
+    reg = s3_registry()
+    v1 = reg.add(adapter_dirs[0])["version"]
+    weights = "adapter_model.safetensors"
+    reg.fs.put_file(str(adapter_dirs[1] / weights), f"{reg.path('v2')}/{weights}")
+    endpoint = reg.fs.client_kwargs["endpoint_url"]
+    config = tmp_path / "kto-loop.toml"
+    config.write_text(
+        f'[registry]\nurl = "{reg.url}"\nstorage_options = {{key = "test", secret = "test", '
+        f'client_kwargs = {{endpoint_url = "{endpoint}", region_name = "eu-west-1"}}}}\n'
+        f'[serving]\nreplicas = ["http://127.0.0.1:{free_port()}"]\nretries = 1\n'
+    )
+    runner = CliRunner()
+    dry = runner.invoke(app, ["gc", "--dry-run", "--config", str(config)])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout.strip().splitlines()[-1])["abandoned_uploads"] == []
+    assert reg.fs.exists(f"{reg.path('v2')}/{weights}")
+    # No replica answers, so no version is deleted; the upload no server can read goes.
+    result = runner.invoke(app, ["gc", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (out["deleted"], out["abandoned_uploads"]) == ([], ["v2"])
+    assert not reg.fs.exists(f"{reg.path('v2')}/{weights}")
+    assert reg.versions() == [v1]
