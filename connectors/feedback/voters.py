@@ -36,7 +36,7 @@ import jwt
 import msgspec
 
 from connectors.config import FeedbackHttpConfig
-from pipeline.feedback.events import FeedbackEvent, hash_user
+from pipeline.feedback.events import FeedbackEvent, WireEventV1, hash_user
 
 # Seconds of clock difference allowed on a token's exp and nbf.
 _TOKEN_LEEWAY = 30
@@ -163,18 +163,36 @@ class Voters:
         return Voter(f"anonymous:{address}", f"a.{address[:16]}", f"a.{address}")
 
 
-def clamp(ts: dt.datetime, received: dt.datetime, skew: dt.timedelta) -> dt.datetime:
-    """`ts` within [received - skew, received], in UTC."""
-    return min(max(ts.astimezone(dt.UTC), received - skew), received)
+def clamp(ts: dt.datetime, received: dt.datetime, skew: dt.timedelta) -> dt.datetime | None:
+    """`ts` within [received - skew, received], in UTC; None when it is within already."""
+    low = received - skew
+    if low <= ts <= received:
+        return None
+    return min(max(ts.astimezone(dt.UTC), low), received)
 
 
-def stamped(raw: bytes, event: FeedbackEvent, voter: Voter, ts: dt.datetime) -> tuple[bytes, str]:
+# The wire event's fields as raw JSON: a stamped event keeps every value's bytes but
+# those the endpoint decides (fields the wire event does not declare are left out:
+# ingest would ignore them).
+_Stamped = msgspec.defstruct(
+    "_Stamped",
+    [(name, msgspec.Raw, msgspec.Raw()) for name in WireEventV1.__struct_fields__],
+    omit_defaults=True,
+)
+_decode_stamped = msgspec.json.Decoder(_Stamped).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def stamped(
+    raw: bytes, event: FeedbackEvent, voter: Voter, ts: dt.datetime | None
+) -> tuple[bytes, str]:
     """The event as it goes to the topic, with the voter's user_id, the namespaced
-    event_id and `ts`; and that event_id. `raw` has been validated (`event` is it)."""
-    fields: dict[str, Any] = msgspec.json.decode(raw)
+    event_id and `ts` (None: its own); and that event_id. `raw` has been validated
+    (`event` is it)."""
     event_id = f"{voter.namespace}:{event.event_id}"
-    fields["event_id"] = event_id
-    fields["ts"] = ts.isoformat().replace("+00:00", "Z")
+    changes: dict[str, Any] = {"event_id": msgspec.Raw(_encode(event_id))}
+    if ts is not None:
+        changes["ts"] = msgspec.Raw(_encode(ts.isoformat().replace("+00:00", "Z")))
     if not voter.as_sent:
-        fields["user_id"] = voter.user_id
-    return msgspec.json.encode(fields), event_id
+        changes["user_id"] = msgspec.Raw(_encode(voter.user_id))
+    return _encode(msgspec.structs.replace(_decode_stamped(raw), **changes)), event_id
