@@ -557,3 +557,42 @@ def test_slow_clients_and_a_stalled_broker_leave_memory_bounded_and_lose_nothing
     assert result.peak_rss_mb - result.rss_before_mb < 100, result.summary()
     on_topic = topic_event_ids([own_broker.bootstrap], setup.topic)
     assert result.accepted and result.accepted <= on_topic
+
+
+def test_a_stalled_broker_sheds_load_past_the_in_flight_bound_instead_of_queueing(
+    own_broker: Broker, tmp_path: Path, serve_feedback: Callable[..., Endpoint]
+) -> None:
+    """Requests whose events would put more than max_in_flight_bytes on a stalled
+    broker are answered 503 at once, naming the bound; those within it wait, and are
+    202 and in the topic once the broker is back."""
+    setup = _own_setup(own_broker, tmp_path)
+    endpoint = serve_feedback(
+        setup,
+        produce_timeout_seconds=60.0,
+        max_in_flight_bytes=1 << 16,
+        rate_per_user="1000/second",
+    )
+    assert endpoint.post(event("warm")).status_code == 202  # the producer is connected
+    os.kill(own_broker.process.pid, signal.SIGSTOP)
+    answers: dict[str, httpx.Response] = {}
+
+    def post(i: int) -> None:
+        answers[f"http-b{i}"] = endpoint.post(event(f"b{i}", response="x" * 4000), timeout=120)
+
+    posters = [threading.Thread(target=post, args=(i,)) for i in range(40)]  # 160 KB in all
+    try:
+        for t in posters:
+            t.start()
+        shed = lambda: [r for r in answers.values() if r.status_code == 503]  # noqa: E731
+        # About 4.3 KB a request: 15 fit in 64 KiB, the other 25 are turned away.
+        wait_until(lambda: len(shed()) >= 24, 30, "503s for what the bound cannot hold")
+        assert len(answers) == len(shed())  # the others still wait on the broker
+        assert all("max_in_flight_bytes" in r.json()["error"] for r in shed())
+    finally:
+        os.kill(own_broker.process.pid, signal.SIGCONT)
+        for t in posters:
+            t.join(timeout=120)
+    codes = collections.Counter(r.status_code for r in answers.values())
+    assert codes[202] + codes[503] == 40 and codes[202] >= 10, codes
+    on_topic = {json.loads(v)["event_id"] for _, v in _topic_values(setup)}
+    assert {NS + i for i, r in answers.items() if r.status_code == 202} <= on_topic
