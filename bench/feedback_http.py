@@ -47,6 +47,7 @@ from tqdm import tqdm
 from connectors.config import load_settings
 from connectors.feedback import kafka_clients
 from deploy.local.broker import free_port, running_broker
+from deploy.local.processes import dies_with_this_process
 from pipeline.feedback.sample import sample_events
 
 RESULTS = Path("bench/results")
@@ -238,7 +239,8 @@ def _start_endpoint(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve-feedback", "-c", str(config),
              "--log-level", "WARNING"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=False,
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=dies_with_this_process(),  # SIGTERM when the benchmark ends
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

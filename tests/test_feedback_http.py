@@ -28,6 +28,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from bench.feedback_http_siege import siege, topic_event_ids
 from connectors.feedback.store import FEEDBACK, FeedbackStore
 from deploy.local.broker import Broker, free_port, start_broker
+from deploy.local.processes import dies_with_this_process
 from pipeline.feedback.events import hash_user
 from pipeline.feedback.records import FEEDBACK_SCHEMA
 from pipeline.feedback.votes import fold_rows, is_counted
@@ -100,6 +101,7 @@ def serve_feedback(tmp_path: Path) -> Iterator[Callable[..., Endpoint]]:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=ROOT,
+                preexec_fn=dies_with_this_process(),  # SIGTERM if the session dies first
             )
         endpoint = Endpoint(f"http://127.0.0.1:{port}", process, log)
         started.append(endpoint)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from connectors.cycle_runs import CycleBusy, CycleRuns
+from deploy.local.processes import dies_with_this_process
 from flows.report import render_report
 from pipeline.promotion import gate
 from pipeline.promotion.gate import (
@@ -330,6 +331,7 @@ def test_the_lock_refuses_a_second_run_naming_the_holder_and_frees_when_it_dies(
         [sys.executable, "-c", _HOLDER, str(tmp_path)],
         stdout=subprocess.PIPE,
         cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=dies_with_this_process(),  # SIGTERM if the session dies first
     )
     try:
         assert holder.stdout.readline() == b"holding\n"

@@ -49,6 +49,7 @@ from connectors.serving.vllm_admin import (
 )
 from deploy.local.adapters import make_random_adapter, poison_adapter
 from deploy.local.broker import free_port
+from deploy.local.processes import dies_with_this_process
 from deploy.local.vllm_server import ENGINE_NICE
 from flows.cli import app
 from pipeline.serving.adapter_check import AdapterRefused
@@ -988,6 +989,7 @@ def test_gc_waits_for_the_alias_lock_a_publish_holds(
                 stderr=stderr,
                 cwd=ROOT,
                 env=dict(os.environ),
+                preexec_fn=dies_with_this_process(),  # SIGTERM if the session dies first
             )
         try:
             wait_until(
