@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +46,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from connectors.config import load_settings
+from connectors.config import Settings, load_settings
 from connectors.feedback import kafka_clients
-from deploy.local.broker import free_port, running_broker
+from deploy.local.broker import Broker, free_port, running_broker
 from deploy.local.processes import dies_with_this_process
 from pipeline.feedback.sample import sample_events
 
@@ -212,20 +214,29 @@ def _bare_phase(settings: Any, n: int) -> Phase:
     return phase
 
 
-def start_endpoint(root: Path, bootstrap: str, name: str) -> tuple[Any, subprocess.Popen, str]:
-    """serve-feedback on a fresh topic `<name>-<random>`, without rate limits, with this
-    benchmark's key trusted (a backend's: it names the users of its events)."""
-    topic = f"{name}-{uuid.uuid4().hex[:6]}"
-    config = root / "kto-loop.toml"
-    config.write_text(
-        f'[kafka]\nbootstrap_servers = ["{bootstrap}"]\ntopic = "{topic}"\n'
-        '[feedback_http]\nrate_per_key = "1000000/second"\nrate_per_user = "1000000/second"\n'
-        'trusted_keys = ["bench"]\n'
-    )
-    settings = load_settings(config)
-    kafka_clients.ensure_topics(settings.kafka, [topic])
-    process, url = _start_endpoint(config, root / "serve-feedback.log")
-    return settings, process, url
+@contextlib.contextmanager
+def serving_endpoint(name: str) -> Iterator[tuple[Settings, Broker, subprocess.Popen, str]]:
+    """A local broker and serve-feedback on a fresh topic `<name>-<random>`, without rate
+    limits, with this benchmark's key trusted (a backend's: it names the users of its
+    events): (settings, broker, endpoint process, URL). The endpoint is stopped with
+    SIGTERM, then the broker."""
+    with tempfile.TemporaryDirectory() as tmp, running_broker() as broker:
+        root = Path(tmp)
+        topic = f"{name}-{uuid.uuid4().hex[:6]}"
+        config = root / "kto-loop.toml"
+        config.write_text(
+            f'[kafka]\nbootstrap_servers = ["{broker.bootstrap}"]\ntopic = "{topic}"\n'
+            '[feedback_http]\nrate_per_key = "1000000/second"\nrate_per_user = "1000000/second"\n'
+            'trusted_keys = ["bench"]\n'
+        )
+        settings = load_settings(config)
+        kafka_clients.ensure_topics(settings.kafka, [topic])
+        process, url = _start_endpoint(config, root / "serve-feedback.log")
+        try:
+            yield settings, broker, process, url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 def _start_endpoint(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -283,19 +294,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, running_broker() as broker:
-        settings, process, url = start_endpoint(Path(tmp), broker.bootstrap, "bench")
-        try:
-            endpoint = psutil.Process(process.pid)
-            port = int(url.rsplit(":", 1)[1])
-            http = uvloop.run(_http_phase(port, "http", args.clients, args.seconds, args.warmup, 1))
-            batched = uvloop.run(
-                _http_phase(port, "http-batch", args.clients, args.seconds, args.warmup, args.batch)
-            )
-            rss = _peak_rss(endpoint)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+    with serving_endpoint("bench") as (settings, _broker, process, url):
+        endpoint = psutil.Process(process.pid)
+        port = int(url.rsplit(":", 1)[1])
+        http = uvloop.run(_http_phase(port, "http", args.clients, args.seconds, args.warmup, 1))
+        batched = uvloop.run(
+            _http_phase(port, "http-batch", args.clients, args.seconds, args.warmup, args.batch)
+        )
+        rss = _peak_rss(endpoint)
         bare = _bare_phase(settings, max(http.events, 1000))
 
     phases = [http, batched, bare]

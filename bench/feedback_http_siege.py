@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +32,7 @@ import httpx
 import psutil
 from kafka import KafkaConsumer, TopicPartition
 
-from bench.feedback_http import KEY, RESULTS, start_endpoint
-from deploy.local.broker import running_broker
+from bench.feedback_http import KEY, RESULTS, serving_endpoint
 
 
 @dataclass
@@ -221,22 +219,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, running_broker() as broker:
-        settings, process, url = start_endpoint(Path(tmp), broker.bootstrap, "siege")
+    with serving_endpoint("siege") as (settings, broker, process, url):
         pid = broker.process.pid
-        try:
-            result = siege(
-                url,
-                process.pid,
-                lambda: os.kill(pid, signal.SIGSTOP),
-                lambda: os.kill(pid, signal.SIGCONT),
-                slow=args.slow,
-                stall_seconds=args.stall_seconds,
-                posters=args.posters,
-            )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+        result = siege(
+            url,
+            process.pid,
+            lambda: os.kill(pid, signal.SIGSTOP),
+            lambda: os.kill(pid, signal.SIGCONT),
+            slow=args.slow,
+            stall_seconds=args.stall_seconds,
+            posters=args.posters,
+        )
         on_topic = topic_event_ids(settings.kafka.bootstrap_servers, settings.kafka.topic)
 
     out = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import re
 import signal
@@ -551,3 +552,42 @@ def run_cycle(config: Path) -> tuple[Any, dict[str, Any]]:
 
     state = alignment_cycle(config=str(config), return_state=True)
     return state, state.result(raise_on_failure=False) if state.is_completed() else {}
+
+
+# -- object storage: moto's server speaks the S3 API over HTTP ------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server in a thread of this process, for the session: its URL."""
+    from moto.server import ThreadedMotoServer
+
+    # Its HTTP server logs each request at INFO to the stderr of the test that started it,
+    # which pytest has closed by the next test.
+    requests = logging.getLogger("werkzeug")
+    level = requests.level
+    requests.setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    requests.setLevel(level)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> tuple[str, dict]:
+    """A fresh bucket on it: its s3:// URL and the storage options that reach it. Each
+    filesystem made from them is a client of its own (its connections, its listing
+    cache), as another machine's would be."""
+    import fsspec
+
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    options = {
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "eu-west-1"},
+        "skip_instance_cache": True,
+    }
+    fsspec.filesystem("s3", **options).mkdir(bucket)
+    return f"s3://{bucket}", options

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -408,38 +406,12 @@ def test_a_rollback_to_a_deleted_or_changed_version_is_refused_before_any_replic
 # -- on an object store: moto's server speaks the S3 API over HTTP ----------------------
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    # Its HTTP server logs each request at INFO to the stderr of the test that started it,
-    # which pytest has closed by the next test.
-    requests = logging.getLogger("werkzeug")
-    level = requests.level
-    requests.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    requests.setLevel(level)
-
-
 @pytest.fixture()
-def s3_registry(s3_endpoint: str) -> Callable[..., AdapterRegistry]:
+def s3_registry(s3_bucket: tuple[str, dict]) -> Callable[..., AdapterRegistry]:
     """Opens the registry in a fresh bucket; each call is another client, as another
     machine's would be (its own connections and listing cache)."""
-    import fsspec
-
-    bucket = f"reg-{uuid.uuid4().hex[:12]}"
-    options = {
-        "key": "test",
-        "secret": "test",
-        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "eu-west-1"},
-        "skip_instance_cache": True,
-    }
-    fsspec.filesystem("s3", **options).mkdir(bucket)
-    return lambda **kw: AdapterRegistry(f"s3://{bucket}/adapters", options, **kw)
+    url, options = s3_bucket
+    return lambda **kw: AdapterRegistry(f"{url}/adapters", options, **kw)
 
 
 def test_registrations_at_once_on_an_object_store_get_distinct_versions_with_their_own_files(

@@ -455,45 +455,15 @@ class FeedbackEndpoint:
         # A key out of events is answered before its body is read.
         if (limited := self.limits.exhausted("key", key)) is not None:
             return self._limited(limited)
-        try:
-            caller = self._caller(key, request)
-        except Refused as exc:
-            self.limits.take("key", collections.Counter({key: 1}))
-            return _error(exc.status, exc.message)
-        try:
-            body = await self._body(request)
-        except TimeoutError:
-            self.limits.take("key", collections.Counter({key: 1}))
-            return _error(
-                408,
-                f"the body did not arrive within {self.config.body_timeout_seconds:g} s "
-                "([feedback_http] body_timeout_seconds)",
-                {"Connection": "close"},
-            )
-        if body is None:
-            self.limits.take("key", collections.Counter({key: 1}))
-            return _error(
-                413,
-                f"the body is larger than {self.max_body} bytes ([ingest] max_event_bytes); "
-                "send fewer events per request",
-            )
-        try:
-            raws = split_body(body)
-        except EventError as exc:
-            self.limits.take("key", collections.Counter({key: 1}))
-            self.metrics.rejected.labels(exc.kind).inc()
-            return _invalid([_refusal(0, None, exc)])
-        if len(raws) > self.config.max_events_per_request:
-            self.limits.take("key", collections.Counter({key: 1}))
-            return _error(
-                413,
-                f"{len(raws)} events in one request; at most {self.config.max_events_per_request} "
-                "([feedback_http] max_events_per_request)",
-            )
+        read = await self._read(key, request)
+        if isinstance(read, Response):
+            self.limits.take("key", collections.Counter({key: 1}))  # refused ones count too
+            return read
+        caller, raws = read
         # Every event counts against the key, valid or not, before it is parsed.
         if (limited := self.limits.take("key", collections.Counter({key: len(raws)}))) is not None:
             return self._limited(limited)
-        if len(body) > _PARSE_IN_THREAD_BYTES:
+        if sum(map(len, raws)) > _PARSE_IN_THREAD_BYTES:
             events, refused = await anyio.to_thread.run_sync(self._parse, raws)
         else:
             events, refused = self._parse(raws)
@@ -507,6 +477,41 @@ class FeedbackEndpoint:
         if (limited := self.limits.take("user", charged)) is not None:
             return self._limited(limited)
         return await self._produce(events, raws, voters, received)
+
+    async def _read(self, key: str, request: Request) -> tuple[Caller, list[bytes]] | Response:
+        """Who sends the request and its events' bytes, or the answer that refuses it
+        (a token that does not verify, a body too slow, too large or not events)."""
+        try:
+            caller = self._caller(key, request)
+        except Refused as exc:
+            return _error(exc.status, exc.message)
+        try:
+            body = await self._body(request)
+        except TimeoutError:
+            return _error(
+                408,
+                f"the body did not arrive within {self.config.body_timeout_seconds:g} s "
+                "([feedback_http] body_timeout_seconds)",
+                {"Connection": "close"},
+            )
+        if body is None:
+            return _error(
+                413,
+                f"the body is larger than {self.max_body} bytes ([ingest] max_event_bytes); "
+                "send fewer events per request",
+            )
+        try:
+            raws = split_body(body)
+        except EventError as exc:
+            self.metrics.rejected.labels(exc.kind).inc()
+            return _invalid([_refusal(0, None, exc)])
+        if len(raws) > self.config.max_events_per_request:
+            return _error(
+                413,
+                f"{len(raws)} events in one request; at most {self.config.max_events_per_request} "
+                "([feedback_http] max_events_per_request)",
+            )
+        return caller, raws
 
     def _limited(self, limited: Limited) -> Response:
         self.metrics.rate_limited.labels(limited.limit).inc()
