@@ -41,6 +41,7 @@ from pydantic_settings import (
 from pipeline.feedback.balance import BalanceOptions
 from pipeline.feedback.events import RatingPolicy
 from pipeline.feedback.snapshot import SnapshotOptions
+from pipeline.promotion.canary import CanaryRules
 from pipeline.promotion.gate import GateOptions
 from pipeline.serving.registry import KEEP_ROLLBACKS, RegistryError, check_alias
 from pipeline.training.options import RUN_CONTROLS, LoraOptions, LoraRank, TrainOptions
@@ -473,6 +474,60 @@ class CycleConfig(_Section):
     )
 
 
+class CanaryConfig(_Section):
+    """Canary rollout: a cycle's candidate serves a share of the alias's conversations
+    beside the served version, and live votes on the two decide (pipeline/promotion/
+    canary.py). Off by default: the cycle publishes to everyone at once."""
+
+    enabled: bool = Field(
+        False, description="the cycle starts a canary instead of publishing to everyone"
+    )
+    share: float = Field(
+        0.1, gt=0, lt=1, description="the share of conversations the candidate answers"
+    )
+    min_effect: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="promote only when the candidate's liked share is higher by at least "
+        "this (0.02 = 2 points), at the always-valid confidence 1 - alpha",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="the chance of a false promotion or rollback"
+    )
+    min_votes: int = Field(50, ge=1, description="votes each arm needs before any decision")
+    max_votes: int = Field(
+        5000, ge=1, description="votes on both arms after which the canary stops inconclusive"
+    )
+    max_hours: float = Field(
+        72.0, gt=0, description="hours after which the canary stops inconclusive"
+    )
+    check_every_minutes: float = Field(
+        10.0, gt=0, description="how often `kto-loop schedule` checks a running canary"
+    )
+    on_new_candidate: Literal["wait", "replace"] = Field(
+        "wait",
+        description="a night that finds a canary running: wait (skip the night, train "
+        "nothing) or replace (train, and the new candidate replaces the running canary)",
+    )
+
+    @model_validator(mode="after")
+    def _votes(self) -> CanaryConfig:
+        if self.max_votes < self.min_votes:
+            raise ValueError(f"max_votes ({self.max_votes}) is below min_votes ({self.min_votes})")
+        return self
+
+    def rules(self) -> CanaryRules:
+        """The verdict's rules."""
+        return CanaryRules(
+            alpha=self.alpha,
+            min_effect=self.min_effect,
+            min_votes=self.min_votes,
+            max_votes=self.max_votes,
+            max_hours=self.max_hours,
+        )
+
+
 class Settings(BaseSettings):
     """The whole configuration of kto-loop."""
 
@@ -496,6 +551,7 @@ class Settings(BaseSettings):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     cycle: CycleConfig = Field(default_factory=CycleConfig)
     gate: GateOptions = Field(default_factory=GateOptions)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @field_validator("train", mode="before")
     @classmethod

@@ -391,7 +391,14 @@ def test_write_read_round_trip_keeps_id_stats_and_options(tmp_path: Path) -> Non
     meta = json.loads((path / "snapshot.json").read_text())
     assert meta["id"] == snap.id
     assert meta["counts"]["train_desirable"] == snap.counts.train_desirable
-    assert meta["config"] == {"heldout_fraction": 0.3, "split_seed": "x", "tie_policy": "drop"}
+    assert meta["config"] == {
+        "heldout_fraction": 0.3,
+        "split_seed": "x",
+        "tie_policy": "drop",
+        "half_life_days": None,
+        "half_life_votes": None,
+        "recency_floor": 0.0625,
+    }
 
     back = read_snapshot(path)
     assert (back.id, back.counts, back.stats, back.options) == (
@@ -647,3 +654,60 @@ def _fields(example: Example) -> tuple:
         example.desirable,
         example.weight,
     )
+
+
+# -- recency -----------------------------------------------------------------------
+
+
+def _changed_mind(first: str, then: str, n_first: int, n_then: int) -> list[dict[str, Any]]:
+    """One answer liked or disliked by many users, first one way then the other."""
+    rows = [event(f"a{i}", user=f"a{i}", feedback=first, t=i) for i in range(n_first)]
+    return rows + [
+        event(f"b{i}", user=f"b{i}", feedback=then, t=n_first + i) for i in range(n_then)
+    ]
+
+
+def test_a_half_life_in_votes_lets_recent_votes_outweigh_an_older_majority() -> None:
+    rows = stored(_changed_mind("like", "dislike", 8, 3))
+    assert only_row(snapshot_of_rows(rows))[records.DESIRABLE]  # 8 likes to 3 dislikes
+    weighed = snapshot_of_rows(rows, SnapshotOptions(half_life_votes=2))
+    row = only_row(weighed)
+    assert not row[records.DESIRABLE]
+    # The counts stay the votes cast; only the label and the weight follow their age.
+    assert (row[records.VOTES_DESIRABLE], row[records.VOTES_UNDESIRABLE]) == (8, 3)
+    assert weighed.recency is not None and weighed.recency.tolist() == [1.0]
+
+
+def test_a_half_life_in_days_weighs_votes_by_their_age_before_the_newest() -> None:
+    day = 86_400
+    rows = [event(f"old{i}", user=f"o{i}", feedback="like", t=0) for i in range(3)]
+    rows.append(event("new", user="n", feedback="dislike", t=3 * day))
+    assert only_row(snapshot_of_rows(stored(rows), SnapshotOptions(half_life_days=30)))[
+        records.DESIRABLE
+    ]
+    assert not only_row(snapshot_of_rows(stored(rows), SnapshotOptions(half_life_days=1)))[
+        records.DESIRABLE
+    ]
+
+
+def test_examples_whose_newest_vote_faded_are_left_out_and_counted() -> None:
+    old = [event(f"o{i}", user="u", message=f"m{i}", response=f"old {i}", t=i) for i in range(3)]
+    new = [
+        event(f"n{i}", user="u", message=f"n{i}", response=f"new {i}", t=10 + i) for i in range(8)
+    ]
+    snap = snapshot_of_rows(stored(old + new), SnapshotOptions(half_life_votes=2))
+    # The old answers' newest votes are 8-10 votes old: 2^-4 and less, under the 1/16 floor
+    # but the one exactly at it.
+    assert snap.stats.faded == 2
+    assert sorted(snap.table[records.COMPLETION]) == sorted(
+        ["old 2", *(f"new {i}" for i in range(8))]
+    )
+    weights = {e.completion: e.weight for e in snap.records("train") + snap.records("heldout")}
+    assert weights["new 7"] == 1.0
+    assert weights["new 3"] == pytest.approx(0.25)  # 4 votes after it: 2 half-lives
+    assert weights["old 2"] == pytest.approx(1 / 16)
+
+
+def test_both_half_lives_at_once_are_refused() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        SnapshotOptions(half_life_days=1.0, half_life_votes=10)

@@ -6,7 +6,13 @@ A snapshot holds one labelled example per (prompt or messages, completion):
    events count) or from a TRL dataset (pipeline/feedback/imports/trl.py: each row a
    vote).
 2. Per example the majority of its votes is the label; a tie follows
-   `SnapshotOptions.tie_policy`. Vote counts are kept (`label_examples`).
+   `SnapshotOptions.tie_policy`. Vote counts are kept (`label_examples`). With a
+   half-life (`half_life_days` or `half_life_votes`), each vote weighs 2^(-age /
+   half-life): the weighted majority labels the example, the weight of its newest
+   vote (its recency) scales its term in the loss, and an example whose newest vote
+   weighs under `recency_floor` is left out. So a change of taste relabels and
+   outweighs what the users said before, and old votes fade instead of being cut at
+   a window's edge.
 3. Each conversation lands on one side of the train / held-out split, decided by a
    salted hash of its id alone: no conversation is on both sides, and adding rows
    never moves one (`split_of`).
@@ -54,6 +60,10 @@ TRAIN = "train"
 HELDOUT = "heldout"
 SOURCE_FEEDBACK = "feedback"
 # Bumping this changes every id: do it only when the serialisation itself changes.
+# Columns a vote-table snapshot may add to its examples when it weighs votes by age.
+WEIGHTED_DESIRABLE, WEIGHTED_UNDESIRABLE, RECENCY = (
+    "weighted_desirable", "weighted_undesirable", "recency",
+)  # fmt: skip
 _ID_HEADER = b"kto-loop training snapshot v1\n" + json.dumps(TRAINING_COLUMNS).encode() + b"\n"
 
 
@@ -87,6 +97,39 @@ class SnapshotOptions:
             "applied at each snapshot, to every stored vote"
         ),
     ] = "drop"
+    half_life_days: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="votes weigh half as much every this many days (counted back from "
+            "the newest vote); None: every vote weighs the same",
+        ),
+    ] = None
+    half_life_votes: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="votes weigh half as much every this many newer votes, for stores "
+            "whose nights are short; None: by days, or not at all",
+        ),
+    ] = None
+    recency_floor: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="with a half-life, an example whose newest vote weighs less than "
+            "this is left out",
+        ),
+    ] = 1 / 16
+
+    def __post_init__(self) -> None:
+        if self.half_life_days is not None and self.half_life_votes is not None:
+            raise ValueError("set half_life_days or half_life_votes, not both")
+
+    @property
+    def weighs_recency(self) -> bool:
+        return self.half_life_days is not None or self.half_life_votes is not None
 
     def as_dict(self) -> dict[str, Any]:
         """These options alone, by name, as a snapshot's metadata records them (a
@@ -120,6 +163,7 @@ class SnapshotStats:
     rows_read: input rows (feedback events, or dataset rows).
     duplicates: rows whose event_id was already seen (redelivered events).
     superseded: votes replaced by the same user's later event on the same message.
+    faded: examples left out because their newest vote weighs under recency_floor.
     retracted: (user, message) pairs whose latest event is a retraction.
     unlabelled: (user, message) pairs whose latest event has no label (a neutral
         rating) or nothing to train on (no prompt or response).
@@ -134,6 +178,7 @@ class SnapshotStats:
     rows_read: int = 0
     duplicates: int = 0
     superseded: int = 0
+    faded: int = 0
     retracted: int = 0
     unlabelled: int = 0
     votes: int = 0
@@ -161,6 +206,8 @@ class Snapshot:
     stats: SnapshotStats
     options: SnapshotOptions | None
     window: FeedbackWindow | None = field(default=None, compare=False)
+    # Per table row, the weight of its newest vote (a half-life set); None: all 1.
+    recency: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def records(self, split: str, repeats: RepeatPolicy = "collapse") -> list[Example]:
         """The examples of one split ("train" or "heldout"), in table order.
@@ -168,13 +215,19 @@ class Snapshot:
         An answer the model gave many times carries many votes; `repeats` says what
         they count for: "collapse", one example whatever its votes; "keep", the example
         once per vote that agrees with its label (what a file of raw votes gives);
-        "weight", one example weighing that number of votes in the loss."""
+        "weight", one example weighing that number of votes in the loss. With a
+        half-life, each example's weight is also scaled by its recency."""
         rows, votes_of = self._votes(split, repeats)
+        recency = (
+            self.recency[(self.table[SPLIT] == split).to_numpy()].tolist()
+            if self.recency is not None
+            else [1.0] * len(rows)
+        )
         adapters = rows[ADAPTER].tolist() if ADAPTER in rows.columns else [None] * len(rows)
         columns = [rows[c].tolist() for c in (PROMPT, MESSAGES_JSON, COMPLETION, DESIRABLE)]
         out: list[Example] = []
-        for (p, m, c, d), a, votes in zip(
-            zip(*columns, strict=True), adapters, votes_of.tolist(), strict=True
+        for (p, m, c, d), a, votes, weight in zip(
+            zip(*columns, strict=True), adapters, votes_of.tolist(), recency, strict=True
         ):
             example = Example(
                 None if is_missing(p) else p,
@@ -182,11 +235,12 @@ class Snapshot:
                 c,
                 bool(d),
                 adapter=None if is_missing(a) else a,
+                weight=float(weight),
             )
             if repeats == "keep":
                 out += [example] * votes
             elif repeats == "weight":
-                out.append(replace(example, weight=float(votes)))
+                out.append(replace(example, weight=float(votes) * weight))
             else:
                 out.append(example)
         return out
@@ -265,20 +319,31 @@ def label_examples(
     Raises:
         NothingToSnapshot: no example is left (every one a dropped tie, or none given).
     """
-    liked, disliked = examples[VOTES_DESIRABLE], examples[VOTES_UNDESIRABLE]
-    tie = liked == disliked
+    faded = 0
+    if RECENCY in examples.columns:
+        stale = examples[RECENCY] < options.recency_floor
+        faded = int(stale.sum())
+        examples = examples[~stale]
+        liked, disliked = examples[WEIGHTED_DESIRABLE], examples[WEIGHTED_UNDESIRABLE]
+        # Weights in floating point: a tie is one within rounding.
+        tie = pd.Series(np.isclose(liked, disliked, rtol=1e-9, atol=1e-12), index=examples.index)
+    else:
+        liked, disliked = examples[VOTES_DESIRABLE], examples[VOTES_UNDESIRABLE]
+        tie = liked == disliked
     examples[DESIRABLE] = (liked > disliked) | (tie & (options.tie_policy == "desirable"))
     if options.tie_policy == "drop":
         examples = examples[~tie]
     ties = int(tie.sum())
-    stats = replace(stats, ties=ties, ties_dropped=ties if options.tie_policy == "drop" else 0)
+    stats = replace(
+        stats, ties=ties, ties_dropped=ties if options.tie_policy == "drop" else 0, faded=faded
+    )
     if examples.empty:
         unreadable = f", {stats.skipped_rows} unreadable" if stats.skipped_rows else ""
         raise NothingToSnapshot(
             f"no labelled examples left from {stats.rows_read} rows ({stats.duplicates} "
             f"duplicates, {stats.retracted} retracted, {stats.unlabelled} unlabelled, "
-            f"{stats.ties_dropped} ties dropped{unreadable}); collect more feedback, or set "
-            "snapshot.tie_policy to keep ties"
+            f"{stats.ties_dropped} ties dropped, {faded} faded{unreadable}); collect more "
+            "feedback, or set snapshot.tie_policy to keep ties"
         )
 
     conversations = examples[CONVERSATION_ID]
@@ -298,6 +363,13 @@ def split_of(conversation_id: str, options: SnapshotOptions) -> str:
 
 def _finish(frame: pd.DataFrame, stats: SnapshotStats, options: SnapshotOptions | None) -> Snapshot:
     table = _canonical(frame)
+    recency = None
+    if RECENCY in frame.columns:
+        # The canonical order sorts rows; an example is one (prompt, messages, completion).
+        keys = [PROMPT, MESSAGES_JSON, COMPLETION]
+        weights = frame[[*keys, RECENCY]].astype({PROMPT: object, MESSAGES_JSON: object})
+        placed = table[keys].astype(object).merge(weights, on=keys, how="left", sort=False)
+        recency = placed[RECENCY].to_numpy(np.float64)
     groups = table.groupby([SPLIT, DESIRABLE]).size().to_dict()
     counts = SnapshotCounts(
         train_desirable=groups.get((TRAIN, True), 0),
@@ -305,7 +377,7 @@ def _finish(frame: pd.DataFrame, stats: SnapshotStats, options: SnapshotOptions 
         heldout_desirable=groups.get((HELDOUT, True), 0),
         heldout_undesirable=groups.get((HELDOUT, False), 0),
     )
-    return Snapshot(content_id(table), table, counts, stats, options)
+    return Snapshot(content_id(table), table, counts, stats, options, recency=recency)
 
 
 def _canonical(frame: pd.DataFrame) -> pd.DataFrame:

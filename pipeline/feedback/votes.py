@@ -71,7 +71,10 @@ from pipeline.feedback.records import (
     VOTES_UNDESIRABLE,
 )
 from pipeline.feedback.snapshot import (
+    RECENCY,
     SOURCE_FEEDBACK,
+    WEIGHTED_DESIRABLE,
+    WEIGHTED_UNDESIRABLE,
     NothingToSnapshot,
     Snapshot,
     SnapshotError,
@@ -450,7 +453,8 @@ def snapshot_from_votes(
         votes=len(rows),
     )
     liked = pc.fill_null(table[DESIRABLE], False).to_numpy(zero_copy_only=False)[rows]
-    snapshot = label_examples(_examples(table, rows, liked, texts), SOURCE_FEEDBACK, options, stats)
+    examples = _examples(table, rows, liked, texts, options)
+    snapshot = label_examples(examples, SOURCE_FEEDBACK, options, stats)
     return replace(snapshot, window=_window(state, table, rows, liked))
 
 
@@ -486,10 +490,15 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
 
 
 def _examples(
-    table: pa.Table, rows: np.ndarray, liked: np.ndarray, texts: pa.Table
+    table: pa.Table,
+    rows: np.ndarray,
+    liked: np.ndarray,
+    texts: pa.Table,
+    options: SnapshotOptions | None = None,
 ) -> pd.DataFrame:
     """One row per example of the votes at `rows` (oldest first): the conversation is
-    the first vote's, the adapter the latest vote's."""
+    the first vote's, the adapter the latest vote's. With a half-life in `options`,
+    also each example's votes weighted by age and the weight of its newest vote."""
     codes, keys = _codes(table[EXAMPLE_KEY].take(pa.array(rows)))
     n = len(keys)
     first = np.empty(n, dtype=np.int64)
@@ -505,8 +514,20 @@ def _examples(
     if at.null_count:
         raise ValueError(f"the texts of {at.null_count} examples were not given")
     text = unique_texts.take(at)
+    weighted = {}
+    if options is not None and options.weighs_recency:
+        weight = recency_weights(table, rows, options)
+        newest = np.empty(n, dtype=np.int64)
+        newest[codes] = np.arange(len(rows))  # the last write wins: the newest vote
+        liked_weight = np.bincount(codes, weight * liked, n)
+        weighted = {
+            WEIGHTED_DESIRABLE: liked_weight,
+            WEIGHTED_UNDESIRABLE: np.bincount(codes, weight, n) - liked_weight,
+            RECENCY: weight[newest],
+        }
     return pd.DataFrame(
         {
+            **weighted,
             PROMPT: text[f"{PROMPT}_first"].to_pandas(),
             MESSAGES_JSON: text[f"{MESSAGES_JSON}_first"].to_pandas(),
             COMPLETION: text[f"{RESPONSE}_first"].to_pandas(),
@@ -516,6 +537,18 @@ def _examples(
             VOTES_UNDESIRABLE: np.bincount(codes, minlength=n).astype(np.int64) - votes_liked,
         }
     )
+
+
+def recency_weights(table: pa.Table, rows: np.ndarray, options: SnapshotOptions) -> np.ndarray:
+    """Each counted vote's weight, 2^(-age / half-life): its age in days before the
+    newest vote, or in votes cast after it (`rows` oldest first, as the table keeps them)."""
+    if options.half_life_votes is not None:
+        age = np.arange(len(rows) - 1, -1, -1, dtype=np.float64)
+        return np.exp2(-age / options.half_life_votes)
+    assert options.half_life_days is not None
+    times = table[TS].take(pa.array(rows)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    days = (times[-1] - times).astype(np.float64) / 86_400e6 if len(times) else times
+    return np.exp2(-days / options.half_life_days)
 
 
 def _window(
