@@ -472,6 +472,16 @@ class CycleConfig(_Section):
         description="continual: the share of the training examples drawn from older votes, "
         "so that the adapter does not forget them",
     )
+    on_shift: Literal["retrain", "shorten", "ignore"] = Field(
+        "retrain",
+        description="when the served version's liked share falls below its own past (the "
+        "users' taste shifted): retrain from the base with the half-life shortened to the "
+        "votes since the last judged run; shorten the half-life and keep the strategy; or "
+        "only record it",
+    )
+    shift_alpha: float = Field(
+        0.01, gt=0, lt=0.5, description="the chance of calling a shift where there is none"
+    )
 
 
 class CanaryConfig(_Section):

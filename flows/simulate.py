@@ -132,6 +132,8 @@ def simulate(
                 temperature=temperature,
                 top_p=1.0,
                 seed=chat.seed,
+                # OpenAI's end-user field: a canary routes each user to one version.
+                user=chat.user_id,
             )
         except VllmError as exc:
             return chat, exc

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.feedback.votes import fold_rows
 from pipeline.promotion.canary import Arm, CanaryRules, arm_votes, interval, verdict
+from pipeline.promotion.shift import detect_shift
 from tests.rows import T0, event, stored
 
 RULES = CanaryRules(alpha=0.05, min_effect=0.0, min_votes=50, max_votes=5000, max_hours=72)
@@ -105,9 +106,54 @@ def test_arm_votes_count_each_voters_latest_vote_since_the_start_per_version() -
             adapter="chat@v1",
             feedback="dislike",
             t=180,
-        ),  # fmt: skip
+        ),
     ]
     table = fold_rows(stored(rows)).table
     served, candidate = arm_votes(table, "chat@v1", "chat@v2", start)
     assert (candidate.liked, candidate.votes, candidate.voters) == (1, 2, 1)
     assert (served.liked, served.votes, served.voters) == (1, 2, 2)
+
+
+# -- a shift of taste -----------------------------------------------------------------
+
+
+def _votes_on(adapter: str, liked: int, disliked: int, t0: int, prefix: str) -> list:
+    return [
+        event(
+            f"{prefix}{i}",
+            user=f"{prefix}u{i}",
+            message=f"{prefix}m{i}",
+            adapter=adapter,
+            feedback="like" if i < liked else "dislike",
+            t=t0 + i,
+        )
+        for i in range(liked + disliked)
+    ]
+
+
+def test_a_served_version_liked_far_less_than_before_is_a_shift() -> None:
+    since = T0 + dt.timedelta(seconds=1000)
+    rows = _votes_on("chat@v2", 120, 80, 0, "p") + _votes_on("chat@v2", 40, 160, 1000, "r")
+    shift = detect_shift(fold_rows(stored(rows)).table, "chat@v2", since, alpha=0.01)
+    assert shift.shifted, shift.reason
+    assert (shift.past.liked, shift.past.votes, shift.recent.liked) == (120, 200, 40)
+    assert shift.upper is not None and shift.upper < 0
+
+
+def test_noise_and_other_versions_are_no_shift() -> None:
+    since = T0 + dt.timedelta(seconds=1000)
+    rows = (
+        _votes_on("chat@v2", 120, 80, 0, "p")
+        + _votes_on("chat@v2", 110, 90, 1000, "r")
+        # Another version's bad answers say nothing of the served one's.
+        + _votes_on("chat@v3", 0, 200, 1000, "o")
+    )
+    shift = detect_shift(fold_rows(stored(rows)).table, "chat@v2", since, alpha=0.01)
+    assert not shift.shifted and shift.upper is not None and shift.upper > 0, shift.reason
+
+
+def test_too_few_votes_on_a_side_say_nothing() -> None:
+    since = T0 + dt.timedelta(seconds=1000)
+    rows = _votes_on("chat@v2", 120, 80, 0, "p") + _votes_on("chat@v2", 0, 10, 1000, "r")
+    shift = detect_shift(fold_rows(stored(rows)).table, "chat@v2", since, alpha=0.01)
+    assert not shift.shifted and shift.upper is None and "fewer than" in shift.reason

@@ -259,3 +259,9 @@ def arm_votes(votes: pa.Table, served: str, candidate: str, since: Any) -> tuple
         counts = np.bincount(who)
         arms.append(Arm.of_voters(name, np.bincount(who, liked[mine], len(counts)), counts))
     return arms[0], arms[1]
+
+
+def counted_since(votes: pa.Table, since: Any) -> int:
+    """How many counted votes of a vote table were cast at or after `since`."""
+    recent = pc.greater_equal(votes[TS], pa.scalar(since, votes.schema.field(TS).type))
+    return int(pc.sum(pc.and_(is_counted(votes), recent)).as_py() or 0)
