@@ -188,7 +188,8 @@ def plot(rows: list[dict[str, Any]], rules: CanaryRules, path: Path) -> None:
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylabel("% of canaries")
     ax.set_title("canary verdicts (A/A: every promotion is false)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 125)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
