@@ -26,6 +26,7 @@ from pipeline.serving.registry import (
 )
 
 T = "2026-01-01T00:00:00Z"
+T2 = "2026-01-02T00:00:00Z"
 
 
 def test_versions_are_numbered_after_the_highest() -> None:
@@ -118,6 +119,126 @@ def test_retention_keeps_a_version_a_server_loaded_under_a_name_of_any_form() ->
     )
     assert plan.delete == ("v2",)
     assert plan.keep["v1"] == "loaded on a server from /adapters/versions/v1"
+
+
+def _two_promotions() -> AliasHistory:
+    return AliasHistory("chat").promoted("v1", T, "", ["r1"]).promoted("v2", T, "", ["r1"])
+
+
+def test_a_canary_runs_beside_the_served_version_and_moves_no_rollback() -> None:
+    h = _two_promotions().canary_started("v3", 0.1, T2, "nightly", ["r1", "r2"])
+    assert (h.current, h.rollback_target) == ("v2", "v1")
+    canary = h.canary
+    assert canary is not None
+    assert (canary.version, canary.share, canary.started_at, canary.reason) == (
+        "v3",
+        0.1,
+        T2,
+        "nightly",
+    )
+    start = h.events[-1]
+    assert (start.action, start.version, start.previous, start.share) == ("canary", "v3", "v2", 0.1)
+    assert start.replicas == ("r1", "r2")
+    # A rollback target and the canary's candidate both stay for gc.
+    assert h.role_of("v3") == "canary of chat"
+    plan = retention(["v1", "v2", "v3", "v4", "v5"], [h], server_names=[], keep_last=1)
+    assert plan.delete == ("v4",)
+    assert plan.keep["v3"] == "canary of chat"
+
+
+def test_old_histories_read_and_write_unchanged_and_canary_fields_round_trip() -> None:
+    old = {
+        "alias": "chat",
+        "events": [
+            {"action": "promote", "version": "v1", "previous": None, "at": T, "reason": "",
+             "replicas": ["r1"]},
+        ],
+    }  # fmt: skip
+    assert AliasHistory.from_dict(old).as_dict() == old
+    verdict = {"decision": "promote", "votes": {"candidate": 120, "served": 1100}, "p": [0.1]}
+    h = AliasHistory.from_dict(old).canary_started("v2", 0.25, T, "try", ["r1"])
+    h = h.canary_ended("promoted", T2, "live votes", ["r1"], verdict=verdict)
+    d = json.loads(json.dumps(h.as_dict()))
+    assert d["events"][1]["share"] == 0.25 and "outcome" not in d["events"][1]
+    assert d["events"][2]["outcome"] == "promoted" and d["events"][2]["verdict"] == verdict
+    assert "share" not in d["events"][2] and "verdict" not in d["events"][3]
+    assert AliasHistory.from_dict(d) == h
+
+
+def test_promoting_the_canary_ends_it_as_promoted_and_serves_the_candidate() -> None:
+    running = _two_promotions().canary_started("v3", 0.1, T, "", [])
+    verdict = {"decision": "promote"}
+    h = running.canary_ended("promoted", T2, "better", ["r1"], verdict=verdict)
+    assert [e.action for e in h.events[-2:]] == ["canary_end", "promote"]
+    end, promote = h.events[-2:]
+    assert (end.version, end.previous, end.outcome, end.verdict) == (
+        "v3",
+        "v2",
+        "promoted",
+        verdict,
+    )
+    assert (promote.version, promote.previous) == ("v3", "v2")
+    assert (h.current, h.rollback_target, h.canary) == ("v3", "v2", None)
+    # A publish of the candidate is the same promotion; of another version, it replaces
+    # the canary.
+    same = running.promoted("v3", T2, "", [])
+    assert [(e.action, e.outcome) for e in same.events[-2:]] == [
+        ("canary_end", "promoted"),
+        ("promote", None),
+    ]
+    other = running.promoted("v4", T2, "", [])
+    assert [(e.action, e.outcome) for e in other.events[-2:]] == [
+        ("canary_end", "replaced"),
+        ("promote", None),
+    ]
+    assert (other.current, other.rollback_target, other.canary) == ("v4", "v2", None)
+
+
+@pytest.mark.parametrize("outcome", ["rolled_back", "inconclusive", "stopped"])
+def test_a_canary_ended_otherwise_keeps_the_served_version(outcome: str) -> None:
+    before = _two_promotions()
+    h = before.canary_started("v3", 0.5, T, "", []).canary_ended(outcome, T2, "", [])
+    assert (h.current, h.rollback_target, h.canary) == ("v2", "v1", None)
+    assert (h.events[-1].action, h.events[-1].outcome) == ("canary_end", outcome)
+    assert h.role_of("v3") is None
+
+
+def test_a_rollback_during_a_canary_ends_the_canary_and_the_next_one_rolls_back() -> None:
+    h = _two_promotions().canary_started("v3", 0.1, T, "", []).rolled_back(T2, "worse", [])
+    assert (h.events[-1].action, h.events[-1].outcome) == ("canary_end", "rolled_back")
+    assert (h.current, h.canary) == ("v2", None)
+    h = h.rolled_back(T2, "", [])
+    assert (h.events[-1].action, h.current) == ("rollback", "v1")
+
+
+def test_one_canary_per_alias_unless_replaced_and_a_new_canary_reshuffles() -> None:
+    first = _two_promotions().canary_started("v3", 0.1, T, "", [])
+    with pytest.raises(RegistryError, match="already runs a canary of v3"):
+        first.canary_started("v4", 0.1, T, "", [])
+    second = first.canary_started("v3", 0.2, T, "again", [], replace=True)
+    assert [(e.action, e.outcome) for e in second.events[-2:]] == [
+        ("canary_end", "replaced"),
+        ("canary", None),
+    ]
+    assert second.canary is not None and first.canary is not None
+    assert second.canary.share == 0.2
+    # Same version, same time: still a salt of its own.
+    assert second.canary.salt != first.canary.salt
+
+
+def test_a_canary_is_refused_without_a_served_version_or_a_share_in_0_1() -> None:
+    with pytest.raises(RegistryError, match=r"serves nothing yet.*publish v1"):
+        AliasHistory("chat").canary_started("v1", 0.1, T, "", [])
+    h = _two_promotions()
+    with pytest.raises(RegistryError, match="already serves v2"):
+        h.canary_started("v2", 0.1, T, "", [])
+    for share in (0.0, 1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(RegistryError, match="between 0 and 1"):
+            h.canary_started("v3", share, T, "", [])
+    with pytest.raises(RegistryError, match="runs no canary"):
+        h.canary_ended("stopped", T, "", [])
+    with pytest.raises(RegistryError, match="unknown canary outcome"):
+        h.canary_started("v3", 0.1, T, "", []).canary_ended("maybe", T, "", [])
 
 
 def test_path_map_translates_to_the_servers_view() -> None:

@@ -129,7 +129,8 @@ def summarize_alias(history: AliasHistory) -> AliasSummary:
     """Sum up an alias's history."""
     current = history.current
     events = Counter({a: 0 for a in ACTIONS}) + Counter(e.action for e in history.events)
-    times = [t for t in (timestamp(e.at) for e in history.events) if t is not None]
+    switches = (e for e in history.events if e.action in ACTIONS)
+    times = [t for t in (timestamp(e.at) for e in switches) if t is not None]
     return AliasSummary(
         served_version=version_number(current) if current else 0,
         events={a: events[a] for a in ACTIONS},

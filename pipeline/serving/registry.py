@@ -3,18 +3,38 @@
 Values in, values out: where the versions and histories are kept is
 `connectors.serving.adapter_registry`'s business, and what a server still reads is asked of the
 servers by the caller. A version, once written, never changes; an alias is a history of
-events, and what it serves now and what a rollback returns to are read off that history.
+events, and what it serves now, what a rollback returns to and the canary it runs are read
+off that history.
+
+A canary puts a candidate beside the served version for a share of the alias's traffic.
+One runs per alias at a time; it ends promoted (the candidate is served), rolled back,
+inconclusive or stopped (the served version stays), or replaced by the next canary or a
+publish of another version. Canary events never move the promote/rollback stack: only
+the promotion that ends a canary does.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 PROMOTE = "promote"
 ROLLBACK = "rollback"
+# The actions that change what an alias serves.
 ACTIONS = (PROMOTE, ROLLBACK)
+CANARY = "canary"
+CANARY_END = "canary_end"
+EVENT_ACTIONS = (*ACTIONS, CANARY, CANARY_END)
+# How a canary ended.
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+INCONCLUSIVE = "inconclusive"
+STOPPED = "stopped"
+REPLACED = "replaced"
+OUTCOMES = (PROMOTED, ROLLED_BACK, INCONCLUSIVE, STOPPED, REPLACED)
 
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -68,17 +88,32 @@ def parse_served_name(name: str) -> tuple[str, str] | None:
     return alias, version
 
 
+def check_share(share: float) -> float:
+    """Return `share` if a canary may take it (strictly between 0 and 1), else raise."""
+    if not (isinstance(share, int | float) and math.isfinite(share) and 0.0 < share < 1.0):
+        raise RegistryError(
+            f"canary share {share!r} is not between 0 and 1 (exclusive): e.g. 0.1 sends a "
+            "tenth of the alias's conversations to the candidate; publish to serve it to all"
+        )
+    return float(share)
+
+
 @dataclass(frozen=True)
 class AliasEvent:
-    """One change of what an alias serves.
+    """One change of what an alias serves, or of its canary.
 
     Attributes:
-        action: "promote" or "rollback".
-        version: the version the alias serves after the event.
-        previous: the version it served before (None for the first promotion).
+        action: "promote", "rollback", "canary" (a canary starts) or "canary_end".
+        version: the version the alias serves after a promote or rollback; the candidate
+            of a canary event.
+        previous: the version it served before (None for the first promotion); the
+            served version beside a canary.
         at: ISO-8601 UTC time of the event.
         reason: why, in the operator's or the flow's words.
         replicas: the server URLs switched.
+        share: a canary's share of routing keys (canary events only).
+        outcome: how a canary ended, one of OUTCOMES (canary_end only).
+        verdict: what decided the end (the live-vote test's numbers), kept as given.
     """
 
     action: str
@@ -87,14 +122,21 @@ class AliasEvent:
     at: str
     reason: str = ""
     replicas: tuple[str, ...] = ()
+    share: float | None = None
+    outcome: str | None = None
+    verdict: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise RegistryError(f"unknown alias action {self.action!r}: use one of {ACTIONS}")
+        if self.action not in EVENT_ACTIONS:
+            raise RegistryError(f"unknown alias action {self.action!r}: use one of {EVENT_ACTIONS}")
         version_number(self.version)
+        if self.action == CANARY:
+            check_share(self.share)  # type: ignore[arg-type]
+        if self.action == CANARY_END and self.outcome not in OUTCOMES:
+            raise RegistryError(f"unknown canary outcome {self.outcome!r}: use one of {OUTCOMES}")
 
     def as_dict(self) -> dict:
-        return {
+        d = {
             "action": self.action,
             "version": self.version,
             "previous": self.previous,
@@ -102,6 +144,9 @@ class AliasEvent:
             "reason": self.reason,
             "replicas": list(self.replicas),
         }
+        # Only when set: histories written before canaries read and write unchanged.
+        optional = {"share": self.share, "outcome": self.outcome, "verdict": self.verdict}
+        return d | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> AliasEvent:
@@ -112,7 +157,30 @@ class AliasEvent:
             at=d["at"],
             reason=d.get("reason", ""),
             replicas=tuple(d.get("replicas", ())),
+            share=d.get("share"),
+            outcome=d.get("outcome"),
+            verdict=d.get("verdict"),
         )
+
+
+@dataclass(frozen=True)
+class Canary:
+    """The canary an alias runs.
+
+    Attributes:
+        version: the candidate.
+        share: its share of the alias's routing keys.
+        started_at: when it started (ISO-8601 UTC).
+        salt: this canary's own split of keys, the same on every replica (a new canary
+            reshuffles who sees the candidate).
+        reason: why it started.
+    """
+
+    version: str
+    share: float
+    started_at: str
+    salt: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -129,9 +197,21 @@ class AliasHistory:
         for e in self.events:
             if e.action == PROMOTE:
                 stack.append(e.version)
-            elif stack:
+            elif e.action == ROLLBACK and stack:
                 stack.pop()
         return stack
+
+    @property
+    def canary(self) -> Canary | None:
+        """The canary the alias runs, None when it runs none."""
+        running = None
+        for i, e in enumerate(self.events):
+            if e.action == CANARY:
+                salt = f"{self.alias}/{e.version}/{e.at}/{i}"
+                running = Canary(e.version, e.share or 0.0, e.at, salt, e.reason)
+            else:  # whatever else happens to the alias ends it
+                running = None
+        return running
 
     @property
     def current(self) -> str | None:
@@ -156,6 +236,9 @@ class AliasHistory:
         first `rollbacks` rollback targets; None when it does not."""
         if version == self.current:
             return f"served as {self.alias}"
+        canary = self.canary
+        if canary is not None and version == canary.version:
+            return f"canary of {self.alias}"
         targets = self.rollback_targets[:rollbacks]
         if version not in targets:
             return None
@@ -163,14 +246,103 @@ class AliasHistory:
         return f"rollback target{f' {n}' if n > 1 else ''} of {self.alias}"
 
     def promoted(self, version: str, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
-        """The history with `version` promoted on top of the current one."""
+        """The history with `version` promoted on top of the current one. A canary ends
+        with it: promoted when `version` is its candidate, else replaced."""
         if version == self.current:
             raise RegistryError(f"{self.alias} already serves {version}: nothing to promote")
+        canary = self.canary
+        if canary is not None:
+            outcome = PROMOTED if version == canary.version else REPLACED
+            history = self._canary_end(outcome, at, reason, replicas, None)
+        else:
+            history = self
         event = AliasEvent(PROMOTE, version, self.current, at, reason, tuple(replicas))
+        return AliasHistory(self.alias, (*history.events, event))
+
+    def canary_started(
+        self,
+        version: str,
+        share: float,
+        at: str,
+        reason: str,
+        replicas: Iterable[str],
+        replace: bool = False,
+    ) -> AliasHistory:
+        """The history with a canary of `version` beside the served version.
+
+        Raises:
+            RegistryError: nothing is served yet, `version` is served already, the share
+                is not in (0, 1), or a canary runs and `replace` is False (with it, the
+                running one ends as replaced).
+        """
+        version_number(version)
+        check_share(share)
+        if self.current is None:
+            raise RegistryError(
+                f"{self.alias} serves nothing yet: a canary runs beside a served version; "
+                f"publish {version} instead"
+            )
+        if version == self.current:
+            raise RegistryError(f"{self.alias} already serves {version}: nothing to canary")
+        history = self
+        running = self.canary
+        if running is not None:
+            if not replace:
+                raise RegistryError(
+                    f"{self.alias} already runs a canary of {running.version} (since "
+                    f"{running.started_at}): end it first, or replace it"
+                )
+            history = self._canary_end(REPLACED, at, reason, replicas, None)
+        event = AliasEvent(CANARY, version, self.current, at, reason, tuple(replicas), share=share)
+        return AliasHistory(self.alias, (*history.events, event))
+
+    def canary_ended(
+        self,
+        outcome: str,
+        at: str,
+        reason: str,
+        replicas: Iterable[str],
+        verdict: dict[str, Any] | None = None,
+    ) -> AliasHistory:
+        """The history with the running canary ended: `outcome` "promoted" also promotes
+        its candidate; any other keeps the served version."""
+        running = self.canary
+        if running is None:
+            raise RegistryError(f"{self.alias} runs no canary: nothing to end")
+        if outcome == PROMOTED:
+            history = self._canary_end(outcome, at, reason, replicas, verdict)
+            event = AliasEvent(PROMOTE, running.version, self.current, at, reason, tuple(replicas))
+            return AliasHistory(self.alias, (*history.events, event))
+        return self._canary_end(outcome, at, reason, replicas, verdict)
+
+    def _canary_end(
+        self,
+        outcome: str,
+        at: str,
+        reason: str,
+        replicas: Iterable[str],
+        verdict: dict[str, Any] | None,
+    ) -> AliasHistory:
+        running = self.canary
+        assert running is not None
+        event = AliasEvent(
+            CANARY_END,
+            running.version,
+            self.current,
+            at,
+            reason,
+            tuple(replicas),
+            outcome=outcome,
+            verdict=verdict,
+        )
         return AliasHistory(self.alias, (*self.events, event))
 
     def rolled_back(self, at: str, reason: str, replicas: Iterable[str]) -> AliasHistory:
-        """The history with the current version withdrawn in favour of the one before it."""
+        """The history with the current version withdrawn in favour of the one before it;
+        during a canary, the canary ended as rolled back instead (the served version
+        stays)."""
+        if self.canary is not None:
+            return self._canary_end(ROLLED_BACK, at, reason, replicas, None)
         target = self.rollback_target
         if target is None:
             raise RegistryError(
@@ -207,7 +379,8 @@ def retention(
 ) -> Retention:
     """Decide which versions' files may be deleted.
 
-    A version stays when an alias serves it, when one of the next `keep_rollbacks`
+    A version stays when an alias serves it or runs it as a canary, when one of the next
+    `keep_rollbacks`
     rollbacks of an alias would return to it, when any server still knows it under any
     name (a served adapter whose directory vanishes kills vLLM, and vLLM reloads an
     evicted adapter from its path), or when it is among the newest `keep_last`.
@@ -229,7 +402,8 @@ def retention(
     if server_names is None:
         return Retention((), {v: "a server could not be asked what it reads" for v in versions})
     for h in histories:
-        for v in (h.current, *h.rollback_targets):
+        canary = h.canary
+        for v in (h.current, canary.version if canary else None, *h.rollback_targets):
             role = h.role_of(v, keep_rollbacks) if v else None
             if v and role:
                 keep.setdefault(v, role)
