@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -311,14 +312,61 @@ def publish(
     ],
     alias: Annotated[str, typer.Option("--alias", help="The model name clients call.")],
     reason: Annotated[str, typer.Option("--reason", help="Why, for the alias history.")] = "",
+    canary: Annotated[
+        float | None,
+        typer.Option(
+            "--canary",
+            help="Start a canary instead: the version answers this share of the alias's "
+            "conversations (e.g. 0.1), the served version the rest, until `kto-loop "
+            "end-canary` or `kto-loop rollback`.",
+        ),
+    ] = None,
+    replace_canary: Annotated[
+        bool,
+        typer.Option(
+            "--replace-canary",
+            help="With --canary: end the alias's running canary (as replaced) instead of refusing.",
+        ),
+    ] = False,
     config: ConfigOption = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Serve a version as ALIAS on every replica, all or nothing, without a restart."""
+    """Serve a version as ALIAS on every replica, all or nothing, without a restart; or,
+    with --canary, beside the served version for a share of the conversations."""
+    from flows import serving_cli
+
+    if replace_canary and canary is None:
+        raise typer.BadParameter("--replace-canary needs --canary", param_hint="--replace-canary")
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    serving_cli.publish(settings_from(config), adapter, alias, reason, canary, replace_canary)
+
+
+class CanaryOutcome(StrEnum):
+    promoted = "promoted"
+    stopped = "stopped"
+
+
+@app.command("end-canary")
+def end_canary(
+    alias: Annotated[str, typer.Option("--alias", help="The model name clients call.")],
+    outcome: Annotated[
+        CanaryOutcome,
+        typer.Option(
+            "--outcome",
+            help="promoted: serve the candidate to everyone; stopped: serve the served "
+            "version to everyone again.",
+        ),
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the alias history.")] = "",
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """End the alias's canary on every replica, all or nothing (`kto-loop rollback` ends
+    it too, as rolled back)."""
     from flows import serving_cli
 
     setup_logging(log_level, rich=sys.stderr.isatty())
-    serving_cli.publish(settings_from(config), adapter, alias, reason)
+    serving_cli.end_canary(settings_from(config), alias, outcome.value, reason)
 
 
 @app.command()
@@ -328,7 +376,8 @@ def rollback(
     config: ConfigOption = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Serve the version before the current one again, on every replica."""
+    """Serve the version before the current one again, on every replica; during a
+    canary, end the canary instead (the served version stays)."""
     from flows import serving_cli
 
     setup_logging(log_level, rich=sys.stderr.isatty())
@@ -341,7 +390,8 @@ def sync(
     config: ConfigOption = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Make every replica serve the alias's recorded version (a restarted or new replica)."""
+    """Make every replica serve the alias's recorded version and canary (a restarted or new
+    replica)."""
     from flows import serving_cli
 
     setup_logging(log_level, rich=sys.stderr.isatty())

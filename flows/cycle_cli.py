@@ -29,7 +29,7 @@ from deploy.local.prefect_server import configured_api, prefect_api
 from deploy.local.processes import die_with_parent, interruptible
 from flows.console import err, fail, number
 from flows.preflight import check_cycle
-from flows.serving_cli import served_versions
+from flows.serving_cli import canary_cell, history_canary, replica_canaries, served_versions
 from pipeline.serving.registry import parse_served_name
 
 log = logging.getLogger("kto_loop.cycle")
@@ -247,10 +247,14 @@ def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
             if isinstance(state, str):
                 replicas[url] = {"error": state}
                 continue
-            replicas[url] = {"serves": served_versions(state).get(alias)}
+            replicas[url] = {
+                "serves": served_versions(state).get(alias),
+                "canary": replica_canaries(state).get(alias),
+            }
         summary["aliases"][alias] = {
             "current": history.current,
             "rollback_target": history.rollback_target,
+            "canary": history_canary(history),
             "replicas": replicas,
             "running": running,
             "runs": [
@@ -263,17 +267,28 @@ def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
             ],
         }
         serving = Table(title=f"{alias} serves")
-        for col in ("history", "rollback target", *served):
+        for col in ("history", "rollback target", "canary", *served):
             serving.add_column(col)
         serving.add_row(
             history.current or "-",
             history.rollback_target or "-",
-            *(v.get("serves") or v.get("error", "-")[:60] for v in replicas.values()),
+            canary_cell(history_canary(history)),
+            *(_replica_cell(v) for v in replicas.values()),
         )
         err.print(serving)
 
     summary["liked_share"] = _liked_share(settings, registry, names)
     typer.echo(json.dumps(summary, default=str))
+
+
+def _replica_cell(replica: dict[str, Any]) -> str:
+    """What one replica serves for an alias, and its canary, in a table cell."""
+    if "error" in replica:
+        return replica["error"][:60]
+    cell = replica.get("serves") or "-"
+    if replica.get("canary"):
+        cell += f" + canary {canary_cell(replica['canary'])}"
+    return cell
 
 
 def _running(runs: CycleRuns) -> dict[str, Any] | None:

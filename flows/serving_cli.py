@@ -1,4 +1,5 @@
-"""`kto-loop register / publish / rollback / sync / adapters / gc`: the registry and serving.
+"""`kto-loop register / publish / end-canary / rollback / sync / adapters / gc`: the registry
+and serving.
 
 Each command prints a table or progress on stderr and ends with one JSON line on stdout.
 Exit codes: 0 done, 1 a server failed (nothing changed), 2 bad input (a refused adapter,
@@ -22,7 +23,14 @@ from connectors.serving.vllm_admin import VllmError
 from flows.console import err, fail, number
 from flows.preflight import check_serving
 from pipeline.serving.adapter_check import AdapterRefused
-from pipeline.serving.registry import RegistryError, parse_served_name, retention, version_number
+from pipeline.serving.registry import (
+    AliasHistory,
+    RegistryError,
+    check_share,
+    parse_served_name,
+    retention,
+    version_number,
+)
 
 
 def _registry(settings: Settings) -> AdapterRegistry:
@@ -60,12 +68,22 @@ def register(settings: Settings, adapter_dir: Path, parent: str | None, note: st
     typer.echo(json.dumps({"status": "registered", **info}))
 
 
-def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
-    """Publish a version or an adapter directory (exit 2 before anything is read when
-    [serving] base_model, which the checks compare with, names no model)."""
+def publish(
+    settings: Settings,
+    adapter: str,
+    alias: str,
+    reason: str,
+    canary: float | None = None,
+    replace_canary: bool = False,
+) -> None:
+    """Publish a version or an adapter directory, or start a canary of it at the share
+    `canary` (exit 2 before anything is read when [serving] base_model, which the checks
+    compare with, names no model)."""
     try:
         check_serving(settings)
-    except ConfigError as exc:
+        if canary is not None:
+            check_share(canary)
+    except (ConfigError, RegistryError) as exc:
         fail(exc, 2)
     publisher = _publisher(settings)
 
@@ -77,9 +95,11 @@ def publish(settings: Settings, adapter: str, alias: str, reason: str) -> None:
             err.print(f"registered {adapter} as {version}", markup=False, highlight=False)
         else:
             version = target
+        if canary is not None:
+            return publisher.start_canary(alias, version, canary, reason, replace_canary)
         return publisher.publish(alias, version, reason)
 
-    _report("published", switch)
+    _report("published" if canary is None else "canary_started", switch)
 
 
 def _adapter_target(adapter: str) -> Path | str:
@@ -100,6 +120,12 @@ def _adapter_target(adapter: str) -> Path | str:
     return adapter  # the registry names the versions it has when it has no such one
 
 
+def end_canary(settings: Settings, alias: str, outcome: str, reason: str) -> None:
+    """End the alias's canary: promoted serves the candidate everywhere, any other outcome
+    the served version."""
+    _report("canary_ended", lambda: _publisher(settings).end_canary(alias, outcome, reason))
+
+
 def rollback(settings: Settings, alias: str, reason: str) -> None:
     _report("rolled_back", lambda: _publisher(settings).rollback(alias, reason))
 
@@ -108,15 +134,70 @@ def sync(settings: Settings, alias: str) -> None:
     _report("synced", lambda: _publisher(settings).sync(alias))
 
 
+def _version(name: str) -> str:
+    parsed = parse_served_name(name)
+    return parsed[1] if parsed else name
+
+
 def served_versions(state: dict[str, Any] | str) -> dict[str, str]:
     """alias -> version a replica serves, from its swap-plugin state."""
     if isinstance(state, str):
         return {}
+    return {alias: _version(entry["target"]) for alias, entry in state.get("aliases", {}).items()}
+
+
+def replica_canaries(state: dict[str, Any] | str) -> dict[str, dict[str, Any]]:
+    """alias -> the canary a replica runs (version, share, salt, since, requests routed per
+    arm), from its swap-plugin state."""
+    if isinstance(state, str):
+        return {}
     out = {}
     for alias, entry in state.get("aliases", {}).items():
-        parsed = parse_served_name(entry["target"])
-        out[alias] = parsed[1] if parsed else entry["target"]
+        canary = entry.get("canary")
+        if canary:
+            out[alias] = {
+                "version": _version(canary["target"]),
+                "share": canary["share"],
+                "salt": canary["salt"],
+                "since": canary["started_at"],
+                "routed": canary["routed"],
+            }
     return out
+
+
+def history_canary(history: AliasHistory) -> dict[str, Any] | None:
+    """The canary an alias's history says runs, for a JSON line."""
+    c = history.canary
+    if c is None:
+        return None
+    return {"version": c.version, "share": c.share, "since": c.started_at, "reason": c.reason}
+
+
+def canary_cell(canary: dict[str, Any] | None) -> str:
+    """A canary in a table cell: `v4 at 0.1 since 2026-12-08T01:02 (12 / 108 routed)`."""
+    if not canary:
+        return "-"
+    cell = f"{canary['version']} at {canary['share']:g} since {canary['since'][:16]}"
+    routed = canary.get("routed")
+    if routed:
+        cell += f" ({routed['candidate']} / {routed['served']} routed)"
+    return cell
+
+
+def out_of_sync(url: str, alias: str, history: AliasHistory, state: dict[str, Any]) -> str | None:
+    """Why a replica does not serve what the alias's history says, or None when it does."""
+    serves = served_versions(state).get(alias)
+    canary = replica_canaries(state).get(alias)
+    recorded = history.canary
+    if history.current and serves != history.current:
+        # A restarted or new replica knows no aliases until it is told again.
+        return f"{url} serves {alias} as {serves or 'nothing'}, the history says {history.current}"
+    running = (canary["version"], canary["salt"]) if canary else None
+    if running != ((recorded.version, recorded.salt) if recorded else None):
+        runs = f"a canary of {canary['version']}" if canary else "no canary"
+        says = f"one of {recorded.version}" if recorded else "none"
+        return f"{url} runs {runs} for {alias}, the history says {says}"
+    return None
 
 
 def adapters(settings: Settings) -> None:
@@ -134,6 +215,11 @@ def adapters(settings: Settings) -> None:
         info = registry.info(v)
         after = (info.get("metrics") or {}).get("heldout_after") or {}
         roles = [f"{a} (current)" for a, h in histories.items() if h.current == v]
+        roles += [
+            f"{a} (canary at {h.canary.share:g})"
+            for a, h in histories.items()
+            if h.canary and h.canary.version == v
+        ]
         roles += [f"{a} (rollback)" for a, h in histories.items() if h.rollback_target == v]
         acc = after.get("accuracy")
         table.add_row(
@@ -149,36 +235,43 @@ def adapters(settings: Settings) -> None:
     err.print(table)
 
     replicas = Table(title="replicas")
-    for col in ("replica", "serves", "loaded", "retiring"):
+    for col in ("replica", "serves", "canary", "loaded", "retiring"):
         replicas.add_column(col)
     replica_rows = {}
     for url, state in served.items():
         if isinstance(state, str):
-            replicas.add_row(url, f"[red]{state}[/red]", "", "")
+            replicas.add_row(url, f"[red]{state}[/red]", "", "", "")
             replica_rows[url] = {"error": state}
             continue
         serves = served_versions(state)
+        canaries = replica_canaries(state)
         replicas.add_row(
             url,
             ", ".join(f"{a}={v}" for a, v in serves.items()) or "-",
+            ", ".join(f"{a}: {canary_cell(c)}" for a, c in canaries.items()) or "-",
             ", ".join(a["name"] for a in state["adapters"]) or "-",
             ", ".join(state["retiring"]) or "-",
         )
-        replica_rows[url] = {"serves": serves, "loaded": [a["name"] for a in state["adapters"]]}
+        replica_rows[url] = {
+            "serves": serves,
+            "canaries": canaries,
+            "loaded": [a["name"] for a in state["adapters"]],
+        }
         for alias, h in histories.items():
-            if h.current and serves.get(alias) != h.current:
-                # A restarted or new replica knows no aliases until it is told again.
+            if why := out_of_sync(url, alias, h, state):
                 err.print(
-                    f"{url} serves {alias} as {serves.get(alias) or 'nothing'}, the history "
-                    f"says {h.current}: run `kto-loop sync --alias {alias}`",
-                    style="yellow",
-                    markup=False,
+                    f"{why}: run `kto-loop sync --alias {alias}`", style="yellow", markup=False
                 )
     err.print(replicas)
     summary = {
         "versions": rows,
         "aliases": {
-            a: {"current": h.current, "rollback_target": h.rollback_target, "events": len(h.events)}
+            a: {
+                "current": h.current,
+                "rollback_target": h.rollback_target,
+                "canary": history_canary(h),
+                "events": len(h.events),
+            }
             for a, h in histories.items()
         },
         "replicas": replica_rows,

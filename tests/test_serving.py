@@ -673,7 +673,12 @@ def test_cli_publish_rollback_and_adapters_with_exit_codes(
     v2 = _last_json(second.stdout)["version"]
     assert runner.invoke(app, ["publish", "--adapter", v2, "--alias", "cli", *c]).exit_code == 0
     listing = _last_json(runner.invoke(app, ["adapters", *c]).stdout)
-    assert listing["aliases"]["cli"] == {"current": v2, "rollback_target": v1, "events": 2}
+    assert listing["aliases"]["cli"] == {
+        "current": v2,
+        "rollback_target": v1,
+        "canary": None,
+        "events": 2,
+    }
     assert listing["replicas"][vllm_server.url]["serves"]["cli"] == v2
     assert {"version": v2, "parent": v1, "roles": ["cli (current)"]} in listing["versions"]
 

@@ -1,8 +1,9 @@
 """HTTP client for one vLLM replica: models, LoRA load/unload, our swap routes, completions.
 
 vLLM answers expected failures with a JSON error and a status; those become exceptions
-whose message says what to do. Only calls that are safe to repeat are retried (reads, and
-the swap, which sets the alias to a target and so means the same the second time); a
+whose message says what to do. Only calls that are safe to repeat are retried (reads, the
+swap, which sets the alias to a target and so means the same the second time, and setting
+or ending a canary, likewise); a
 load is checked against the server's state instead of being sent twice. A completion
 whose connection dropped before any answer came (the server closed an idle keep-alive
 connection as the request went out, a replica restarted) is sent once more: it changes
@@ -10,8 +11,8 @@ nothing on the server. Each such retry is counted in `retried`, never hidden.
 
 Two keys: the inference key (vLLM's --api-key) goes as `Authorization: Bearer` on every
 call; the admin key (the server's KTO_LOOP_ADMIN_KEY) goes in its own header,
-`X-KTO-Loop-Admin-Key`, on control-plane calls only (load, unload, swap, retire, the
-swap state), so it never travels with an inference request.
+`X-KTO-Loop-Admin-Key`, on control-plane calls only (load, unload, swap, canary, retire,
+the swap state), so it never travels with an inference request.
 """
 
 from __future__ import annotations
@@ -283,6 +284,20 @@ class VllmAdmin:
         return self._idempotent(
             "POST", f"{SWAP_PREFIX}/aliases/{alias}", {"target": target, "keep": keep}, admin=True
         ).json()
+
+    def set_canary(self, alias: str, target: str, share: float, salt: str) -> dict[str, Any]:
+        """Send `share` of the alias's routing keys to the loaded version `target`, split by
+        `salt`; setting the same canary again changes nothing."""
+        body = {"target": target, "share": share, "salt": salt}
+        return self._idempotent(
+            "POST", f"{SWAP_PREFIX}/aliases/{alias}/canary", body, admin=True
+        ).json()
+
+    def remove_canary(self, alias: str) -> dict[str, Any] | None:
+        """End the alias's canary (every key gets the served version); the canary that
+        ended, with its counts per arm, or None when there was none."""
+        path = f"{SWAP_PREFIX}/aliases/{alias}/canary"
+        return self._idempotent("DELETE", path, admin=True).json().get("canary")
 
     def retire(self, name: str) -> None:
         """Retire a loaded version once no request uses it (no-op if not loaded)."""

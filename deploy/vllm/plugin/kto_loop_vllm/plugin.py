@@ -19,6 +19,15 @@ none in flight uses them. Retiring a version still in use kills vLLM's worker.
 
     GET /v1/kto-loop/aliases            what each alias serves, what is loaded and in use
 
+An alias can carry a canary, a candidate version that answers a share of its requests:
+
+    POST   /v1/kto-loop/aliases/{alias}/canary  {"target": "chat@v4", "share": 0.1, "salt": "..."}
+    DELETE /v1/kto-loop/aliases/{alias}/canary
+
+Which request goes where is `routing.py`'s business. A swap to the canary's target
+promotes it and ends the canary in the same assignment; a swap to any other version ends
+it too. A candidate the canary left retires like any version the alias left.
+
 These routes, vLLM's own `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`, and
 the SageMaker-style `/adapters` routes vLLM adds beside them form the control plane. It
 is for admins only: a request to it must carry the admin key (`KTO_LOOP_ADMIN_KEY` in
@@ -51,6 +60,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kto_loop_vllm import trace as tracing
+from kto_loop_vllm.routing import Canary, RouteKeys
 
 # A child of "vllm": its lines go wherever vLLM sends its own.
 log = logging.getLogger("vllm.kto_loop_swap")
@@ -76,20 +86,34 @@ class SwapRequest(BaseModel):
     )
 
 
+class CanaryRequest(BaseModel):
+    target: str = Field(description="a loaded version of the alias, e.g. chat@v4")
+    share: float = Field(description="the share of routing keys it answers, in (0, 1)")
+    salt: str = Field(description="what makes this canary's split its own (its id)")
+
+
 class LookupTable(dict):
-    """vLLM's name -> LoRARequest table, remembering when each adapter was last looked up.
+    """vLLM's name -> LoRARequest table, remembering when each adapter was last looked up,
+    and routing an alias with a canary.
 
     The serving handlers fetch a request's adapter with `table[model]`; a lookup means a
     request may reach the engine with that adapter a moment later, so a retirement waits
-    until no lookup happened for the grace period.
+    until no lookup happened for the grace period. For an alias in `canaries`, the
+    canary picks the served version or the candidate by the request's routing key.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, canaries: dict[str, Canary] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.last_lookup: dict[str, float] = {}
+        self.canaries: dict[str, Canary] = {} if canaries is None else canaries
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
+        canary = self.canaries.get(key)
+        if canary is not None:
+            value = canary.pick(key, value)
         self.last_lookup[value.lora_name] = time.monotonic()
         return value
 
@@ -103,7 +127,12 @@ class SwapState:
     """What the routes share: the serving models object, the engine and the retirements."""
 
     def __init__(
-        self, models: Any, engine: Any, grace_s: float, trace: tracing.Trace | None = None
+        self,
+        models: Any,
+        engine: Any,
+        grace_s: float,
+        trace: tracing.Trace | None = None,
+        canaries: dict[str, Canary] | None = None,
     ) -> None:
         self.models = models
         self.engine = engine
@@ -115,6 +144,14 @@ class SwapState:
         self.retire_task: asyncio.Task | None = None
         self.served_by_alias: dict[str, set[str]] = {}
         self.swaps = 0
+        self.canaries: dict[str, Canary] = {} if canaries is None else canaries
+
+    def pointed_at(self, request: Any, name: str) -> bool:
+        """True when an alias or a canary still points at `request` (loaded as `name`)."""
+        table = self.models.lora_requests
+        return any(k != name and v is request for k, v in dict.items(table)) or any(
+            c.request is request for c in self.canaries.values()
+        )
 
     def in_flight(self) -> dict[str, int]:
         """Requests the engine is working on, by adapter name."""
@@ -139,16 +176,17 @@ class SwapState:
         busy = self.in_flight()
         table: LookupTable = self.models.lora_requests
         for name, request in list(self.retiring.items()):
-            if any(k != name and v is request for k, v in dict.items(table)):
-                # An alias went back to it (a rollback): it stays, and stops waiting.
+            if self.pointed_at(request, name):
+                # An alias went back to it (a rollback), or a canary: it stays, and stops
+                # waiting.
                 del self.retiring[name]
                 continue
             last = table.last_lookup.get(name, 0.0)
             if busy.get(name) or now - last < self.grace_s:
                 continue
             async with self.models.lora_resolver_lock[name]:
-                if any(v is request for k, v in dict.items(table) if k != name):
-                    del self.retiring[name]  # swapped back to while we waited for the lock
+                if self.pointed_at(request, name):
+                    del self.retiring[name]  # pointed at again while we waited for the lock
                     continue
                 if dict.get(table, name) is request:
                     dict.__delitem__(table, name)
@@ -311,6 +349,12 @@ async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
         locked = time.monotonic()
         target = dict.__getitem__(table, body.target)
         previous = dict.get(table, alias)
+        canary = state.canaries.get(alias)
+        # Promoting the canary's target, or serving anything else, ends the canary in the
+        # same step; a swap to what the alias already serves leaves it running.
+        ended = None
+        if canary is not None and (canary.request is target or previous is not target):
+            ended = state.canaries.pop(alias)
         table[alias] = target  # the one step clients can observe
         state.swaps += 1
     if state.trace:
@@ -333,10 +377,17 @@ async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
     if previous is not None and previous.lora_name in stale:
         # Loaded under the bare alias name, its only entry was just overwritten.
         stale[previous.lora_name] = previous
+    if ended is not None and ended.name not in keep:
+        stale[ended.name] = ended.request  # a candidate the alias did not take
+    if alias in state.canaries:
+        stale.pop(state.canaries[alias].name, None)
     served_before.difference_update(stale)
     served_before.add(body.target)
     state.schedule_retirement({n: r for n, r in stale.items() if r is not None})
     log.info("alias %s -> %s (was %s)", alias, body.target, previous and previous.lora_name)
+    if ended is not None:
+        log.info("alias %s: canary of %s ended by the swap", alias, ended.name)
+    live = state.canaries.get(alias)
     return JSONResponse(
         {
             "alias": alias,
@@ -344,8 +395,93 @@ async def swap(alias: str, body: SwapRequest, request: Request) -> JSONResponse:
             "path": target.lora_path,
             "previous": previous.lora_name if previous is not None else None,
             "retiring": sorted(state.retiring),
+            "canary": live.as_dict() if live is not None else None,
+            "canary_ended": ended.as_dict() if ended is not None else None,
         }
     )
+
+
+def _check_canary(alias: str, body: CanaryRequest, table: dict) -> tuple[int, str] | None:
+    """(status, message) when the canary cannot be set on this server, else None."""
+    served = dict.get(table, alias)
+    if served is None or served.lora_name == alias:
+        return (
+            409,
+            f"{alias!r} serves no version on this server: a canary goes beside a served "
+            "version (publish it, or sync the alias to this replica, first)",
+        )
+    if not body.target.startswith(alias + SEPARATOR):
+        return 400, f"target {body.target!r} is not a version of {alias!r} ({alias}@vN)"
+    entry = dict.get(table, body.target)
+    if entry is None or entry.lora_name != body.target:
+        return (
+            404,
+            f"adapter {body.target!r} is not loaded on this server: load it first with "
+            "POST /v1/load_lora_adapter",
+        )
+    if entry is served:
+        return 400, f"{alias!r} already serves {body.target!r}: a canary needs another version"
+    if not 0.0 < body.share < 1.0:
+        return 400, f"share {body.share!r} is not in (0, 1): the candidate's share of keys"
+    if not body.salt:
+        return 400, "salt is empty: give each canary its own (its id)"
+    return None
+
+
+@router.post(PREFIX + "/aliases/{alias}/canary")
+async def set_canary(alias: str, body: CanaryRequest, request: Request) -> JSONResponse:
+    """Route `body.share` of the alias's routing keys to the loaded version `body.target`.
+
+    Setting the same canary again changes nothing (its counts go on); another one replaces
+    it, and the old candidate retires unless something still points at it.
+    """
+    state = _state(request)
+    if state is None:
+        return _error(503, "the kto-loop swap plugin has no engine on this server")
+    table = state.models.lora_requests
+    async with state.models.lora_resolver_lock[alias]:
+        refused = _check_canary(alias, body, table)
+        if refused is not None:
+            return _error(*refused)
+        candidate = dict.__getitem__(table, body.target)
+        old = state.canaries.get(alias)
+        if old is not None and old.same(candidate, body.share, body.salt):
+            canary = old
+        else:
+            canary = Canary(body.target, candidate, body.share, body.salt)
+            state.canaries[alias] = canary
+        state.retiring.pop(body.target, None)
+        served = dict.get(table, alias).lora_name
+    replaced = old if old is not None and old is not canary else None
+    if replaced is not None and replaced.request is not candidate:
+        state.schedule_retirement({replaced.name: replaced.request})
+    if canary is not old:
+        state.trace("canary", alias=alias, target=body.target, share=body.share)
+        log.info("alias %s: canary of %s at %.3f beside %s", alias, body.target, body.share, served)
+    return JSONResponse(
+        {
+            "alias": alias,
+            "served": served,
+            "canary": canary.as_dict(),
+            "replaced": replaced.as_dict() if replaced is not None else None,
+        }
+    )
+
+
+@router.delete(PREFIX + "/aliases/{alias}/canary")
+async def end_canary(alias: str, request: Request) -> JSONResponse:
+    """End the alias's canary: every key gets the served version again, and the candidate
+    retires once idle. Without a canary, nothing changes (`canary` is null)."""
+    state = _state(request)
+    if state is None:
+        return _error(503, "the kto-loop swap plugin has no engine on this server")
+    async with state.models.lora_resolver_lock[alias]:
+        ended = state.canaries.pop(alias, None)
+    if ended is not None:
+        state.schedule_retirement({ended.name: ended.request})
+        state.trace("canary_end", alias=alias, target=ended.name)
+        log.info("alias %s: canary of %s ended", alias, ended.name)
+    return JSONResponse({"alias": alias, "canary": ended.as_dict() if ended else None})
 
 
 @router.delete(PREFIX + "/adapters/{name}")
@@ -364,6 +500,9 @@ async def retire(name: str, request: Request) -> JSONResponse:
     users = [k for k, v in dict.items(table) if v is entry and k != name]
     if users:
         return _error(409, f"{name!r} is served as {users}: swap that alias away from it first")
+    canaries = [a for a, c in state.canaries.items() if c.request is entry]
+    if canaries:
+        return _error(409, f"{name!r} is the canary of {canaries}: end that canary first")
     state.schedule_retirement({name: entry})
     return JSONResponse({"name": name, "retiring": sorted(state.retiring)})
 
@@ -377,7 +516,12 @@ async def aliases(request: Request) -> JSONResponse:
     table = state.models.lora_requests
     busy = state.in_flight()
     out_aliases = {
-        k: {"target": v.lora_name, "path": v.lora_path, "id": v.lora_int_id}
+        k: {
+            "target": v.lora_name,
+            "path": v.lora_path,
+            "id": v.lora_int_id,
+            "canary": state.canaries[k].as_dict() if k in state.canaries else None,
+        }
         for k, v in dict.items(table)
         if k != v.lora_name
     }
@@ -434,6 +578,9 @@ class SwapPlugin:
     def __init__(self) -> None:
         self.policy = AdminPolicy()
         self.trace = tracing.Trace.from_env()
+        # alias -> its canary: read by the routing middleware and the name table, changed
+        # by the canary and swap routes.
+        self.canaries: dict[str, Canary] = {}
 
     def attach_router(self, app: FastAPI) -> None:
         import vllm
@@ -450,6 +597,7 @@ class SwapPlugin:
         app.include_router(router)
         # Added before vLLM adds its own middleware, so vLLM's --api-key check runs first.
         app.add_middleware(AdminGuard, policy=self.policy)
+        app.add_middleware(RouteKeys, canaries=self.canaries, skip=is_admin_path)
         if self.trace:
             app.add_middleware(tracing.TraceRequests, trace=self.trace)
 
@@ -483,9 +631,9 @@ class SwapPlugin:
         if engine_client is None or getattr(state, "openai_serving_models", None) is None:
             return
         models = state.openai_serving_models
-        models.lora_requests = LookupTable(models.lora_requests)
+        models.lora_requests = LookupTable(models.lora_requests, canaries=self.canaries)
         grace = float(os.environ.get("KTO_LOOP_RETIRE_GRACE_S", "10"))
-        swap_state = SwapState(models, engine_client, grace, self.trace)
+        swap_state = SwapState(models, engine_client, grace, self.trace, self.canaries)
         swap_state.background = tracing.start(self.trace, engine_client, swap_state.in_flight)
         state.kto_loop_swap = swap_state
         log.info("kto-loop swap plugin ready (retire grace %.1f s)", grace)
