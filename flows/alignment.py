@@ -48,8 +48,9 @@ from flows.user_code import load_callable
 from pipeline.feedback.balance import Balance, choose_weights
 from pipeline.feedback.continual import class_counts, new_votes, votes_since
 from pipeline.feedback.examples import Example
-from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot
-from pipeline.promotion.cycle import NightPlan, continues, plan_night
+from pipeline.feedback.snapshot import NothingToSnapshot, Snapshot, SnapshotOptions
+from pipeline.promotion.canary import counted_since
+from pipeline.promotion.cycle import NightPlan, Strategy, continues, plan_night
 from pipeline.promotion.gate import (
     GateDecision,
     GenerationScores,
@@ -57,8 +58,10 @@ from pipeline.promotion.gate import (
     judge,
     too_few_heldout,
 )
+from pipeline.promotion.loop_metrics import CANARY
 from pipeline.promotion.sampling import chat_prompts
-from pipeline.serving.registry import served_name
+from pipeline.promotion.shift import detect_shift
+from pipeline.serving.registry import AliasHistory, served_name
 from pipeline.training.manifest import NO_GAIN, Manifest
 
 log = logging.getLogger("kto_loop.cycle")
@@ -89,6 +92,8 @@ class RunRecord:
     version: str | None = None
     previous: str | None = None
     published: dict[str, Any] | None = None
+    shift: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = None
     report: str | None = None
     plots: list[str] = field(default_factory=list)
 
@@ -136,19 +141,21 @@ def snapshot_store(
     builds_on: dict[str, str | None] | None = None,
     window_days: float | None = None,
     read_up_to: dict[tuple[str, int], int] | None = None,
+    options: SnapshotOptions | None = None,
 ) -> tuple[Snapshot, Path, Snapshot | None] | str:
     """Freeze the store's feedback (the votes of the last `window_days`, when given)
     into a snapshot (content-addressed, so a retry writes the same one), its window
     naming the ids in `builds_on` (run_id, alias, version); with `read_up_to` (the
     offsets the last judged run read), also the snapshot of the votes stored since
-    (None when they label nothing). Or say why there is nothing to freeze yet."""
+    (None when they label nothing). `options` replaces [snapshot]'s (a night that
+    weighs votes differently). Or say why there is nothing to freeze yet."""
     fs = FeedbackStore(settings.store.url, settings.store.storage_options)
     if fs.count(FEEDBACK) == 0:
         return f"no feedback in the store {settings.store.url} yet"
     # One fold of the store files added since the last snapshot: the whole snapshot,
     # the window and the new votes are all built from the table it leaves.
     votes = VoteTable(fs)
-    options = settings.snapshot
+    options = options or settings.snapshot
     table, state = votes.folded()
     try:
         if window_days is None:
@@ -357,6 +364,25 @@ def publish_version(publisher: Publisher, alias: str, version: str, run_id: str)
     return publisher.publish(alias, version, reason=f"alignment cycle {run_id}").as_dict()
 
 
+@task(
+    name="start-canary",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_only_io_errors((ServerUnreachable,)),
+    cache_policy=NO_CACHE,
+)
+def start_canary(
+    publisher: Publisher, alias: str, version: str, run_id: str, share: float, replacing: bool
+) -> dict[str, Any]:
+    """Start the canary on every replica, all or nothing (a retry starts from the old
+    state)."""
+    canary = publisher.registry.history(alias).canary
+    if canary is not None and canary.version == version:
+        return {"alias": alias, "version": version, "action": "canary already running"}
+    reason = f"alignment cycle {run_id}"
+    return publisher.start_canary(alias, version, share, reason, replace=replacing).as_dict()
+
+
 # ---------------------------------------------------------------- the flow
 
 
@@ -391,6 +417,8 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
     _finish(runs, run, started)
     if run.status == SKIPPED:
         return Completed(name="Skipped", message=f"skipped: {run.reason}", data=run.as_dict())
+    if run.status == CANARY:
+        return Completed(name="Canary", message=run.reason, data=run.as_dict())
     if run.status == NO_GAIN:
         return Completed(name="No gain", message=f"no gain: {run.reason}", data=run.as_dict())
     return Completed(message=run.reason, data=run.as_dict())
@@ -399,9 +427,12 @@ def alignment_cycle(config: str | None = None, alias: str | None = None) -> Stat
 def _cycle(settings: Settings, alias: str, runs: CycleRuns, run: RunRecord) -> None:
     _base_model(settings)  # fail before any work when it is not configured
     registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
-    served = registry.history(alias).current
-    snap, new = _take_snapshot(settings, alias, runs, run, served)
-    plan = _plan(settings, alias, served, snap, new, run)
+    history = registry.history(alias)
+    served = history.current
+    _wait_for_canary(settings, history)
+    strategy, options = _respond_to_shift(settings, alias, served, runs, run)
+    snap, new = _take_snapshot(settings, alias, runs, run, served, strategy, options)
+    plan = _plan(settings, alias, served, snap, new, run, strategy)
     balance = _choose_balance(settings, plan, run)
     report_dir = _train(settings, runs, run, snap, plan, balance)
     _promote(settings, alias, runs, run, snap, plan, report_dir)
@@ -414,10 +445,11 @@ def _plan(
     snap: Snapshot,
     new: Snapshot | None,
     run: RunRecord,
+    strategy: Strategy,
 ) -> NightPlan:
     """Tonight's plan (pipeline/promotion/cycle.py), recorded and logged."""
     plan = plan_night(
-        settings.cycle.strategy,
+        strategy,
         alias,
         served,
         snap,
@@ -440,8 +472,57 @@ def _plan(
     return plan
 
 
+def _wait_for_canary(settings: Settings, history: AliasHistory) -> None:
+    """Skip the night while a canary runs, unless a new candidate may replace it."""
+    canary = history.canary
+    if canary is None or settings.canary.on_new_candidate == "replace":
+        return
+    raise _Skip(
+        f"a canary of {served_name(history.alias, canary.version)} runs since "
+        f"{canary.started_at}: the night waits for its verdict ([canary] on_new_candidate "
+        "= wait)"
+    )
+
+
+def _respond_to_shift(
+    settings: Settings, alias: str, served: str | None, runs: CycleRuns, run: RunRecord
+) -> tuple[Strategy, SnapshotOptions]:
+    """Tonight's strategy and snapshot options: as configured, unless the served
+    version's liked share fell below its own past since the last judged run (the
+    users' taste shifted); then, by [cycle] on_shift, the votes get a half-life of half
+    the votes cast since that run, and the night retrains from the base."""
+    cycle, options = settings.cycle, settings.snapshot
+    last = runs.last_judged()
+    if served is None or last is None:
+        return cycle.strategy, options
+    fs = FeedbackStore(settings.store.url, settings.store.storage_options)
+    if fs.count(FEEDBACK) == 0:
+        return cycle.strategy, options
+    since = dt.datetime.fromisoformat(last["started_at"])
+    votes, _ = VoteTable(fs).read()
+    shift = detect_shift(votes, served_name(alias, served), since, cycle.shift_alpha)
+    run.shift = shift.as_dict()
+    if not shift.shifted or cycle.on_shift == "ignore":
+        log.info("shift check: %s", shift.reason)
+        return cycle.strategy, options
+    half_life = max(1, counted_since(votes, since) // 2)
+    strategy: Strategy = "retrain" if cycle.on_shift == "retrain" else cycle.strategy
+    run.shift["response"] = (
+        f"{strategy}, votes weighed with a half-life of {half_life} votes (half of those "
+        f"cast since run {last['run_id']})"
+    )
+    log.warning("%s: %s", shift.reason, run.shift["response"])
+    return strategy, replace(options, half_life_votes=half_life, half_life_days=None)
+
+
 def _take_snapshot(
-    settings: Settings, alias: str, runs: CycleRuns, run: RunRecord, served: str | None
+    settings: Settings,
+    alias: str,
+    runs: CycleRuns,
+    run: RunRecord,
+    served: str | None,
+    strategy: Strategy,
+    options: SnapshotOptions,
 ) -> tuple[Snapshot, Snapshot | None]:
     """Snapshot the store, its window naming this run and what the alias serves; skip
     unless enough votes came since the last judged run. A continual night (something
@@ -450,11 +531,11 @@ def _take_snapshot(
     builds_on = {"run_id": run.run_id, "alias": alias, "version": served}
     last = runs.last_judged()
     cycle = settings.cycle
-    continual = continues(cycle.strategy, served)
+    continual = continues(strategy, served)
     read_up_to = _read_up_to(last) if continual else None
     window = None if continual else cycle.window_days
     with _timed(run, "snapshot"):
-        taken = snapshot_store(settings, builds_on, window, read_up_to)
+        taken = snapshot_store(settings, builds_on, window, read_up_to, options)
     if isinstance(taken, str):
         raise _Skip(taken)
     snap, snap_path, new = taken
@@ -583,6 +664,10 @@ def _promote(
             runs.clear_candidate()
             raise _Skip(decision.reason)
 
+    if settings.canary.enabled and run.previous is not None:
+        _start_canary(settings, publisher, alias, version, run)
+        runs.clear_candidate()
+        return
     publish = publish_version.with_options(
         retries=settings.cycle.publish_retries,
         retry_delay_seconds=settings.cycle.publish_retry_delay_seconds,
@@ -592,6 +677,26 @@ def _promote(
     runs.clear_candidate()
     run.status = PUBLISHED
     run.reason = f"published {served_name(alias, version)} as {alias}"
+
+
+def _start_canary(
+    settings: Settings, publisher: Publisher, alias: str, version: str, run: RunRecord
+) -> None:
+    """Put the candidate beside the served version for [canary] share of the alias's
+    conversations; live votes decide (flows/canary.py)."""
+    start = start_canary.with_options(
+        retries=settings.cycle.publish_retries,
+        retry_delay_seconds=settings.cycle.publish_retry_delay_seconds,
+    )
+    share = settings.canary.share
+    replacing = settings.canary.on_new_candidate == "replace"
+    with _timed(run, "publish"):
+        run.published = start(publisher, alias, version, run.run_id, share, replacing)
+    run.status = CANARY
+    run.reason = (
+        f"started a canary: {served_name(alias, version)} answers {share:.0%} of {alias}'s "
+        f"conversations beside {served_name(alias, run.previous or '')}; live votes decide"
+    )
 
 
 @contextlib.contextmanager

@@ -27,7 +27,9 @@ from pipeline.training.manifest import NO_GAIN
 PUBLISHED, REFUSED, SKIPPED, FAILED, CRASHED, UNREADABLE = (
     "published", "refused", "skipped", "failed", "crashed", "unreadable",
 )  # fmt: skip
-OUTCOMES = (PUBLISHED, REFUSED, SKIPPED, NO_GAIN, FAILED, CRASHED, UNREADABLE)
+# A run whose candidate went into a canary: live votes, not the run, decide it.
+CANARY = "canary"
+OUTCOMES = (PUBLISHED, CANARY, REFUSED, SKIPPED, NO_GAIN, FAILED, CRASHED, UNREADABLE)
 RUNNING = "running"
 # The adapter label of votes on answers of a version the registry does not hold.
 OTHER_ADAPTER = "other"
