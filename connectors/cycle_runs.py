@@ -89,14 +89,14 @@ class CycleRuns:
         return marked
 
     def last_judged(self) -> dict[str, Any] | None:
-        """The newest run whose candidate the gate judged and that ended (published, or
-        refused), or whose training kept its starting point ("no_gain": its data was
+        """The newest run whose candidate the gate judged and that ended (published, put
+        into a canary, or refused), or whose training kept its starting point ("no_gain": its data was
         judged too, by the trainer): its snapshot is what "new feedback" is counted
         against. A run that failed after the gate (a replica down while publishing) does
         not count, so the next run publishes the same candidate."""
         for record in self.recent(n=10_000):
             if record.get("status") == "no_gain" or (
-                record.get("gate") and record.get("status") in ("published", "skipped")
+                record.get("gate") and record.get("status") in ("published", "canary", "skipped")
             ):
                 return record
         return None
