@@ -29,6 +29,7 @@ from connectors.feedback.store import write_local_atomic
 from pipeline.serving.registry import check_alias
 
 CANDIDATE_MARKER = "cycle.json"
+CANARY_LOG = "canary.jsonl"
 
 
 class CycleBusy(RuntimeError):
@@ -90,8 +91,8 @@ class CycleRuns:
 
     def last_judged(self) -> dict[str, Any] | None:
         """The newest run whose candidate the gate judged and that ended (published, put
-        into a canary, or refused), or whose training kept its starting point ("no_gain": its data was
-        judged too, by the trainer): its snapshot is what "new feedback" is counted
+        into a canary, or refused), or whose training kept its starting point ("no_gain":
+        its data was judged too, by the trainer): its snapshot is what "new feedback" is counted
         against. A run that failed after the gate (a replica down while publishing) does
         not count, so the next run publishes the same candidate."""
         for record in self.recent(n=10_000):
@@ -100,6 +101,30 @@ class CycleRuns:
             ):
                 return record
         return None
+
+    # -- canary checks ------------------------------------------------------------------
+
+    def append_canary_check(self, check: dict[str, Any]) -> None:
+        """Append one canary check to the alias's canary log (one JSON line each)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / CANARY_LOG).open("a") as f:
+            f.write(json.dumps(check, default=str) + "\n")
+
+    def canary_checks(self, n: int = 20) -> list[dict[str, Any]]:
+        """The newest n canary checks, newest first (a line a crash cut short is left
+        out)."""
+        path = self.root / CANARY_LOG
+        if not path.is_file():
+            return []
+        out = []
+        for line in reversed(path.read_text().splitlines()):
+            if len(out) == n:
+                break
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def report_dir(self, run_id: str) -> Path:
         path = self.root / "reports" / run_id

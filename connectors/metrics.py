@@ -106,6 +106,7 @@ class _Scan:
     store_read_at: float | None
     up: dict[str, bool]
     store_stale: bool = False
+    canary_checks: dict[str, dict] | None = None  # per alias, its newest canary check
 
 
 class LoopCollector(Collector):
@@ -177,12 +178,13 @@ class LoopCollector(Collector):
             # The versions last read stay the labels.
             up[REGISTRY] = False
             log.warning("metrics: cannot list the registry's versions: %s", exc)
-        runs, running, aliases = {}, {}, {}
+        runs, running, aliases, checks = {}, {}, {}, {}
         for alias in names:
             try:
                 cycle = CycleRuns(s.cycle.work_dir, alias)
                 runs[alias] = summarize_runs(cycle.recent(n=1_000_000))
                 running[alias] = cycle.live_holder() is not None
+                checks[alias] = next(iter(cycle.canary_checks(1)), None)
             except (OSError, RegistryError) as exc:
                 up[RUNS] = False
                 log.warning("metrics: cannot read %s's run records: %s", alias, exc)
@@ -194,7 +196,14 @@ class LoopCollector(Collector):
         self._refresh_liked_share(now)
         up[STORE] = self._store_failures == 0
         return _Scan(
-            runs, running, aliases, self._liked_share, self._store_read_at, up, not up[STORE]
+            runs,
+            running,
+            aliases,
+            self._liked_share,
+            self._store_read_at,
+            up,
+            not up[STORE],
+            checks,
         )
 
     def _refresh_liked_share(self, now: float) -> None:
@@ -333,13 +342,71 @@ def _alias_families(scan: _Scan) -> Iterator[Metric]:
         "When the alias last switched version, by publish or rollback (Unix time)",
         labels=["alias"],
     )
+    canary_version = GaugeMetricFamily(
+        "ktoloop_canary_version",
+        "N of the version vN the alias runs as a canary beside the served one (0: none)",
+        labels=["alias"],
+    )
+    canary_share = GaugeMetricFamily(
+        "ktoloop_canary_share",
+        "The share of the alias's conversations its canary answers (0: no canary)",
+        labels=["alias"],
+    )
+    canary_ended = CounterMetricFamily(
+        "ktoloop_canary_ended",
+        "Canaries ended, by outcome (promoted, rolled_back, inconclusive, stopped, replaced)",
+        labels=["alias", "outcome"],
+    )
     for alias, summary in sorted(scan.aliases.items()):
         served.add_metric([alias], summary.served_version)
         for action, count in summary.events.items():
             events.add_metric([alias, action], count)
         if summary.last_changed is not None:
             changed.add_metric([alias], summary.last_changed)
-    yield from (served, events, changed)
+        canary_version.add_metric([alias], summary.canary_version)
+        canary_share.add_metric([alias], summary.canary_share)
+        for outcome, count in summary.canary_outcomes.items():
+            canary_ended.add_metric([alias, outcome], count)
+    yield from (served, events, changed, canary_version, canary_share, canary_ended)
+    yield from _canary_check_families(scan)
+
+
+def _canary_check_families(scan: _Scan) -> Iterator[Metric]:
+    """The newest canary check of each alias whose canary still runs: votes and liked
+    share per arm, and the test's estimate with its interval."""
+    votes = GaugeMetricFamily(
+        "ktoloop_canary_votes",
+        "Votes counted for each arm of the running canary at its last check",
+        labels=["alias", "arm"],
+    )
+    share = GaugeMetricFamily(
+        "ktoloop_canary_liked_share",
+        "Liked share of each arm of the running canary at its last check",
+        labels=["alias", "arm"],
+    )
+    estimate = GaugeMetricFamily(
+        "ktoloop_canary_difference",
+        "The candidate's liked share minus the served one's at the last check, and the "
+        "always-valid interval's bounds",
+        labels=["alias", "bound"],
+    )
+    for alias, check in sorted((scan.canary_checks or {}).items()):
+        summary = scan.aliases.get(alias)
+        if not check or summary is None or not summary.canary_version:
+            continue
+        if check.get("candidate") != served_name(alias, f"v{summary.canary_version}"):
+            continue  # a check of an earlier canary
+        verdict = check.get("verdict") or {}
+        for arm in ("served", "candidate"):
+            counts = verdict.get(arm) or {}
+            n = counts.get("votes") or 0
+            votes.add_metric([alias, arm], n)
+            if n:
+                share.add_metric([alias, arm], counts.get("liked", 0) / n)
+        for bound in ("estimate", "lower", "upper"):
+            if verdict.get(bound) is not None:
+                estimate.add_metric([alias, bound], float(verdict[bound]))
+    yield from (votes, share, estimate)
 
 
 def _liked_share_families(scan: _Scan) -> Iterator[Metric]:

@@ -13,7 +13,6 @@ into the record of the cycle run that started the canary.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ log = logging.getLogger("kto_loop.canary")
 
 # What a final verdict does to the canary.
 OUTCOME_OF = {"promote": PROMOTED, "rollback": ROLLED_BACK, "inconclusive": INCONCLUSIVE}
-LOG_NAME = "canary.jsonl"
 
 
 def canary_verdict(
@@ -88,7 +86,7 @@ def check_canary(settings: Settings, alias: str, now: dt.datetime | None = None)
         log.info("canary of %s ended %s: %s", candidate, outcome, result.reason)
     else:
         log.info("canary of %s goes on: %s", candidate, result.reason)
-    _append(settings, alias, record)
+    CycleRuns(settings.cycle.work_dir, alias).append_canary_check(record)
     return record
 
 
@@ -104,26 +102,9 @@ def _note_in_run(
             return
 
 
-def _append(settings: Settings, alias: str, record: dict[str, Any]) -> None:
-    path = CycleRuns(settings.cycle.work_dir, alias).root / LOG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-
-
 def canary_log(settings: Settings, alias: str, n: int = 20) -> list[dict[str, Any]]:
     """The newest n checks of `alias`'s canaries, newest first."""
-    path = CycleRuns(settings.cycle.work_dir, alias).root / LOG_NAME
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()[-n:]
-    out = []
-    for line in reversed(lines):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line a crash cut short
-    return out
+    return CycleRuns(settings.cycle.work_dir, alias).canary_checks(n)
 
 
 @flow(name="kto-loop-canary-check", log_prints=False, validate_parameters=True)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows.console import settings_from, setup_logging
+from flows.console import err, settings_from, setup_logging
 
 app = typer.Typer(
     help="kto-loop: production thumbs up/down -> KTO-trained LoRA adapters in vLLM.",
@@ -367,6 +367,30 @@ def end_canary(
 
     setup_logging(log_level, rich=sys.stderr.isatty())
     serving_cli.end_canary(settings_from(config), alias, outcome.value, reason)
+
+
+@app.command("check-canary")
+def check_canary(
+    alias: Annotated[
+        str | None, typer.Option("--alias", help="The alias ([cycle] alias by default).")
+    ] = None,
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Check the alias's canary once: count each arm's live votes and promote, roll back
+    or stop it inconclusive when the sequential test is final (what `kto-loop schedule`
+    runs every [canary] check_every_minutes). The last line is the check as JSON."""
+    from flows.canary import check_canary as check
+
+    setup_logging(log_level, rich=sys.stderr.isatty())
+    settings = settings_from(config)
+    result = check(settings, alias or settings.cycle.alias)
+    verdict = result.get("verdict") or {}
+    if verdict:
+        err.print(f"{result['status']}: {verdict['reason']}", markup=False)
+    else:
+        err.print(f"{result['alias']} runs no canary", markup=False)
+    typer.echo(json.dumps(result, default=str))
 
 
 @app.command()

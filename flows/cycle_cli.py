@@ -154,6 +154,7 @@ def schedule(
     """Serve the cycle as a Prefect deployment on the configured cron (or an interval),
     one run at a time, until interrupted."""
     prefect_environment()
+    from prefect import serve
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron, Interval
 
@@ -176,21 +177,45 @@ def schedule(
             "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
             "--no-start-server to start a local one"
         )
+    parameters = {"config": str(config.resolve()), "alias": alias}
     with interruptible(), prefect_api(home / "server.log", home=home) as api:
         err.print(
             f"serving {alias}'s alignment cycle ({_describe(when)}) on {api}; Ctrl-C stops",
             markup=False,
         )
-        served.serve(
-            name=f"{alias}-cycle",
-            schedule=when,
-            parameters={"config": str(config.resolve()), "alias": alias},
-            global_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
-            ),
-            tags=["kto-loop", alias],
-            print_starting_message=False,
+        one_at_a_time = ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         )
+        deployments = [
+            served.to_deployment(
+                name=f"{alias}-cycle",
+                schedule=when,
+                parameters=parameters,
+                concurrency_limit=one_at_a_time,
+                tags=["kto-loop", alias],
+            )
+        ]
+        if settings.canary.enabled:
+            from flows.canary import canary_check
+
+            every = Interval(settings.canary.check_every_minutes * 60)
+            err.print(f"and its canary check ({_describe(every)})", markup=False)
+            checked = canary_check.with_options(
+                on_running=[
+                    *canary_check.on_running_hooks,
+                    functools.partial(_end_with, os.getpid()),
+                ]
+            )
+            deployments.append(
+                checked.to_deployment(
+                    name=f"{alias}-canary-check",
+                    schedule=every,
+                    parameters=parameters,
+                    concurrency_limit=one_at_a_time,
+                    tags=["kto-loop", alias, "canary"],
+                )
+            )
+        serve(*deployments, print_starting_message=False)
 
 
 def _describe(when: Any) -> str:
@@ -276,9 +301,35 @@ def status(settings: Settings, aliases: list[str], n_runs: int) -> None:
             *(_replica_cell(v) for v in replicas.values()),
         )
         err.print(serving)
+        if history.canary is not None:
+            summary["aliases"][alias]["canary_verdict"] = _canary_estimate(settings, alias)
 
     summary["liked_share"] = _liked_share(settings, registry, names)
     typer.echo(json.dumps(summary, default=str))
+
+
+def _canary_estimate(settings: Settings, alias: str) -> dict[str, Any] | None:
+    """The running canary's votes per arm and the test's estimate now, printed as a
+    table; None when the votes cannot be read."""
+    from flows.canary import canary_verdict
+
+    try:
+        found = canary_verdict(settings, alias)
+    except (StoreError, OSError) as exc:
+        err.print(f"[yellow]the canary's votes cannot be read: {exc}[/]")
+        return None
+    if found is None:
+        return None
+    verdict = found[1]
+    table = Table(title=f"{alias}'s canary, by live votes")
+    for col in ("arm", "version", "votes", "liked"):
+        table.add_column(col)
+    for arm, counts in (("served", verdict.served), ("candidate", verdict.candidate)):
+        share = f"{counts.share:.1%}" if counts.share is not None else "-"
+        table.add_row(arm, counts.name, str(counts.votes), share)
+    err.print(table)
+    err.print(f"{verdict.decision}: {verdict.reason}", markup=False)
+    return verdict.as_dict()
 
 
 def _replica_cell(replica: dict[str, Any]) -> str:

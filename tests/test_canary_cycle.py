@@ -10,10 +10,17 @@ to)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+
+from typer.testing import CliRunner
 
 from deploy.local.synthetic import feedback_events
 from flows.canary import canary_log, check_canary
+from flows.cli import app
 from tests.conftest import Cycle, run_cycle
+
+runner = CliRunner()
 
 
 def _votes(alias_version: str, liked: int, disliked: int, tag: str) -> list[dict]:
@@ -73,10 +80,21 @@ def test_a_night_starts_a_canary_and_live_votes_promote_the_better_candidate(
     early = check_canary(settings, cycle.alias)
     assert early["status"] == "continue" and "waiting for 40 votes" in early["verdict"]["reason"]
     assert cycle.registry.history(cycle.alias).canary is not None
+    # `kto-loop status` shows the canary's arms and the running estimate.
+    result = runner.invoke(app, ["status", "--config", str(config)], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    mine = json.loads(result.stdout.strip().splitlines()[-1])["aliases"][cycle.alias]
+    assert mine["canary"]["version"] == "v2"
+    assert mine["canary_verdict"]["candidate"]["votes"] == 10
+    assert mine["canary_verdict"]["decision"] == "continue"
+    # `kto-loop check-canary` runs one check now.
+    result = runner.invoke(app, ["check-canary", "--config", str(config)], env=dict(os.environ))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "continue"
 
     # The next night waits for the verdict ([canary] on_new_candidate = wait).
     cycle.ingest(feedback_events(200, seed=3, adapter=f"{cycle.alias}@v1"))
-    state, waiting = run_cycle(config)
+    state, _ = run_cycle(config)
     assert state.name == "Skipped" and "waits for its verdict" in state.message
 
     # The users like v2's answers far more than v1's: promoted.
@@ -98,7 +116,11 @@ def test_a_night_starts_a_canary_and_live_votes_promote_the_better_candidate(
     # The run that started the canary records its verdict; the log keeps every check.
     started = next(r for r in cycle.runs.recent() if r["run_id"] == record["run_id"])
     assert started["canary"]["outcome"] == "promoted"
-    assert [c["status"] for c in canary_log(settings, cycle.alias)] == ["promote", "continue"]
+    assert [c["status"] for c in canary_log(settings, cycle.alias)] == [
+        "promote",
+        "continue",
+        "continue",
+    ]
     # With no canary left, a check does nothing.
     assert check_canary(settings, cycle.alias)["status"] == "no_canary"
 

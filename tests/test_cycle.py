@@ -370,7 +370,9 @@ def _schedule(config: Path, log: Path) -> subprocess.Popen:
 def test_schedule_fires_runs_on_a_local_prefect_server(
     cycle: Cycle, tmp_path: Path, watch: Callable[[subprocess.Popen], Descendants]
 ) -> None:
-    config = cycle.config()  # an empty store: every run ends skipped at once
+    # An empty store: every run ends skipped at once. The canary check is served too,
+    # every 3 s.
+    config = cycle.config(canary={"enabled": True, "check_every_minutes": 0.05})
     log = tmp_path / "schedule.log"
     process = _schedule(config, log)
     started = watch(process)
@@ -378,6 +380,11 @@ def test_schedule_fires_runs_on_a_local_prefect_server(
         lambda: len(cycle.runs.recent()) >= 2 or process.poll() is not None,
         240,
         "two scheduled runs",
+    )
+    wait_until(
+        lambda: log.read_text().count("kto-loop-canary-check") >= 2 or process.poll() is not None,
+        120,
+        "two scheduled canary checks",
     )
     assert process.poll() is None, log.read_text()[-3000:]
     assert started.running("prefect server start")

@@ -497,3 +497,44 @@ def test_serve_feedback_exports_the_http_metrics_the_dashboard_expects() -> None
     text = _http_metrics_text()
     families = {(f.name, f.type) for f in text_string_to_metric_families(text)}
     assert set(HTTP_METRICS) <= families
+
+
+def test_a_running_canary_shows_its_share_arms_and_interval_and_ended_ones_count(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from deploy.local.adapters import make_random_adapter
+
+    settings = load_settings(None, **_settings(tmp_path))
+    adapters = AdapterRegistry(str(tmp_path / "adapters"))
+    for seed in (1, 2, 3):
+        adapters.add(make_random_adapter(tiny_model_dir, tmp_path / f"a{seed}", seed=seed))
+    history = adapters.history(ALIAS).promoted("v1", now_iso(), "cycle", ["http://r1"])
+    history = history.canary_started("v2", 0.1, now_iso(), "cycle", ["http://r1"])
+    history = history.canary_ended("rolled_back", now_iso(), "worse", ["http://r1"])
+    history = history.canary_started("v3", 0.25, now_iso(), "cycle", ["http://r1"])
+    adapters.save_history(history)
+    runs = CycleRuns(tmp_path / "cycles", ALIAS)
+    check = {
+        "candidate": "chat@v3",
+        "verdict": {
+            "served": {"name": "chat@v1", "liked": 30, "votes": 100},
+            "candidate": {"name": "chat@v3", "liked": 20, "votes": 40},
+            "estimate": 0.2,
+            "lower": -0.05,
+            "upper": 0.45,
+        },
+    }
+    runs.append_canary_check({**check, "candidate": "chat@v2"})  # the ended canary's
+    runs.append_canary_check(check)
+    registry = CollectorRegistry()
+    registry.register(LoopCollector(settings))
+    got = _exported(registry)
+    assert got['ktoloop_canary_share{alias="chat"}'] == 0.25
+    assert got['ktoloop_canary_version{alias="chat"}'] == 3
+    assert got['ktoloop_canary_ended_total{alias="chat",outcome="rolled_back"}'] == 1
+    assert got['ktoloop_canary_ended_total{alias="chat",outcome="promoted"}'] == 0
+    assert got['ktoloop_canary_votes{alias="chat",arm="candidate"}'] == 40
+    assert got['ktoloop_canary_liked_share{alias="chat",arm="served"}'] == pytest.approx(0.3)
+    assert got['ktoloop_canary_difference{alias="chat",bound="lower"}'] == pytest.approx(-0.05)
+    # Promotions and rollbacks count switches of the served version only.
+    assert got['ktoloop_alias_events_total{action="promote",alias="chat"}'] == 1

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.feedback.records import ADAPTER
-from pipeline.serving.registry import ACTIONS, AliasHistory, version_number
+from pipeline.serving.registry import ACTIONS, CANARY_END, AliasHistory, version_number
+from pipeline.serving.registry import OUTCOMES as CANARY_OUTCOMES
 from pipeline.training.manifest import NO_GAIN
 
 # How a finished run ended. "refused" is a run the gate (or the generation check) judged
@@ -120,11 +121,17 @@ class AliasSummary:
         served_version: N of the version `vN` it serves, 0 before its first promotion.
         events: promotions and rollbacks so far (every action present).
         last_changed: when it last switched (epoch seconds), None before any event.
+        canary_version: N of the canary's candidate, 0 when none runs.
+        canary_share: the canary's share of conversations, 0 when none runs.
+        canary_outcomes: canaries ended so far, per outcome (every outcome present).
     """
 
     served_version: int
     events: dict[str, int]
     last_changed: float | None
+    canary_version: int = 0
+    canary_share: float = 0.0
+    canary_outcomes: dict[str, int] = field(default_factory=dict)
 
 
 def summarize_alias(history: AliasHistory) -> AliasSummary:
@@ -133,10 +140,15 @@ def summarize_alias(history: AliasHistory) -> AliasSummary:
     events = Counter({a: 0 for a in ACTIONS}) + Counter(e.action for e in history.events)
     switches = (e for e in history.events if e.action in ACTIONS)
     times = [t for t in (timestamp(e.at) for e in switches) if t is not None]
+    canary = history.canary
+    ended = Counter(e.outcome for e in history.events if e.action == CANARY_END)
     return AliasSummary(
         served_version=version_number(current) if current else 0,
         events={a: events[a] for a in ACTIONS},
         last_changed=max(times, default=None),
+        canary_version=version_number(canary.version) if canary else 0,
+        canary_share=canary.share if canary else 0.0,
+        canary_outcomes={o: ended[o] for o in CANARY_OUTCOMES},
     )
 
 
