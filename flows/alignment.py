@@ -43,6 +43,7 @@ from connectors.feedback.vote_table import VoteTable
 from connectors.serving.adapter_registry import AdapterRegistry, now_iso
 from connectors.serving.publish import Publisher
 from connectors.serving.vllm_admin import ServerUnreachable, VllmError
+from deploy.local.processes import die_with_scheduler
 from flows.report import render_report
 from flows.user_code import load_callable
 from pipeline.feedback.balance import Balance, choose_weights
@@ -386,7 +387,12 @@ def start_canary(
 # ---------------------------------------------------------------- the flow
 
 
-@flow(name="kto-loop-alignment", log_prints=False, validate_parameters=True)
+@flow(
+    name="kto-loop-alignment",
+    log_prints=False,
+    validate_parameters=True,
+    on_running=[die_with_scheduler],
+)
 def alignment_cycle(config: str | None = None, alias: str | None = None) -> State:
     """One alignment cycle for `alias` (default: [cycle] alias) with the settings in
     `config` (a TOML file; default $KTO_LOOP_CONFIG, then defaults and environment)."""

@@ -25,6 +25,7 @@ from connectors.feedback.store import FEEDBACK, FeedbackStore
 from connectors.feedback.vote_table import VoteTable
 from connectors.serving.adapter_registry import AdapterRegistry, now_iso
 from connectors.serving.publish import Publisher
+from deploy.local.processes import die_with_scheduler
 from pipeline.promotion.canary import Arm, Verdict, arm_votes, verdict
 from pipeline.serving.registry import INCONCLUSIVE, PROMOTED, ROLLED_BACK, Canary, served_name
 
@@ -107,7 +108,12 @@ def canary_log(settings: Settings, alias: str, n: int = 20) -> list[dict[str, An
     return CycleRuns(settings.cycle.work_dir, alias).canary_checks(n)
 
 
-@flow(name="kto-loop-canary-check", log_prints=False, validate_parameters=True)
+@flow(
+    name="kto-loop-canary-check",
+    log_prints=False,
+    validate_parameters=True,
+    on_running=[die_with_scheduler],
+)
 def canary_check(config: str | None = None, alias: str | None = None) -> dict[str, Any]:
     """Check `alias`'s canary (default: [cycle] alias) with the settings in `config`."""
     settings = load_settings(Path(config) if config else None)

@@ -8,11 +8,9 @@ production. Each prints tables on stderr and ends with one JSON line on stdout.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from connectors.feedback.store import FeedbackStore, StoreError
 from connectors.serving.adapter_registry import AdapterRegistry
 from connectors.serving.publish import Publisher
 from deploy.local.prefect_server import configured_api, prefect_api
-from deploy.local.processes import die_with_parent, interruptible
+from deploy.local.processes import SCHEDULER_PID_ENV, interruptible
 from flows.console import err, fail, number
 from flows.preflight import check_cycle
 from flows.serving_cli import canary_cell, history_canary, replica_canaries, served_versions
@@ -168,10 +166,9 @@ def schedule(
         else Cron(cron or settings.cycle.cron, timezone=settings.cycle.timezone)
     )
     home = Path(settings.cycle.work_dir).resolve() / "prefect"
-    # Each run is a process of its own, started by Prefect's runner in this one.
-    served = alignment_cycle.with_options(
-        on_running=[*alignment_cycle.on_running_hooks, functools.partial(_end_with, os.getpid())]
-    )
+    # Each run is a process of its own, started by Prefect's runner in this one; it
+    # dies with this one (deploy/local/processes.py: die_with_scheduler).
+    os.environ[SCHEDULER_PID_ENV] = str(os.getpid())
     if not start_server and configured_api() is None:
         raise typer.BadParameter(
             "schedules need a Prefect server: set PREFECT_API_URL, or leave out "
@@ -187,7 +184,7 @@ def schedule(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         )
         deployments = [
-            served.to_deployment(
+            alignment_cycle.to_deployment(
                 name=f"{alias}-cycle",
                 schedule=when,
                 parameters=parameters,
@@ -200,14 +197,8 @@ def schedule(
 
             every = Interval(settings.canary.check_every_minutes * 60)
             err.print(f"and its canary check ({_describe(every)})", markup=False)
-            checked = canary_check.with_options(
-                on_running=[
-                    *canary_check.on_running_hooks,
-                    functools.partial(_end_with, os.getpid()),
-                ]
-            )
             deployments.append(
-                checked.to_deployment(
+                canary_check.to_deployment(
                     name=f"{alias}-canary-check",
                     schedule=every,
                     parameters=parameters,
@@ -222,16 +213,6 @@ def _describe(when: Any) -> str:
     if getattr(when, "cron", None):
         return f"cron {when.cron} {when.timezone or ''}".strip()
     return f"every {when.interval}"
-
-
-def _end_with(scheduler_pid: int, *_: object) -> None:
-    """A served run's hook, in the run's own process: it gets SIGKILL when the
-    `kto-loop schedule` that started it dies, even by SIGKILL (its server goes too, so
-    nothing could record the run's end anyway; the next run reports it crashed).
-
-    Linux signals when the thread that started the process ends: Prefect 3.9's runner
-    starts runs from its event loop, in the main thread of `schedule`."""
-    die_with_parent(scheduler_pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- status

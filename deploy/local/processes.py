@@ -67,6 +67,35 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), signum)
 
 
+SCHEDULER_PID_ENV = "KTO_LOOP_SCHEDULER_PID"
+
+
+def die_with_scheduler(*_: object) -> None:
+    """A flow's on_running hook, in the run's own process: a run that `kto-loop
+    schedule` started (its pid is in KTO_LOOP_SCHEDULER_PID, which the runs inherit)
+    gets SIGKILL when that scheduler dies, even by SIGKILL (its server goes too, so
+    nothing could record the run's end anyway; the next run reports it crashed).
+    Anywhere else (`kto-loop run`, a work pool's worker) it does nothing.
+
+    The hook is the flow's own, not added with `with_options`: Prefect's runner loads a
+    served deployment's flow from its entrypoint, without options added in the
+    scheduler. Linux signals when the thread that started the process ends: Prefect
+    3.9's runner starts runs from its event loop, in the main thread of `schedule`."""
+    value = os.environ.get(SCHEDULER_PID_ENV, "")
+    if not value.isdigit():
+        return
+    scheduler = int(value)
+    if os.getppid() == scheduler:
+        die_with_parent(scheduler, signal.SIGKILL)
+        return
+    try:
+        os.kill(scheduler, 0)
+    except ProcessLookupError:  # the scheduler died before this run got here
+        os.kill(os.getpid(), signal.SIGKILL)
+    except PermissionError:  # a pid reused by another user's process: not ours
+        return
+
+
 def dies_with_this_process(signum: int = signal.SIGTERM) -> Callable[[], None]:
     """A `preexec_fn` for subprocess.Popen: the child gets `signum` when this process
     dies, however it dies (Linux; elsewhere nothing). Start the child from the main
