@@ -454,6 +454,11 @@ def test_the_work_pool_deployment_deploys_and_a_worker_runs_the_cycle(
     assert deployment.work_pool_name == "kto-loop"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     assert deployment.global_concurrency_limit.limit == 1
+    with get_client(sync_client=True) as client:
+        check = client.read_deployment_by_name("kto-loop-canary-check/chat-canary-check")
+    assert [(s.schedule.interval.total_seconds(), s.active) for s in check.schedules] == [
+        (600.0, False)
+    ]
 
     prefect(
         "deployment", "run", "kto-loop-alignment/chat-nightly",
