@@ -36,11 +36,14 @@ OUTCOME_OF = {"promote": PROMOTED, "rollback": ROLLED_BACK, "inconclusive": INCO
 
 
 def canary_verdict(
-    settings: Settings, alias: str, now: dt.datetime | None = None
+    settings: Settings,
+    alias: str,
+    now: dt.datetime | None = None,
+    registry: AdapterRegistry | None = None,
 ) -> tuple[Canary, Verdict] | None:
     """`alias`'s canary and the verdict its votes give now (None when none runs);
     nothing is changed."""
-    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    registry = registry or AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     history = registry.history(alias)
     canary = history.canary
     if canary is None or history.current is None:
@@ -61,12 +64,12 @@ def canary_verdict(
 def check_canary(settings: Settings, alias: str, now: dt.datetime | None = None) -> dict[str, Any]:
     """Check `alias`'s canary once and act on a final verdict; return what happened
     ({"status": "no_canary"} when none runs)."""
-    found = canary_verdict(settings, alias, now)
+    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
+    found = canary_verdict(settings, alias, now, registry)
     if found is None:
         return {"status": "no_canary", "alias": alias}
     canary, result = found
     served, candidate = result.served.name, result.candidate.name
-    registry = AdapterRegistry(settings.registry.url, settings.registry.storage_options)
     record: dict[str, Any] = {
         "at": now_iso(),
         "alias": alias,
