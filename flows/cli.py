@@ -197,6 +197,17 @@ def import_(
     import_cli.import_feedback(settings_from(config), from_, source, to, options, report, out)
 
 
+NprocOption = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Processes (GPUs) to train on, launched with torchrun on this machine; the base "
+        "model is sharded across them (FSDP2).",
+    ),
+]
+
+
 @app.command()
 def train(
     data: Annotated[
@@ -243,6 +254,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
     ] = False,
+    nproc: NprocOption = 1,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Train a LoRA adapter with KTO; the last line of stdout is a JSON summary.
@@ -260,6 +272,8 @@ def train(
     """
     from flows import train_cli
 
+    if nproc > 1:
+        train_cli.launch(nproc, sys.argv[1:])  # does not return
     setup_logging(log_level, rich=sys.stderr.isatty())
     train_cli.train(
         settings_from(config),

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -164,12 +166,43 @@ def _report(m: Manifest, out: Path, snapshot_id: str, skipped_rows: int, balance
     )
 
 
+def launch(nproc: int, argv: list[str]) -> NoReturn:
+    """Become `torchrun` running this same command (without --nproc) in `nproc`
+    processes on this machine. torchrun passes SIGINT and SIGTERM on to the ranks and
+    stops them all when one fails; each rank also ends if torchrun itself is killed."""
+    args = _without_nproc(argv)
+    if not args or args[0] != "train":
+        args = ["train", *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", str(nproc), "-m", "flows.cli", *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, torchrun)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _init_distributed() -> None:
     """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
-    point: NCCL on GPUs, gloo on CPUs."""
+    point: NCCL on GPUs, gloo on CPUs. The rank dies with its torchrun: a killed
+    launcher leaves no rank behind."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch
+
+    from deploy.local.processes import die_with_parent
+
+    die_with_parent(os.getppid(), signal.SIGTERM)
 
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.training.manifest import Provenance
 from pipeline.training.options import LoraOptions, TrainOptions
 from pipeline.training.progress import Progress, silent
 from pipeline.training.runtime import Runtime
+from pipeline.training.sharding import checkpoint_activations, shard
 from pipeline.training.trainer import TrainData, TrainResult, train
 
 
@@ -96,17 +98,30 @@ def run_training(
     """
     lora = lora or LoraOptions()
     check_model_dir(inputs.base_model)
+    with _process_group(options):
+        return _run(inputs, options, lora, judge)
+
+
+def _run(
+    inputs: TrainInputs, options: TrainOptions, lora: LoraOptions, judge: Judge | None
+) -> TrainResult:
     runtime = runtime_for(options)
     seed_everything(options.seed)
     tokenizer = load_tokenizer(inputs.base_model, inputs.chat_template)
+    sharded = options.fsdp or runtime.world > 1
     model = load_policy(
         inputs.base_model,
         lora,
-        runtime.device,
+        # A sharded model is loaded on the CPU; each rank's shards then go to its device.
+        torch.device("cpu") if sharded else runtime.device,
         runtime.weights_dtype,
         inputs.init_adapter,
         inputs.reference_adapter,
     )
+    if options.activation_checkpointing:
+        checkpoint_activations(model.get_base_model())
+    if sharded:
+        shard(model.get_base_model(), runtime)
     provenance = Provenance(
         base_model=str(inputs.base_model),
         base_model_fingerprint=model_fingerprint(inputs.base_model),
@@ -129,6 +144,28 @@ def run_training(
     progress = _bars() if inputs.progress and runtime.main else silent
     result = train(model, tokenizer, data, options, run, runtime, provenance, progress, judge)
     return replace(result, adapter_dir=inputs.out_dir if result.manifest else None)
+
+
+@contextlib.contextmanager
+def _process_group(options: TrainOptions) -> Iterator[None]:
+    """A one-rank process group for the run when asked to shard (fsdp) outside
+    torchrun; under torchrun the entry point has joined the group already."""
+    dist = torch.distributed
+    if not options.fsdp or dist.is_initialized():
+        yield
+        return
+    backend = (
+        "nccl"
+        if options.device.startswith("cuda")
+        or (options.device == "auto" and torch.cuda.is_available())
+        else "gloo"
+    )
+    with tempfile.TemporaryDirectory(prefix="kto-loop-pg-") as tmp:
+        dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def runtime_for(options: TrainOptions) -> Runtime:

@@ -98,10 +98,12 @@ class RunDir:
         text = self.metrics_path.read_text() if self.metrics_path.is_file() else ""
         return [json.loads(line) for line in text.splitlines() if line]
 
-    def finish(self, model: Any, manifest: Manifest) -> Manifest:
-        """Adapter files by rename, plots, then the manifest last; the resume point goes."""
+    def finish(self, model: Any, manifest: Manifest, weights: dict[str, Any]) -> Manifest:
+        """Adapter files by rename, plots, then the manifest last; the resume point goes.
+        `weights` are the whole trainable weights by parameter name (gathered from the
+        ranks when the model is sharded), written in PEFT's format."""
         with tempfile.TemporaryDirectory(dir=self.path, prefix=".adapter-") as tmp:
-            model.save_pretrained(tmp, selected_adapters=["default"])
+            model.save_pretrained(tmp, selected_adapters=["default"], state_dict=weights)
             for name in ADAPTER_FILES:
                 os.replace(Path(tmp) / name, self.path / name)
         if self.plots:

@@ -211,6 +211,20 @@ class TrainOptions:
         Field(description="auto: bf16 autocast on a GPU that has it"),
     ] = "auto"
     device: Annotated[str, Field(description="auto, cpu, cuda, cuda:1, ...")] = "auto"
+    fsdp: Annotated[
+        bool,
+        Field(
+            description="shard the base model (FSDP2) even in one process; with several "
+            "processes (kto-loop train --nproc N) it is always sharded"
+        ),
+    ] = False
+    activation_checkpointing: Annotated[
+        bool,
+        Field(
+            description="recompute each layer's activations in the backward pass: less "
+            "memory, about a third more compute"
+        ),
+    ] = False
 
     @model_validator(mode="after")
     def _check(self) -> TrainOptions:

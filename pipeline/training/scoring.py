@@ -74,7 +74,9 @@ def score_pairs(
                 completions.append(examples[j].completion_ids)
                 keys.append((i, j))
         conts = collate_continuations(batch, rows, completions, pad_id)
-        with torch.inference_mode(), autocast_to(device, dtype):
+        # no_grad, not inference_mode: a sharded model's gathered weights must stay
+        # usable by the passes with gradient that follow.
+        with torch.no_grad(), autocast_to(device, dtype):
             state = run_prompts(model, batch.to(device))
             sums, last = continuation_logps_and_last(model, state, conts.to(device))
         values = zip(sums.tolist(), last.tolist(), strict=True) if with_last else sums.tolist()
@@ -154,7 +156,10 @@ def sampled_answers(
     training RNG."""
     batch = collate_prompts(prompts, pad_id)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+    # Ranks of a sharded model must run the same number of forwards: each keeps going
+    # (synced) until every rank's answers have ended.
+    synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=batch.input_ids.to(device),
@@ -168,6 +173,7 @@ def sampled_answers(
             eos_token_id=eot,
             pad_token_id=pad_id,
             use_cache=True,
+            synced_gpus=synced,
         )
     answers = []
     for row, tokens in enumerate(out[:, batch.input_ids.shape[1] :].tolist()):

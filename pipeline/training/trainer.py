@@ -49,10 +49,13 @@ from pipeline.training.heldout import Evaluator
 from pipeline.training.judge import Judge
 from pipeline.training.kto import kto_loss, mismatched_kl
 from pipeline.training.logps import (
+    collate,
     collate_continuations,
     collate_prompts,
     continuation_logps,
     run_prompts_with_completions,
+    sequence_logps,
+    token_logps,
 )
 from pipeline.training.manifest import (
     NO_GAIN,
@@ -66,12 +69,22 @@ from pipeline.training.options import TrainOptions
 from pipeline.training.progress import Progress, silent
 from pipeline.training.runtime import Runtime
 from pipeline.training.scoring import autocast_to, reference, score_pairs
+from pipeline.training.sharding import (
+    from_full_state,
+    full_optimizer_state,
+    full_state,
+    is_sharded,
+    load_full_optimizer_state,
+    load_local_state,
+    local_state,
+    total_norm,
+)
 
 log = logging.getLogger(__name__)
 
 # What a resume point holds changes with the trainer's state: one of another format is
 # refused as a checkpoint of another run.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 # What to do when the taste model is too weak to judge answers by (after its reason).
 _UNJUDGED_ADVICE = (
     "the last step is kept, unjudged, and the gate will not offer it: collect more votes "
@@ -123,9 +136,10 @@ class RunStore(Protocol):
 
     def append_metrics(self, row: dict[str, Any]) -> None: ...
 
-    def finish(self, model: Any, manifest: Manifest) -> Manifest:
-        """Write the adapter, the plots and then the manifest (returned with its plots);
-        drop the resume point."""
+    def finish(self, model: Any, manifest: Manifest, weights: dict[str, torch.Tensor]) -> Manifest:
+        """Write the adapter (`weights`: the whole trainable weights by parameter name),
+        the plots and then the manifest (returned with its plots); drop the resume
+        point."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +285,7 @@ class _Recipe:
             GeneralNllGuard(self.general_before, options.max_general_nll_increase),
         )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.units = _fsdp_units(model)
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=options.learning_rate, weight_decay=options.weight_decay
         )
@@ -294,12 +309,15 @@ class _Recipe:
         self.model.train()
         while state.step < stop_at:
             first = state.step * options.grad_accum
-            accum = [
-                _micro_step(
-                    causal_lm, self.step_ctx, plan.batches[first + k], plan.partners[first + k]
+            accum = []
+            for k in range(options.grad_accum):
+                for unit in self.units:
+                    unit.set_requires_gradient_sync(k == options.grad_accum - 1)
+                accum.append(
+                    _micro_step(
+                        causal_lm, self.step_ctx, plan.batches[first + k], plan.partners[first + k]
+                    )
                 )
-                for k in range(options.grad_accum)
-            ]
             row = self._optimizer_step(accum)
             state.diagnostics.add(row)
             bar.update(1)
@@ -332,7 +350,7 @@ class _Recipe:
             self._save_checkpoint()
             return TrainResult(None, state.step, self.plan.steps)
         if state.best_weights is not None:
-            _load_adapter_state(self.model, state.best_weights)
+            load_local_state(self.model, state.best_weights)
         self._confirm()
         if self.runtime.world > 1:
             # Ranks that drifted apart would each evaluate a different adapter: say which.
@@ -354,16 +372,18 @@ class _Recipe:
             general_after,
         )
         manifest = self._manifest(metrics)
+        weights = full_state(self.model)  # every rank: gathering is collective
         if self.runtime.main:
-            manifest = self.run.finish(self.model, manifest)
+            manifest = self.run.finish(self.model, manifest, weights)
         return TrainResult(manifest, state.step, self.plan.steps)
 
     def _optimizer_step(self, accum: list[dict[str, float]]) -> dict[str, Any]:
-        """Average the gradients across ranks, clip, step; the step's metrics row."""
-        if self.runtime.world > 1:
-            _all_reduce_grads(self.trainable, self.runtime.world)
+        """Clip, step; the step's metrics row. Across ranks the gradients are already
+        averaged (FSDP's reduce-scatter), and the norm is the whole gradient's."""
         options = self.options
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, options.max_grad_norm).item()
+        grad_norm = total_norm(
+            torch.nn.utils.clip_grad_norm_(self.trainable, options.max_grad_norm)
+        )
         if not math.isfinite(grad_norm):
             raise DivergedError(
                 _diverged_message("gradient norm", grad_norm, self.state.step + 1, options)
@@ -390,7 +410,7 @@ class _Recipe:
         state = self.state
         if improves(score, state.best_score, self.selection):
             state.best_score, state.best_step = score, state.step
-            state.best_weights = _adapter_state(self.model)
+            state.best_weights = local_state(self.model)
         return state.early.check(score)
 
     def _score(self, metrics: Any, row: dict[str, Any]) -> float | None:
@@ -413,7 +433,9 @@ class _Recipe:
         began."""
         payload = self.run.load_checkpoint(self.runtime.device)
         if payload is not None:
-            state = _restore(payload, self.run_id, self.model, self.optimizer, self.scheduler)
+            state = _restore(
+                payload, self.run_id, self.model, self.optimizer, self.scheduler, self.runtime
+            )
             if self.runtime.main:
                 self.run.start_metrics(after_step=state.step)
             log.info("resuming at step %d of %d", state.step, self.plan.steps)
@@ -422,7 +444,7 @@ class _Recipe:
             self.run.start_metrics(after_step=0)
         options = self.options
         state = _State(early=EarlyStopping(options.early_stopping_patience, self.selection))
-        state.start_weights = _adapter_state(self.model)
+        state.start_weights = local_state(self.model)
         before = self.evaluator.heldout_metrics()
         if before is not None:
             state.heldout_before = before.as_dict()
@@ -454,7 +476,7 @@ class _Recipe:
         self.unconfirmed_step = state.best_step
         state.best_step, state.best_weights = 0, state.start_weights
         assert state.start_weights is not None
-        _load_adapter_state(self.model, state.start_weights)
+        load_local_state(self.model, state.start_weights)
 
     def _status(self) -> tuple[str, str | None]:
         """trained, no_gain or unjudged, and why (see Manifest)."""
@@ -482,10 +504,12 @@ class _Recipe:
         }
 
     def _save_checkpoint(self) -> None:
+        # Every rank gathers (a collective); rank 0 writes.
+        payload = _checkpoint(
+            self.run_id, self.model, self.optimizer, self.scheduler, self.state, self.runtime
+        )
         if self.runtime.main:
-            self.run.save_checkpoint(
-                _checkpoint(self.run_id, self.model, self.optimizer, self.scheduler, self.state)
-            )
+            self.run.save_checkpoint(payload)
 
     def _manifest(self, metrics: RunMetrics) -> Manifest:
         options, runtime, provenance, state = (
@@ -626,10 +650,9 @@ def _micro_step(
         [ctx.ref[(i, j)] for i, j in zip(batch_idx, previous, strict=True)], device=device
     )
 
-    with autocast_to(device, ctx.runtime.autocast):
-        state, policy_logps = run_prompts_with_completions(causal_lm, prompts.to(device), matched)
-        with torch.no_grad():
-            policy_kl_logps = continuation_logps(causal_lm, state.detached(), mismatched)
+    policy_logps, policy_kl_logps = _policy_logps(
+        causal_lm, ctx, batch_idx, previous, prompts, matched, mismatched
+    )
     kl = mismatched_kl(policy_kl_logps, ref_kl_logps)
     if ctx.runtime.world > 1:
         torch.distributed.all_reduce(kl)
@@ -645,16 +668,14 @@ def _micro_step(
     kto_term = (out.losses * weights).mean()
     loss = kto_term
     sft = torch.zeros((), device=device)
-    if options.sft_weight > 0 and desirable.any():
-        # Mean per-token NLL of the desirable completions.
-        tokens = torch.tensor([len(examples[i].completion_ids) for i in batch_idx], device=device)
-        sft = -(policy_logps * weights)[desirable].sum() / (tokens * weights)[desirable].sum()
+    if options.sft_weight > 0:
+        sft = _sft(ctx, batch_idx, policy_logps, weights, desirable)
         loss = loss + options.sft_weight * sft
     if not torch.isfinite(loss):
         raise DivergedError(_diverged_message("loss", loss.item(), -1, options))
     (loss / options.grad_accum).backward()
     n_d = int(desirable.sum())
-    return {
+    row = {
         "loss": kto_term.item(),
         "sft": sft.item(),
         "kl": out.kl.item(),
@@ -670,6 +691,88 @@ def _micro_step(
             + len(batch_idx)
         ),
     }
+    return _across_ranks(row, ctx.runtime) if ctx.runtime.world > 1 else row
+
+
+# A micro-step's statistics that are means over its examples (the rest are sums).
+_MEANS = ("loss", "sft", "kl", "kl_clamped")
+
+
+def _across_ranks(row: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """The statistics of the global micro-batch: the ranks' sums, and the mean of their
+    means (every rank holds batch_size examples; each rank's `sft` is its share of the
+    global mean times the ranks)."""
+    keys = list(row)
+    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=runtime.device)
+    torch.distributed.all_reduce(values)
+    out = dict(zip(keys, values.tolist(), strict=True))
+    for k in _MEANS:
+        out[k] /= runtime.world
+    for k in ("n_desirable", "n_undesirable", "kl_pairs", "tokens"):
+        out[k] = int(out[k])
+    return out
+
+
+def _policy_logps(
+    causal_lm: Any,
+    ctx: _Step,
+    batch_idx: list[int],
+    previous: list[int],
+    prompts: Any,
+    matched: Any,
+    mismatched: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's summed log-probs of the matched pairs (with gradient) and of the
+    mismatched ones (without)."""
+    device, examples = ctx.runtime.device, ctx.examples
+    with autocast_to(device, ctx.runtime.autocast):
+        if ctx.options.activation_checkpointing:
+            # A checkpointed layer must not extend a cache (its recomputation would
+            # extend it again): whole sequences, matched and mismatched.
+            policy_logps = _whole_logps(causal_lm, examples, batch_idx, batch_idx, ctx)
+            with torch.no_grad():
+                return policy_logps, _whole_logps(causal_lm, examples, batch_idx, previous, ctx)
+        state, policy_logps = run_prompts_with_completions(causal_lm, prompts.to(device), matched)
+        with torch.no_grad():
+            return policy_logps, continuation_logps(causal_lm, state.detached(), mismatched)
+
+
+def _sft(
+    ctx: _Step,
+    batch_idx: list[int],
+    policy_logps: torch.Tensor,
+    weights: torch.Tensor,
+    desirable: torch.Tensor,
+) -> torch.Tensor:
+    """Mean per-token NLL of the desirable completions of the global batch: each rank
+    divides its sum by the tokens of all ranks (the ranks' gradients are averaged)."""
+    device, world = ctx.runtime.device, ctx.runtime.world
+    tokens = torch.tensor([len(ctx.examples[i].completion_ids) for i in batch_idx], device=device)
+    total = (tokens * weights)[desirable].sum().detach()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    if total <= 0:
+        return torch.zeros((), device=device)
+    return -(policy_logps * weights)[desirable].sum() * world / total
+
+
+def _whole_logps(
+    causal_lm: Any,
+    examples: Sequence[Encoded],
+    prompts: list[int],
+    completions: list[int],
+    ctx: _Step,
+) -> torch.Tensor:
+    """Summed completion log-probs of each (prompt i, completion j), as whole sequences
+    without a cache: (B,)."""
+    batch = collate(
+        [
+            (examples[i].prompt_ids, examples[j].completion_ids)
+            for i, j in zip(prompts, completions, strict=True)
+        ],
+        ctx.pad_id,
+    ).to(ctx.runtime.device)
+    return sequence_logps(token_logps(causal_lm, batch), batch)
 
 
 def _distinct_pairs(examples: Sequence[Encoded], batch: list[int], previous: list[int]) -> int:
@@ -681,17 +784,6 @@ def _distinct_pairs(examples: Sequence[Encoded], batch: list[int], previous: lis
         and examples[i].prompt_ids != examples[j].prompt_ids
         and examples[i].completion_ids != examples[j].completion_ids
     )
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def _diverged_message(what: str, value: float, step: int, options: TrainOptions) -> str:
@@ -706,23 +798,21 @@ def _diverged_message(what: str, value: float, step: int, options: TrainOptions)
 # ---------------------------------------------------------------- weights and resume points
 
 
-def _adapter_state(model: Any) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
+def _fsdp_units(model: Any) -> list[Any]:
+    """A sharded model's FSDP units (their gradients are reduced at the last micro-batch
+    of a step only); none when it is not sharded."""
+    if not is_sharded(model):
+        return []
+    from torch.distributed.fsdp import FSDPModule
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def _load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, weights)
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def _checksum(model: Any) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(_adapter_state(model).items()):
+    for name, tensor in sorted(full_state(model).items()):
         h.update(name.encode())
-        h.update(tensor.float().cpu().numpy().tobytes())
+        h.update(tensor.float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -743,18 +833,27 @@ def _run_fingerprint(
 
 
 def _checkpoint(
-    run_id: str, model: Any, optimizer: Any, scheduler: Any, state: _State
+    run_id: str, model: Any, optimizer: Any, scheduler: Any, state: _State, runtime: Runtime
 ) -> dict[str, Any]:
-    """The resume point. LoRA dropout draws from torch's generator, so its state goes
-    with it: a resumed run continues the same stream."""
+    """The resume point: the whole trainable weights and optimizer moments (gathered
+    when sharded, so any number of ranks can resume it), the scheduler, the run's state,
+    and each rank's random generator (LoRA dropout draws from it: a resumed run
+    continues the same streams). A collective when sharded or on several ranks."""
     fields = {k: v for k, v in vars(state).items() if k not in ("early", "diagnostics")}
+    for key in ("best_weights", "start_weights"):
+        if fields[key] is not None:
+            fields[key] = full_state(model, fields[key])
+    rng = [torch.get_rng_state()]
+    if runtime.world > 1:
+        rng = [None] * runtime.world
+        torch.distributed.all_gather_object(rng, torch.get_rng_state())
     return {
         "format": CHECKPOINT_FORMAT,
         "run_id": run_id,
-        "adapter": _adapter_state(model),
-        "optimizer": optimizer.state_dict(),
+        "adapter": full_state(model),
+        "optimizer": full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rng,
         "state": fields,
         "early": vars(state.early),
         "diagnostics": vars(state.diagnostics),
@@ -762,7 +861,12 @@ def _checkpoint(
 
 
 def _restore(
-    payload: dict[str, Any], run_id: str, model: Any, optimizer: Any, scheduler: Any
+    payload: dict[str, Any],
+    run_id: str,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    runtime: Runtime,
 ) -> _State:
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatch(
@@ -774,12 +878,19 @@ def _restore(
             "the checkpoint to resume belongs to a run with other data, model or options; "
             "resume with the same ones, or choose another --out"
         )
-    _load_adapter_state(model, payload["adapter"])
-    optimizer.load_state_dict(payload["optimizer"])
+    load_local_state(model, from_full_state(model, payload["adapter"]))
+    load_full_optimizer_state(optimizer, payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["rng"].cpu())
+    # The same number of ranks continues each rank's stream; another number continues
+    # rank 0's on every rank.
+    rng = payload["rng"]
+    torch.set_rng_state(rng[runtime.rank if len(rng) == runtime.world else 0].cpu())
+    fields = dict(payload["state"])
+    for key in ("best_weights", "start_weights"):
+        if fields[key] is not None:
+            fields[key] = from_full_state(model, fields[key])
     return _State(
-        **payload["state"],
+        **fields,
         early=EarlyStopping(**payload["early"]),
         diagnostics=Diagnostics(**payload["diagnostics"]),
     )
