@@ -180,17 +180,23 @@ class _Assigned(ConsumerRebalanceListener):
             self.at = time.monotonic()
 
 
-def measure_raw(kafka: KafkaConfig, n: int, timeout: float, status: Status) -> Run:
-    """Count N records with a bare consumer in a fresh group; commit once at the end."""
-    started = time.monotonic()
-    consumer = KafkaConsumer(
+def bare_consumer(kafka: KafkaConfig, group_prefix: str) -> KafkaConsumer:
+    """A plain kafka-python consumer in a fresh group, reading from the start, auto-commit
+    off."""
+    return KafkaConsumer(
         bootstrap_servers=kafka.bootstrap_servers,
-        group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
+        group_id=f"{group_prefix}-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
     )
+
+
+def measure_raw(kafka: KafkaConfig, n: int, timeout: float, status: Status) -> Run:
+    """Count N records with a bare consumer in a fresh group; commit once at the end."""
+    started = time.monotonic()
+    consumer = bare_consumer(kafka, "bench-raw")
     assigned = _Assigned()
     try:
         consumer.subscribe([kafka.topic], listener=assigned)
@@ -217,6 +223,20 @@ def measure_raw(kafka: KafkaConfig, n: int, timeout: float, status: Status) -> R
 
 
 # -- our ingest path ------------------------------------------------------------
+
+
+def broker_settings(bootstrap: str) -> Settings:
+    """Settings for the benchmark topic on a local broker (a fast group join)."""
+    return load_settings(
+        None,
+        kafka={
+            "bootstrap_servers": [bootstrap],
+            "topic": TOPIC,
+            "partitions": PARTITIONS,
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+        },
+    )
 
 
 def ingest_settings(kafka: KafkaConfig, store_dir: Path, **ingest: Any) -> Settings:
@@ -418,16 +438,7 @@ def run_rounds(
     our_runs: list[Run] = []
     count_only_runs: list[Run] = []
     with running_broker(log_path=workdir / "broker.log") as broker:
-        kafka = load_settings(
-            None,
-            kafka={
-                "bootstrap_servers": [broker.bootstrap],
-                "topic": TOPIC,
-                "partitions": PARTITIONS,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-        ).kafka
+        kafka = broker_settings(broker.bootstrap).kafka
         console.print(f"broker on {broker.bootstrap}; work dir {workdir}")
         produce_events(kafka, messages)
         # The events are on the broker now; holding 100k tuples would only make every
@@ -470,12 +481,17 @@ def _memory(raw: list[Run], ours: list[Run], count_only: list[Run]) -> dict[str,
     }
 
 
-def main() -> None:
-    args = parse_args()
+def quiet_logs_and_hash_key() -> None:
+    """Warnings only (kafka-python's too), and a user-hash key unless one is set."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     # Benchmark data is thrown away, so a fresh hash key is fine; production sets one.
     os.environ.setdefault("KTO_LOOP_EVENTS__USER_HASH_KEY", secrets.token_hex(32))
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_logs_and_hash_key()
     n = args.events
     started = time.monotonic()
 

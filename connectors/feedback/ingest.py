@@ -328,41 +328,42 @@ class Ingestor:
         floor = self._next.get(tp, -1)
         batch = self._batches.get(tp)
         parse = self._parse
-        taken = 0
         end = start
-        for end in range(start, len(messages)):
-            if room_events <= 0 or room_bytes <= 0:
-                break
-            m = messages[end]
-            taken += 1
-            offset = m.offset
-            if offset < floor:
-                self.stats.skipped_already_stored += 1
-                continue
+        # Offsets below the floor are stored already: skipped, counted, never parsed.
+        while end < len(messages) and messages[end].offset < floor:
+            end += 1
+        self.stats.skipped_already_stored += end - start
+        if end < len(messages) and room_events > 0 and room_bytes > 0:
             if batch is None:
-                batch = self._batches[tp] = _PartitionBatch(tp, offset, self._clock_skew)
+                batch = self._batches[tp] = _PartitionBatch(
+                    tp, messages[end].offset, self._clock_skew
+                )
                 if self._batch_started is None:
                     self._batch_started = time.monotonic()
-            size = len(m.value or b"") + len(m.key or b"")
-            room_events -= 1
-            room_bytes -= size
-            batch.bytes += size
-            try:
-                event = parse(m.value)
-            except EventError as exc:
-                self._dead_letter(batch, tp, m, exc.kind, exc.message)
-            else:
-                batch.rows.append(event, offset, m.timestamp)
-            batch.last = offset
-        else:
-            end = len(messages)
-        if batch is not None and batch.last >= 0:
+            append = batch.rows.append
+            first = end
+            # Kafka hands a partition's records in offset order, so once past the
+            # floor every message is taken until the batch is full.
+            for m in messages[first : first + room_events]:
+                value = m.value
+                room_bytes -= len(value or b"") + len(m.key or b"")
+                end += 1
+                try:
+                    append(parse(value), m.offset, m.timestamp)
+                except EventError as exc:
+                    self._dead_letter(batch, tp, m, exc.kind, exc.message)
+                if room_bytes <= 0:
+                    break
+            room_events -= end - first
+            batch.bytes = cfg.batch_max_bytes - room_bytes - self._pending_bytes + batch.bytes
+            batch.last = messages[end - 1].offset
             rejected = batch.rows.seal()
             if rejected:
-                by_offset = {m.offset: m for m in messages[start:end]}
+                by_offset = {m.offset: m for m in messages[first:end]}
                 for offset, reason in rejected:
                     self._dead_letter(batch, tp, by_offset[offset], "unstorable", reason)
             self._next[tp] = batch.last + 1
+        taken = end - start
         self._pending_events = cfg.batch_max_events - room_events
         self._pending_bytes = cfg.batch_max_bytes - room_bytes
         self.stats.consumed += taken

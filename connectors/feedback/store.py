@@ -121,11 +121,7 @@ class FeedbackStore:
         if not rows.schema.equals(_SCHEMAS[table]):
             raise ValueError(f"rows do not match the {table} schema")
         path = self.batch_path(table, topic, partition, first, last)
-        sink = pa.BufferOutputStream()
-        pq.write_table(rows, sink, compression="zstd")
-        # The encoded file as Arrow holds it: a view, not a second copy of a batch
-        # that may be tens of MB.
-        data = memoryview(sink.getvalue())
+        data = encode_parquet(rows)
         with os_errors("write", path):
             if self._local:
                 write_local_atomic(path, data, crash_points="store.write")
@@ -478,6 +474,14 @@ def _live(files: list[BatchFile]) -> list[BatchFile]:
         out.append(f)
         covered = f.last
     return out
+
+
+def encode_parquet(rows: pa.Table) -> memoryview:
+    """The Parquet file of `rows`, as the store writes it: a view of Arrow's buffer,
+    not a second copy of a batch that may be tens of MB."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink, compression="zstd")
+    return memoryview(sink.getvalue())
 
 
 def write_local_atomic(

@@ -216,16 +216,18 @@ def _user_hash(key: bytes, user_id: str) -> str:
 
 def _decode(raw: bytes) -> tuple[WireEventV1, list[Message] | None]:
     """The typed event and, when they decode, its turns."""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EventError(
-            "invalid_utf8",
-            f"value is not valid UTF-8 (byte {exc.start}); JSON events must be UTF-8",
-        ) from None
-    if raw.startswith(_BOM):
-        # RFC 8259 lets a parser ignore a byte order mark; it is not part of the event.
-        raw = raw[len(_BOM) :]
+    # ASCII is valid UTF-8 and holds no BOM: one fast scan settles most events.
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventError(
+                "invalid_utf8",
+                f"value is not valid UTF-8 (byte {exc.start}); JSON events must be UTF-8",
+            ) from None
+        if raw.startswith(_BOM):
+            # RFC 8259 lets a parser ignore a byte order mark; it is not part of the event.
+            raw = raw[len(_BOM) :]
     try:
         wire = _decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -510,6 +512,8 @@ def _unsupported(version: int) -> EventError:
 
 
 def _utc_in_range(ts: dt.datetime) -> dt.datetime:
+    if ts.tzinfo is dt.UTC and TS_MIN <= ts < TS_MAX:
+        return ts  # the common case, without a conversion
     try:
         utc = ts.astimezone(dt.UTC)
     except OverflowError:
@@ -611,7 +615,10 @@ class EventParser:
         if wire.schema not in SUPPORTED_SCHEMAS:
             raise _unsupported(wire.schema)
         ts = _utc_in_range(wire.ts)
-        messages_json, turns = _decode_messages(wire.messages, turns_decoded)
+        if wire.messages:
+            messages_json, turns = _decode_messages(wire.messages, turns_decoded)
+        else:
+            messages_json, turns = None, 0
 
         feedback = wire.feedback
         if (feedback is None) == (wire.rating is None):
