@@ -42,6 +42,7 @@ CHAT_SOURCES = (
     "pipeline.training.encode",
     "pipeline.feedback.examples",
 )
+SHAPED_SOURCES = (*TINY_SOURCES, "deploy.local.shaped_model")
 
 
 def tiny_model(root: Path, spec: Any = None, chat_template: bool = True) -> Path:
@@ -60,6 +61,14 @@ def chat_model(root: Path, seed: int = 0, steps: int = 300) -> Path:
     from deploy.local.chat_model import build_chat_model
 
     return cached_model(root, "chat", build_chat_model, CHAT_SOURCES, seed=seed, steps=steps)
+
+
+def shaped_model(root: Path, shape: str, seed: int = 0) -> Path:
+    """`deploy.local.shaped_model.build_shaped_model(out, shape, seed)` (a random model
+    of realistic shape; qwen2-0.5b is 2 GB), cached under `root`."""
+    from deploy.local.shaped_model import build_shaped_model
+
+    return cached_model(root, shape, build_shaped_model, SHAPED_SOURCES, shape=shape, seed=seed)
 
 
 def cached_model(
