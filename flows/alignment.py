@@ -203,7 +203,7 @@ def _train_on(
     served_dir: Path | None,
 ) -> Manifest:
     from connectors.training.run_dir import read_manifest
-    from flows.training import TrainInputs, run_training
+    from flows.training import TrainInputs, run_training_on
     from pipeline.training.errors import CheckpointMismatch
 
     cycle = settings.cycle
@@ -241,14 +241,14 @@ def _train_on(
     )
     options, lora = settings.train, settings.lora
     try:
-        result = run_training(inputs, options, lora)
+        result = run_training_on(inputs, options, lora, options.nproc)
     except CheckpointMismatch as exc:
         if not resume:
             raise
         # Same snapshot, other options or base model: the checkpoint is of no use.
         log.warning("discarding the candidate checkpoint: %s", exc)
         runs.fresh_candidate(key, run_id)
-        result = run_training(replace(inputs, resume=False), options, lora)
+        result = run_training_on(replace(inputs, resume=False), options, lora, options.nproc)
     assert result.manifest is not None  # the cycle never pauses a run
     return result.manifest
 

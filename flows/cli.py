@@ -198,12 +198,12 @@ def import_(
 
 
 NprocOption = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--nproc",
         min=1,
         help="Processes (GPUs) to train on, launched with torchrun on this machine; the base "
-        "model is sharded across them (FSDP2).",
+        "model is sharded across them (FSDP2). Default: [train] nproc.",
     ),
 ]
 
@@ -254,7 +254,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
     ] = False,
-    nproc: NprocOption = 1,
+    nproc: NprocOption = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Train a LoRA adapter with KTO; the last line of stdout is a JSON summary.
@@ -272,11 +272,11 @@ def train(
     """
     from flows import train_cli
 
-    if nproc > 1:
-        train_cli.launch(nproc, sys.argv[1:])  # does not return
+    settings = settings_from(config)
+    train_cli.launch_if_several(nproc or settings.train.nproc, sys.argv[1:])
     setup_logging(log_level, rich=sys.stderr.isatty())
     train_cli.train(
-        settings_from(config),
+        settings,
         base_model,
         data,
         out,

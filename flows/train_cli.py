@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -67,10 +66,10 @@ def train(
         )
         return
 
-    from flows.training import TrainInputs, run_training
+    from flows.training import TrainInputs, join_process_group, run_training
     from pipeline.training.errors import DivergedError, GeneralAbilityError, TrainError
 
-    _init_distributed()
+    join_process_group()
     inputs = TrainInputs.from_snapshot(
         snap,
         balance,
@@ -166,6 +165,12 @@ def _report(m: Manifest, out: Path, snapshot_id: str, skipped_rows: int, balance
     )
 
 
+def launch_if_several(nproc: int, argv: list[str]) -> None:
+    """`launch` when nproc > 1 and this is not yet one of torchrun's ranks."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        launch(nproc, argv)
+
+
 def launch(nproc: int, argv: list[str]) -> NoReturn:
     """Become `torchrun` running this same command (without --nproc) in `nproc`
     processes on this machine. torchrun passes SIGINT and SIGTERM on to the ranks and
@@ -190,22 +195,3 @@ def _without_nproc(argv: list[str]) -> list[str]:
         elif not arg.startswith("--nproc="):
             out.append(arg)
     return out
-
-
-def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1), join the process group once, here at the entry
-    point: NCCL on GPUs, gloo on CPUs. The rank dies with its torchrun: a killed
-    launcher leaves no rank behind."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-
-    from deploy.local.processes import die_with_parent
-
-    die_with_parent(os.getppid(), signal.SIGTERM)
-
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend)

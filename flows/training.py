@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import signal
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +24,7 @@ from connectors.training.run_dir import RunDir
 from pipeline.feedback.balance import Balance
 from pipeline.feedback.examples import Example
 from pipeline.feedback.snapshot import RepeatPolicy, Snapshot
+from pipeline.training.errors import TrainError
 from pipeline.training.judge import Judge
 from pipeline.training.manifest import Provenance
 from pipeline.training.options import LoraOptions, TrainOptions
@@ -146,6 +150,88 @@ def _run(
     return replace(result, adapter_dir=inputs.out_dir if result.manifest else None)
 
 
+def run_training_on(
+    inputs: TrainInputs,
+    options: TrainOptions,
+    lora: LoraOptions | None = None,
+    nproc: int = 1,
+) -> TrainResult:
+    """`run_training` in `nproc` processes on this machine (torchrun), from a process
+    that is none of them (the cycle's flow); in this process when nproc is 1.
+
+    The inputs travel to the ranks pickled in a temporary directory; rank 0 sends back
+    the result, or the error the run raised, which is raised here as it was there. The
+    launcher dies with this process, and the ranks with the launcher.
+
+    Raises:
+        TrainError: as run_training, or the ranks ended without a result (the last
+            lines of their log say why).
+    """
+    if nproc <= 1:
+        return run_training(inputs, options, lora)
+    from deploy.local.processes import start_child
+
+    with tempfile.TemporaryDirectory(prefix="kto-loop-ranks-") as tmp:
+        job, outcome, log_path = Path(tmp) / "job.pkl", Path(tmp) / "outcome.pkl", Path(tmp) / "log"
+        job.write_bytes(pickle.dumps((replace(inputs, progress=False), options, lora)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(nproc), "-m", "flows.training", str(job), str(outcome)]
+        launcher = start_child(command, log_path=log_path)
+        try:
+            code = launcher.wait()
+        finally:
+            if launcher.poll() is None:
+                from deploy.local.processes import stop_child
+
+                stop_child(launcher)
+        if outcome.is_file():
+            result = pickle.loads(outcome.read_bytes())
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise TrainError(
+            f"training on {nproc} processes ended (exit {code}) without a result:\n{tail}"
+        )
+
+
+def join_process_group() -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group once, at the entry
+    point: NCCL on GPUs, gloo on CPUs. The rank dies with its torchrun: a killed
+    launcher leaves no rank behind."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from deploy.local.processes import die_with_parent
+
+    die_with_parent(os.getppid(), signal.SIGTERM)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+
+
+def _rank_main(job: Path, outcome: Path) -> int:
+    """One rank of `run_training_on`: train, and on rank 0 write the result or the
+    run's error for the launching process."""
+    from pipeline.training.encode import EncodeError
+    from pipeline.training.errors import DivergedError, GeneralAbilityError
+
+    join_process_group()
+    inputs, options, lora = pickle.loads(job.read_bytes())
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result: Any = run_training(inputs, options, lora)
+        code = 0
+    except (TrainError, EncodeError, DivergedError, GeneralAbilityError) as exc:
+        result, code = exc, 1
+    if main:
+        tmp = outcome.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(result))
+        os.replace(tmp, outcome)
+    return code
+
+
 @contextlib.contextmanager
 def _process_group(options: TrainOptions) -> Iterator[None]:
     """A one-rank process group for the run when asked to shard (fsdp) outside
@@ -233,3 +319,7 @@ def _bars() -> Progress:
 
 def _text(path: Path | None) -> str | None:
     return str(path) if path is not None else None
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from connectors.training.run_dir import CHECKPOINT, MANIFEST, METRICS
 from deploy.local.synthetic import unpaired_examples
-from flows.training import TrainInputs, run_training
+from flows.training import TrainInputs, run_training, run_training_on
+from pipeline.training.errors import TrainError
 from tests.test_trainer import FAST, HELDOUT, TRAIN
 
 pytestmark = pytest.mark.training
@@ -192,3 +193,31 @@ def test_bf16_with_fsdp_trains_and_writes_a_float32_adapter(tiny_model_dir: Path
     weights = load_file(out / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
     assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k), "it trained"
+
+
+def test_the_cycle_trains_on_two_processes_and_gets_their_result_or_their_error(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """run_training_on, which the cycle calls with [train] nproc: the ranks' adapter is
+    one process's on the same global batch, and a run's error comes back as itself."""
+    options = replace(FAST, max_steps=6, eval_every=3, selection="final")
+    one = run_training(
+        TrainInputs(tiny_model_dir, TRAIN, tmp_path / "one", heldout=HELDOUT, progress=False),
+        options,
+    )
+    two = run_training_on(
+        TrainInputs(tiny_model_dir, TRAIN, tmp_path / "two", heldout=HELDOUT, progress=False),
+        replace(options, batch_size=4, nproc=2),
+        nproc=2,
+    )
+    assert two.manifest is not None and two.manifest.world_size == 2
+    assert two.adapter_dir == tmp_path / "two"
+    assert _max_difference(tmp_path / "one", tmp_path / "two") <= TOLERANCE
+    assert one.manifest.steps == two.manifest.steps == 6
+
+    with pytest.raises(TrainError, match="fewer than one step's batch"):
+        run_training_on(
+            TrainInputs(tiny_model_dir, TRAIN[:6], tmp_path / "few", progress=False),
+            replace(options, batch_size=4),
+            nproc=2,
+        )

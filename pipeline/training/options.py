@@ -211,6 +211,14 @@ class TrainOptions:
         Field(description="auto: bf16 autocast on a GPU that has it"),
     ] = "auto"
     device: Annotated[str, Field(description="auto, cpu, cuda, cuda:1, ...")] = "auto"
+    nproc: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="processes (GPUs) the cycle and kto-loop train run a training on, "
+            "launched with torchrun on this machine; the base is sharded across them (FSDP2)",
+        ),
+    ] = 1
     fsdp: Annotated[
         bool,
         Field(

@@ -240,7 +240,7 @@ class _Recipe:
             runtime.world,
             prompts=[e.prompt_ids for e in train_ex],
         )
-        self.run_id = _run_fingerprint(provenance, options, self.examples.train)
+        self.run_id = _run_fingerprint(provenance, options, self.examples.train, runtime.world)
         if runtime.main:
             run.prepare()
         pad_id = tokenizer.pad_token_id
@@ -817,15 +817,13 @@ def _checksum(model: Any) -> str:
 
 
 def _run_fingerprint(
-    provenance: Provenance, options: TrainOptions, examples: Sequence[Encoded]
+    provenance: Provenance, options: TrainOptions, examples: Sequence[Encoded], world: int
 ) -> str:
-    """What a checkpoint must match to be resumed: options, adapter shape, base, data."""
+    """What a checkpoint must match to be resumed: options, adapter shape, base, data and
+    the number of ranks (the global batch is batch_size times it)."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [asdict(options) | {"stop_after_steps": None}, provenance.lora], sort_keys=True
-        ).encode()
-    )
+    run = asdict(options) | {"stop_after_steps": None, "nproc": None, "world": world}
+    h.update(json.dumps([run, provenance.lora], sort_keys=True).encode())
     h.update(provenance.base_model_fingerprint.encode())
     for e in examples:
         h.update(repr((e.prompt_ids, e.completion_ids, e.desirable, e.weight)).encode())
@@ -836,7 +834,7 @@ def _checkpoint(
     run_id: str, model: Any, optimizer: Any, scheduler: Any, state: _State, runtime: Runtime
 ) -> dict[str, Any]:
     """The resume point: the whole trainable weights and optimizer moments (gathered
-    when sharded, so any number of ranks can resume it), the scheduler, the run's state,
+    when sharded: a few MB, and readable whatever the sharding), the scheduler, the run's state,
     and each rank's random generator (LoRA dropout draws from it: a resumed run
     continues the same streams). A collective when sharded or on several ranks."""
     fields = {k: v for k, v in vars(state).items() if k not in ("early", "diagnostics")}
@@ -875,16 +873,14 @@ def _restore(
         )
     if payload["run_id"] != run_id:
         raise CheckpointMismatch(
-            "the checkpoint to resume belongs to a run with other data, model or options; "
-            "resume with the same ones, or choose another --out"
+            "the checkpoint to resume belongs to a run with other data, model, options or "
+            "number of processes; resume with the same ones, or choose another --out"
         )
     load_local_state(model, from_full_state(model, payload["adapter"]))
     load_full_optimizer_state(optimizer, payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    # The same number of ranks continues each rank's stream; another number continues
-    # rank 0's on every rank.
-    rng = payload["rng"]
-    torch.set_rng_state(rng[runtime.rank if len(rng) == runtime.world else 0].cpu())
+    # Each rank continues its own stream (the fingerprint holds the number of ranks).
+    torch.set_rng_state(payload["rng"][runtime.rank].cpu())
     fields = dict(payload["state"])
     for key in ("best_weights", "start_weights"):
         if fields[key] is not None:
