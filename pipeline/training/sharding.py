@@ -55,10 +55,16 @@ def shard(causal_lm: Any, runtime: Runtime) -> None:
     _untie_output(causal_lm)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # The input embeddings are a unit of their own, gathered for the lookup alone (with
+    # a large vocabulary they weigh as much as several layers). The backbone and the
+    # head are each called on their own, so each is a root: FSDP would keep a root's
+    # weights gathered from its forward to the end of the backward unless told not to.
+    embed = causal_lm.get_input_embeddings()
+    fully_shard(embed, mesh=mesh)
     backbone, head = causal_lm.base_model, causal_lm.get_output_embeddings()
-    fully_shard(backbone, mesh=mesh)
-    fully_shard(head, mesh=mesh)
-    units = [*layers, backbone, head]
+    fully_shard(backbone, mesh=mesh, reshard_after_forward=True)
+    fully_shard(head, mesh=mesh, reshard_after_forward=True)
+    units = [*layers, embed, backbone, head]
     covered = {id(p) for unit in units for p in unit.parameters()}
     stray = [n for n, p in causal_lm.named_parameters() if p.requires_grad and id(p) not in covered]
     if stray:
