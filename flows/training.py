@@ -169,7 +169,7 @@ def run_training_on(
     """
     if nproc <= 1:
         return run_training(inputs, options, lora)
-    from deploy.local.processes import start_child
+    from deploy.local.processes import start_child, stop_child
 
     with tempfile.TemporaryDirectory(prefix="kto-loop-ranks-") as tmp:
         job, outcome, log_path = Path(tmp) / "job.pkl", Path(tmp) / "outcome.pkl", Path(tmp) / "log"
@@ -181,8 +181,6 @@ def run_training_on(
             code = launcher.wait()
         finally:
             if launcher.poll() is None:
-                from deploy.local.processes import stop_child
-
                 stop_child(launcher)
         if outcome.is_file():
             result = pickle.loads(outcome.read_bytes())

@@ -21,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy.local.tiny_model import build_tokenizer, default_corpus
+from deploy.local.tiny_model import build_tokenizer, default_corpus, save_random_model
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ TOKENIZER_VOCAB = 512
 def build_shaped_model(out: str | Path, shape: str | Shape, seed: int = 0) -> Path:
     """Write a seeded random model of `shape` (a name in SHAPES, or a Shape) and the
     tiny tokenizer to `out`; it loads with AutoModelForCausalLM and serves in vLLM."""
-    import torch
     from transformers import (
-        GenerationConfig,
         LlamaConfig,
         LlamaForCausalLM,
         Qwen2Config,
@@ -79,15 +77,7 @@ def build_shaped_model(out: str | Path, shape: str | Shape, seed: int = 0) -> Pa
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=spec.tie_embeddings,
     )
-    torch.manual_seed(seed)
-    model = model_class(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model = save_random_model(model_class, config, tokenizer, out, seed)
     params = sum(p.numel() for p in model.parameters())
     (out / "shaped_model.json").write_text(
         json.dumps(asdict(spec) | {"parameters": params, "seed": seed}, indent=2) + "\n"

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 PAD = "<|pad|>"
 BOS = "<|bos|>"
@@ -101,8 +102,7 @@ def build_tiny_model(
     Returns:
         The model directory.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = spec or TinyModelSpec()
     out = Path(out)
@@ -123,8 +123,20 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    save_random_model(LlamaForCausalLM, config, tokenizer, out, spec.seed)
+    (out / "tiny_model.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
+def save_random_model(model_class: Any, config: Any, tokenizer: Any, out: Path, seed: int) -> Any:
+    """Build `model_class(config)` with seeded random weights, give it a generation
+    config with the tokenizer's special tokens, and save both to `out`; returns the
+    model."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -132,8 +144,7 @@ def build_tiny_model(
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "tiny_model.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    return model
 
 
 def main() -> None:

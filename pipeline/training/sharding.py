@@ -169,14 +169,14 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Load a `full_optimizer_state`, each moment sharded like its parameter."""
+    """Load a `full_optimizer_state`, each moment sharded like its parameter (a
+    sharded parameter's shape is the whole one's)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for idx, s in sd["state"].items():
         p = params[int(idx)]
         state[idx] = {
-            k: _like(v, p) if torch.is_tensor(v) and v.shape == _full_shape(p) else v
-            for k, v in s.items()
+            k: _like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()
         }
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
@@ -194,10 +194,6 @@ def _is_dtensor(t: Any) -> bool:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
-
-
-def _full_shape(p: torch.Tensor) -> torch.Size:
-    return p.shape  # a DTensor's shape is the whole tensor's
 
 
 def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
